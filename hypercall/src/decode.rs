@@ -1,0 +1,549 @@
+//! A panic-free decoder from untrusted guest bytes to typed requests.
+//!
+//! Only structural rules live here (known op/kind, reserved fields zero, alignment, limits,
+//! canonical addresses). Whether a frame may be mapped is the shadow engine's business.
+
+use crate::abi::{self, kind, op, sync_flags, ENTRY_LEN, PAGE_SIZE, REQUEST_IN_LEN};
+use crate::HcError;
+
+/// A decoded hypercall request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `VERSION(major)`.
+    Version {
+        /// The ABI major the guest was built for.
+        major: u16,
+    },
+    /// `EXIT(code)`.
+    Exit {
+        /// The VM's exit status.
+        code: u8,
+    },
+    /// `NULL`.
+    Null,
+    /// `MMU_BATCH(entries_gpa, count)`.
+    MmuBatch {
+        /// Guest-physical address of the first entry.
+        entries_gpa: u64,
+        /// Number of entries, 1..=[`abi::MAX_BATCH_ENTRIES`].
+        count: u32,
+    },
+}
+
+/// Paging level of a table, 1 (page table) to 4 (root).
+pub type Level = u8;
+
+/// A decoded MMU batch entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmuOp {
+    /// Write `val` to the guest PTE at guest-physical `ptr`.
+    PtUpdate {
+        /// Guest-physical address of the PTE (8-byte aligned).
+        ptr: u64,
+        /// New entry value.
+        val: u64,
+        /// Keep A/D bits already recorded for this entry.
+        preserve_ad: bool,
+    },
+    /// Pin `frame` as a table of `level`.
+    Pin {
+        /// 1..=4.
+        level: Level,
+        /// Page-aligned guest-physical address.
+        frame: u64,
+    },
+    /// Drop the pin of `frame`.
+    Unpin {
+        /// Page-aligned guest-physical address.
+        frame: u64,
+    },
+    /// Load the pinned L4 `frame`.
+    NewBaseptr {
+        /// Page-aligned guest-physical address.
+        frame: u64,
+    },
+    /// Invalidate one translation.
+    Invlpg {
+        /// Canonical virtual address.
+        va: u64,
+    },
+    /// Invalidate all non-global translations.
+    FlushTlb,
+    /// Propagate (and optionally clear) A/D bits of a range.
+    SyncAd {
+        /// Page-aligned canonical start.
+        va: u64,
+        /// Number of pages, 1..=[`abi::MAX_AD_RANGE_PAGES`].
+        pages: u64,
+        /// Test-and-clear accessed bits.
+        clear_a: bool,
+        /// Test-and-clear dirty bits.
+        clear_d: bool,
+    },
+    /// Write accessed and dirty bitmaps of a range to guest memory.
+    QueryAd {
+        /// Page-aligned canonical start.
+        va: u64,
+        /// Number of pages, 1..=[`abi::MAX_AD_RANGE_PAGES`].
+        pages: u64,
+        /// 8-byte aligned guest-physical address of the accessed bitmap.
+        bitmap_gpa: u64,
+    },
+    /// The guest copied table `old` to `new`.
+    RelocateTable {
+        /// Page-aligned guest-physical address of the old table.
+        old: u64,
+        /// Page-aligned guest-physical address of the new table.
+        new: u64,
+    },
+    /// Zero the untyped RAM frame.
+    ZeroFrame {
+        /// Page-aligned guest-physical address.
+        frame: u64,
+    },
+}
+
+fn u16_at(b: &[u8], off: usize) -> Result<u16, HcError> {
+    let s = b.get(off..off + 2).ok_or(HcError::Einval)?;
+    Ok(u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Result<u32, HcError> {
+    let s = b.get(off..off + 4).ok_or(HcError::Einval)?;
+    let mut a = [0u8; 4];
+    a.copy_from_slice(s);
+    Ok(u32::from_le_bytes(a))
+}
+
+fn u64_at(b: &[u8], off: usize) -> Result<u64, HcError> {
+    let s = b.get(off..off + 8).ok_or(HcError::Einval)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Ok(u64::from_le_bytes(a))
+}
+
+fn zero(v: u64) -> Result<(), HcError> {
+    if v == 0 {
+        Ok(())
+    } else {
+        Err(HcError::Einval)
+    }
+}
+
+/// True if `va` is canonical for 48-bit virtual addresses.
+pub const fn is_canonical(va: u64) -> bool {
+    let top = va >> 47;
+    top == 0 || top == 0x1_ffff
+}
+
+fn page_aligned(a: u64) -> Result<u64, HcError> {
+    if a % PAGE_SIZE == 0 {
+        Ok(a)
+    } else {
+        Err(HcError::Einval)
+    }
+}
+
+fn ad_range(va: u64, pages: u64) -> Result<(), HcError> {
+    if va % PAGE_SIZE != 0 || !is_canonical(va) || pages == 0 {
+        return Err(HcError::Einval);
+    }
+    if pages > abi::MAX_AD_RANGE_PAGES {
+        return Err(HcError::E2big);
+    }
+    let end = va
+        .checked_add(pages * PAGE_SIZE - 1)
+        .ok_or(HcError::Einval)?;
+    // The range may not cross the canonical hole.
+    if !is_canonical(end) || (va >> 47) != (end >> 47) {
+        return Err(HcError::Einval);
+    }
+    Ok(())
+}
+
+/// Decodes the guest-written part of a request block (at least [`REQUEST_IN_LEN`] bytes).
+pub fn decode_request(b: &[u8]) -> Result<Request, HcError> {
+    if b.len() < REQUEST_IN_LEN {
+        return Err(HcError::Einval);
+    }
+    let op = u32_at(b, 0)?;
+    if u32_at(b, 4)? != 0 {
+        return Err(HcError::Einval);
+    }
+    let a = [
+        u64_at(b, 8)?,
+        u64_at(b, 16)?,
+        u64_at(b, 24)?,
+        u64_at(b, 32)?,
+    ];
+    match op {
+        op::VERSION => {
+            zero(a[1] | a[2] | a[3])?;
+            let major = u16::try_from(a[0]).map_err(|_| HcError::Einval)?;
+            Ok(Request::Version { major })
+        }
+        op::EXIT => {
+            zero(a[1] | a[2] | a[3])?;
+            let code = u8::try_from(a[0]).map_err(|_| HcError::Einval)?;
+            Ok(Request::Exit { code })
+        }
+        op::NULL => {
+            zero(a[0] | a[1] | a[2] | a[3])?;
+            Ok(Request::Null)
+        }
+        op::MMU_BATCH => {
+            zero(a[2] | a[3])?;
+            if a[0] % abi::ENTRY_ALIGN != 0 {
+                return Err(HcError::Einval);
+            }
+            if a[1] == 0 {
+                return Err(HcError::Einval);
+            }
+            if a[1] > abi::MAX_BATCH_ENTRIES as u64 {
+                return Err(HcError::E2big);
+            }
+            Ok(Request::MmuBatch {
+                entries_gpa: a[0],
+                count: a[1] as u32,
+            })
+        }
+        _ => Err(HcError::Enosys),
+    }
+}
+
+/// Decodes one MMU entry from exactly [`ENTRY_LEN`] bytes.
+pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
+    if b.len() != ENTRY_LEN {
+        return Err(HcError::Einval);
+    }
+    let k = u16_at(b, 0)?;
+    let flags = u16_at(b, 2)?;
+    let reserved = u32_at(b, 4)?;
+    let (a0, a1, a2) = (u64_at(b, 8)?, u64_at(b, 16)?, u64_at(b, 24)?);
+    if reserved != 0 {
+        return Err(HcError::Einval);
+    }
+    if k != kind::SYNC_AD && flags != 0 {
+        return Err(HcError::Einval);
+    }
+    match k {
+        kind::PT_UPDATE | kind::PT_UPDATE_PRESERVE_AD => {
+            zero(a2)?;
+            if a0 % 8 != 0 {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::PtUpdate {
+                ptr: a0,
+                val: a1,
+                preserve_ad: k == kind::PT_UPDATE_PRESERVE_AD,
+            })
+        }
+        kind::PIN_L1..=kind::PIN_L4 => {
+            zero(a1 | a2)?;
+            Ok(MmuOp::Pin {
+                level: (k - kind::PIN_L1 + 1) as u8,
+                frame: page_aligned(a0)?,
+            })
+        }
+        kind::UNPIN => {
+            zero(a1 | a2)?;
+            Ok(MmuOp::Unpin {
+                frame: page_aligned(a0)?,
+            })
+        }
+        kind::NEW_BASEPTR => {
+            zero(a1 | a2)?;
+            Ok(MmuOp::NewBaseptr {
+                frame: page_aligned(a0)?,
+            })
+        }
+        kind::INVLPG => {
+            zero(a1 | a2)?;
+            if !is_canonical(a0) {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::Invlpg { va: a0 })
+        }
+        kind::FLUSH_TLB => {
+            zero(a0 | a1 | a2)?;
+            Ok(MmuOp::FlushTlb)
+        }
+        kind::SYNC_AD => {
+            zero(a2)?;
+            if flags & !sync_flags::ALL != 0 {
+                return Err(HcError::Einval);
+            }
+            ad_range(a0, a1)?;
+            Ok(MmuOp::SyncAd {
+                va: a0,
+                pages: a1,
+                clear_a: flags & sync_flags::CLEAR_A != 0,
+                clear_d: flags & sync_flags::CLEAR_D != 0,
+            })
+        }
+        kind::QUERY_AD => {
+            ad_range(a0, a1)?;
+            if a2 % abi::ENTRY_ALIGN != 0 {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::QueryAd {
+                va: a0,
+                pages: a1,
+                bitmap_gpa: a2,
+            })
+        }
+        kind::RELOCATE_TABLE => {
+            zero(a2)?;
+            let (old, new) = (page_aligned(a0)?, page_aligned(a1)?);
+            if old == new {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::RelocateTable { old, new })
+        }
+        kind::ZERO_FRAME => {
+            zero(a1 | a2)?;
+            Ok(MmuOp::ZeroFrame {
+                frame: page_aligned(a0)?,
+            })
+        }
+        _ => Err(HcError::Enosys),
+    }
+}
+
+/// Byte length of `count` entries; `E2BIG` past the limit, `EINVAL` for zero.
+pub fn batch_bytes(count: u32) -> Result<usize, HcError> {
+    if count == 0 {
+        return Err(HcError::Einval);
+    }
+    if count > abi::MAX_BATCH_ENTRIES {
+        return Err(HcError::E2big);
+    }
+    Ok(count as usize * ENTRY_LEN)
+}
+
+/// Iterates the entries of a batch already copied out of guest memory. A buffer shorter
+/// than `count` entries (truncated) yields `EINVAL` at the first missing entry.
+pub fn batch_entries(
+    bytes: &[u8],
+    count: u32,
+) -> impl Iterator<Item = Result<MmuOp, HcError>> + '_ {
+    (0..count as usize).map(
+        move |i| match bytes.get(i * ENTRY_LEN..(i + 1) * ENTRY_LEN) {
+            Some(e) => decode_entry(e),
+            None => Err(HcError::Einval),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::{MmuEntry, RequestHeader};
+
+    fn req(op: u32, args: [u64; 4]) -> [u8; 64] {
+        RequestHeader::new(op, args).to_bytes()
+    }
+
+    #[test]
+    fn decodes_each_op() {
+        assert_eq!(
+            decode_request(&req(op::VERSION, [1, 0, 0, 0])),
+            Ok(Request::Version { major: 1 })
+        );
+        assert_eq!(
+            decode_request(&req(op::EXIT, [3, 0, 0, 0])),
+            Ok(Request::Exit { code: 3 })
+        );
+        assert_eq!(decode_request(&req(op::NULL, [0; 4])), Ok(Request::Null));
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1000, 5, 0, 0])),
+            Ok(Request::MmuBatch {
+                entries_gpa: 0x1000,
+                count: 5
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_requests() {
+        assert_eq!(decode_request(&req(0, [0; 4])), Err(HcError::Enosys));
+        assert_eq!(decode_request(&req(99, [0; 4])), Err(HcError::Enosys));
+        assert_eq!(
+            decode_request(&req(op::NULL, [1, 0, 0, 0])),
+            Err(HcError::Einval)
+        );
+        assert_eq!(
+            decode_request(&req(op::EXIT, [256, 0, 0, 0])),
+            Err(HcError::Einval)
+        );
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1000, 0, 0, 0])),
+            Err(HcError::Einval)
+        );
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1000, 1025, 0, 0])),
+            Err(HcError::E2big)
+        );
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1004, 1, 0, 0])),
+            Err(HcError::Einval)
+        );
+        let mut r = req(op::NULL, [0; 4]);
+        r[4] = 1; // reserved flags
+        assert_eq!(decode_request(&r), Err(HcError::Einval));
+        assert_eq!(decode_request(&r[..39]), Err(HcError::Einval));
+    }
+
+    #[test]
+    fn decodes_each_entry_kind() {
+        let cases = [
+            (
+                MmuEntry::pt_update(0x2008, 0x3003),
+                MmuOp::PtUpdate {
+                    ptr: 0x2008,
+                    val: 0x3003,
+                    preserve_ad: false,
+                },
+            ),
+            (
+                MmuEntry::pt_update_preserve_ad(0x2008, 7),
+                MmuOp::PtUpdate {
+                    ptr: 0x2008,
+                    val: 7,
+                    preserve_ad: true,
+                },
+            ),
+            (
+                MmuEntry::pin(1, 0x5000),
+                MmuOp::Pin {
+                    level: 1,
+                    frame: 0x5000,
+                },
+            ),
+            (
+                MmuEntry::pin(4, 0x5000),
+                MmuOp::Pin {
+                    level: 4,
+                    frame: 0x5000,
+                },
+            ),
+            (MmuEntry::unpin(0x5000), MmuOp::Unpin { frame: 0x5000 }),
+            (
+                MmuEntry::new_baseptr(0x5000),
+                MmuOp::NewBaseptr { frame: 0x5000 },
+            ),
+            (
+                MmuEntry::invlpg(0xffff_8000_0000_1234),
+                MmuOp::Invlpg {
+                    va: 0xffff_8000_0000_1234,
+                },
+            ),
+            (MmuEntry::flush_tlb(), MmuOp::FlushTlb),
+            (
+                MmuEntry::sync_ad(0x40_0000, 16, sync_flags::CLEAR_D),
+                MmuOp::SyncAd {
+                    va: 0x40_0000,
+                    pages: 16,
+                    clear_a: false,
+                    clear_d: true,
+                },
+            ),
+            (
+                MmuEntry::query_ad(0x40_0000, 16, 0x9000),
+                MmuOp::QueryAd {
+                    va: 0x40_0000,
+                    pages: 16,
+                    bitmap_gpa: 0x9000,
+                },
+            ),
+            (
+                MmuEntry::relocate_table(0x5000, 0x6000),
+                MmuOp::RelocateTable {
+                    old: 0x5000,
+                    new: 0x6000,
+                },
+            ),
+            (
+                MmuEntry::zero_frame(0x7000),
+                MmuOp::ZeroFrame { frame: 0x7000 },
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(decode_entry(&e.to_bytes()), Ok(want), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_entries() {
+        let bad = [
+            (
+                MmuEntry {
+                    kind: 0,
+                    ..Default::default()
+                },
+                HcError::Enosys,
+            ),
+            (
+                MmuEntry {
+                    kind: 200,
+                    ..Default::default()
+                },
+                HcError::Enosys,
+            ),
+            (
+                MmuEntry {
+                    reserved: 1,
+                    ..MmuEntry::flush_tlb()
+                },
+                HcError::Einval,
+            ),
+            (
+                MmuEntry {
+                    flags: 1,
+                    ..MmuEntry::flush_tlb()
+                },
+                HcError::Einval,
+            ),
+            (MmuEntry::pt_update(0x2004, 0), HcError::Einval),
+            (
+                MmuEntry {
+                    a2: 1,
+                    ..MmuEntry::pt_update(0x2000, 0)
+                },
+                HcError::Einval,
+            ),
+            (MmuEntry::pin(1, 0x5001), HcError::Einval),
+            (MmuEntry::invlpg(0x0000_8000_0000_0000), HcError::Einval),
+            (MmuEntry::sync_ad(0x1000, 0, 0), HcError::Einval),
+            (MmuEntry::sync_ad(0x1001, 1, 0), HcError::Einval),
+            (MmuEntry::sync_ad(0x1000, 1, 4), HcError::Einval),
+            (
+                MmuEntry::sync_ad(0x1000, abi::MAX_AD_RANGE_PAGES + 1, 0),
+                HcError::E2big,
+            ),
+            (MmuEntry::sync_ad(0x7fff_ffff_f000, 2, 0), HcError::Einval),
+            (MmuEntry::query_ad(0x1000, 1, 0x9001), HcError::Einval),
+            (MmuEntry::relocate_table(0x5000, 0x5000), HcError::Einval),
+        ];
+        for (e, want) in bad {
+            assert_eq!(decode_entry(&e.to_bytes()), Err(want), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_batch_is_einval() {
+        let mut buf = [0u8; 64];
+        buf[..32].copy_from_slice(&MmuEntry::flush_tlb().to_bytes());
+        buf[32..].copy_from_slice(&MmuEntry::flush_tlb().to_bytes());
+        let got: [_; 3] = {
+            let mut it = batch_entries(&buf[..48], 3);
+            [it.next(), it.next(), it.next()]
+        };
+        assert_eq!(got[0], Some(Ok(MmuOp::FlushTlb)));
+        assert_eq!(got[1], Some(Err(HcError::Einval)));
+        assert_eq!(got[2], Some(Err(HcError::Einval)));
+        assert_eq!(batch_bytes(0), Err(HcError::Einval));
+        assert_eq!(batch_bytes(abi::MAX_BATCH_ENTRIES + 1), Err(HcError::E2big));
+        assert_eq!(batch_bytes(2), Ok(64));
+    }
+}

@@ -1,0 +1,1 @@
+//! Shadow page-table engine (filled in by the shadow-engine issue).
