@@ -13,15 +13,13 @@ use core::arch::x86_64::__cpuid;
 
 /// Reads the hypervisor leaves; `None` when no pvmm signature is present (run natively).
 pub fn discover() -> Option<Discovery> {
-    // SAFETY: CPUID is available on every x86-64 CPU and has no side effects.
-    let (s, f) = unsafe { (__cpuid(CPUID_LEAF_SIGNATURE), __cpuid(CPUID_LEAF_FEATURES)) };
+    let (s, f) = (__cpuid(CPUID_LEAF_SIGNATURE), __cpuid(CPUID_LEAF_FEATURES));
     CpuidLeaves::parse([s.eax, s.ebx, s.ecx, s.edx], [f.eax, f.ebx, f.ecx, f.edx])
 }
 
 /// True on AMD CPUs, which use `vmmcall` instead of `vmcall`.
 fn is_amd() -> bool {
-    // SAFETY: as above.
-    let l = unsafe { __cpuid(0) };
+    let l = __cpuid(0);
     l.ebx == u32::from_le_bytes(*b"Auth")
 }
 
