@@ -1,0 +1,87 @@
+//! The i8042 keyboard controller at 0x60/0x64 (vm-superio): its reset line ends the VM.
+
+use super::bus::{BusAction, BusDevice};
+use super::trigger::FlagTrigger;
+use std::sync::atomic::Ordering;
+use vm_superio::I8042Device;
+
+/// Data port; the command port is at +4 (registered as a second range).
+pub const I8042_DATA: u64 = 0x60;
+/// Command/status port.
+pub const I8042_CMD: u64 = 0x64;
+
+/// The controller as a bus device; registered for both ports with offsets 0 and 4.
+pub struct I8042 {
+    dev: I8042Device<FlagTrigger>,
+    reset: FlagTrigger,
+}
+
+impl I8042 {
+    /// A controller whose CPU-reset command ends the VM.
+    pub fn new() -> I8042 {
+        let reset = FlagTrigger::default();
+        I8042 {
+            dev: I8042Device::new(reset.clone()),
+            reset,
+        }
+    }
+}
+
+impl Default for I8042 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BusDevice for I8042 {
+    fn name(&self) -> &'static str {
+        "i8042"
+    }
+    fn read(&mut self, _vcpu: usize, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.dev.read(offset as u8);
+        }
+    }
+    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) -> BusAction {
+        if let Some(&b) = data.first() {
+            let _ = self.dev.write(offset as u8, b);
+        }
+        if self.reset.0.swap(false, Ordering::SeqCst) {
+            BusAction::Reset
+        } else {
+            BusAction::None
+        }
+    }
+}
+
+/// Routes the command port to offset 4 of the shared device.
+pub struct I8042CmdPort(pub std::sync::Arc<std::sync::Mutex<I8042>>);
+
+impl BusDevice for I8042CmdPort {
+    fn name(&self) -> &'static str {
+        "i8042"
+    }
+    fn read(&mut self, vcpu: usize, _offset: u64, data: &mut [u8]) {
+        if let Ok(mut d) = self.0.lock() {
+            d.read(vcpu, 4, data)
+        }
+    }
+    fn write(&mut self, vcpu: usize, _offset: u64, data: &[u8]) -> BusAction {
+        match self.0.lock() {
+            Ok(mut d) => d.write(vcpu, 4, data),
+            Err(_) => BusAction::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_command_ends_vm() {
+        let mut k = I8042::new();
+        assert_eq!(k.write(0, 4, &[0x20]), BusAction::None);
+        assert_eq!(k.write(0, 4, &[0xfe]), BusAction::Reset);
+    }
+}

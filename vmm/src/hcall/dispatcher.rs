@@ -1,0 +1,265 @@
+//! Copies a request out of guest memory once, validates it, routes it by op to its handler,
+//! and writes the response back.
+
+use super::ops::{self, OpHandler};
+use crate::guest_ram::GuestRam;
+use hypercall::{
+    decode_request, op, HcError, Request, Response, REQUEST_ALIGN, REQUEST_IN_LEN, RESPONSE_OFFSET,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// What the vCPU loop must do after a hypercall, besides resuming the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// End the VM with this status.
+    pub exit: Option<u8>,
+    /// Point the vCPU's CR3 at this shadow root.
+    pub new_cr3: Option<u64>,
+    /// Flush the vCPU's TLB.
+    pub flush: bool,
+}
+
+/// The result of one hypercall, for the statistics and the vCPU loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Op name (or "invalid" when the request could not be read/decoded).
+    pub op: &'static str,
+    /// Status returned to the guest.
+    pub status: i64,
+    /// MMU entries in the call (MMU_BATCH).
+    pub entries: Option<u64>,
+    /// Side effects to apply.
+    pub effects: Effects,
+}
+
+/// Per-call context handed to op handlers.
+pub struct CallCtx<'a> {
+    /// Calling vCPU index.
+    pub vcpu: usize,
+    /// Guest RAM accessor.
+    pub ram: &'a GuestRam,
+    /// Side effects the handler requests.
+    pub effects: Effects,
+    /// Entries processed (MMU_BATCH).
+    pub entries: Option<u64>,
+}
+
+/// Routes requests to op handlers. Shared by all vCPU threads.
+pub struct Dispatcher {
+    ram: GuestRam,
+    handlers: BTreeMap<u32, Box<dyn OpHandler>>,
+    negotiated: AtomicBool,
+    last_status: Arc<Vec<AtomicI64>>,
+}
+
+impl Dispatcher {
+    /// A dispatcher with the standard ops; `mmu` handles MMU_BATCH (ENOSYS when absent).
+    pub fn new(ram: GuestRam, vcpus: usize, mmu: Option<Box<dyn OpHandler>>) -> Dispatcher {
+        let mut handlers: BTreeMap<u32, Box<dyn OpHandler>> = BTreeMap::new();
+        handlers.insert(
+            op::VERSION,
+            Box::new(ops::Version {
+                features: mmu.as_ref().map_or(0, |m| m.features()),
+            }),
+        );
+        handlers.insert(op::EXIT, Box::new(ops::Exit));
+        handlers.insert(op::NULL, Box::new(ops::Null));
+        if let Some(m) = mmu {
+            handlers.insert(op::MMU_BATCH, m);
+        }
+        Dispatcher {
+            ram,
+            handlers,
+            negotiated: AtomicBool::new(false),
+            last_status: Arc::new((0..vcpus).map(|_| AtomicI64::new(0)).collect()),
+        }
+    }
+
+    /// Feature bits advertised in CPUID and by VERSION.
+    pub fn features(&self) -> u32 {
+        self.handlers
+            .get(&op::MMU_BATCH)
+            .map_or(0, |h| h.features())
+    }
+
+    /// The MMU handler's counters, for the statistics report.
+    pub fn mmu_report(&self) -> Option<serde_json::Value> {
+        self.handlers.get(&op::MMU_BATCH).and_then(|h| h.report())
+    }
+
+    /// The per-vCPU "last status" registers read through the doorbell's status port.
+    pub fn last_status(&self) -> Arc<Vec<AtomicI64>> {
+        self.last_status.clone()
+    }
+
+    /// Handles the request block at guest-physical `gpa` for `vcpu`.
+    pub fn handle(&self, vcpu: usize, gpa: u64) -> Outcome {
+        let mut ctx = CallCtx {
+            vcpu,
+            ram: &self.ram,
+            effects: Effects::default(),
+            entries: None,
+        };
+        let (name, resp, writable) = match self.read_request(gpa) {
+            Err(e) => ("invalid", Response::err(e), false),
+            Ok(bytes) => match decode_request(&bytes) {
+                Err(e) => (op_name(&bytes), Response::err(e), true),
+                Ok(req) => (op::name(op_of(&req)), self.dispatch(&mut ctx, &req), true),
+            },
+        };
+        if writable
+            && self
+                .ram
+                .write(gpa + RESPONSE_OFFSET as u64, &resp.to_bytes())
+                .is_err()
+        {
+            log::debug!("hypercall response at {gpa:#x} could not be written");
+        }
+        if let Some(s) = self.last_status.get(vcpu) {
+            s.store(resp.status, Ordering::Relaxed);
+        }
+        Outcome {
+            op: name,
+            status: resp.status,
+            entries: ctx.entries,
+            effects: ctx.effects,
+        }
+    }
+
+    fn read_request(&self, gpa: u64) -> Result<[u8; REQUEST_IN_LEN], HcError> {
+        if gpa % REQUEST_ALIGN != 0 {
+            return Err(HcError::Einval);
+        }
+        let mut b = [0u8; REQUEST_IN_LEN];
+        // The whole block (including the response) must be RAM.
+        self.ram.check(gpa, hypercall::REQUEST_LEN as u64)?;
+        self.ram.read(gpa, &mut b)?;
+        Ok(b)
+    }
+
+    fn dispatch(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
+        let op = op_of(req);
+        if !self.negotiated.load(Ordering::Relaxed) && op != op::VERSION && op != op::EXIT {
+            return Response::err(HcError::Eproto);
+        }
+        let Some(h) = self.handlers.get(&op) else {
+            return Response::err(HcError::Enosys);
+        };
+        let r = h.handle(ctx, req);
+        if op == op::VERSION && r.status == 0 {
+            self.negotiated.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+fn op_of(r: &Request) -> u32 {
+    match r {
+        Request::Version { .. } => op::VERSION,
+        Request::Exit { .. } => op::EXIT,
+        Request::Null => op::NULL,
+        Request::MmuBatch { .. } => op::MMU_BATCH,
+    }
+}
+
+fn op_name(bytes: &[u8]) -> &'static str {
+    let n = bytes
+        .get(0..4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+    match op::name(n) {
+        "unknown" => "unknown",
+        s => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypercall::RequestHeader;
+
+    fn setup() -> (Dispatcher, GuestRam) {
+        let ram = GuestRam::for_test(1 << 20);
+        (Dispatcher::new(ram.clone(), 1, None), ram)
+    }
+
+    fn call(d: &Dispatcher, ram: &GuestRam, gpa: u64, op: u32, args: [u64; 4]) -> (Outcome, i64) {
+        ram.write(gpa, &RequestHeader::new(op, args).to_bytes())
+            .unwrap();
+        let o = d.handle(0, gpa);
+        let mut s = [0u8; 8];
+        ram.read(gpa + RESPONSE_OFFSET as u64, &mut s).unwrap();
+        (o, i64::from_le_bytes(s))
+    }
+
+    #[test]
+    fn handshake_gates_other_ops() {
+        let (d, ram) = setup();
+        let (o, s) = call(&d, &ram, 0x1000, op::NULL, [0; 4]);
+        assert_eq!(
+            (o.status, s),
+            (HcError::Eproto.status(), HcError::Eproto.status())
+        );
+        let (_, s) = call(&d, &ram, 0x1000, op::VERSION, [2, 0, 0, 0]);
+        assert_eq!(s, HcError::Eproto.status(), "wrong major");
+        let (o, s) = call(&d, &ram, 0x1000, op::VERSION, [1, 0, 0, 0]);
+        assert_eq!((o.status, s, o.op), (0, 0, "VERSION"));
+        let (_, s) = call(&d, &ram, 0x1000, op::NULL, [0; 4]);
+        assert_eq!(s, 0);
+        let mut v = [0u8; 8];
+        ram.read(0x1000 + 48, &mut v).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(v) & 0xffff_ffff,
+            u64::from(hypercall::ABI_VERSION)
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_documented_errors() {
+        let (d, ram) = setup();
+        call(&d, &ram, 0x1000, op::VERSION, [1, 0, 0, 0]);
+        assert_eq!(
+            call(&d, &ram, 0x1000, 77, [0; 4]).1,
+            HcError::Enosys.status()
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::MMU_BATCH, [0x2000, 1, 0, 0]).1,
+            HcError::Enosys.status(),
+            "no MMU yet"
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::MMU_BATCH, [0x2000, 0, 0, 0]).1,
+            HcError::Einval.status()
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::MMU_BATCH, [0x2000, 5000, 0, 0]).1,
+            HcError::E2big.status()
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::NULL, [0, 0, 0, 9]).1,
+            HcError::Einval.status()
+        );
+        // Misaligned and out-of-RAM requests cannot be answered in memory: status register.
+        assert_eq!(d.handle(0, 0x1008).status, HcError::Einval.status());
+        assert_eq!(
+            d.last_status()[0].load(Ordering::Relaxed),
+            HcError::Einval.status()
+        );
+        assert_eq!(d.handle(0, 1 << 20).status, HcError::Efault.status());
+        assert_eq!(d.handle(0, (1 << 20) - 32).status, HcError::Einval.status());
+        assert_eq!(
+            d.handle(0, (1 << 20) - 64).status,
+            HcError::Enosys.status(),
+            "zeroed block: op 0"
+        );
+        assert_eq!(d.handle(0, u64::MAX - 63).status, HcError::Efault.status());
+    }
+
+    #[test]
+    fn exit_requests_shutdown() {
+        let (d, ram) = setup();
+        let (o, s) = call(&d, &ram, 0x1000, op::EXIT, [7, 0, 0, 0]);
+        assert_eq!((s, o.effects.exit), (0, Some(7)));
+    }
+}

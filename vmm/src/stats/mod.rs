@@ -1,0 +1,189 @@
+//! Exit statistics: what every userspace exit was, what it cost, and KVM's own counters.
+//!
+//! Each vCPU thread owns a [`VcpuStats`] (no locks on the exit path); at the end they are
+//! merged and rendered by [`report`].
+
+pub mod kvm_stats;
+pub mod latency;
+pub mod report;
+
+pub use latency::Latency;
+use std::collections::BTreeMap;
+
+/// Direction of a port I/O or MMIO access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dir {
+    /// Guest read (`in`).
+    In,
+    /// Guest write (`out`).
+    Out,
+}
+
+impl Dir {
+    /// `"in"` or `"out"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dir::In => "in",
+            Dir::Out => "out",
+        }
+    }
+}
+
+/// Statistics of one hypercall op.
+#[derive(Clone, Debug, Default)]
+pub struct OpStats {
+    /// Handling time of each call.
+    pub latency: Latency,
+    /// Errors by name.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Entries per call (MMU_BATCH), as a histogram of counts.
+    pub entries: Latency,
+}
+
+/// Counters one vCPU thread collects.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuStats {
+    /// Userspace exits by reason name, with VMM handling time.
+    pub exits: BTreeMap<&'static str, Latency>,
+    /// Port I/O by (port, direction), with the device name.
+    pub pio: BTreeMap<(u16, Dir), (&'static str, Latency)>,
+    /// MMIO by device name and direction.
+    pub mmio: BTreeMap<(&'static str, Dir), Latency>,
+    /// Hypercalls by op name.
+    pub hypercalls: BTreeMap<&'static str, OpStats>,
+    /// Time spent inside `KVM_RUN` (guest + in-kernel exits), ns.
+    pub kvm_run_ns: u64,
+    /// Time spent in the VMM between `KVM_RUN`s, ns.
+    pub vmm_ns: u64,
+    /// KVM in-kernel counters at start (name → value).
+    pub kvm_start: BTreeMap<String, u64>,
+    /// KVM in-kernel counters at end.
+    pub kvm_end: BTreeMap<String, u64>,
+}
+
+impl VcpuStats {
+    /// Records one exit of `reason` handled in `ns`.
+    pub fn exit(&mut self, reason: &'static str, ns: u64) {
+        self.exits.entry(reason).or_default().record(ns);
+    }
+
+    /// Records a port access.
+    pub fn pio(&mut self, port: u16, dir: Dir, device: &'static str, ns: u64) {
+        self.pio
+            .entry((port, dir))
+            .or_insert_with(|| (device, Latency::default()))
+            .1
+            .record(ns);
+    }
+
+    /// Records an MMIO access.
+    pub fn mmio(&mut self, device: &'static str, dir: Dir, ns: u64) {
+        self.mmio.entry((device, dir)).or_default().record(ns);
+    }
+
+    /// Records a hypercall of `op` taking `ns`, with its error (if any) and MMU entry count.
+    pub fn hypercall(
+        &mut self,
+        op: &'static str,
+        ns: u64,
+        error: Option<&'static str>,
+        entries: Option<u64>,
+    ) {
+        let s = self.hypercalls.entry(op).or_default();
+        s.latency.record(ns);
+        if let Some(e) = error {
+            *s.errors.entry(e).or_default() += 1;
+        }
+        if let Some(n) = entries {
+            s.entries.record(n);
+        }
+    }
+
+    /// Total userspace exits.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.values().map(|l| l.count()).sum()
+    }
+
+    /// Adds `other` into `self`.
+    pub fn merge(&mut self, other: &VcpuStats) {
+        for (k, v) in &other.exits {
+            self.exits.entry(k).or_default().merge(v);
+        }
+        for (k, (dev, v)) in &other.pio {
+            self.pio
+                .entry(*k)
+                .or_insert_with(|| (dev, Latency::default()))
+                .1
+                .merge(v);
+        }
+        for (k, v) in &other.mmio {
+            self.mmio.entry(*k).or_default().merge(v);
+        }
+        for (k, v) in &other.hypercalls {
+            let s = self.hypercalls.entry(k).or_default();
+            s.latency.merge(&v.latency);
+            s.entries.merge(&v.entries);
+            for (e, n) in &v.errors {
+                *s.errors.entry(e).or_default() += n;
+            }
+        }
+        self.kvm_run_ns += other.kvm_run_ns;
+        self.vmm_ns += other.vmm_ns;
+        for (k, v) in &other.kvm_start {
+            *self.kvm_start.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.kvm_end {
+            *self.kvm_end.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// Merges per-vCPU statistics into one.
+pub fn merge_all(per_vcpu: &[VcpuStats]) -> VcpuStats {
+    let mut m = VcpuStats::default();
+    for s in per_vcpu {
+        m.merge(s);
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregation_and_merge() {
+        let mut a = VcpuStats::default();
+        a.exit("io", 100);
+        a.exit("io", 300);
+        a.exit("hlt", 50);
+        a.pio(0x3f8, Dir::Out, "serial", 100);
+        a.pio(0x3f8, Dir::Out, "serial", 300);
+        a.hypercall("NULL", 10, None, None);
+        a.hypercall("MMU_BATCH", 10, Some("EINVAL"), Some(7));
+        a.kvm_run_ns = 1000;
+        a.kvm_start.insert("exits".into(), 5);
+        a.kvm_end.insert("exits".into(), 9);
+        let mut b = VcpuStats::default();
+        b.exit("io", 200);
+        b.pio(0x3f8, Dir::Out, "serial", 200);
+        b.pio(0x80, Dir::Out, "post", 1);
+        b.hypercall("MMU_BATCH", 30, Some("EINVAL"), Some(3));
+        b.kvm_run_ns = 500;
+        b.kvm_end.insert("exits".into(), 4);
+        let m = merge_all(&[a, b]);
+        assert_eq!(m.total_exits(), 4);
+        let io = &m.exits["io"];
+        assert_eq!(
+            (io.count(), io.total(), io.min(), io.max()),
+            (3, 600, 100, 300)
+        );
+        assert_eq!(io.mean(), 200);
+        assert_eq!(m.pio[&(0x3f8, Dir::Out)].1.count(), 3);
+        assert_eq!(m.pio[&(0x80, Dir::Out)].0, "post");
+        assert_eq!(m.hypercalls["MMU_BATCH"].errors["EINVAL"], 2);
+        assert_eq!(m.hypercalls["MMU_BATCH"].entries.total(), 10);
+        assert_eq!(m.kvm_run_ns, 1500);
+        assert_eq!(m.kvm_end["exits"], 13);
+    }
+}
