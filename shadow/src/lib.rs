@@ -1,1 +1,44 @@
-//! Shadow page-table engine (filled in by the shadow-engine issue).
+//! The pvmm shadow page-table engine.
+//!
+//! A paravirtual guest keeps its own x86-64 page tables and reports every change through
+//! MMU batch entries ([`hypercall::MmuOp`]). The engine validates each change, keeps a
+//! **shadow** copy of every page table in a pool of guest-physical frames the guest can
+//! never map, and the CPU walks only shadows. Hardware A/D bits land in the shadows and are
+//! handed back to guest PTEs lazily (`SYNC_AD`, `QUERY_AD`, and whenever a shadow leaf is
+//! replaced or dropped). See `README.md` for the model and every documented choice.
+//!
+//! Modules, one job each:
+//! * [`layout`]: RAM / reserved / pool ranges and frame classification;
+//! * [`pte`]: entry bits, the per-level flag whitelist, entry classification;
+//! * [`rules`]: every validation rule as a named function with its error;
+//! * `frames`: page-table types, pins, references and back-references;
+//! * `pool`: the shadow pool allocator and the reverse map of writable mappings;
+//! * `engine`: the [`ShadowMmu`] and one method per op;
+//! * `shadow`: building, dropping and reclaiming shadow tables;
+//! * `ad`: `SYNC_AD` / `QUERY_AD`;
+//! * [`flush`]: flush reasons, avoided-flush reasons, per-vCPU pending flushes;
+//! * [`counters`]: statistics;
+//! * `debug`: test helpers (translation through the shadow, invariant checker).
+#![deny(missing_docs)]
+
+mod ad;
+pub mod counters;
+mod debug;
+mod engine;
+pub mod flush;
+mod frames;
+pub mod layout;
+mod mem;
+mod pool;
+pub mod pte;
+pub mod rules;
+mod shadow;
+
+pub use counters::{Counters, OpKind};
+pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
+pub use flush::{AvoidReason, FlushReason};
+pub use layout::{FrameClass, Layout, ShadowError};
+pub use rules::Rule;
+
+#[cfg(test)]
+mod tests;

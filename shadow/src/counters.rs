@@ -1,0 +1,164 @@
+//! Statistics: plain counters the VMM converts for its own reporting.
+
+use crate::flush::{AvoidReason, FlushReason};
+use crate::rules::Rule;
+
+/// MMU op kinds, for per-kind counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// `PT_UPDATE` (either variant).
+    PtUpdate,
+    /// `PIN_L*`.
+    Pin,
+    /// `UNPIN`.
+    Unpin,
+    /// `NEW_BASEPTR`.
+    NewBaseptr,
+    /// `INVLPG`.
+    Invlpg,
+    /// `FLUSH_TLB`.
+    FlushTlb,
+    /// `SYNC_AD`.
+    SyncAd,
+    /// `QUERY_AD`.
+    QueryAd,
+    /// `RELOCATE_TABLE`.
+    RelocateTable,
+    /// `ZERO_FRAME`.
+    ZeroFrame,
+}
+
+impl OpKind {
+    /// Every kind, in counter order.
+    pub const ALL: [OpKind; 10] = [
+        OpKind::PtUpdate,
+        OpKind::Pin,
+        OpKind::Unpin,
+        OpKind::NewBaseptr,
+        OpKind::Invlpg,
+        OpKind::FlushTlb,
+        OpKind::SyncAd,
+        OpKind::QueryAd,
+        OpKind::RelocateTable,
+        OpKind::ZeroFrame,
+    ];
+
+    /// The kind of a decoded op.
+    pub fn of(op: &hypercall::MmuOp) -> OpKind {
+        use hypercall::MmuOp as O;
+        match op {
+            O::PtUpdate { .. } => OpKind::PtUpdate,
+            O::Pin { .. } => OpKind::Pin,
+            O::Unpin { .. } => OpKind::Unpin,
+            O::NewBaseptr { .. } => OpKind::NewBaseptr,
+            O::Invlpg { .. } => OpKind::Invlpg,
+            O::FlushTlb => OpKind::FlushTlb,
+            O::SyncAd { .. } => OpKind::SyncAd,
+            O::QueryAd { .. } => OpKind::QueryAd,
+            O::RelocateTable { .. } => OpKind::RelocateTable,
+            O::ZeroFrame { .. } => OpKind::ZeroFrame,
+        }
+    }
+
+    /// Name for statistics (the ABI's entry kind name).
+    pub const fn name(self) -> &'static str {
+        match self {
+            OpKind::PtUpdate => "PT_UPDATE",
+            OpKind::Pin => "PIN",
+            OpKind::Unpin => "UNPIN",
+            OpKind::NewBaseptr => "NEW_BASEPTR",
+            OpKind::Invlpg => "INVLPG",
+            OpKind::FlushTlb => "FLUSH_TLB",
+            OpKind::SyncAd => "SYNC_AD",
+            OpKind::QueryAd => "QUERY_AD",
+            OpKind::RelocateTable => "RELOCATE_TABLE",
+            OpKind::ZeroFrame => "ZERO_FRAME",
+        }
+    }
+}
+
+/// Everything the engine counts. Arrays are indexed by the position of the key in its
+/// `ALL` list (`Rule::ALL`, `FlushReason::ALL`, ...); use the accessor methods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Successful `PT_UPDATE`s.
+    pub updates: u64,
+    /// Successful pins.
+    pub pins: u64,
+    /// Successful unpins.
+    pub unpins: u64,
+    /// Successful relocations.
+    pub relocations: u64,
+    /// Frames zeroed by `ZERO_FRAME`.
+    pub zeroed_frames: u64,
+    /// Ops applied, successful or not, by [`OpKind`].
+    pub ops: [u64; 10],
+    /// Refusals by [`Rule`].
+    pub rejects: Vec<u64>,
+    /// Shadow tables currently live.
+    pub shadow_tables_live: u64,
+    /// Most shadow tables ever live.
+    pub shadow_tables_high_water: u64,
+    /// Pool frames in use.
+    pub pool_frames_used: u64,
+    /// Pool frames in total.
+    pub pool_frames_total: u64,
+    /// Flushes requested from the VMM by [`FlushReason`] (one per vCPU batch at most).
+    pub flushes: Vec<u64>,
+    /// Flushes avoided by [`AvoidReason`].
+    pub flushes_avoided: Vec<u64>,
+    /// `SYNC_AD` ops completed.
+    pub ad_syncs: u64,
+    /// A bits newly propagated from shadows into guest PTEs.
+    pub a_bits_propagated: u64,
+    /// D bits newly propagated from shadows into guest PTEs.
+    pub d_bits_propagated: u64,
+    /// `QUERY_AD` ops completed.
+    pub queries: u64,
+    /// Pool reclaim passes.
+    pub reclaims: u64,
+    /// Shadow tables dropped by reclaim.
+    pub reclaimed_tables: u64,
+}
+
+impl Counters {
+    pub(crate) fn new(pool_total: u64) -> Counters {
+        Counters {
+            rejects: vec![0; Rule::COUNT],
+            flushes: vec![0; FlushReason::COUNT],
+            flushes_avoided: vec![0; AvoidReason::COUNT],
+            pool_frames_total: pool_total,
+            ..Default::default()
+        }
+    }
+
+    /// Refusals counted for `rule`.
+    pub fn rejected(&self, rule: Rule) -> u64 {
+        let i = Rule::ALL.iter().position(|r| *r == rule).unwrap_or(usize::MAX);
+        self.rejects.get(i).copied().unwrap_or(0)
+    }
+
+    /// Flushes counted for `reason`.
+    pub fn flushed(&self, reason: FlushReason) -> u64 {
+        let i = FlushReason::ALL.iter().position(|r| *r == reason).unwrap_or(usize::MAX);
+        self.flushes.get(i).copied().unwrap_or(0)
+    }
+
+    /// Avoided flushes counted for `reason`.
+    pub fn avoided(&self, reason: AvoidReason) -> u64 {
+        let i = AvoidReason::ALL.iter().position(|r| *r == reason).unwrap_or(usize::MAX);
+        self.flushes_avoided.get(i).copied().unwrap_or(0)
+    }
+
+    /// Ops counted for `kind`.
+    pub fn op_count(&self, kind: OpKind) -> u64 {
+        let i = OpKind::ALL.iter().position(|r| *r == kind).unwrap_or(usize::MAX);
+        self.ops.get(i).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn bump<T: PartialEq + Copy>(v: &mut [u64], all: &[T], key: T) {
+        if let Some(c) = all.iter().position(|k| *k == key).and_then(|i| v.get_mut(i)) {
+            *c += 1;
+        }
+    }
+}

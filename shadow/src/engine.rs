@@ -1,0 +1,542 @@
+//! The engine: the [`ShadowMmu`] state and the op dispatcher; one method per op.
+
+use hypercall::{HcError, MmuOp};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::counters::{Counters, OpKind};
+use crate::flush::{AvoidReason, FlushReason, Pending};
+use crate::frames::{FrameInfo, Frames};
+use crate::layout::{Layout, ShadowError};
+use crate::mem::table;
+use crate::pool::{Owner, Pool};
+use crate::pte::{self, Kind, A, AD, ADDR, D, RW};
+use crate::rules::{self, Rule};
+
+/// Internal result: refusals carry their rule.
+pub(crate) type R<T> = Result<T, Rule>;
+
+/// The address space a vCPU has loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedRoot {
+    /// Guest-physical address of the guest's L4 table.
+    pub guest_l4: u64,
+    /// Guest-physical address of its shadow (what CR3 must hold), inside the pool.
+    pub shadow_root: u64,
+}
+
+/// What the VMM must do at the end of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Flush this vCPU's TLB (non-global and global) for this reason.
+    pub flush: Option<FlushReason>,
+    /// Load CR3 with this shadow root GPA (a `NEW_BASEPTR` happened in the batch).
+    pub new_cr3: Option<u64>,
+}
+
+/// The shadow page-table engine of one VM.
+pub struct ShadowMmu {
+    pub(crate) layout: Layout,
+    pub(crate) frames: Frames,
+    pub(crate) pool: Pool,
+    /// Loaded guest L4 frame number per vCPU.
+    pub(crate) roots: Vec<Option<u64>>,
+    pub(crate) pending: Pending,
+    new_cr3: Vec<Option<u64>>,
+    /// Sequence number of the op being applied (shadows touched by it are not reclaimed).
+    pub(crate) epoch: u64,
+    /// The vCPU whose op is being applied.
+    pub(crate) vcpu: usize,
+    pub(crate) counters: Counters,
+}
+
+impl ShadowMmu {
+    /// An engine for `layout` and `vcpus` vCPUs (indexed `0..vcpus`).
+    pub fn new(layout: Layout, vcpus: usize) -> Result<ShadowMmu, ShadowError> {
+        if vcpus == 0 {
+            return Err(ShadowError::NoVcpu);
+        }
+        let layout = layout.validated()?;
+        let end = layout.ram_end_pfn();
+        let pool = Pool::new(layout.pool_base, layout.pool_frames, end);
+        Ok(ShadowMmu {
+            frames: Frames::new(end),
+            counters: Counters::new(pool.total()),
+            pool,
+            layout,
+            roots: vec![None; vcpus],
+            pending: Pending::new(vcpus),
+            new_cr3: vec![None; vcpus],
+            epoch: 0,
+            vcpu: 0,
+        })
+    }
+
+    /// Applies one decoded entry for `vcpu`. Never panics; every refusal is counted by rule.
+    pub fn apply<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> Result<(), HcError> {
+        self.epoch += 1;
+        Counters::bump(&mut self.counters.ops, &OpKind::ALL, OpKind::of(op));
+        let r = rules::vcpu_valid(vcpu, self.roots.len()).and_then(|()| {
+            self.vcpu = vcpu;
+            self.dispatch(mem, vcpu, op)
+        });
+        self.counters.pool_frames_used = self.pool.used();
+        self.counters.shadow_tables_live = self.pool.used();
+        self.counters.shadow_tables_high_water = self.pool.high_water();
+        r.map_err(|rule| {
+            Counters::bump(&mut self.counters.rejects, Rule::ALL, rule);
+            log::debug!("shadow: {op:?} refused: {}", rule.name());
+            rule.error()
+        })
+    }
+
+    fn dispatch<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> R<()> {
+        match *op {
+            MmuOp::PtUpdate { ptr, val, preserve_ad } => {
+                self.pt_update(mem, ptr, val, preserve_ad)?;
+                self.counters.updates += 1;
+            }
+            MmuOp::Pin { level, frame } => {
+                self.pin(mem, level, frame >> 12)?;
+                self.counters.pins += 1;
+            }
+            MmuOp::Unpin { frame } => {
+                self.unpin(mem, frame >> 12)?;
+                self.counters.unpins += 1;
+            }
+            MmuOp::NewBaseptr { frame } => self.new_baseptr(mem, vcpu, frame >> 12)?,
+            MmuOp::Invlpg { .. } => self.guest_flush(vcpu, FlushReason::GuestInvlpg),
+            MmuOp::FlushTlb => self.guest_flush(vcpu, FlushReason::GuestFlushTlb),
+            MmuOp::SyncAd { va, pages, clear_a, clear_d } => {
+                self.sync_ad(mem, vcpu, va, pages, clear_a, clear_d)?;
+                self.counters.ad_syncs += 1;
+            }
+            MmuOp::QueryAd { va, pages, bitmap_gpa } => {
+                self.query_ad(mem, vcpu, va, pages, bitmap_gpa)?;
+                self.counters.queries += 1;
+            }
+            MmuOp::RelocateTable { old, new } => {
+                self.relocate(mem, old >> 12, new >> 12)?;
+                self.counters.relocations += 1;
+            }
+            MmuOp::ZeroFrame { frame } => {
+                self.zero_frame(mem, frame >> 12)?;
+                self.counters.zeroed_frames += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a batch of `vcpu`: the flush it must perform and the CR3 it must load.
+    pub fn end_batch(&mut self, vcpu: usize) -> BatchOutcome {
+        BatchOutcome {
+            flush: self.take_flush(vcpu),
+            new_cr3: self.new_cr3.get_mut(vcpu).and_then(Option::take),
+        }
+    }
+
+    /// Takes the flush pending for `vcpu` (counted as performed). Shared-shadow changes
+    /// mark every vCPU: the VMM must call this (or [`ShadowMmu::end_batch`]) before
+    /// resuming any vCPU, not only the one that issued the batch.
+    pub fn take_flush(&mut self, vcpu: usize) -> Option<FlushReason> {
+        let f = self.pending.take(vcpu);
+        if let Some(r) = f {
+            Counters::bump(&mut self.counters.flushes, FlushReason::ALL, r);
+        }
+        f
+    }
+
+    /// The address space `vcpu` has loaded.
+    pub fn loaded_root(&self, vcpu: usize) -> Option<LoadedRoot> {
+        let l4 = (*self.roots.get(vcpu)?)?;
+        let s = self.frames.info(l4)?.shadow?;
+        Some(LoadedRoot {
+            guest_l4: l4 << 12,
+            shadow_root: self.pool.pfn(s) << 12,
+        })
+    }
+
+    /// The statistics.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The layout in force.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The type (1..=4) of the frame at guest-physical `gpa`, if it is a page table.
+    pub fn frame_type(&self, gpa: u64) -> Option<u8> {
+        self.frames.level(gpa >> 12)
+    }
+
+    // ----- flush bookkeeping -----
+
+    /// A shared-shadow change that the CPU may have cached: every vCPU must flush.
+    pub(crate) fn need_flush(&mut self, r: FlushReason) {
+        if !self.pending.mark_all(self.vcpu, r) {
+            self.avoid(AvoidReason::Merged);
+        }
+    }
+
+    /// A change that needed no flush.
+    pub(crate) fn avoid(&mut self, r: AvoidReason) {
+        Counters::bump(&mut self.counters.flushes_avoided, AvoidReason::ALL, r);
+    }
+
+    fn guest_flush(&mut self, vcpu: usize, r: FlushReason) {
+        if !self.pending.mark(vcpu, r) {
+            self.avoid(AvoidReason::Merged);
+        }
+    }
+
+    /// A removed or changed shadow entry `old`: flush if the CPU used it.
+    pub(crate) fn retire(&mut self, old: u64, r: FlushReason) {
+        if old & A != 0 {
+            self.need_flush(r);
+        } else {
+            self.avoid(AvoidReason::NeverAccessed);
+        }
+    }
+
+    // ----- entry checks and frame typing -----
+
+    /// Every rule a present entry at `level` of table `table_pfn` must pass before it is
+    /// written (typing of a referenced untyped table is done by [`Self::get_type`]).
+    pub(crate) fn check_entry(&self, level: u8, table_pfn: u64, e: u64) -> R<Kind> {
+        let k = rules::entry_flags_allowed(level, e)?;
+        match k {
+            Kind::NotPresent => {}
+            Kind::Leaf4k { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, 1)?,
+            Kind::Leaf2m { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, pte::FRAMES_2M)?,
+            Kind::Table { pfn } => {
+                rules::not_self_map(table_pfn, pfn)?;
+                rules::table_is_guest_ram(&self.layout, pfn)?;
+                rules::table_level_matches(level, self.frames.level(pfn))?;
+            }
+        }
+        Ok(k)
+    }
+
+    /// Takes a reference from the entry at `backref` to table `pfn` of `level`, validating
+    /// and typing it (recursively) if it is untyped.
+    pub(crate) fn get_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, level: u8, backref: u64) -> R<()> {
+        match self.frames.level(pfn) {
+            Some(l) => rules::table_level_matches(level + 1, Some(l))?,
+            None => {
+                rules::table_is_guest_ram(&self.layout, pfn)?;
+                self.validate_and_type(mem, pfn, level)?;
+            }
+        }
+        self.frames.add_parent(pfn, backref);
+        Ok(())
+    }
+
+    /// Drops the reference of the entry at `backref`; the table loses its type when no pin
+    /// and no reference remain.
+    pub(crate) fn put_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, backref: u64) {
+        if self.frames.remove_parent(pfn, backref) {
+            self.untype(mem, pfn);
+        }
+    }
+
+    /// Gives untyped `pfn` the type `level` if all its entries pass the rules; rolls back
+    /// every reference it took on failure.
+    pub(crate) fn validate_and_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, level: u8) -> R<()> {
+        let t = table(mem, pfn)?;
+        let info = FrameInfo {
+            level,
+            ..Default::default()
+        };
+        if !self.frames.set_type(pfn, info) {
+            return Err(Rule::TableNotRam);
+        }
+        // Read-only first, then read: what is validated is what stays.
+        self.downgrade_writers(mem, pfn);
+        let g = t.snapshot();
+        for (i, &e) in g.iter().enumerate() {
+            let r = self.check_entry(level, pfn, e).and_then(|k| match k {
+                Kind::Table { pfn: c } => self.get_type(mem, c, level - 1, (pfn << 12) + 8 * i as u64),
+                _ => Ok(()),
+            });
+            if let Err(rule) = r {
+                for (j, &e) in g.iter().enumerate().take(i).rev() {
+                    if let Ok(Kind::Table { pfn: c }) = rules::entry_flags_allowed(level, e) {
+                        self.put_type(mem, c, (pfn << 12) + 8 * j as u64);
+                    }
+                }
+                self.frames.clear_type(pfn);
+                self.restore_writers(mem, pfn);
+                return Err(rule);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the type of `pfn`: harvests and drops its shadow, releases its references
+    /// to lower tables (recursively) and makes it writable again where the guest says RW.
+    pub(crate) fn untype<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+        let Some(level) = self.frames.level(pfn) else {
+            return;
+        };
+        self.drop_shadow(mem, pfn);
+        let children = table(mem, pfn).map(|t| t.snapshot());
+        self.frames.clear_type(pfn);
+        if let (true, Ok(g)) = (level > 1, children) {
+            for (i, &e) in g.iter().enumerate() {
+                if let Ok(Kind::Table { pfn: c }) = rules::entry_flags_allowed(level, e) {
+                    self.put_type(mem, c, (pfn << 12) + 8 * i as u64);
+                }
+            }
+        }
+        self.restore_writers(mem, pfn);
+    }
+
+    /// `pfn` became a page table: every shadow leaf whose guest entry maps it RW becomes
+    /// read-only.
+    pub(crate) fn downgrade_writers<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+        let mut cur = self.pool.rmap_first(pfn);
+        while let Some(slot) = cur {
+            cur = self.pool.rmap_next(slot);
+            if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
+                let old = st.clear_bits(slot as usize % 512, RW);
+                if old & RW != 0 {
+                    self.retire(old, FlushReason::TypeDowngrade);
+                }
+            }
+        }
+    }
+
+    /// `pfn` lost its page-table type: shadow leaves whose guest entry says RW get RW back.
+    pub(crate) fn restore_writers<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+        let mut cur = self.pool.rmap_first(pfn);
+        while let Some(slot) = cur {
+            cur = self.pool.rmap_next(slot);
+            if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
+                let old = st.set_bits(slot as usize % 512, RW);
+                if old & RW == 0 && pte::present(old) {
+                    self.retire(old, FlushReason::RightsRestored);
+                }
+            }
+        }
+    }
+
+    // ----- ops -----
+
+    /// `PT_UPDATE(ptr, val)`: validate `val`, take its reference, update the shadow (if the
+    /// table has one) harvesting the replaced shadow entry, write the guest PTE, release the
+    /// old reference.
+    fn pt_update<M: GuestMemory>(&mut self, mem: &M, ptr: u64, val: u64, preserve_ad: bool) -> R<()> {
+        let tpfn = ptr >> 12;
+        let i = ((ptr & 0xfff) >> 3) as usize;
+        let level = rules::ptr_in_table(self.frames.level(tpfn))?;
+        let gt = table(mem, tpfn)?;
+        let old = gt.get(i);
+        let new_kind = self.check_entry(level, tpfn, val)?;
+        let old_kind = rules::entry_flags_allowed(level, old).unwrap_or(Kind::NotPresent);
+        let sidx = self.frames.info(tpfn).and_then(|f| f.shadow);
+
+        // Same entry modulo A/D: the shadow is unchanged and keeps what the CPU recorded.
+        if pte::present(old) && pte::present(val) && (old ^ val) & !AD == 0 {
+            gt.set(i, if preserve_ad { val | (old & AD) } else { val });
+            return Ok(());
+        }
+
+        if let Kind::Table { pfn: c } = new_kind {
+            self.get_type(mem, c, level - 1, ptr)?;
+        }
+        let mut harvested = 0;
+        if let Some(sidx) = sidx {
+            self.pool.touch(sidx, self.epoch);
+            let built = table(mem, self.pool.pfn(sidx)).and_then(|_| self.make_shadow_entry(mem, level, tpfn, i, val, new_kind));
+            let new_s = match built {
+                Ok(s) => s,
+                Err(rule) => {
+                    if let Kind::Table { pfn: c } = new_kind {
+                        self.put_type(mem, c, ptr);
+                    }
+                    return Err(rule);
+                }
+            };
+            let st = table(mem, self.pool.pfn(sidx))?;
+            let slot = sidx * 512 + i as u32;
+            let old_s = st.get(i);
+            match old_kind {
+                Kind::Leaf4k { .. } if pte::present(old_s) && pte::is_upgrade(old_s & !AD, new_s) => {
+                    // Rights added on the same frame: keep the recorded A/D (the TLB may
+                    // hold them), no flush.
+                    let was = st.swap(i, new_s);
+                    st.set_bits(i, was & AD);
+                    self.avoid(AvoidReason::UpgradeOnly);
+                }
+                Kind::Leaf4k { pfn } => {
+                    let was = st.swap(i, new_s);
+                    harvested = was & AD;
+                    let frame_kept = matches!(new_kind, Kind::Leaf4k { pfn: p } if p == pfn);
+                    let r = if frame_kept { FlushReason::LeafDowngraded } else { FlushReason::LeafRemoved };
+                    if pte::present(was) {
+                        self.retire(was, r);
+                    }
+                }
+                Kind::Leaf2m { .. } => {
+                    let was = st.swap(i, new_s);
+                    if pte::present(was) {
+                        if let Some(split) = self.pool.index_of(was & ADDR) {
+                            harvested = self.free_shadow_table(mem, split).0;
+                        }
+                        self.retire(was, FlushReason::LeafRemoved);
+                    }
+                }
+                Kind::Table { .. } | Kind::NotPresent => {
+                    let was = st.swap(i, new_s);
+                    if pte::present(was) {
+                        self.retire(was, FlushReason::NonLeafChanged);
+                    }
+                }
+            }
+            if level == 1 {
+                self.pool.rmap_remove(slot);
+                if let (Kind::Leaf4k { pfn }, true) = (new_kind, val & RW != 0) {
+                    self.pool.rmap_add(slot, pfn);
+                }
+            }
+        }
+        let same_frame = matches!((old_kind, new_kind),
+            (Kind::Leaf4k { pfn: a }, Kind::Leaf4k { pfn: b }) | (Kind::Leaf2m { pfn: a }, Kind::Leaf2m { pfn: b }) if a == b);
+        let v = if preserve_ad {
+            val | (old & AD) | harvested
+        } else if same_frame {
+            val | harvested
+        } else {
+            val
+        };
+        gt.set(i, v);
+        if let Kind::Table { pfn: c } = old_kind {
+            self.put_type(mem, c, ptr);
+        }
+        Ok(())
+    }
+
+    /// `PIN_L<level>(pfn)`: type (validating) and pin, then build its shadow.
+    fn pin<M: GuestMemory>(&mut self, mem: &M, level: u8, pfn: u64) -> R<()> {
+        rules::table_is_guest_ram(&self.layout, pfn)?;
+        let ty = self.frames.level(pfn);
+        let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
+        rules::pin_allowed(level, ty, pinned)?;
+        if ty.is_none() {
+            self.validate_and_type(mem, pfn, level)?;
+        }
+        if let Some(i) = self.frames.info_mut(pfn) {
+            i.pinned = true;
+        }
+        if let Err(rule) = self.ensure_shadow(mem, pfn) {
+            if let Some(i) = self.frames.info_mut(pfn) {
+                i.pinned = false;
+            }
+            if ty.is_none() {
+                self.untype(mem, pfn);
+            }
+            return Err(rule);
+        }
+        Ok(())
+    }
+
+    /// `UNPIN(pfn)`: drop the pin; an unreferenced, unloaded table then loses its type,
+    /// its shadows are harvested (A/D into the guest PTEs) and dropped, recursively.
+    fn unpin<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+        let (pinned, refs) = self
+            .frames
+            .info(pfn)
+            .map_or((false, 0), |i| (i.pinned, i.parents.len()));
+        let loaded = self.roots.contains(&Some(pfn));
+        rules::unpin_allowed(pinned, loaded, refs)?;
+        if let Some(i) = self.frames.info_mut(pfn) {
+            i.pinned = false;
+        }
+        self.untype(mem, pfn);
+        Ok(())
+    }
+
+    /// `NEW_BASEPTR(pfn)`: load a pinned L4, (re)building its shadow if needed.
+    fn new_baseptr<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, pfn: u64) -> R<()> {
+        let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
+        rules::baseptr_allowed(self.frames.level(pfn), pinned)?;
+        let s = self.ensure_shadow(mem, pfn)?;
+        if let (Some(r), Some(c)) = (self.roots.get_mut(vcpu), self.new_cr3.get_mut(vcpu)) {
+            *r = Some(pfn);
+            *c = Some(self.pool.pfn(s) << 12);
+        }
+        Ok(())
+    }
+
+    /// `RELOCATE_TABLE(old, new)`: move content (with harvested A/D), type, pin, references,
+    /// shadow and loaded roots from `old` to `new`; rewrite the guest parent entries. The
+    /// shadow itself does not move, so no shadow parent entry changes and no flush is needed.
+    fn relocate<M: GuestMemory>(&mut self, mem: &M, old: u64, new: u64) -> R<()> {
+        let level = rules::relocate_allowed(&self.layout, self.frames.level(old), new, self.frames.level(new))?;
+        let (ot, nt) = (table(mem, old)?, table(mem, new)?);
+        let mut content = ot.snapshot();
+        let sidx = self.frames.info(old).and_then(|f| f.shadow);
+        if let Some(sidx) = sidx {
+            let st = table(mem, self.pool.pfn(sidx))?;
+            for (i, e) in content.iter_mut().enumerate() {
+                let s = st.get(i);
+                if !pte::present(*e) || !pte::present(s) {
+                    continue;
+                }
+                if level == 1 {
+                    *e |= s & AD;
+                } else if pte::is_2m_leaf(level, *e) {
+                    if let Some(split) = self.pool.index_of(s & ADDR) {
+                        *e |= self.split_ad(mem, split);
+                        if let Some(m) = self.pool.meta_mut(split) {
+                            m.owner = Owner::Split { l2: new, idx: i as u16 };
+                        }
+                    }
+                }
+            }
+            if let Some(m) = self.pool.meta_mut(sidx) {
+                m.owner = Owner::Table { pfn: new, level };
+            }
+        }
+        let Some(info) = self.frames.clear_type(old) else {
+            return Err(Rule::RelocateUntyped);
+        };
+        let parents = info.parents.clone();
+        self.frames.set_type(new, info);
+        self.downgrade_writers(mem, new);
+        for (i, &e) in content.iter().enumerate() {
+            nt.set(i, e);
+            if let (true, Ok(Kind::Table { pfn: c })) = (level > 1, rules::entry_flags_allowed(level, e)) {
+                self.frames.remove_parent(c, (old << 12) + 8 * i as u64);
+                self.frames.add_parent(c, (new << 12) + 8 * i as u64);
+            }
+        }
+        for p in parents {
+            if let Ok(pt) = table(mem, p >> 12) {
+                let idx = ((p & 0xfff) >> 3) as usize;
+                let e = pt.get(idx);
+                pt.set(idx, (e & !ADDR) | (new << 12));
+            }
+        }
+        for r in self.roots.iter_mut() {
+            if *r == Some(old) {
+                *r = Some(new);
+            }
+        }
+        self.restore_writers(mem, old);
+        Ok(())
+    }
+
+    /// `ZERO_FRAME(pfn)`.
+    fn zero_frame<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+        rules::zero_allowed(&self.layout, pfn, self.frames.level(pfn))?;
+        mem.write_slice(&[0u8; 4096], GuestAddress(pfn << 12))
+            .map_err(|_| Rule::Unbacked)
+    }
+}
+
+/// The A and D bits of `e`, as a count pair (for statistics).
+pub(crate) fn ad_counts(newly: u64) -> (u64, u64) {
+    (u64::from(newly & A != 0), u64::from(newly & D != 0))
+}

@@ -1,0 +1,257 @@
+//! The shadow pool: VMM-owned guest-physical frames holding shadow tables, with an owner
+//! record per frame and the reverse map from guest frames to the shadow leaf slots whose
+//! guest entry maps them writable.
+
+/// Who a shadow table shadows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Owner {
+    /// The shadow of guest table `pfn` at `level`.
+    Table {
+        /// Guest table frame number.
+        pfn: u64,
+        /// 1..=4.
+        level: u8,
+    },
+    /// The split shadow L1 of the 2 MiB leaf at entry `idx` of guest L2 table `l2`.
+    Split {
+        /// Guest L2 frame number.
+        l2: u64,
+        /// Entry index in the L2.
+        idx: u16,
+    },
+}
+
+impl Owner {
+    /// Level of the shadow table itself (splits are L1s).
+    pub fn level(self) -> u8 {
+        match self {
+            Owner::Table { level, .. } => level,
+            Owner::Split { .. } => 1,
+        }
+    }
+}
+
+/// Bookkeeping of a used pool frame.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Meta {
+    /// What it shadows.
+    pub owner: Owner,
+    /// Op sequence number of the last op that built or touched it (never reclaimed then).
+    pub epoch: u64,
+}
+
+/// A shadow leaf slot: pool index * 512 + entry index.
+pub(crate) type Slot = u32;
+
+/// The pool allocator and reverse map.
+pub(crate) struct Pool {
+    /// Guest-physical base.
+    pub base: u64,
+    free: Vec<u32>,
+    meta: Vec<Option<Meta>>,
+    used: u64,
+    high_water: u64,
+    // Reverse map: a doubly linked list per guest frame of slots, stored as slot + 1 (0 = nil).
+    heads: Vec<u32>,
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    /// Target frame + 1 of a slot in the reverse map, 0 if not linked.
+    target: Vec<u64>,
+}
+
+impl Pool {
+    /// A pool of `frames` frames at `base` and a reverse map over guest frames `0..end_pfn`.
+    pub fn new(base: u64, frames: u64, end_pfn: u64) -> Pool {
+        let slots = frames as usize * 512;
+        Pool {
+            base,
+            free: (0..frames as u32).rev().collect(),
+            meta: vec![None; frames as usize],
+            used: 0,
+            high_water: 0,
+            heads: vec![0; end_pfn as usize],
+            next: vec![0; slots],
+            prev: vec![0; slots],
+            target: vec![0; slots],
+        }
+    }
+
+    /// Total frames.
+    pub fn total(&self) -> u64 {
+        self.meta.len() as u64
+    }
+
+    /// Frames in use.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Most frames ever in use.
+    pub fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// Frame number of pool frame `idx`.
+    pub fn pfn(&self, idx: u32) -> u64 {
+        (self.base >> 12) + u64::from(idx)
+    }
+
+    /// Pool index of guest-physical address `gpa`, if inside the pool.
+    pub fn index_of(&self, gpa: u64) -> Option<u32> {
+        let off = gpa.checked_sub(self.base)? >> 12;
+        (off < self.total()).then_some(off as u32)
+    }
+
+    /// Takes a free frame (the caller zeroes it), or `None`.
+    pub fn alloc(&mut self, owner: Owner, epoch: u64) -> Option<u32> {
+        let idx = self.free.pop()?;
+        if let Some(m) = self.meta.get_mut(idx as usize) {
+            *m = Some(Meta { owner, epoch });
+        }
+        self.used += 1;
+        self.high_water = self.high_water.max(self.used);
+        Some(idx)
+    }
+
+    /// Returns a frame (its slots must already be unlinked from the reverse map).
+    pub fn free(&mut self, idx: u32) {
+        if let Some(m) = self.meta.get_mut(idx as usize) {
+            if m.take().is_some() {
+                self.used -= 1;
+                self.free.push(idx);
+            }
+        }
+    }
+
+    /// Owner record of pool frame `idx`.
+    pub fn meta(&self, idx: u32) -> Option<Meta> {
+        self.meta.get(idx as usize).copied().flatten()
+    }
+
+    /// Mutable owner record.
+    pub fn meta_mut(&mut self, idx: u32) -> Option<&mut Meta> {
+        self.meta.get_mut(idx as usize).and_then(|m| m.as_mut())
+    }
+
+    /// Marks a shadow as used by the current op.
+    pub fn touch(&mut self, idx: u32, epoch: u64) {
+        if let Some(m) = self.meta_mut(idx) {
+            m.epoch = epoch;
+        }
+    }
+
+    /// Every used pool index with its record.
+    pub fn used_frames(&self) -> impl Iterator<Item = (u32, Meta)> + '_ {
+        self.meta
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.map(|m| (i as u32, m)))
+    }
+
+    /// Links `slot` into the reverse map of guest frame `pfn`.
+    pub fn rmap_add(&mut self, slot: Slot, pfn: u64) {
+        let s = slot as usize;
+        if self.target.get(s).is_none_or(|&t| t != 0) {
+            return;
+        }
+        let Some(head) = self.heads.get_mut(pfn as usize) else {
+            return;
+        };
+        let old = *head;
+        *head = slot + 1;
+        self.next[s] = old;
+        self.prev[s] = 0;
+        self.target[s] = pfn + 1;
+        if old != 0 {
+            if let Some(p) = self.prev.get_mut(old as usize - 1) {
+                *p = slot + 1;
+            }
+        }
+    }
+
+    /// Unlinks `slot` from the reverse map, if linked.
+    pub fn rmap_remove(&mut self, slot: Slot) {
+        let s = slot as usize;
+        let Some(t) = self.target.get(s).copied().filter(|&t| t != 0) else {
+            return;
+        };
+        let (n, p) = (self.next[s], self.prev[s]);
+        if p != 0 {
+            if let Some(x) = self.next.get_mut(p as usize - 1) {
+                *x = n;
+            }
+        } else if let Some(h) = self.heads.get_mut(t as usize - 1) {
+            *h = n;
+        }
+        if n != 0 {
+            if let Some(x) = self.prev.get_mut(n as usize - 1) {
+                *x = p;
+            }
+        }
+        self.target[s] = 0;
+        self.next[s] = 0;
+        self.prev[s] = 0;
+    }
+
+    /// Whether `slot` is in the reverse map.
+    pub fn rmap_linked(&self, slot: Slot) -> bool {
+        self.target.get(slot as usize).is_some_and(|&t| t != 0)
+    }
+
+    /// The first slot of the reverse map of `pfn`.
+    pub fn rmap_first(&self, pfn: u64) -> Option<Slot> {
+        let h = *self.heads.get(usize::try_from(pfn).ok()?)?;
+        h.checked_sub(1)
+    }
+
+    /// The slot after `slot` in its reverse-map list.
+    pub fn rmap_next(&self, slot: Slot) -> Option<Slot> {
+        self.next.get(slot as usize)?.checked_sub(1)
+    }
+
+    /// The slots whose guest entry maps `pfn` writable.
+    #[cfg(test)]
+    pub fn rmap_slots(&self, pfn: u64) -> Vec<Slot> {
+        let mut out = Vec::new();
+        let mut cur = self.heads.get(pfn as usize).copied().unwrap_or(0);
+        while cur != 0 && out.len() <= self.next.len() {
+            out.push(cur - 1);
+            cur = self.next.get(cur as usize - 1).copied().unwrap_or(0);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_and_rmap() {
+        let mut p = Pool::new(0x10_0000, 2, 64);
+        let o = Owner::Table { pfn: 1, level: 1 };
+        let a = p.alloc(o, 0).unwrap();
+        let b = p.alloc(o, 0).unwrap();
+        assert!(p.alloc(o, 0).is_none());
+        assert_eq!(p.used(), 2);
+        assert_eq!(p.pfn(a), 0x100);
+        assert_eq!(p.index_of(0x10_1008), Some(1));
+        assert_eq!(p.index_of(0x10_2000), None);
+        p.rmap_add(a * 512 + 3, 7);
+        p.rmap_add(b * 512 + 4, 7);
+        p.rmap_add(b * 512 + 5, 7);
+        assert_eq!(p.rmap_slots(7).len(), 3);
+        p.rmap_remove(b * 512 + 4);
+        p.rmap_remove(b * 512 + 4);
+        let mut s = p.rmap_slots(7);
+        s.sort();
+        assert_eq!(s, vec![a * 512 + 3, b * 512 + 5]);
+        p.rmap_remove(b * 512 + 5);
+        p.rmap_remove(a * 512 + 3);
+        assert!(p.rmap_slots(7).is_empty());
+        p.free(a);
+        p.free(a);
+        assert_eq!(p.used(), 1);
+        assert_eq!(p.high_water(), 2);
+    }
+}

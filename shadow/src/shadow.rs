@@ -1,0 +1,259 @@
+//! Shadow tables: building them from validated guest tables, dropping them (harvesting A/D
+//! into the guest first), and reclaiming the pool.
+
+use vm_memory::GuestMemory;
+
+use crate::engine::{ShadowMmu, R};
+use crate::flush::FlushReason;
+use crate::mem::table;
+use crate::pool::Owner;
+use crate::pte::{self, Kind, A, AD, ADDR, P, RW, US};
+use crate::rules::{self, Rule};
+
+impl ShadowMmu {
+    /// A zeroed pool frame for `owner`; reclaims unreachable shadows if the pool is full.
+    fn alloc_shadow<M: GuestMemory>(&mut self, mem: &M, owner: Owner) -> R<u32> {
+        let idx = match self.pool.alloc(owner, self.epoch) {
+            Some(i) => i,
+            None => {
+                self.reclaim(mem);
+                self.pool.alloc(owner, self.epoch).ok_or(Rule::PoolExhausted)?
+            }
+        };
+        match table(mem, self.pool.pfn(idx)) {
+            Ok(t) => {
+                t.zero();
+                Ok(idx)
+            }
+            Err(e) => {
+                self.pool.free(idx);
+                Err(e)
+            }
+        }
+    }
+
+    /// The 4 KiB shadow leaf for guest leaf bits `g` (4 KiB form): guest rights with A=D=0,
+    /// read-only if the target is a page table.
+    pub(crate) fn shadow_leaf(&self, g: u64) -> u64 {
+        let s = g & pte::SHADOW_LEAF_KEEP;
+        if self.frames.level(pte::pfn_of(g)).is_some() {
+            s & !RW
+        } else {
+            s
+        }
+    }
+
+    /// The shadow value for validated guest entry `g` (of kind `kind`) at index `i` of table
+    /// `tpfn` at `level`. Builds a split L1 for a 2 MiB leaf and the child's shadow for a
+    /// non-leaf entry. Does not write the slot nor link a 4 KiB leaf in the reverse map.
+    pub(crate) fn make_shadow_entry<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        level: u8,
+        tpfn: u64,
+        i: usize,
+        g: u64,
+        kind: Kind,
+    ) -> R<u64> {
+        match kind {
+            Kind::NotPresent => Ok(0),
+            Kind::Leaf4k { .. } => Ok(self.shadow_leaf(g)),
+            Kind::Leaf2m { pfn } => {
+                let owner = Owner::Split {
+                    l2: tpfn,
+                    idx: i as u16,
+                };
+                let sidx = self.alloc_shadow(mem, owner)?;
+                let st = table(mem, self.pool.pfn(sidx))?;
+                for j in 0..pte::FRAMES_2M {
+                    let leaf = pte::split_leaf(g, j);
+                    st.set(j as usize, self.shadow_leaf(leaf));
+                    if leaf & RW != 0 {
+                        self.pool.rmap_add(sidx * 512 + j as u32, pfn + j);
+                    }
+                }
+                Ok((self.pool.pfn(sidx) << 12) | P | RW | US)
+            }
+            Kind::Table { pfn } => {
+                if self.frames.level(pfn) != Some(level - 1) {
+                    return Ok(0);
+                }
+                let c = self.ensure_shadow(mem, pfn)?;
+                Ok((self.pool.pfn(c) << 12) | (g & pte::SHADOW_NONLEAF_KEEP))
+            }
+        }
+    }
+
+    /// The shadow of typed table `pfn`, built (with its whole subtree) if missing.
+    pub(crate) fn ensure_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<u32> {
+        let info = self.frames.info(pfn).ok_or(Rule::PtrNotTable)?;
+        let level = info.level;
+        if let Some(s) = info.shadow {
+            self.pool.touch(s, self.epoch);
+            return Ok(s);
+        }
+        let g = table(mem, pfn)?.snapshot();
+        let sidx = self.alloc_shadow(mem, Owner::Table { pfn, level })?;
+        if let Some(i) = self.frames.info_mut(pfn) {
+            i.shadow = Some(sidx);
+        }
+        let st = table(mem, self.pool.pfn(sidx))?;
+        for (i, &e) in g.iter().enumerate() {
+            // Re-checked: the shadow never holds anything the rules refuse.
+            let kind = self.check_entry(level, pfn, e).unwrap_or(Kind::NotPresent);
+            match self.make_shadow_entry(mem, level, pfn, i, e, kind) {
+                Ok(s) => {
+                    st.set(i, s);
+                    if let (Kind::Leaf4k { pfn: t }, true) = (kind, e & RW != 0) {
+                        self.pool.rmap_add(sidx * 512 + i as u32, t);
+                    }
+                }
+                Err(rule) => {
+                    self.drop_shadow(mem, pfn);
+                    return Err(rule);
+                }
+            }
+        }
+        Ok(sidx)
+    }
+
+    /// Drops the shadow of table `pfn` (if any), harvesting leaf A/D into the guest.
+    /// Returns whether a dropped leaf had been used by the CPU.
+    pub(crate) fn drop_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> bool {
+        let Some(sidx) = self.frames.info_mut(pfn).and_then(|i| i.shadow.take()) else {
+            return false;
+        };
+        self.free_shadow_table(mem, sidx).1
+    }
+
+    /// OR of the A/D bits of the leaves of split table `split`.
+    pub(crate) fn split_ad<M: GuestMemory>(&self, mem: &M, split: u32) -> u64 {
+        table(mem, self.pool.pfn(split)).map_or(0, |st| (0..512).fold(0, |acc, j| acc | (st.get(j) & AD)))
+    }
+
+    /// Frees pool frame `sidx` (and the splits under a shadow L2): unlinks its leaves from
+    /// the reverse map and ORs their A/D into the guest entries they shadow. Returns the
+    /// harvested A/D of a split (for its caller) and whether any dropped leaf had A=1.
+    pub(crate) fn free_shadow_table<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> (u64, bool) {
+        let Some(meta) = self.pool.meta(sidx) else {
+            return (0, false);
+        };
+        let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
+            self.pool.free(sidx);
+            return (0, false);
+        };
+        let mut used = false;
+        let mut split_ad = 0;
+        match meta.owner {
+            Owner::Table { pfn, level: 1 } => {
+                let gt = table(mem, pfn).ok();
+                for i in 0..512 {
+                    let s = st.swap(i, 0);
+                    self.pool.rmap_remove(sidx * 512 + i as u32);
+                    if pte::present(s) {
+                        used |= s & A != 0;
+                        if let Some(gt) = &gt {
+                            self.harvest(gt.get(i), s & AD, |b| gt.set_bits(i, b));
+                        }
+                    }
+                }
+            }
+            Owner::Split { l2, idx } => {
+                for i in 0..512 {
+                    let s = st.swap(i, 0);
+                    self.pool.rmap_remove(sidx * 512 + i as u32);
+                    split_ad |= s & AD;
+                }
+                used = split_ad & A != 0;
+                if let Ok(gt) = table(mem, l2) {
+                    let i = usize::from(idx);
+                    self.harvest(gt.get(i), split_ad, |b| gt.set_bits(i, b));
+                }
+            }
+            Owner::Table { level: 2, .. } => {
+                for i in 0..512 {
+                    let s = st.get(i);
+                    let child = self.pool.index_of(s & ADDR).and_then(|c| self.pool.meta(c).map(|m| (c, m)));
+                    if let (true, Some((c, m))) = (pte::present(s), child) {
+                        if matches!(m.owner, Owner::Split { .. }) {
+                            used |= self.free_shadow_table(mem, c).1;
+                        }
+                    }
+                }
+            }
+            Owner::Table { .. } => {}
+        }
+        self.pool.free(sidx);
+        (split_ad, used)
+    }
+
+    /// ORs shadow bits `bits` into present guest entry `g` (written by `set`), counting the
+    /// newly set A and D bits.
+    pub(crate) fn harvest(&mut self, g: u64, bits: u64, set: impl FnOnce(u64) -> u64) {
+        if !pte::present(g) || bits & !g == 0 {
+            return;
+        }
+        set(bits);
+        let (a, d) = crate::engine::ad_counts(bits & !g);
+        self.counters.a_bits_propagated += a;
+        self.counters.d_bits_propagated += d;
+    }
+
+    /// Pool exhaustion: drops every shadow not reachable from a loaded root or from a
+    /// shadow the current op touched (harvesting A/D first).
+    pub(crate) fn reclaim<M: GuestMemory>(&mut self, mem: &M) {
+        self.counters.reclaims += 1;
+        let mut keep = vec![false; self.pool.total() as usize];
+        let mut stack: Vec<u32> = self
+            .roots
+            .iter()
+            .flatten()
+            .filter_map(|r| self.frames.info(*r).and_then(|i| i.shadow))
+            .collect();
+        stack.extend(self.pool.used_frames().filter(|(_, m)| m.epoch == self.epoch).map(|(i, _)| i));
+        while let Some(s) = stack.pop() {
+            match keep.get_mut(s as usize) {
+                Some(k) if !*k => *k = true,
+                _ => continue,
+            }
+            let level = self.pool.meta(s).map_or(1, |m| m.owner.level());
+            if level < 2 {
+                continue;
+            }
+            if let Ok(st) = table(mem, self.pool.pfn(s)) {
+                for i in 0..512 {
+                    let e = st.get(i);
+                    if let (true, Some(c)) = (pte::present(e), self.pool.index_of(e & ADDR)) {
+                        stack.push(c);
+                    }
+                }
+            }
+        }
+        let victims: Vec<u64> = self
+            .pool
+            .used_frames()
+            .filter(|(i, _)| !keep.get(*i as usize).copied().unwrap_or(true))
+            .filter_map(|(_, m)| match m.owner {
+                Owner::Table { pfn, .. } => Some(pfn),
+                Owner::Split { .. } => None,
+            })
+            .collect();
+        let mut used = false;
+        for pfn in victims {
+            used |= self.drop_shadow(mem, pfn);
+            self.counters.reclaimed_tables += 1;
+        }
+        if used {
+            self.need_flush(FlushReason::Reclaim);
+        }
+    }
+
+    /// Whether the entry kind of guest entry `g` at `level` is a table reference to a frame
+    /// typed exactly one level down (used by walkers).
+    pub(crate) fn table_child(&self, level: u8, g: u64) -> Option<u64> {
+        match rules::entry_flags_allowed(level, g) {
+            Ok(Kind::Table { pfn }) if self.frames.level(pfn) == Some(level - 1) => Some(pfn),
+            _ => None,
+        }
+    }
+}
