@@ -123,8 +123,8 @@ mod tests {
     #[test]
     fn split_leaf_moves_pat_and_offsets_frames() {
         let e = 0x4020_0000 | P | RW | PS | PAT_2M | NX | A | D;
-        let l = split_leaf(e, 3);
-        assert_eq!(l & ADDR, 0x4020_3000);
+        let l = split_leaf(e, 4);
+        assert_eq!(l & ADDR, 0x4020_4000);
         assert_eq!(l & (PAT_4K | RW | P | NX), PAT_4K | RW | P | NX);
         assert_eq!(l & (A | D | PAT_2M), 0);
     }

@@ -124,7 +124,7 @@ pub fn entry_flags_allowed(level: u8, e: u64) -> Result<Kind, Rule> {
             if e & pte::MISALIGNED_2M != 0 {
                 return Err(Rule::Misaligned2m);
             }
-            (pte::L2_LEAF_ALLOWED, Kind::Leaf2m { pfn: pte::pfn_of(e) })
+            (pte::L2_LEAF_ALLOWED, Kind::Leaf2m { pfn: (e & pte::ADDR_2M) >> 12 })
         }
         3 if e & pte::PS != 0 => return Err(Rule::Leaf1g),
         2..=4 => (pte::NONLEAF_ALLOWED, Kind::Table { pfn: pte::pfn_of(e) }),
@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(entry_flags_allowed(1, 1 << 46 | P), Err(Rule::AddrAboveMaxPhys));
         assert_eq!(entry_flags_allowed(1, 1 << 59 | P), Err(Rule::ReservedBits));
         assert_eq!(entry_flags_allowed(2, 0x20_0000 | P | PS | PAT_2M | G), Ok(Kind::Leaf2m { pfn: 0x200 }));
-        assert_eq!(entry_flags_allowed(2, 0x20_1000 | P | PS), Err(Rule::Misaligned2m));
+        assert_eq!(entry_flags_allowed(2, 0x20_2000 | P | PS), Err(Rule::Misaligned2m));
         assert_eq!(entry_flags_allowed(2, 0x2000 | P | G), Err(Rule::ReservedBits));
         assert_eq!(entry_flags_allowed(2, 0x2000 | P | D | A), Ok(Kind::Table { pfn: 2 }));
         assert_eq!(entry_flags_allowed(3, 0x4000_0000 | P | PS), Err(Rule::Leaf1g));
