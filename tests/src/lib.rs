@@ -1,1 +1,219 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: locating the `pvmm` binary and the bundled guest,
+//! deciding whether KVM tests run, and a small TAP 13 consumer.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `pvmm` binary (`PVMM_BIN`, else target/release or target/debug).
+pub fn pvmm_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PVMM_BIN") {
+        return p.into();
+    }
+    let r = root();
+    for p in [r.join("target/release/pvmm"), r.join("target/debug/pvmm")] {
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("pvmm binary not found: run `make build` (or set PVMM_BIN)");
+}
+
+/// The bundled guest kernel (`PVMM_GUEST`, else the release build in guest-images).
+pub fn guest() -> PathBuf {
+    let p: PathBuf = std::env::var("PVMM_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            root().join("guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest")
+        });
+    assert!(
+        p.exists(),
+        "guest kernel {} not found: run `make build`",
+        p.display()
+    );
+    p
+}
+
+/// True if KVM tests should run. Without /dev/kvm they are skipped with a printed reason,
+/// unless `REQUIRE_KVM=1`, where that is a failure.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
+        }
+        eprintln!("SKIP {test}: /dev/kvm is not available");
+    }
+    ok
+}
+
+/// Runs `pvmm run` with `args`.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(pvmm_bin())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("spawning pvmm")
+}
+
+/// Runs the bundled guest with a command line and extra flags.
+pub fn run_guest(cmdline: &str, extra: &[&str]) -> Output {
+    let g = guest();
+    let mut args = vec![
+        "--kernel",
+        g.to_str().unwrap_or_default(),
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// A temp file path unique to this process and `name`.
+pub fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("pvmm-e2e-{}-{name}", std::process::id()))
+}
+
+/// A minimal 64-bit ELF with one segment holding `code` at physical = virtual `load`,
+/// entered at its first byte.
+pub fn tiny_elf(load: u64, code: &[u8]) -> Vec<u8> {
+    let mut e = vec![0u8; 0x1000];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little endian
+    e[6] = 1;
+    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&load.to_le_bytes()); // entry
+    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = 64;
+    let len = code.len() as u64;
+    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    e[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    e[ph + 16..ph + 24].copy_from_slice(&load.to_le_bytes()); // vaddr
+    e[ph + 24..ph + 32].copy_from_slice(&load.to_le_bytes()); // paddr
+    e[ph + 32..ph + 40].copy_from_slice(&len.to_le_bytes()); // filesz
+    e[ph + 40..ph + 48].copy_from_slice(&len.to_le_bytes()); // memsz
+    e.extend_from_slice(code);
+    e
+}
+
+/// One TAP test point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapPoint {
+    /// `ok` or `not ok`.
+    pub ok: bool,
+    /// Test number.
+    pub num: u32,
+    /// Description.
+    pub name: String,
+    /// `# SKIP` reason, if skipped.
+    pub skip: Option<String>,
+    /// Diagnostic lines (`# ...`) after the point, without the `# `.
+    pub diag: Vec<String>,
+}
+
+/// A parsed TAP 13 stream.
+#[derive(Clone, Debug, Default)]
+pub struct Tap {
+    /// Planned count from `1..N`.
+    pub plan: Option<u32>,
+    /// Test points in order.
+    pub points: Vec<TapPoint>,
+    /// Diagnostics before the first point.
+    pub preamble: Vec<String>,
+}
+
+impl Tap {
+    /// Parses TAP 13 from console output (other lines are ignored). Errors on a missing
+    /// version line, a malformed plan or out-of-order numbers.
+    pub fn parse(text: &str) -> Result<Tap, String> {
+        let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+        lines
+            .by_ref()
+            .find(|l| *l == "TAP version 13")
+            .ok_or("no 'TAP version 13' line")?;
+        let mut tap = Tap::default();
+        for l in lines {
+            if let Some(n) = l.strip_prefix("1..") {
+                tap.plan = Some(n.trim().parse().map_err(|_| format!("bad plan '{l}'"))?);
+            } else if let Some(rest) = l
+                .strip_prefix("ok ")
+                .map(|r| (true, r))
+                .or_else(|| l.strip_prefix("not ok ").map(|r| (false, r)))
+            {
+                let (ok, rest) = rest;
+                let (num, desc) = rest.split_once(' ').unwrap_or((rest, ""));
+                let num: u32 = num
+                    .parse()
+                    .map_err(|_| format!("bad test number in '{l}'"))?;
+                if num as usize != tap.points.len() + 1 {
+                    return Err(format!("test {num} out of order"));
+                }
+                let (name, directive) = match desc.split_once(" # ") {
+                    Some((n, d)) => (n.trim_start_matches("- ").to_string(), Some(d.to_string())),
+                    None => (desc.trim_start_matches("- ").to_string(), None),
+                };
+                let skip =
+                    directive.and_then(|d| d.strip_prefix("SKIP").map(|s| s.trim().to_string()));
+                tap.points.push(TapPoint {
+                    ok,
+                    num,
+                    name,
+                    skip,
+                    diag: vec![],
+                });
+            } else if let Some(d) = l.strip_prefix("# ").or_else(|| l.strip_prefix("#")) {
+                match tap.points.last_mut() {
+                    Some(p) => p.diag.push(d.to_string()),
+                    None => tap.preamble.push(d.to_string()),
+                }
+            }
+        }
+        if tap.plan.is_none() {
+            return Err("no plan line".into());
+        }
+        Ok(tap)
+    }
+
+    /// The point named `name`.
+    pub fn get(&self, name: &str) -> Option<&TapPoint> {
+        self.points.iter().find(|p| p.name == name)
+    }
+
+    /// Number of `not ok` points.
+    pub fn failures(&self) -> usize {
+        self.points.iter().filter(|p| !p.ok).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tap() {
+        let t = Tap::parse("boot\nTAP version 13\n1..3\n# pre\nok 1 populate\n# updates 5\nnot ok 2 zap # bad\nok 3 hostile # SKIP native\n").unwrap();
+        assert_eq!(t.plan, Some(3));
+        assert_eq!(t.points.len(), 3);
+        assert_eq!(t.get("populate").unwrap().diag, vec!["updates 5"]);
+        assert!(!t.get("zap").unwrap().ok);
+        assert_eq!(t.get("hostile").unwrap().skip.as_deref(), Some("native"));
+        assert_eq!(t.failures(), 1);
+        assert!(Tap::parse("ok 1 x").is_err());
+        assert!(Tap::parse("TAP version 13\nok 2 x\n1..1").is_err());
+    }
+}

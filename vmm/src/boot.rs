@@ -79,7 +79,7 @@ pub fn load(
     ) {
         Ok(r) => {
             if r.kernel_end > layout.low_ram_end() {
-                return Err(too_small(layout, r.kernel_end));
+                return Err(too_big(layout, path));
             }
             LoadedKernel {
                 entry: r.kernel_load.0,
@@ -93,7 +93,7 @@ pub fn load(
         Err(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::ReadKernelImage,
         )) => {
-            return Err(too_small(layout, 0));
+            return Err(too_big(layout, path));
         }
         Err(e) => return Err(load_err(path, e)),
     };
@@ -110,10 +110,10 @@ pub fn load(
     Ok(loaded)
 }
 
-fn too_small(layout: &Layout, end: u64) -> SetupError {
-    SetupError::MemTooSmall {
+fn too_big(layout: &Layout, path: &Path) -> SetupError {
+    SetupError::KernelTooBig {
         mem: layout.mem_size,
-        need: end.max(layout.mem_size + 1),
+        path: path.to_path_buf(),
     }
 }
 
@@ -133,7 +133,7 @@ fn load_bzimage(
             linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
         ))
         | Err(linux_loader::loader::Error::InvalidKernelStartAddress) => {
-            return Err(too_small(layout, 0))
+            return Err(too_big(layout, path))
         }
         Err(e) => return Err(load_err(path, e)),
     };
@@ -153,7 +153,7 @@ fn load_bzimage(
         return Err(load_err(path, "bzImage has no 64-bit entry point"));
     }
     if r.kernel_end > layout.low_ram_end() {
-        return Err(too_small(layout, r.kernel_end));
+        return Err(too_big(layout, path));
     }
     params.hdr = hdr;
     params.hdr.type_of_loader = LOADER_TYPE;

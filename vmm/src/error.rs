@@ -24,8 +24,8 @@ pub mod exit_code {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// `/dev/kvm` is missing or not accessible.
-    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have permission?)")]
-    NoKvm(std::io::Error),
+    #[error("cannot open {1}: {0} (is KVM available and do you have permission?)")]
+    NoKvm(std::io::Error, String),
     /// The kernel file could not be opened.
     #[error("cannot read kernel '{path}': {source}")]
     KernelFile {
@@ -60,6 +60,16 @@ pub enum SetupError {
         mem: u64,
         /// RAM needed.
         need: u64,
+    },
+    /// The kernel image does not fit in guest RAM.
+    #[error(
+        "--mem {mem} bytes is too small for the kernel '{path}' (it does not fit in guest RAM)"
+    )]
+    KernelTooBig {
+        /// RAM size given.
+        mem: u64,
+        /// The kernel.
+        path: PathBuf,
     },
     /// A size is not a multiple of 4 KiB.
     #[error("{what} must be a multiple of 4 KiB")]

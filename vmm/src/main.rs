@@ -18,14 +18,15 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line carries the reason.
-            let msg = e.to_string();
-            let line = msg
+            // One line: clap's text up to its usage hint, joined.
+            let msg = e.render().to_string();
+            let parts: Vec<&str> = msg
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("pvmm: {line}");
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("pvmm: {}", parts.join(" "));
             return ExitCode::from(exit_code::SETUP as u8);
         }
     };
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("pvmm: {e:#}");
+            eprintln!("pvmm: {e}");
             ExitCode::from(exit_code::SETUP as u8)
         }
     }

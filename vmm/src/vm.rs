@@ -113,12 +113,25 @@ fn serial_out(mode: &SerialMode) -> Result<SerialOut, SetupError> {
     })
 }
 
+/// Opens `/dev/kvm`, or the device named by `PVMM_KVM_DEVICE` (used by tests to simulate a
+/// missing device).
+pub fn open_kvm() -> Result<Kvm, SetupError> {
+    let path = std::env::var("PVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let c = std::ffi::CString::new(path.clone()).map_err(|_| {
+        SetupError::NoKvm(
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            path.clone(),
+        )
+    })?;
+    Kvm::new_with_path(c.as_c_str())
+        .map_err(|e| SetupError::NoKvm(std::io::Error::from_raw_os_error(e.errno()), path))
+}
+
 /// Creates, boots and runs a VM until it ends.
 pub fn run(args: &RunArgs, mmu: &MmuFactory) -> Result<RunOutcome, SetupError> {
     let started = Instant::now();
     kick::install().map_err(SetupError::Kvm)?;
-    let kvm =
-        Kvm::new().map_err(|e| SetupError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+    let kvm = open_kvm()?;
     let layout = Layout::new(args.mem, args.shadow_pool)?;
     // Fail fast on unreadable files before doing anything expensive.
     std::fs::File::open(&args.kernel).map_err(|source| SetupError::KernelFile {

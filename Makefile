@@ -1,0 +1,46 @@
+# pvmm: build, run and test. `make run` boots the bundled PV guest; `make test` runs everything.
+CARGO   ?= cargo
+GUEST   := guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest
+PVMM    := target/release/pvmm
+RUN_CMDLINE ?= console=ttyS0 selftest=all mmu=pv-lazy
+RUN_ARGS    ?= --stats table --timeout 600
+
+export PVMM_BIN   := $(abspath $(PVMM))
+export PVMM_GUEST := $(abspath $(GUEST))
+
+.PHONY: all build deps vmm guest run test lint unit e2e bench clean
+
+all: build
+
+# The toolchain ships with the machine; make sure the lint components are there too.
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup)"; exit 1; }
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+
+build: deps vmm guest
+
+vmm:
+	$(CARGO) build --release -p vmm
+
+guest:
+	cd guest-images && $(CARGO) build --release
+
+run: build
+	$(PVMM) run --kernel $(GUEST) --cmdline "$(RUN_CMDLINE)" $(RUN_ARGS)
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	cd guest-images && $(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+
+test: build lint
+	$(CARGO) test --workspace --release
+
+bench: build
+	$(CARGO) bench -p shadow -- --warm-up-time 1 --measurement-time 3
+	$(PVMM) bench-exits --iterations 2000
+
+clean:
+	$(CARGO) clean
+	cd guest-images && $(CARGO) clean
