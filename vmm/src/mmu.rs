@@ -1,10 +1,284 @@
-//! Connects the shadow page-table engine to the MMU_BATCH hypercall (ENOSYS until wired).
+//! Connects the shadow page-table engine to the MMU_BATCH hypercall: copies the entry
+//! array out of guest memory once, applies entries strictly in order, stops at the first
+//! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
 use crate::guest_ram::GuestRam;
+use crate::hcall::dispatcher::CallCtx;
 use crate::hcall::ops::OpHandler;
 use crate::layout::Layout;
+use hypercall::{batch_bytes, batch_entries, features, HcError, Request, Response};
+use serde_json::{json, Map, Value};
+use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu};
+use std::cell::RefCell;
+use std::sync::Mutex;
 
-/// Builds the MMU_BATCH handler for a VM (none yet: MMU_BATCH answers ENOSYS).
-pub fn factory(_ram: &GuestRam, _layout: &Layout, _vcpus: usize) -> Option<Box<dyn OpHandler>> {
-    None
+/// The MMU_BATCH handler of one VM.
+pub struct MmuBatch {
+    engine: Mutex<ShadowMmu>,
+}
+
+thread_local! {
+    /// Per-vCPU-thread copy buffer for entry arrays (no allocation per call).
+    static ENTRY_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Builds the MMU_BATCH handler for a VM; `None` (ENOSYS) if the layout is refused.
+pub fn factory(_ram: &GuestRam, layout: &Layout, vcpus: usize) -> Option<Box<dyn OpHandler>> {
+    let l = shadow::Layout {
+        ram: layout.usable().collect(),
+        reserved: layout.reserved().collect(),
+        pool_base: layout.pool_base,
+        pool_frames: layout.pool_size / 4096,
+    };
+    match ShadowMmu::new(l, vcpus) {
+        Ok(engine) => Some(Box::new(MmuBatch {
+            engine: Mutex::new(engine),
+        })),
+        Err(e) => {
+            log::warn!("shadow MMU disabled: {e}");
+            None
+        }
+    }
+}
+
+impl MmuBatch {
+    fn run(&self, ctx: &mut CallCtx<'_>, entries_gpa: u64, count: u32) -> Response {
+        let len = match batch_bytes(count) {
+            Ok(l) => l,
+            Err(e) => return Response::err(e),
+        };
+        ENTRY_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(len, 0);
+            // One copy out of guest memory; entries are decoded from this copy only.
+            if let Err(e) = ctx.ram.read(entries_gpa, &mut buf) {
+                return Response::err(e);
+            }
+            ctx.entries = Some(u64::from(count));
+            let Ok(mut engine) = self.engine.lock() else {
+                return Response::err(HcError::Ebusy);
+            };
+            let mem = ctx.ram.memory();
+            let mut done = 0u32;
+            let mut failure = None;
+            for (i, entry) in batch_entries(&buf, count).enumerate() {
+                match entry.and_then(|op| engine.apply(mem, ctx.vcpu, &op)) {
+                    Ok(()) => done += 1,
+                    Err(e) => {
+                        failure = Some((i as u32, e));
+                        break;
+                    }
+                }
+            }
+            let out = engine.end_batch(ctx.vcpu);
+            ctx.effects.new_cr3 = out.new_cr3;
+            ctx.effects.flush = out.flush.is_some();
+            match failure {
+                None => Response {
+                    status: 0,
+                    value: u64::from(done),
+                    done,
+                    fail_index: u32::MAX,
+                },
+                Some((i, e)) => Response {
+                    status: e.status(),
+                    value: u64::from(done),
+                    done,
+                    fail_index: i,
+                },
+            }
+        })
+    }
+}
+
+fn op_kind_name(k: OpKind) -> &'static str {
+    match k {
+        OpKind::PtUpdate => "pt_update",
+        OpKind::Pin => "pin",
+        OpKind::Unpin => "unpin",
+        OpKind::NewBaseptr => "new_baseptr",
+        OpKind::Invlpg => "invlpg",
+        OpKind::FlushTlb => "flush_tlb",
+        OpKind::SyncAd => "sync_ad",
+        OpKind::QueryAd => "query_ad",
+        OpKind::RelocateTable => "relocate_table",
+        OpKind::ZeroFrame => "zero_frame",
+    }
+}
+
+fn named<T: Copy>(all: &[T], counts: &[u64], name: impl Fn(T) -> &'static str) -> Value {
+    let mut m = Map::new();
+    for (k, n) in all.iter().zip(counts) {
+        if *n > 0 {
+            m.insert(name(*k).to_string(), json!(n));
+        }
+    }
+    Value::Object(m)
+}
+
+impl OpHandler for MmuBatch {
+    fn features(&self) -> u32 {
+        features::MMU_BATCH | features::AD_SYNC | features::RELOCATE | features::ZERO_FRAMES
+    }
+
+    fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
+        match *req {
+            Request::MmuBatch { entries_gpa, count } => self.run(ctx, entries_gpa, count),
+            _ => Response::err(HcError::Einval),
+        }
+    }
+
+    fn report(&self) -> Option<Value> {
+        let e = self.engine.lock().ok()?;
+        let c = e.counters();
+        Some(json!({
+            "pte_updates": c.updates,
+            "pins": c.pins,
+            "unpins": c.unpins,
+            "relocations": c.relocations,
+            "zeroed_frames": c.zeroed_frames,
+            "ops": named(&OpKind::ALL, &c.ops, op_kind_name),
+            "rejects": named(Rule::ALL, &c.rejects, Rule::name),
+            "shadow_tables_live": c.shadow_tables_live,
+            "shadow_tables_high_water": c.shadow_tables_high_water,
+            "pool_frames_used": c.pool_frames_used,
+            "pool_frames_total": c.pool_frames_total,
+            "flushes_performed": named(FlushReason::ALL, &c.flushes, FlushReason::name),
+            "flushes_avoided": named(AvoidReason::ALL, &c.flushes_avoided, AvoidReason::name),
+            "ad_syncs": c.ad_syncs,
+            "a_bits_propagated": c.a_bits_propagated,
+            "d_bits_propagated": c.d_bits_propagated,
+            "ad_queries": c.queries,
+            "pool_reclaims": c.reclaims,
+            "reclaimed_tables": c.reclaimed_tables,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hcall::Dispatcher;
+    use hypercall::{op, MmuEntry, RequestHeader, RESPONSE_OFFSET};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const REQ: u64 = 0x1000;
+    const ENTRIES: u64 = 0x2000;
+
+    fn vm() -> (Dispatcher, GuestRam) {
+        let layout = Layout::new(16 << 20, 1 << 20).unwrap();
+        let mut r: Vec<(GuestAddress, usize)> = layout
+            .ram_regions
+            .iter()
+            .map(|&(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        r.push((GuestAddress(layout.pool_base), layout.pool_size as usize));
+        let mem = GuestMemoryMmap::from_ranges(&r).unwrap();
+        let ram = GuestRam::new(mem, layout.usable().collect());
+        let d = Dispatcher::new(ram.clone(), 1, factory(&ram, &layout, 1));
+        ram.write(
+            REQ,
+            &RequestHeader::new(op::VERSION, [1, 0, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(d.handle(0, REQ).status, 0);
+        (d, ram)
+    }
+
+    fn batch(
+        d: &Dispatcher,
+        ram: &GuestRam,
+        entries: &[MmuEntry],
+    ) -> (i64, u32, u32, crate::hcall::Effects) {
+        for (i, e) in entries.iter().enumerate() {
+            ram.write(ENTRIES + 32 * i as u64, &e.to_bytes()).unwrap();
+        }
+        ram.write(
+            REQ,
+            &RequestHeader::new(op::MMU_BATCH, [ENTRIES, entries.len() as u64, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        let o = d.handle(0, REQ);
+        let mut r = [0u8; 24];
+        ram.read(REQ + RESPONSE_OFFSET as u64, &mut r).unwrap();
+        let status = i64::from_le_bytes(r[0..8].try_into().unwrap());
+        assert_eq!(status, o.status);
+        (
+            status,
+            u32::from_le_bytes(r[16..20].try_into().unwrap()),
+            u32::from_le_bytes(r[20..24].try_into().unwrap()),
+            o.effects,
+        )
+    }
+
+    #[test]
+    fn batch_runs_in_order_and_stops_at_first_error() {
+        let (d, ram) = vm();
+        assert_ne!(d.features() & features::MMU_BATCH, 0);
+        // Frames at 1 MiB.. are zero: a valid L1, L2, L3, L4 chain can be pinned bottom-up.
+        let (l1, l2, l3, l4, data) = (
+            0x20_0000u64,
+            0x20_1000u64,
+            0x20_2000u64,
+            0x20_3000u64,
+            0x30_0000u64,
+        );
+        let (s, done, fail, _) = batch(
+            &d,
+            &ram,
+            &[
+                MmuEntry::pin(1, l1),
+                MmuEntry::pin(2, l2),
+                MmuEntry::pt_update(l2, l1 | 7),
+                MmuEntry::pin(3, l3),
+                MmuEntry::pt_update(l3, l2 | 7),
+                MmuEntry::pin(4, l4),
+                MmuEntry::pt_update(l4, l3 | 7),
+                MmuEntry::pt_update(l1 + 8, data | 7),
+                MmuEntry::pt_update(l1 + 16, (layout_pool()) | 7), // maps the pool: refused
+                MmuEntry::pt_update(l1 + 24, data | 7),
+            ],
+        );
+        assert_eq!((done, fail), (8, 8), "status {s}");
+        assert_eq!(s, HcError::Eperm.status());
+        let (s, done, _, fx) = batch(&d, &ram, &[MmuEntry::new_baseptr(l4)]);
+        assert_eq!((s, done), (0, 1));
+        assert!(fx.new_cr3.is_some_and(|c| c >= layout_pool()), "{fx:?}");
+        // Entry array outside RAM: EFAULT; truncated by RAM's end: EFAULT.
+        ram.write(
+            REQ,
+            &RequestHeader::new(op::MMU_BATCH, [16 << 20, 1, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(d.handle(0, REQ).status, HcError::Efault.status());
+        ram.write(
+            REQ,
+            &RequestHeader::new(op::MMU_BATCH, [(16 << 20) - 32, 2, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(d.handle(0, REQ).status, HcError::Efault.status());
+        // Unknown entry kind: ENOSYS at its index.
+        let (s, done, fail, _) = batch(
+            &d,
+            &ram,
+            &[
+                MmuEntry::flush_tlb(),
+                MmuEntry {
+                    kind: 99,
+                    ..Default::default()
+                },
+            ],
+        );
+        assert_eq!((s, done, fail), (HcError::Enosys.status(), 1, 1));
+        let rep = d.mmu_report().unwrap();
+        assert_eq!(rep["pins"], 4);
+        assert!(
+            rep["rejects"].as_object().unwrap().values().any(|v| v == 1),
+            "{rep}"
+        );
+    }
+
+    fn layout_pool() -> u64 {
+        Layout::new(16 << 20, 1 << 20).unwrap().pool_base
+    }
 }
