@@ -32,12 +32,20 @@ pub(crate) struct LeafAt {
 impl ShadowMmu {
     /// Every present guest leaf covering `va .. va + pages * 4096` in the address space
     /// rooted at guest L4 `root`.
-    pub(crate) fn leaves_in<M: GuestMemory>(&self, mem: &M, root: u64, va: u64, pages: u64) -> Vec<LeafAt> {
+    pub(crate) fn leaves_in<M: GuestMemory>(
+        &self,
+        mem: &M,
+        root: u64,
+        va: u64,
+        pages: u64,
+    ) -> Vec<LeafAt> {
         let mut out = Vec::new();
         let mut p = 0u64;
         while p < pages {
             let v = va.wrapping_add(p << 12);
-            let skip = |shift: u32| ((1u64 << (shift - 12)) - ((v >> 12) & ((1u64 << (shift - 12)) - 1))).max(1);
+            let skip = |shift: u32| {
+                ((1u64 << (shift - 12)) - ((v >> 12) & ((1u64 << (shift - 12)) - 1))).max(1)
+            };
             let idx = |shift: u32| ((v >> shift) & 511) as usize;
             let Ok(l4) = table(mem, root) else { break };
             let Some(l3) = self.table_child(4, l4.get(idx(39))) else {
@@ -61,7 +69,14 @@ impl ShadowMmu {
                     .map(|st| st.get(idx(21)))
                     .filter(|&s| pte::present(s))
                     .and_then(|s| self.pool.index_of(s & ADDR));
-                out.push(LeafAt { table: l2, idx: idx(21), shadow, large: true, first: p, count: n2 });
+                out.push(LeafAt {
+                    table: l2,
+                    idx: idx(21),
+                    shadow,
+                    large: true,
+                    first: p,
+                    count: n2,
+                });
                 p += n2;
                 continue;
             }
@@ -74,7 +89,14 @@ impl ShadowMmu {
             for k in 0..n2 {
                 let i = idx(12) + k as usize;
                 if pte::present(l1t.get(i)) {
-                    out.push(LeafAt { table: l1, idx: i, shadow, large: false, first: p + k, count: 1 });
+                    out.push(LeafAt {
+                        table: l1,
+                        idx: i,
+                        shadow,
+                        large: false,
+                        first: p + k,
+                        count: 1,
+                    });
                 }
             }
             p += n2;
@@ -94,7 +116,11 @@ impl ShadowMmu {
         let slots = if l.large { 0..512 } else { l.idx..l.idx + 1 };
         let mut ad = 0;
         for j in slots {
-            let s = if clear != 0 { st.clear_bits(j, clear) } else { st.get(j) };
+            let s = if clear != 0 {
+                st.clear_bits(j, clear)
+            } else {
+                st.get(j)
+            };
             if pte::present(s) {
                 ad |= s & AD;
             }
@@ -134,7 +160,14 @@ impl ShadowMmu {
 
     /// `QUERY_AD`: write the accessed bitmap then the dirty bitmap of the range at
     /// `bitmap_gpa`; guest PTEs are not changed.
-    pub(crate) fn query_ad<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, va: u64, pages: u64, gpa: u64) -> R<()> {
+    pub(crate) fn query_ad<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        vcpu: usize,
+        va: u64,
+        pages: u64,
+        gpa: u64,
+    ) -> R<()> {
         let root = self.root_of(vcpu)?;
         let len = hypercall::ad_bitmap_bytes(pages);
         rules::bitmap_in_ram(&self.layout, gpa, 2 * len)?;
@@ -158,6 +191,7 @@ impl ShadowMmu {
                 }
             }
         }
-        mem.write_slice(&bits, GuestAddress(gpa)).map_err(|_| Rule::Unbacked)
+        mem.write_slice(&bits, GuestAddress(gpa))
+            .map_err(|_| Rule::Unbacked)
     }
 }

@@ -134,30 +134,46 @@ impl Counters {
 
     /// Refusals counted for `rule`.
     pub fn rejected(&self, rule: Rule) -> u64 {
-        let i = Rule::ALL.iter().position(|r| *r == rule).unwrap_or(usize::MAX);
+        let i = Rule::ALL
+            .iter()
+            .position(|r| *r == rule)
+            .unwrap_or(usize::MAX);
         self.rejects.get(i).copied().unwrap_or(0)
     }
 
     /// Flushes counted for `reason`.
     pub fn flushed(&self, reason: FlushReason) -> u64 {
-        let i = FlushReason::ALL.iter().position(|r| *r == reason).unwrap_or(usize::MAX);
+        let i = FlushReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(usize::MAX);
         self.flushes.get(i).copied().unwrap_or(0)
     }
 
     /// Avoided flushes counted for `reason`.
     pub fn avoided(&self, reason: AvoidReason) -> u64 {
-        let i = AvoidReason::ALL.iter().position(|r| *r == reason).unwrap_or(usize::MAX);
+        let i = AvoidReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(usize::MAX);
         self.flushes_avoided.get(i).copied().unwrap_or(0)
     }
 
     /// Ops counted for `kind`.
     pub fn op_count(&self, kind: OpKind) -> u64 {
-        let i = OpKind::ALL.iter().position(|r| *r == kind).unwrap_or(usize::MAX);
+        let i = OpKind::ALL
+            .iter()
+            .position(|r| *r == kind)
+            .unwrap_or(usize::MAX);
         self.ops.get(i).copied().unwrap_or(0)
     }
 
     pub(crate) fn bump<T: PartialEq + Copy>(v: &mut [u64], all: &[T], key: T) {
-        if let Some(c) = all.iter().position(|k| *k == key).and_then(|i| v.get_mut(i)) {
+        if let Some(c) = all
+            .iter()
+            .position(|k| *k == key)
+            .and_then(|i| v.get_mut(i))
+        {
             *c += 1;
         }
     }

@@ -27,7 +27,12 @@ pub struct ShadowLeaf {
 impl ShadowMmu {
     /// Walks `va` through `vcpu`'s shadow like the CPU would (reading pool memory).
     #[doc(hidden)]
-    pub fn debug_translate<M: GuestMemory>(&self, mem: &M, vcpu: usize, va: u64) -> Option<ShadowLeaf> {
+    pub fn debug_translate<M: GuestMemory>(
+        &self,
+        mem: &M,
+        vcpu: usize,
+        va: u64,
+    ) -> Option<ShadowLeaf> {
         let root = self.loaded_root(vcpu)?.shadow_root;
         let mut t = root >> 12;
         let (mut w, mut u) = (true, true);
@@ -79,7 +84,9 @@ impl ShadowMmu {
         // Reference counts equal the validated entries pointing at each table.
         let mut refs: std::collections::HashMap<u64, usize> = Default::default();
         for (pfn, info) in self.frames.iter() {
-            let g = table(mem, pfn).map_err(|r| r.name().to_string())?.snapshot();
+            let g = table(mem, pfn)
+                .map_err(|r| r.name().to_string())?
+                .snapshot();
             for (i, &e) in g.iter().enumerate() {
                 let kind = self
                     .check_entry(info.level, pfn, e)
@@ -93,7 +100,12 @@ impl ShadowMmu {
             }
             if let Some(s) = info.shadow {
                 match self.pool.meta(s) {
-                    Some(m) if m.owner == Owner::Table { pfn, level: info.level } => {}
+                    Some(m)
+                        if m.owner
+                            == Owner::Table {
+                                pfn,
+                                level: info.level,
+                            } => {}
                     m => return err(format!("shadow of {pfn:#x} has owner {m:?}")),
                 }
             }
@@ -101,7 +113,10 @@ impl ShadowMmu {
         for (pfn, info) in self.frames.iter() {
             let n = refs.get(&pfn).copied().unwrap_or(0);
             if n != info.parents.len() {
-                return err(format!("{pfn:#x}: {n} refs, {} back-references", info.parents.len()));
+                return err(format!(
+                    "{pfn:#x}: {n} refs, {} back-references",
+                    info.parents.len()
+                ));
             }
             if n == 0 && !info.pinned {
                 return err(format!("{pfn:#x} typed without pin or reference"));
@@ -132,9 +147,12 @@ impl ShadowMmu {
                     None => gt.get(i),
                 };
                 let kind = if split.is_some() {
-                    Kind::Leaf4k { pfn: pte::pfn_of(g) }
+                    Kind::Leaf4k {
+                        pfn: pte::pfn_of(g),
+                    }
                 } else {
-                    self.check_entry(level, gpfn, g).map_err(|r| r.name().to_string())?
+                    self.check_entry(level, gpfn, g)
+                        .map_err(|r| r.name().to_string())?
                 };
                 let here = format!("shadow {idx} ({m:?}) [{i}] s={s:#x} g={g:#x}");
                 match kind {
@@ -164,7 +182,10 @@ impl ShadowMmu {
                     }
                     Kind::Leaf2m { .. } => {
                         let child = self.pool.index_of(s & ADDR).and_then(|c| self.pool.meta(c));
-                        let want = Owner::Split { l2: gpfn, idx: i as u16 };
+                        let want = Owner::Split {
+                            l2: gpfn,
+                            idx: i as u16,
+                        };
                         if !pte::present(s) || child.map(|c| c.owner) != Some(want) {
                             return err(format!("{here}: 2M leaf without its split"));
                         }
@@ -173,7 +194,9 @@ impl ShadowMmu {
                         let cs = self.frames.info(pfn).and_then(|f| f.shadow);
                         let want = cs.map(|c| self.pool.pfn(c) << 12);
                         if !pte::present(s) || Some(s & ADDR) != want {
-                            return err(format!("{here}: non-leaf does not point at child shadow {cs:?}"));
+                            return err(format!(
+                                "{here}: non-leaf does not point at child shadow {cs:?}"
+                            ));
                         }
                         let keep = pte::SHADOW_NONLEAF_KEEP;
                         if s & keep != g & keep {
@@ -186,7 +209,12 @@ impl ShadowMmu {
         // Loaded roots are pinned L4s with shadows.
         for (v, r) in self.roots.iter().enumerate() {
             if let Some(r) = r {
-                if rules::baseptr_allowed(self.frames.level(*r), self.frames.info(*r).is_some_and(|i| i.pinned)).is_err() {
+                if rules::baseptr_allowed(
+                    self.frames.level(*r),
+                    self.frames.info(*r).is_some_and(|i| i.pinned),
+                )
+                .is_err()
+                {
                     return err(format!("vcpu {v} root {r:#x} is not a pinned L4"));
                 }
             }

@@ -72,7 +72,12 @@ impl ShadowMmu {
     }
 
     /// Applies one decoded entry for `vcpu`. Never panics; every refusal is counted by rule.
-    pub fn apply<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> Result<(), HcError> {
+    pub fn apply<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        vcpu: usize,
+        op: &MmuOp,
+    ) -> Result<(), HcError> {
         self.epoch += 1;
         Counters::bump(&mut self.counters.ops, &OpKind::ALL, OpKind::of(op));
         let r = rules::vcpu_valid(vcpu, self.roots.len()).and_then(|()| {
@@ -91,7 +96,11 @@ impl ShadowMmu {
 
     fn dispatch<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> R<()> {
         match *op {
-            MmuOp::PtUpdate { ptr, val, preserve_ad } => {
+            MmuOp::PtUpdate {
+                ptr,
+                val,
+                preserve_ad,
+            } => {
                 self.pt_update(mem, ptr, val, preserve_ad)?;
                 self.counters.updates += 1;
             }
@@ -106,11 +115,20 @@ impl ShadowMmu {
             MmuOp::NewBaseptr { frame } => self.new_baseptr(mem, vcpu, frame >> 12)?,
             MmuOp::Invlpg { .. } => self.guest_flush(vcpu, FlushReason::GuestInvlpg),
             MmuOp::FlushTlb => self.guest_flush(vcpu, FlushReason::GuestFlushTlb),
-            MmuOp::SyncAd { va, pages, clear_a, clear_d } => {
+            MmuOp::SyncAd {
+                va,
+                pages,
+                clear_a,
+                clear_d,
+            } => {
                 self.sync_ad(mem, vcpu, va, pages, clear_a, clear_d)?;
                 self.counters.ad_syncs += 1;
             }
-            MmuOp::QueryAd { va, pages, bitmap_gpa } => {
+            MmuOp::QueryAd {
+                va,
+                pages,
+                bitmap_gpa,
+            } => {
                 self.query_ad(mem, vcpu, va, pages, bitmap_gpa)?;
                 self.counters.queries += 1;
             }
@@ -220,7 +238,13 @@ impl ShadowMmu {
 
     /// Takes a reference from the entry at `backref` to table `pfn` of `level`, validating
     /// and typing it (recursively) if it is untyped.
-    pub(crate) fn get_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, level: u8, backref: u64) -> R<()> {
+    pub(crate) fn get_type<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        pfn: u64,
+        level: u8,
+        backref: u64,
+    ) -> R<()> {
         match self.frames.level(pfn) {
             Some(l) => rules::table_level_matches(level + 1, Some(l))?,
             None => {
@@ -242,7 +266,12 @@ impl ShadowMmu {
 
     /// Gives untyped `pfn` the type `level` if all its entries pass the rules; rolls back
     /// every reference it took on failure.
-    pub(crate) fn validate_and_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, level: u8) -> R<()> {
+    pub(crate) fn validate_and_type<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        pfn: u64,
+        level: u8,
+    ) -> R<()> {
         let t = table(mem, pfn)?;
         let info = FrameInfo {
             level,
@@ -256,7 +285,9 @@ impl ShadowMmu {
         let g = t.snapshot();
         for (i, &e) in g.iter().enumerate() {
             let r = self.check_entry(level, pfn, e).and_then(|k| match k {
-                Kind::Table { pfn: c } => self.get_type(mem, c, level - 1, (pfn << 12) + 8 * i as u64),
+                Kind::Table { pfn: c } => {
+                    self.get_type(mem, c, level - 1, (pfn << 12) + 8 * i as u64)
+                }
                 _ => Ok(()),
             });
             if let Err(rule) = r {
@@ -326,7 +357,13 @@ impl ShadowMmu {
     /// `PT_UPDATE(ptr, val)`: validate `val`, take its reference, update the shadow (if the
     /// table has one) harvesting the replaced shadow entry, write the guest PTE, release the
     /// old reference.
-    fn pt_update<M: GuestMemory>(&mut self, mem: &M, ptr: u64, val: u64, preserve_ad: bool) -> R<()> {
+    fn pt_update<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        ptr: u64,
+        val: u64,
+        preserve_ad: bool,
+    ) -> R<()> {
         let tpfn = ptr >> 12;
         let i = ((ptr & 0xfff) >> 3) as usize;
         let level = rules::ptr_in_table(self.frames.level(tpfn))?;
@@ -348,7 +385,8 @@ impl ShadowMmu {
         let mut harvested = 0;
         if let Some(sidx) = sidx {
             self.pool.touch(sidx, self.epoch);
-            let built = table(mem, self.pool.pfn(sidx)).and_then(|_| self.make_shadow_entry(mem, level, tpfn, i, val, new_kind));
+            let built = table(mem, self.pool.pfn(sidx))
+                .and_then(|_| self.make_shadow_entry(mem, level, tpfn, i, val, new_kind));
             let new_s = match built {
                 Ok(s) => s,
                 Err(rule) => {
@@ -362,7 +400,9 @@ impl ShadowMmu {
             let slot = sidx * 512 + i as u32;
             let old_s = st.get(i);
             match old_kind {
-                Kind::Leaf4k { .. } if pte::present(old_s) && pte::is_upgrade(old_s & !AD, new_s) => {
+                Kind::Leaf4k { .. }
+                    if pte::present(old_s) && pte::is_upgrade(old_s & !AD, new_s) =>
+                {
                     // Rights added on the same frame: keep the recorded A/D (the TLB may
                     // hold them), no flush.
                     let was = st.swap(i, new_s);
@@ -373,7 +413,11 @@ impl ShadowMmu {
                     let was = st.swap(i, new_s);
                     harvested = was & AD;
                     let frame_kept = matches!(new_kind, Kind::Leaf4k { pfn: p } if p == pfn);
-                    let r = if frame_kept { FlushReason::LeafDowngraded } else { FlushReason::LeafRemoved };
+                    let r = if frame_kept {
+                        FlushReason::LeafDowngraded
+                    } else {
+                        FlushReason::LeafRemoved
+                    };
                     if pte::present(was) {
                         self.retire(was, r);
                     }
@@ -473,7 +517,12 @@ impl ShadowMmu {
     /// shadow and loaded roots from `old` to `new`; rewrite the guest parent entries. The
     /// shadow itself does not move, so no shadow parent entry changes and no flush is needed.
     fn relocate<M: GuestMemory>(&mut self, mem: &M, old: u64, new: u64) -> R<()> {
-        let level = rules::relocate_allowed(&self.layout, self.frames.level(old), new, self.frames.level(new))?;
+        let level = rules::relocate_allowed(
+            &self.layout,
+            self.frames.level(old),
+            new,
+            self.frames.level(new),
+        )?;
         let (ot, nt) = (table(mem, old)?, table(mem, new)?);
         let mut content = ot.snapshot();
         let sidx = self.frames.info(old).and_then(|f| f.shadow);
@@ -490,7 +539,10 @@ impl ShadowMmu {
                     if let Some(split) = self.pool.index_of(s & ADDR) {
                         *e |= self.split_ad(mem, split);
                         if let Some(m) = self.pool.meta_mut(split) {
-                            m.owner = Owner::Split { l2: new, idx: i as u16 };
+                            m.owner = Owner::Split {
+                                l2: new,
+                                idx: i as u16,
+                            };
                         }
                     }
                 }
@@ -507,7 +559,9 @@ impl ShadowMmu {
         self.downgrade_writers(mem, new);
         for (i, &e) in content.iter().enumerate() {
             nt.set(i, e);
-            if let (true, Ok(Kind::Table { pfn: c })) = (level > 1, rules::entry_flags_allowed(level, e)) {
+            if let (true, Ok(Kind::Table { pfn: c })) =
+                (level > 1, rules::entry_flags_allowed(level, e))
+            {
                 self.frames.remove_parent(c, (old << 12) + 8 * i as u64);
                 self.frames.add_parent(c, (new << 12) + 8 * i as u64);
             }

@@ -18,7 +18,9 @@ impl Hasher for FrameHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
     }
 }
 
@@ -75,7 +77,10 @@ impl Frames {
 
     /// Gives `pfn` (a RAM frame) the type `level`. Returns false if `pfn` is out of range.
     pub fn set_type(&mut self, pfn: u64, info: FrameInfo) -> bool {
-        match usize::try_from(pfn).ok().and_then(|i| self.level.get_mut(i)) {
+        match usize::try_from(pfn)
+            .ok()
+            .and_then(|i| self.level.get_mut(i))
+        {
             Some(l) => {
                 *l = info.level;
                 self.info.insert(pfn, info);
@@ -87,7 +92,10 @@ impl Frames {
 
     /// Removes the type of `pfn`, returning its details.
     pub fn clear_type(&mut self, pfn: u64) -> Option<FrameInfo> {
-        if let Some(l) = usize::try_from(pfn).ok().and_then(|i| self.level.get_mut(i)) {
+        if let Some(l) = usize::try_from(pfn)
+            .ok()
+            .and_then(|i| self.level.get_mut(i))
+        {
             *l = 0;
         }
         self.info.remove(&pfn)
@@ -128,8 +136,20 @@ mod tests {
     fn typing_and_refs() {
         let mut f = Frames::new(16);
         assert_eq!(f.level(3), None);
-        assert!(f.set_type(3, FrameInfo { level: 2, ..Default::default() }));
-        assert!(!f.set_type(99, FrameInfo { level: 2, ..Default::default() }));
+        assert!(f.set_type(
+            3,
+            FrameInfo {
+                level: 2,
+                ..Default::default()
+            }
+        ));
+        assert!(!f.set_type(
+            99,
+            FrameInfo {
+                level: 2,
+                ..Default::default()
+            }
+        ));
         assert_eq!(f.level(3), Some(2));
         f.add_parent(3, 0x1008);
         f.add_parent(3, 0x2008);

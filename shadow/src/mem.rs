@@ -16,12 +16,18 @@ pub(crate) struct Table<'a, B: BitmapSlice> {
 
 /// Opens the table at frame number `pfn`; `Rule::Unbacked` if the memory object does not
 /// back the whole frame with one slice.
-pub(crate) fn table<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_, BS<'_, M::Bitmap>>, Rule> {
+pub(crate) fn table<M: GuestMemory>(
+    mem: &M,
+    pfn: u64,
+) -> Result<Table<'_, BS<'_, M::Bitmap>>, Rule> {
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
     let mut it = mem
         .get_slices(GuestAddress(gpa), 4096, Permissions::ReadWrite)
         .map_err(|_| Rule::Unbacked)?;
-    let slice = it.next().ok_or(Rule::Unbacked)?.map_err(|_| Rule::Unbacked)?;
+    let slice = it
+        .next()
+        .ok_or(Rule::Unbacked)?
+        .map_err(|_| Rule::Unbacked)?;
     if slice.len() != 4096 {
         return Err(Rule::Unbacked);
     }
@@ -52,7 +58,8 @@ impl<B: BitmapSlice> Table<'_, B> {
 
     /// Atomically clears `bits` in entry `i`, returning the old value.
     pub fn clear_bits(&self, i: usize, bits: u64) -> u64 {
-        self.at(i).map_or(0, |a| a.fetch_and(!bits, Ordering::AcqRel))
+        self.at(i)
+            .map_or(0, |a| a.fetch_and(!bits, Ordering::AcqRel))
     }
 
     /// Atomically sets `bits` in entry `i`, returning the old value.

@@ -119,15 +119,30 @@ pub fn entry_flags_allowed(level: u8, e: u64) -> Result<Kind, Rule> {
         return Err(Rule::AddrAboveMaxPhys);
     }
     let (allowed, kind) = match level {
-        1 => (pte::L1_ALLOWED, Kind::Leaf4k { pfn: pte::pfn_of(e) }),
+        1 => (
+            pte::L1_ALLOWED,
+            Kind::Leaf4k {
+                pfn: pte::pfn_of(e),
+            },
+        ),
         2 if e & pte::PS != 0 => {
             if e & pte::MISALIGNED_2M != 0 {
                 return Err(Rule::Misaligned2m);
             }
-            (pte::L2_LEAF_ALLOWED, Kind::Leaf2m { pfn: (e & pte::ADDR_2M) >> 12 })
+            (
+                pte::L2_LEAF_ALLOWED,
+                Kind::Leaf2m {
+                    pfn: (e & pte::ADDR_2M) >> 12,
+                },
+            )
         }
         3 if e & pte::PS != 0 => return Err(Rule::Leaf1g),
-        2..=4 => (pte::NONLEAF_ALLOWED, Kind::Table { pfn: pte::pfn_of(e) }),
+        2..=4 => (
+            pte::NONLEAF_ALLOWED,
+            Kind::Table {
+                pfn: pte::pfn_of(e),
+            },
+        ),
         _ => return Err(Rule::ReservedBits),
     };
     if e & !allowed != 0 {
@@ -287,27 +302,63 @@ mod tests {
         let l = lay();
         assert_eq!(leaf_maps_guest_ram(&l, 5, 1), Ok(()));
         assert_eq!(leaf_maps_guest_ram(&l, 0x1000, 1), Err(Rule::LeafMapsPool));
-        assert_eq!(leaf_maps_guest_ram(&l, 0x9f, 1), Err(Rule::LeafMapsReserved));
+        assert_eq!(
+            leaf_maps_guest_ram(&l, 0x9f, 1),
+            Err(Rule::LeafMapsReserved)
+        );
         assert_eq!(leaf_maps_guest_ram(&l, 0x400, 1), Err(Rule::LeafOutsideRam));
         assert_eq!(leaf_maps_guest_ram(&l, 0x200, 512), Ok(()));
-        assert_eq!(leaf_maps_guest_ram(&l, 0x0, 512), Err(Rule::LeafMapsReserved));
-        assert_eq!(leaf_maps_guest_ram(&l, 0x400, 512), Err(Rule::LeafOutsideRam));
-        assert_eq!(leaf_maps_guest_ram(&l, u64::MAX >> 12, 512), Err(Rule::LeafOutsideRam));
+        assert_eq!(
+            leaf_maps_guest_ram(&l, 0x0, 512),
+            Err(Rule::LeafMapsReserved)
+        );
+        assert_eq!(
+            leaf_maps_guest_ram(&l, 0x400, 512),
+            Err(Rule::LeafOutsideRam)
+        );
+        assert_eq!(
+            leaf_maps_guest_ram(&l, u64::MAX >> 12, 512),
+            Err(Rule::LeafOutsideRam)
+        );
         assert_eq!(Rule::LeafMapsPool.error(), HcError::Eperm);
     }
 
     #[test]
     fn flag_whitelist() {
         assert_eq!(entry_flags_allowed(1, 0x1000 | 0x7fe), Ok(Kind::NotPresent));
-        assert_eq!(entry_flags_allowed(1, 0x1000 | P | RW | PAT_4K | G | NX | AVAIL | AD), Ok(Kind::Leaf4k { pfn: 1 }));
-        assert_eq!(entry_flags_allowed(1, 1 << 46 | P), Err(Rule::AddrAboveMaxPhys));
+        assert_eq!(
+            entry_flags_allowed(1, 0x1000 | P | RW | PAT_4K | G | NX | AVAIL | AD),
+            Ok(Kind::Leaf4k { pfn: 1 })
+        );
+        assert_eq!(
+            entry_flags_allowed(1, 1 << 46 | P),
+            Err(Rule::AddrAboveMaxPhys)
+        );
         assert_eq!(entry_flags_allowed(1, 1 << 59 | P), Err(Rule::ReservedBits));
-        assert_eq!(entry_flags_allowed(2, 0x20_0000 | P | PS | PAT_2M | G), Ok(Kind::Leaf2m { pfn: 0x200 }));
-        assert_eq!(entry_flags_allowed(2, 0x20_2000 | P | PS), Err(Rule::Misaligned2m));
-        assert_eq!(entry_flags_allowed(2, 0x2000 | P | G), Err(Rule::ReservedBits));
-        assert_eq!(entry_flags_allowed(2, 0x2000 | P | D | A), Ok(Kind::Table { pfn: 2 }));
-        assert_eq!(entry_flags_allowed(3, 0x4000_0000 | P | PS), Err(Rule::Leaf1g));
-        assert_eq!(entry_flags_allowed(4, 0x2000 | P | PS), Err(Rule::ReservedBits));
+        assert_eq!(
+            entry_flags_allowed(2, 0x20_0000 | P | PS | PAT_2M | G),
+            Ok(Kind::Leaf2m { pfn: 0x200 })
+        );
+        assert_eq!(
+            entry_flags_allowed(2, 0x20_2000 | P | PS),
+            Err(Rule::Misaligned2m)
+        );
+        assert_eq!(
+            entry_flags_allowed(2, 0x2000 | P | G),
+            Err(Rule::ReservedBits)
+        );
+        assert_eq!(
+            entry_flags_allowed(2, 0x2000 | P | D | A),
+            Ok(Kind::Table { pfn: 2 })
+        );
+        assert_eq!(
+            entry_flags_allowed(3, 0x4000_0000 | P | PS),
+            Err(Rule::Leaf1g)
+        );
+        assert_eq!(
+            entry_flags_allowed(4, 0x2000 | P | PS),
+            Err(Rule::ReservedBits)
+        );
         assert_eq!(entry_flags_allowed(5, P), Err(Rule::ReservedBits));
         assert_eq!(Rule::ReservedBits.error(), HcError::Einval);
     }
@@ -342,9 +393,18 @@ mod tests {
         assert_eq!(zero_allowed(&l, 1, Some(1)), Err(Rule::ZeroTyped));
         assert_eq!(bitmap_in_ram(&l, 0x3f_fff8, 16), Err(Rule::BitmapNotRam));
         assert_eq!(bitmap_not_in_table(true), Err(Rule::BitmapInTable));
-        assert_eq!(relocate_allowed(&l, None, 1, None), Err(Rule::RelocateUntyped));
-        assert_eq!(relocate_allowed(&l, Some(1), 0x1000, None), Err(Rule::TableNotRam));
-        assert_eq!(relocate_allowed(&l, Some(1), 1, Some(2)), Err(Rule::RelocateTargetTyped));
+        assert_eq!(
+            relocate_allowed(&l, None, 1, None),
+            Err(Rule::RelocateUntyped)
+        );
+        assert_eq!(
+            relocate_allowed(&l, Some(1), 0x1000, None),
+            Err(Rule::TableNotRam)
+        );
+        assert_eq!(
+            relocate_allowed(&l, Some(1), 1, Some(2)),
+            Err(Rule::RelocateTargetTyped)
+        );
         assert_eq!(vcpu_valid(2, 2), Err(Rule::BadVcpu));
     }
 }

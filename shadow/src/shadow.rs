@@ -17,7 +17,9 @@ impl ShadowMmu {
             Some(i) => i,
             None => {
                 self.reclaim(mem);
-                self.pool.alloc(owner, self.epoch).ok_or(Rule::PoolExhausted)?
+                self.pool
+                    .alloc(owner, self.epoch)
+                    .ok_or(Rule::PoolExhausted)?
             }
         };
         match table(mem, self.pool.pfn(idx)) {
@@ -128,7 +130,8 @@ impl ShadowMmu {
 
     /// OR of the A/D bits of the leaves of split table `split`.
     pub(crate) fn split_ad<M: GuestMemory>(&self, mem: &M, split: u32) -> u64 {
-        table(mem, self.pool.pfn(split)).map_or(0, |st| (0..512).fold(0, |acc, j| acc | (st.get(j) & AD)))
+        table(mem, self.pool.pfn(split))
+            .map_or(0, |st| (0..512).fold(0, |acc, j| acc | (st.get(j) & AD)))
     }
 
     /// Frees pool frame `sidx` (and the splits under a shadow L2): unlinks its leaves from
@@ -173,7 +176,10 @@ impl ShadowMmu {
             Owner::Table { level: 2, .. } => {
                 for i in 0..512 {
                     let s = st.get(i);
-                    let child = self.pool.index_of(s & ADDR).and_then(|c| self.pool.meta(c).map(|m| (c, m)));
+                    let child = self
+                        .pool
+                        .index_of(s & ADDR)
+                        .and_then(|c| self.pool.meta(c).map(|m| (c, m)));
                     if let (true, Some((c, m))) = (pte::present(s), child) {
                         if matches!(m.owner, Owner::Split { .. }) {
                             used |= self.free_shadow_table(mem, c).1;
@@ -210,7 +216,12 @@ impl ShadowMmu {
             .flatten()
             .filter_map(|r| self.frames.info(*r).and_then(|i| i.shadow))
             .collect();
-        stack.extend(self.pool.used_frames().filter(|(_, m)| m.epoch == self.epoch).map(|(i, _)| i));
+        stack.extend(
+            self.pool
+                .used_frames()
+                .filter(|(_, m)| m.epoch == self.epoch)
+                .map(|(i, _)| i),
+        );
         while let Some(s) = stack.pop() {
             match keep.get_mut(s as usize) {
                 Some(k) if !*k => *k = true,

@@ -55,7 +55,11 @@ impl Vm {
         self.mmu.apply(&self.mem, 0, &op)
     }
     fn upd(&mut self, ptr: u64, val: u64) -> Result<(), HcError> {
-        self.op(MmuOp::PtUpdate { ptr, val, preserve_ad: false })
+        self.op(MmuOp::PtUpdate {
+            ptr,
+            val,
+            preserve_ad: false,
+        })
     }
     fn check(&self) {
         self.mmu.check_invariants(&self.mem).unwrap();
@@ -72,7 +76,11 @@ impl Vm {
     }
     fn load(&mut self) {
         self.build();
-        self.op(MmuOp::Pin { level: 4, frame: L4 }).unwrap();
+        self.op(MmuOp::Pin {
+            level: 4,
+            frame: L4,
+        })
+        .unwrap();
         self.op(MmuOp::NewBaseptr { frame: L4 }).unwrap();
         let out = self.mmu.end_batch(0);
         assert!(out.new_cr3.is_some());
@@ -89,7 +97,11 @@ impl Vm {
 }
 
 fn upd(ptr: u64, val: u64) -> MmuOp {
-    MmuOp::PtUpdate { ptr, val, preserve_ad: false }
+    MmuOp::PtUpdate {
+        ptr,
+        val,
+        preserve_ad: false,
+    }
 }
 
 #[test]
@@ -136,13 +148,23 @@ fn pin_validation_refuses_bad_leaf_and_rolls_back() {
     let mut v = vm();
     v.build();
     v.w(L1 + 8 * 20, POOL | P | RW);
-    assert_eq!(v.op(MmuOp::Pin { level: 4, frame: L4 }), Err(HcError::Eperm));
+    assert_eq!(
+        v.op(MmuOp::Pin {
+            level: 4,
+            frame: L4
+        }),
+        Err(HcError::Eperm)
+    );
     for f in [L4, L3, L2, L1] {
         assert_eq!(v.mmu.frame_type(f), None);
     }
     assert_eq!(v.mmu.counters().pool_frames_used, 0);
     v.w(L1 + 8 * 20, 0);
-    v.op(MmuOp::Pin { level: 4, frame: L4 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: L4,
+    })
+    .unwrap();
     v.check();
 }
 
@@ -163,7 +185,11 @@ fn flag_whitelist_is_einval() {
         assert_eq!(v.mmu.counters().rejected(rule), before + 1, "{rule:?}");
     }
     // PAT (bit 7) in L1, PAT (bit 12) in a 2 MiB leaf, available bits and NX are legal.
-    v.upd(L1 + 8 * 5, 0x10_5000 | P | PAT_4K | G | NX | (1 << 9) | (1 << 52)).unwrap();
+    v.upd(
+        L1 + 8 * 5,
+        0x10_5000 | P | PAT_4K | G | NX | (1 << 9) | (1 << 52),
+    )
+    .unwrap();
     v.upd(L2 + 8 * 3, 0x20_0000 | P | PS | PAT_2M).unwrap();
     assert_eq!(v.leaf(VA1 + 0x5000).unwrap().value & PAT_4K, PAT_4K);
     assert_eq!(v.leaf(0x60_0000).unwrap().value & PAT_4K, PAT_4K);
@@ -210,13 +236,35 @@ fn pt_update_outside_table_is_einval() {
 fn pin_rules() {
     let mut v = vm();
     v.load();
-    assert_eq!(v.op(MmuOp::Pin { level: 4, frame: L4 }), Err(HcError::Eexist));
+    assert_eq!(
+        v.op(MmuOp::Pin {
+            level: 4,
+            frame: L4
+        }),
+        Err(HcError::Eexist)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::AlreadyPinned), 1);
-    assert_eq!(v.op(MmuOp::Pin { level: 2, frame: L1 }), Err(HcError::Eexist));
+    assert_eq!(
+        v.op(MmuOp::Pin {
+            level: 2,
+            frame: L1
+        }),
+        Err(HcError::Eexist)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::TypeConflict), 1);
-    assert_eq!(v.op(MmuOp::Pin { level: 1, frame: POOL }), Err(HcError::Eperm));
+    assert_eq!(
+        v.op(MmuOp::Pin {
+            level: 1,
+            frame: POOL
+        }),
+        Err(HcError::Eperm)
+    );
     // Pinning a referenced table at its level is fine.
-    v.op(MmuOp::Pin { level: 1, frame: L1 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: L1,
+    })
+    .unwrap();
     v.check();
 }
 
@@ -228,14 +276,22 @@ fn unpin_rules_and_dead_root_harvest() {
     assert_eq!(v.mmu.counters().rejected(Rule::NotPinned), 1);
     assert_eq!(v.op(MmuOp::Unpin { frame: L4 }), Err(HcError::Ebusy));
     assert_eq!(v.mmu.counters().rejected(Rule::RootLoaded), 1);
-    v.op(MmuOp::Pin { level: 1, frame: L1 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: L1,
+    })
+    .unwrap();
     assert_eq!(v.op(MmuOp::Unpin { frame: L1 }), Err(HcError::Ebusy));
     assert_eq!(v.mmu.counters().rejected(Rule::StillReferenced), 1);
     // Load a second root elsewhere, then unpin the dead one: A/D reach the guest PTEs.
     v.cpu_sets(VA1, A | D);
     v.cpu_sets(VA2M + 0x3000, A);
     v.w(0x20_000, L3 | T);
-    v.op(MmuOp::Pin { level: 4, frame: 0x20_000 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: 0x20_000,
+    })
+    .unwrap();
     v.op(MmuOp::NewBaseptr { frame: 0x20_000 }).unwrap();
     // Drop the shared L3's reference from the old root, then unpin it.
     v.op(upd(L4, 0)).unwrap();
@@ -260,9 +316,15 @@ fn new_baseptr_needs_pinned_l4() {
     let mut v = vm();
     v.load();
     assert_eq!(v.op(MmuOp::NewBaseptr { frame: L3 }), Err(HcError::Enoent));
-    assert_eq!(v.op(MmuOp::NewBaseptr { frame: 0x50_000 }), Err(HcError::Enoent));
+    assert_eq!(
+        v.op(MmuOp::NewBaseptr { frame: 0x50_000 }),
+        Err(HcError::Enoent)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::NotPinnedL4), 2);
-    assert_eq!(v.mmu.apply(&v.mem, 5, &MmuOp::FlushTlb), Err(HcError::Einval));
+    assert_eq!(
+        v.mmu.apply(&v.mem, 5, &MmuOp::FlushTlb),
+        Err(HcError::Einval)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::BadVcpu), 1);
 }
 
@@ -275,8 +337,14 @@ fn zero_frame_rules() {
     assert_eq!(v.r(0x50_008), 0);
     assert_eq!(v.op(MmuOp::ZeroFrame { frame: L1 }), Err(HcError::Ebusy));
     assert_eq!(v.op(MmuOp::ZeroFrame { frame: POOL }), Err(HcError::Eperm));
-    assert_eq!(v.op(MmuOp::ZeroFrame { frame: 0x40_0000 }), Err(HcError::Eperm));
-    assert_eq!(v.op(MmuOp::ZeroFrame { frame: 0x9_f000 }), Err(HcError::Eperm));
+    assert_eq!(
+        v.op(MmuOp::ZeroFrame { frame: 0x40_0000 }),
+        Err(HcError::Eperm)
+    );
+    assert_eq!(
+        v.op(MmuOp::ZeroFrame { frame: 0x9_f000 }),
+        Err(HcError::Eperm)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::ZeroTyped), 1);
     assert_eq!(v.mmu.counters().rejected(Rule::ZeroNotRam), 3);
     assert_eq!(v.mmu.counters().zeroed_frames, 1);
@@ -290,12 +358,20 @@ fn typing_downgrades_writable_mappings_and_untyping_restores() {
     v.cpu_sets(VA1 + 0x2000, A);
     v.mmu.end_batch(0);
     v.w(0x10_2000, 0);
-    v.op(MmuOp::Pin { level: 1, frame: 0x10_2000 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: 0x10_2000,
+    })
+    .unwrap();
     let l = v.leaf(VA1 + 0x2000).unwrap();
     assert_eq!(l.value & RW, 0);
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::TypeDowngrade));
     // Frame 0x20_7000 is mapped only by the split 2 MiB leaf (never accessed).
-    v.op(MmuOp::Pin { level: 1, frame: 0x20_7000 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: 0x20_7000,
+    })
+    .unwrap();
     assert!(!v.leaf(VA2M + 0x7000).unwrap().writable);
     assert!(v.mmu.counters().avoided(AvoidReason::NeverAccessed) >= 1);
     v.check();
@@ -314,28 +390,70 @@ fn ad_sync_clear_and_flushes() {
     v.load();
     v.cpu_sets(VA1, A | D);
     v.cpu_sets(VA1 + 0x1000, A);
-    v.op(MmuOp::SyncAd { va: VA1, pages: 4, clear_a: false, clear_d: false }).unwrap();
+    v.op(MmuOp::SyncAd {
+        va: VA1,
+        pages: 4,
+        clear_a: false,
+        clear_d: false,
+    })
+    .unwrap();
     assert_eq!(v.r(L1) & AD, AD);
     assert_eq!(v.r(L1 + 8) & AD, A);
     assert_eq!(v.r(L1 + 16) & AD, 0);
     assert_eq!(v.mmu.end_batch(0).flush, None);
     assert_eq!(v.mmu.counters().d_bits_propagated, 1);
     assert_eq!(v.mmu.counters().a_bits_propagated, 2);
-    v.op(MmuOp::SyncAd { va: VA1, pages: 2, clear_a: false, clear_d: true }).unwrap();
+    v.op(MmuOp::SyncAd {
+        va: VA1,
+        pages: 2,
+        clear_a: false,
+        clear_d: true,
+    })
+    .unwrap();
     assert_eq!(v.r(L1) & AD, A);
     assert_eq!(v.leaf(VA1).unwrap().value & D, 0);
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::AdCleared));
     assert_eq!(v.mmu.counters().flushed(FlushReason::AdCleared), 1);
     // 2 MiB leaf: OR over its split leaves.
     v.cpu_sets(VA2M + 0x10_0000, A | D);
-    v.op(MmuOp::SyncAd { va: VA2M, pages: 1, clear_a: false, clear_d: false }).unwrap();
+    v.op(MmuOp::SyncAd {
+        va: VA2M,
+        pages: 1,
+        clear_a: false,
+        clear_d: false,
+    })
+    .unwrap();
     assert_eq!(v.r(L2 + 16) & AD, AD);
-    v.op(MmuOp::SyncAd { va: VA2M, pages: 1, clear_a: true, clear_d: true }).unwrap();
+    v.op(MmuOp::SyncAd {
+        va: VA2M,
+        pages: 1,
+        clear_a: true,
+        clear_d: true,
+    })
+    .unwrap();
     assert_eq!(v.r(L2 + 16) & AD, 0);
     assert_eq!(v.leaf(VA2M + 0x10_0000).unwrap().value & AD, 0);
     // Unmapped ranges are skipped.
-    v.op(MmuOp::SyncAd { va: 0x7f00_0000_0000, pages: 1 << 18, clear_a: true, clear_d: true }).unwrap();
-    assert_eq!(v.mmu.apply(&v.mem, 1, &MmuOp::SyncAd { va: 0, pages: 1, clear_a: false, clear_d: false }), Err(HcError::Enoent));
+    v.op(MmuOp::SyncAd {
+        va: 0x7f00_0000_0000,
+        pages: 1 << 18,
+        clear_a: true,
+        clear_d: true,
+    })
+    .unwrap();
+    assert_eq!(
+        v.mmu.apply(
+            &v.mem,
+            1,
+            &MmuOp::SyncAd {
+                va: 0,
+                pages: 1,
+                clear_a: false,
+                clear_d: false
+            }
+        ),
+        Err(HcError::Enoent)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::NoRoot), 1);
     v.check();
 }
@@ -346,7 +464,12 @@ fn pt_update_harvests_and_preserves_ad() {
     v.load();
     // preserve_ad: remap keeps old A/D (guest and shadow).
     v.cpu_sets(VA1, A | D);
-    v.op(MmuOp::PtUpdate { ptr: L1, val: 0x10_8000 | P | RW, preserve_ad: true }).unwrap();
+    v.op(MmuOp::PtUpdate {
+        ptr: L1,
+        val: 0x10_8000 | P | RW,
+        preserve_ad: true,
+    })
+    .unwrap();
     assert_eq!(v.r(L1), 0x10_8000 | P | RW | A | D);
     assert_eq!(v.leaf(VA1).unwrap().value & AD, 0);
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::LeafRemoved));
@@ -406,14 +529,40 @@ fn query_ad_writes_bitmaps() {
     v.cpu_sets(VA1 + 0x1000, A | D);
     v.w(L1 + 16, v.r(L1 + 16) | A); // guest already saw A on page 2 (allowed before pin? write raw)
     let bm = 0x60_000;
-    v.op(MmuOp::QueryAd { va: VA1, pages: 70, bitmap_gpa: bm }).unwrap();
+    v.op(MmuOp::QueryAd {
+        va: VA1,
+        pages: 70,
+        bitmap_gpa: bm,
+    })
+    .unwrap();
     assert_eq!(hypercall::ad_bitmap_bytes(70), 16);
     assert_eq!(v.r(bm), 0b110);
     assert_eq!(v.r(bm + 16), 0b010);
     assert_eq!(v.r(L1 + 8) & AD, 0, "query does not touch guest PTEs");
-    assert_eq!(v.op(MmuOp::QueryAd { va: VA1, pages: 1, bitmap_gpa: 0x3f_fff8 }), Err(HcError::Efault));
-    assert_eq!(v.op(MmuOp::QueryAd { va: VA1, pages: 1, bitmap_gpa: POOL }), Err(HcError::Efault));
-    assert_eq!(v.op(MmuOp::QueryAd { va: VA1, pages: 1, bitmap_gpa: L1 + 8 }), Err(HcError::Eperm));
+    assert_eq!(
+        v.op(MmuOp::QueryAd {
+            va: VA1,
+            pages: 1,
+            bitmap_gpa: 0x3f_fff8
+        }),
+        Err(HcError::Efault)
+    );
+    assert_eq!(
+        v.op(MmuOp::QueryAd {
+            va: VA1,
+            pages: 1,
+            bitmap_gpa: POOL
+        }),
+        Err(HcError::Efault)
+    );
+    assert_eq!(
+        v.op(MmuOp::QueryAd {
+            va: VA1,
+            pages: 1,
+            bitmap_gpa: L1 + 8
+        }),
+        Err(HcError::Eperm)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::BitmapNotRam), 2);
     assert_eq!(v.mmu.counters().rejected(Rule::BitmapInTable), 1);
     assert_eq!(v.mmu.counters().queries, 1);
@@ -425,12 +574,28 @@ fn relocate_moves_everything() {
     v.load();
     v.cpu_sets(VA1, A | D);
     let before = v.leaf(VA1 + 0x1000).unwrap();
-    assert_eq!(v.op(MmuOp::RelocateTable { old: 0x50_000, new: 0x51_000 }), Err(HcError::Enoent));
-    assert_eq!(v.op(MmuOp::RelocateTable { old: L1, new: L2 }), Err(HcError::Eexist));
-    assert_eq!(v.op(MmuOp::RelocateTable { old: L1, new: POOL }), Err(HcError::Eperm));
+    assert_eq!(
+        v.op(MmuOp::RelocateTable {
+            old: 0x50_000,
+            new: 0x51_000
+        }),
+        Err(HcError::Enoent)
+    );
+    assert_eq!(
+        v.op(MmuOp::RelocateTable { old: L1, new: L2 }),
+        Err(HcError::Eexist)
+    );
+    assert_eq!(
+        v.op(MmuOp::RelocateTable { old: L1, new: POOL }),
+        Err(HcError::Eperm)
+    );
     // The new frame is mapped writable by L1[5]: it gets downgraded.
     v.upd(L1 + 40, 0x50_000 | P | RW).unwrap();
-    v.op(MmuOp::RelocateTable { old: L1, new: 0x50_000 }).unwrap();
+    v.op(MmuOp::RelocateTable {
+        old: L1,
+        new: 0x50_000,
+    })
+    .unwrap();
     assert_eq!(v.mmu.frame_type(L1), None);
     assert_eq!(v.mmu.frame_type(0x50_000), Some(1));
     assert_eq!(v.r(L2 + 8) & ADDR, 0x50_000);
@@ -439,7 +604,11 @@ fn relocate_moves_everything() {
     assert!(!v.leaf(VA1 + 0x5000).unwrap().writable);
     v.check();
     // Relocate the loaded root.
-    v.op(MmuOp::RelocateTable { old: L4, new: 0x52_000 }).unwrap();
+    v.op(MmuOp::RelocateTable {
+        old: L4,
+        new: 0x52_000,
+    })
+    .unwrap();
     assert_eq!(v.mmu.loaded_root(0).unwrap().guest_l4, 0x52_000);
     assert_eq!(v.op(MmuOp::Unpin { frame: 0x52_000 }), Err(HcError::Ebusy));
     v.check();
@@ -455,11 +624,19 @@ fn pool_exhaustion_reclaims_then_enomem() {
     v.load();
     // Second address space sharing L3: only its L4 needs a new shadow.
     v.w(0x20_000, L3 | T);
-    v.op(MmuOp::Pin { level: 4, frame: 0x20_000 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: 0x20_000,
+    })
+    .unwrap();
     // A third, unshared one needs 2 more (L4 + L3 with nothing below): reclaim drops the
     // unloaded second root's shadow.
     v.w(0x21_000, 0x22_000 | T);
-    v.op(MmuOp::Pin { level: 4, frame: 0x21_000 }).unwrap();
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: 0x21_000,
+    })
+    .unwrap();
     assert!(v.mmu.counters().reclaims >= 1);
     v.check();
     // Rebuilt on demand.
@@ -468,7 +645,13 @@ fn pool_exhaustion_reclaims_then_enomem() {
     // Now nothing is reclaimable beyond what the loaded root needs: ENOMEM, no panic.
     let mut v = vm_with_pool(3);
     v.build();
-    assert_eq!(v.op(MmuOp::Pin { level: 4, frame: L4 }), Err(HcError::Enomem));
+    assert_eq!(
+        v.op(MmuOp::Pin {
+            level: 4,
+            frame: L4
+        }),
+        Err(HcError::Enomem)
+    );
     assert_eq!(v.mmu.frame_type(L4), None);
     assert_eq!(v.mmu.counters().rejected(Rule::PoolExhausted), 1);
     v.check();
@@ -489,7 +672,12 @@ fn counters_by_kind() {
 
 #[test]
 fn bad_layouts_refused() {
-    let l = Layout { ram: vec![0..0x1000], reserved: vec![], pool_base: 0x10_0000, pool_frames: 1 };
+    let l = Layout {
+        ram: vec![0..0x1000],
+        reserved: vec![],
+        pool_base: 0x10_0000,
+        pool_frames: 1,
+    };
     assert!(ShadowMmu::new(l.clone(), 0).is_err());
     assert!(ShadowMmu::new(Layout { pool_base: 0, ..l }, 1).is_err());
 }
