@@ -39,7 +39,7 @@ test: build lint
 
 bench: build
 	$(CARGO) bench -p shadow -- --warm-up-time 1 --measurement-time 3
-	$(PVMM) bench-exits --iterations 2000
+	$(PVMM) bench-exits --iterations 20000 --repeat 5
 
 clean:
 	$(CARGO) clean

@@ -17,6 +17,15 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Measure the raw exit floor (bare port writes) against NULL hypercalls, in one run.
+    BenchExits {
+        /// Iterations of each loop.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        iterations: u32,
+        /// Repetitions (median and spread are reported).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+    },
 }
 
 /// Where the guest's serial console goes.
@@ -213,7 +222,9 @@ mod tests {
             "-vv",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("run")
+        };
         assert_eq!(a.mem, 128 << 20);
         assert_eq!(a.vcpus, 2);
         assert_eq!(a.serial, SerialMode::None);
@@ -224,7 +235,9 @@ mod tests {
         assert!(Cli::try_parse_from(["pvmm", "run", "--kernel", "k", "--vcpus", "0"]).is_err());
         assert!(Cli::try_parse_from(["pvmm", "run"]).is_err());
         let d = Cli::try_parse_from(["pvmm", "run", "--kernel", "k"]).unwrap();
-        let Command::Run(d) = d.command;
+        let Command::Run(d) = d.command else {
+            panic!("run")
+        };
         assert_eq!(d.mem, 256 << 20);
         assert_eq!(d.stats, StatsMode::Table);
     }

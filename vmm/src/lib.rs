@@ -6,6 +6,7 @@
 //! [`stats`] (exit statistics and KVM counters).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod console;

@@ -30,7 +30,22 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::SETUP as u8);
         }
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(a) => a,
+        Command::BenchExits { iterations, repeat } => {
+            init_logging(0);
+            return match vmm::bench::run(iterations, repeat) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pvmm: {e}");
+                    ExitCode::from(exit_code::SETUP as u8)
+                }
+            };
+        }
+    };
     init_logging(args.verbose);
     match run(&args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

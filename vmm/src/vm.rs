@@ -129,6 +129,18 @@ pub fn open_kvm() -> Result<Kvm, SetupError> {
 
 /// Creates, boots and runs a VM until it ends.
 pub fn run(args: &RunArgs, mmu: &MmuFactory) -> Result<RunOutcome, SetupError> {
+    run_with_devices(args, mmu, Vec::new())
+}
+
+/// Extra port devices (base, length, device), e.g. a benchmark's phase marker.
+pub type ExtraDevices = Vec<(u64, u64, crate::devices::bus::SharedDevice)>;
+
+/// As [`run`], with extra port devices on the bus.
+pub fn run_with_devices(
+    args: &RunArgs,
+    mmu: &MmuFactory,
+    extra: ExtraDevices,
+) -> Result<RunOutcome, SetupError> {
     let started = Instant::now();
     kick::install().map_err(SetupError::Kvm)?;
     let kvm = open_kvm()?;
@@ -217,6 +229,9 @@ pub fn run(args: &RunArgs, mmu: &MmuFactory) -> Result<RunOutcome, SetupError> {
         Arc::new(Mutex::new(Doorbell::new(dispatcher.last_status()))),
     )
     .map_err(ins)?;
+    for (base, len, dev) in extra {
+        pio.insert(base, len, dev).map_err(ins)?;
+    }
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::new());
 
