@@ -467,6 +467,73 @@ mod tests {
         }
     }
 
+    fn keys(v: &serde_json::Value) -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// Guards schema version 1 (docs/stats-json.md): removing or renaming any of these keys
+    /// is a breaking change and needs a new SCHEMA_VERSION.
+    #[test]
+    fn schema_v1_keys_are_stable() {
+        let mut s = VcpuStats::default();
+        s.exit("io", 10);
+        s.pio(0x3f8, Dir::Out, "serial", 10);
+        s.mmio("dev", Dir::In, 3);
+        s.hypercall("MMU_BATCH", 5, Some("EINVAL"), Some(4));
+        s.kvm_end.insert("exits".into(), 3);
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&build(info(), &[s], None))).unwrap();
+        assert_eq!(SCHEMA_VERSION, 1);
+        assert_eq!(keys(&v), ["merged", "mmu", "schema_version", "vcpus", "vm"]);
+        assert_eq!(
+            keys(&v["vm"]),
+            [
+                "end_reason",
+                "exit_code",
+                "hypercall_transport",
+                "mem_bytes",
+                "transport_choice",
+                "transport_probe_ns",
+                "vcpus",
+                "wall_ns"
+            ]
+        );
+        let m = &v["merged"];
+        assert_eq!(
+            keys(m),
+            [
+                "exits",
+                "exits_total",
+                "hypercalls",
+                "kvm",
+                "kvm_run_ns",
+                "mmio",
+                "pio",
+                "vcpu",
+                "vmm_ns"
+            ]
+        );
+        let dist = [
+            "count", "max_ns", "mean_ns", "min_ns", "p50_ns", "p99_ns", "total_ns",
+        ];
+        let with = |extra: &[&str]| {
+            let mut k: Vec<String> = dist.iter().chain(extra).map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&m["exits"][0]), with(&["name"]));
+        assert_eq!(keys(&m["pio"][0]), with(&["device", "dir", "port"]));
+        assert_eq!(keys(&m["mmio"][0]), with(&["device", "dir"]));
+        assert_eq!(
+            keys(&m["hypercalls"][0]),
+            with(&["entries_per_call", "errors", "op"])
+        );
+        assert_eq!(keys(&m["hypercalls"][0]["entries_per_call"]), with(&[]));
+        assert_eq!(keys(&m["kvm"]["exits"]), ["delta", "end", "start"]);
+    }
+
     #[test]
     fn json_has_documented_fields_and_sorted_rows() {
         let mut s = VcpuStats::default();
