@@ -208,3 +208,58 @@ fn timeout_ends_a_runaway_guest() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
 }
+
+#[test]
+fn stats_interval_writes_delta_lines_then_the_report() {
+    if !kvm_available("stats_interval_writes_delta_lines_then_the_report") {
+        return;
+    }
+    // `out 0x80, al; jmp .-2`: a steady stream of POST-port exits.
+    let k = temp("post-loop.elf");
+    std::fs::write(&k, tiny_elf(0x10_0000, &[0xe6, 0x80, 0xeb, 0xfc])).unwrap();
+    let f = temp("interval.jsonl");
+    let out = run(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--stats",
+        "json",
+        "--stats-file",
+        f.to_str().unwrap(),
+        "--stats-interval",
+        "0.1",
+        "--timeout",
+        "0.55",
+        "--hypercall",
+        "pio",
+    ]);
+    assert_eq!(out.status.code(), Some(104));
+    let text = std::fs::read_to_string(&f).unwrap();
+    let _ = std::fs::remove_file(&f);
+    let _ = std::fs::remove_file(&k);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(lines.len() >= 4, "{} lines", lines.len());
+    let (ticks, last) = lines.split_at(lines.len() - 1);
+    assert_eq!(
+        last[0]["schema_version"], 1,
+        "final report is the last line"
+    );
+    let total: u64 = ticks
+        .iter()
+        .map(|l| l["exits_total"].as_u64().unwrap())
+        .sum();
+    let final_total = last[0]["merged"]["exits_total"].as_u64().unwrap();
+    assert!(
+        total <= final_total && total > 0,
+        "deltas {total} vs final {final_total}"
+    );
+    for l in ticks {
+        assert!(l["interval_ns"].as_u64().unwrap() >= 50_000_000, "{l}");
+        assert!(
+            l["exits"]["io"]["count"].as_u64().unwrap() > 0,
+            "every interval saw POST writes: {l}"
+        );
+    }
+}

@@ -141,6 +141,7 @@ pub fn run_once(n: u32) -> Result<ExitBench, SetupError> {
         stats: StatsMode::None,
         stats_file: None,
         timeout: Some(600.0),
+        stats_interval: None,
         hypercall: HypercallMode::Pio,
         shadow_pool: 1 << 20,
         verbose: 0,

@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// Write the statistics report to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+    /// Also write one JSON line of deltas every SECS seconds to --stats-file (or stderr).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub stats_interval: Option<f64>,
     /// End the VM after this many seconds (exit code 104).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<f64>,

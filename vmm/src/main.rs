@@ -84,6 +84,17 @@ fn run(args: &vmm::cli::RunArgs) -> anyhow::Result<i32> {
     };
     if let Some(t) = text {
         match &args.stats_file {
+            // With --stats-interval the file is JSON Lines: the final report is the last line.
+            Some(p) if args.stats_interval.is_some() => {
+                let line = serde_json::to_string(&out.report).unwrap_or_default();
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)
+                    .with_context(|| format!("opening stats file '{}'", p.display()))?;
+                writeln!(f, "{line}")
+                    .with_context(|| format!("writing stats file '{}'", p.display()))?;
+            }
             Some(p) => std::fs::write(p, t)
                 .with_context(|| format!("writing stats file '{}'", p.display()))?,
             None => {

@@ -55,6 +55,13 @@ pub struct Vcpu {
     pub kvm_stats: Option<KvmStats>,
     /// Dump registers when the loop ends even on success.
     pub dump_regs: bool,
+    /// Periodic snapshots: (requested epoch, channel to the main thread).
+    pub snapshots: Option<(
+        Arc<std::sync::atomic::AtomicU64>,
+        std::sync::mpsc::Sender<(usize, VcpuStats)>,
+    )>,
+    /// Last snapshot epoch answered.
+    pub seen_epoch: u64,
 }
 
 /// What the loop returns.
@@ -193,6 +200,7 @@ impl Vcpu {
             if self.stop.load(Ordering::Acquire) {
                 return VcpuEnd::Stopped;
             }
+            self.answer_snapshot();
             let t0 = Instant::now();
             let res = self.fd.run();
             let t1 = Instant::now();
@@ -319,6 +327,22 @@ impl Vcpu {
                 return e;
             }
         }
+    }
+
+    fn answer_snapshot(&mut self) {
+        let Some((epoch, tx)) = &self.snapshots else {
+            return;
+        };
+        let e = epoch.load(Ordering::Acquire);
+        if e == self.seen_epoch {
+            return;
+        }
+        self.seen_epoch = e;
+        let mut s = self.stats.clone();
+        if let Some(Ok(v)) = self.kvm_stats.as_ref().map(|k| k.read()) {
+            s.kvm_end = v.into_iter().map(|(n, _, x)| (n, x)).collect();
+        }
+        let _ = tx.send((self.index, s));
     }
 
     /// One-line-per-group register dump.

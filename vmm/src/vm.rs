@@ -12,6 +12,7 @@ use crate::hcall::doorbell::{Doorbell, DOORBELL_LEN};
 use crate::hcall::ops::OpHandler;
 use crate::hcall::{probe, Dispatcher};
 use crate::layout::Layout;
+use crate::stats::interval::IntervalWriter;
 use crate::stats::kvm_stats::KvmStats;
 use crate::stats::report::{self, Report, VmInfo};
 use crate::stats::VcpuStats;
@@ -241,6 +242,8 @@ pub fn run_with_devices(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| SetupError::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let (snap_tx, snap_rx) = mpsc::channel::<(usize, VcpuStats)>();
+    let snap_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut built = Vec::with_capacity(vcpus);
     for i in 0..vcpus {
         let fd = vm
@@ -271,6 +274,10 @@ pub fn run_with_devices(
             stats,
             kvm_stats,
             dump_regs: args.verbose > 0,
+            snapshots: args
+                .stats_interval
+                .map(|_| (snap_epoch.clone(), snap_tx.clone())),
+            seen_epoch: 0,
         });
     }
 
@@ -286,6 +293,10 @@ pub fn run_with_devices(
     };
 
     let (tx, rx) = mpsc::channel::<(usize, VcpuResult)>();
+    let mut interval_out = match args.stats_interval {
+        None => None,
+        Some(_) => Some(IntervalWriter::new(interval_sink(args)?)),
+    };
     let mut threads = Vec::new();
     for v in built {
         let tx = tx.clone();
@@ -304,29 +315,64 @@ pub fn run_with_devices(
     let deadline = args
         .timeout
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let interval = args.stats_interval.map(Duration::from_secs_f64);
+    let mut next_tick = interval.map(|i| Instant::now() + i);
+    let mut last_snap: Vec<VcpuStats> = vec![VcpuStats::default(); vcpus];
     let mut results: Vec<Option<VcpuResult>> = (0..vcpus).map(|_| None).collect();
     let mut first_end: Option<VcpuEnd> = None;
     let mut timed_out = false;
     let mut received = 0;
     while received < vcpus {
-        let msg = match (deadline, first_end.is_some() || timed_out) {
-            (Some(d), false) => {
-                match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                    Ok(m) => Some(m),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        timed_out = true;
-                        None
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            (_, true) => match rx.recv_timeout(Duration::from_millis(10)) {
+        let ending = first_end.is_some() || timed_out;
+        let wake = if ending {
+            Some(Instant::now() + Duration::from_millis(10))
+        } else {
+            [deadline, next_tick].into_iter().flatten().min()
+        };
+        let msg = match wake {
+            Some(w) => match rx.recv_timeout(w.saturating_duration_since(Instant::now())) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             },
-            (None, false) => rx.recv().ok(),
+            None => match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            },
         };
+        let now = Instant::now();
+        if msg.is_none() && !ending {
+            if deadline.is_some_and(|d| now >= d) {
+                timed_out = true;
+            } else if let (Some(t), Some(i), Some(w)) = (next_tick, interval, interval_out.as_mut())
+            {
+                if now >= t {
+                    // Ask every running vCPU for a snapshot, kick them out of KVM_RUN, collect.
+                    snap_epoch.fetch_add(1, Ordering::AcqRel);
+                    for t in &threads {
+                        kick::kick(t);
+                    }
+                    for _ in received..vcpus {
+                        match snap_rx.recv_timeout(Duration::from_millis(200)) {
+                            Ok((idx, s)) => {
+                                if let Some(slot) = last_snap.get_mut(idx) {
+                                    *slot = s;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = w.write(
+                        started.elapsed().as_nanos() as u64,
+                        &last_snap,
+                        dispatcher.mmu_report(),
+                    ) {
+                        log::warn!("writing interval statistics: {e}");
+                    }
+                    next_tick = Some(t + i);
+                }
+            }
+        }
         if let Some((i, r)) = msg {
             if first_end.is_none() && r.end != VcpuEnd::Stopped && !timed_out {
                 first_end = Some(r.end.clone());
@@ -396,6 +442,19 @@ pub fn run_with_devices(
 }
 
 use console::RawModeGuard;
+
+/// Where interval lines go: the stats file (created anew) or stderr.
+fn interval_sink(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>, SetupError> {
+    Ok(match &args.stats_file {
+        Some(p) => Box::new(
+            std::fs::File::create(p).map_err(|source| SetupError::OutputFile {
+                path: p.clone(),
+                source,
+            })?,
+        ),
+        None => Box::new(std::io::stderr()),
+    })
+}
 
 /// Maps how the first vCPU ended to (exit code, reason name, one-line message).
 pub fn describe(e: &VcpuEnd) -> (i32, &'static str, Option<String>) {

@@ -3,6 +3,7 @@
 //! Each vCPU thread owns a [`VcpuStats`] (no locks on the exit path); at the end they are
 //! merged and rendered by [`report`].
 
+pub mod interval;
 pub mod kvm_stats;
 pub mod latency;
 pub mod report;
