@@ -53,7 +53,8 @@ pub mod kind {
     pub const SYNC_AD: u16 = 11;
     /// Write accessed and dirty bitmaps of `a1` pages from VA `a0` to guest-physical `a2`.
     pub const QUERY_AD: u16 = 12;
-    /// The guest copied the table at frame `a0` to frame `a1`; move its shadow and type.
+    /// Move the page table at frame `a0` to the untyped frame `a1`: the VMM copies it (with
+    /// its A/D bits), moves its shadow, type, pins and references, and repoints parents.
     pub const RELOCATE_TABLE: u16 = 13;
     /// Zero the untyped RAM frame at `a0`.
     pub const ZERO_FRAME: u16 = 14;

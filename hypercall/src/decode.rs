@@ -167,6 +167,9 @@ pub fn decode_request(b: &[u8]) -> Result<Request, HcError> {
         return Err(HcError::Einval);
     }
     let op = u32_at(b, 0)?;
+    if !matches!(op, op::VERSION | op::EXIT | op::NULL | op::MMU_BATCH) {
+        return Err(HcError::Enosys);
+    }
     if u32_at(b, 4)? != 0 {
         return Err(HcError::Einval);
     }
@@ -220,6 +223,9 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
     let flags = u16_at(b, 2)?;
     let reserved = u32_at(b, 4)?;
     let (a0, a1, a2) = (u64_at(b, 8)?, u64_at(b, 16)?, u64_at(b, 24)?);
+    if !(kind::PT_UPDATE..=kind::ZERO_FRAME).contains(&k) {
+        return Err(HcError::Enosys);
+    }
     if reserved != 0 {
         return Err(HcError::Einval);
     }
@@ -368,6 +374,13 @@ mod tests {
     fn refuses_bad_requests() {
         assert_eq!(decode_request(&req(0, [0; 4])), Err(HcError::Enosys));
         assert_eq!(decode_request(&req(99, [0; 4])), Err(HcError::Enosys));
+        let mut unknown_flagged = req(99, [1; 4]);
+        unknown_flagged[4] = 1;
+        assert_eq!(
+            decode_request(&unknown_flagged),
+            Err(HcError::Enosys),
+            "ENOSYS wins over EINVAL"
+        );
         assert_eq!(
             decode_request(&req(op::NULL, [1, 0, 0, 0])),
             Err(HcError::Einval)
@@ -486,6 +499,15 @@ mod tests {
             (
                 MmuEntry {
                     kind: 200,
+                    ..Default::default()
+                },
+                HcError::Enosys,
+            ),
+            (
+                MmuEntry {
+                    kind: 15,
+                    flags: 1,
+                    reserved: 1,
                     ..Default::default()
                 },
                 HcError::Enosys,

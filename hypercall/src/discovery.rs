@@ -22,7 +22,7 @@ pub mod features {
     pub const AD_SYNC: u32 = 1 << 1;
     /// `RELOCATE_TABLE` entries are implemented.
     pub const RELOCATE: u32 = 1 << 2;
-    /// `ZERO_FRAMES` op is implemented.
+    /// The `ZERO_FRAME` MMU entry kind is implemented.
     pub const ZERO_FRAMES: u32 = 1 << 3;
 }
 

@@ -128,6 +128,12 @@ impl OpHandler for MmuBatch {
         }
     }
 
+    fn owns_frame(&self, gpa: u64) -> bool {
+        self.engine
+            .lock()
+            .map_or(true, |e| e.frame_type(gpa).is_some())
+    }
+
     fn report(&self) -> Option<Value> {
         let e = self.engine.lock().ok()?;
         let c = e.counters();
@@ -275,6 +281,24 @@ mod tests {
         assert!(
             rep["rejects"].as_object().unwrap().values().any(|v| v == 1),
             "{rep}"
+        );
+    }
+
+    #[test]
+    fn request_block_in_a_page_table_is_refused() {
+        let (d, ram) = vm();
+        let l1 = 0x20_0000u64;
+        let (s, ..) = batch(&d, &ram, &[MmuEntry::pin(1, l1)]);
+        assert_eq!(s, 0);
+        // A block inside the pinned table: the response must not be written there.
+        let o = d.handle(0, l1 + 64);
+        assert_eq!(o.status, HcError::Eperm.status());
+        let mut after = [0u8; 64];
+        ram.read(l1 + 64, &mut after).unwrap();
+        assert_eq!(after, [0u8; 64], "page table untouched");
+        assert_eq!(
+            d.last_status()[0].load(std::sync::atomic::Ordering::Relaxed),
+            HcError::Eperm.status()
         );
     }
 

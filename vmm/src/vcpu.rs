@@ -164,9 +164,10 @@ impl Vcpu {
                 .get_sregs()
                 .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
             match fx.new_cr3 {
-                // Loading a new root flushes by itself.
-                Some(cr3) => s.cr3 = cr3,
-                None => s.cr3 ^= CR3_FLUSH_TOGGLE,
+                // Loading a different root flushes by itself; reloading the same root with a
+                // flush pending must still change CR3 for KVM to drop cached translations.
+                Some(cr3) if !(fx.flush && s.cr3 & !CR3_FLUSH_TOGGLE == cr3) => s.cr3 = cr3,
+                _ => s.cr3 ^= CR3_FLUSH_TOGGLE,
             }
             self.fd
                 .set_sregs(&s)
@@ -274,7 +275,11 @@ impl Vcpu {
                             self.action(a)
                         }
                         VcpuExit::Hypercall(h) => {
-                            if h.nr == hypercall::VMCALL_NR && h.args[1] == 1 {
+                            if h.nr == hypercall::VMCALL_NR && (h.args[1] != 1 || h.args[2] != 0) {
+                                // rcx must be 1 and rdx 0 (docs/pv-abi.md).
+                                *h.ret = HcError::Einval.status() as u64;
+                                Next::Continue
+                            } else if h.nr == hypercall::VMCALL_NR {
                                 let o = self.hcalls.handle(self.index, h.args[0]);
                                 *h.ret = o.status as u64;
                                 let err = (o.status < 0).then(|| {

@@ -104,10 +104,23 @@ impl Dispatcher {
         };
         let (name, resp, writable) = match self.read_request(gpa) {
             Err(e) => ("invalid", Response::err(e), false),
-            Ok(bytes) => match decode_request(&bytes) {
-                Err(e) => (op_name(&bytes), Response::err(e), true),
-                Ok(req) => (op::name(op_of(&req)), self.dispatch(&mut ctx, &req), true),
-            },
+            Ok(bytes) => {
+                let raw_op = bytes
+                    .get(0..4)
+                    .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+                if !self.negotiated.load(Ordering::Relaxed)
+                    && raw_op != op::VERSION
+                    && raw_op != op::EXIT
+                {
+                    // Before the handshake nothing else is even decoded.
+                    (op_name(&bytes), Response::err(HcError::Eproto), true)
+                } else {
+                    match decode_request(&bytes) {
+                        Err(e) => (op_name(&bytes), Response::err(e), true),
+                        Ok(req) => (op::name(op_of(&req)), self.dispatch(&mut ctx, &req), true),
+                    }
+                }
+            }
         };
         if writable
             && self
@@ -133,17 +146,18 @@ impl Dispatcher {
             return Err(HcError::Einval);
         }
         let mut b = [0u8; REQUEST_IN_LEN];
-        // The whole block (including the response) must be RAM.
+        // The whole block (including the response) must be RAM, and not a page table the
+        // VMM validates: the response write must never bypass the shadow engine.
         self.ram.check(gpa, hypercall::REQUEST_LEN as u64)?;
+        if self.handlers.values().any(|h| h.owns_frame(gpa)) {
+            return Err(HcError::Eperm);
+        }
         self.ram.read(gpa, &mut b)?;
         Ok(b)
     }
 
     fn dispatch(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
         let op = op_of(req);
-        if !self.negotiated.load(Ordering::Relaxed) && op != op::VERSION && op != op::EXIT {
-            return Response::err(HcError::Eproto);
-        }
         let Some(h) = self.handlers.get(&op) else {
             return Response::err(HcError::Enosys);
         };

@@ -9,6 +9,11 @@ pub trait OpHandler: Send + Sync {
     fn features(&self) -> u32 {
         0
     }
+    /// True if the frame holding `gpa` belongs to this handler (a typed page table): the
+    /// dispatcher then refuses to write a response there.
+    fn owns_frame(&self, _gpa: u64) -> bool {
+        false
+    }
     /// Counters this handler exposes in the statistics report.
     fn report(&self) -> Option<serde_json::Value> {
         None
