@@ -1,13 +1,21 @@
-//! The bundled pvmm guest kernel: boots on the VMM's 64-bit entry, prints a banner with
-//! its command line and e820 map, discovers the PV ABI and exits with a status.
+//! The bundled pvmm guest kernel: boots on the VMM's 64-bit entry, builds its own page
+//! tables (native, or shadowed by the VMM in the PV modes), runs ring-3 selftest programs
+//! and reports TAP on COM1, then exits through the EXIT hypercall with the failure count.
 #![no_std]
 #![no_main]
 
+mod arch;
 mod bootinfo;
+mod mem;
+mod mmu;
+mod proc;
 mod pv;
+mod selftest;
 mod serial;
+mod vm;
 
 use core::fmt::Write;
+use mmu::{mmu, Mode};
 
 /// Virtual address where physical 0 is mapped (the kernel's top-2-GiB window).
 pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
@@ -32,95 +40,212 @@ const STACK_SIZE: usize = 64 * 1024;
 struct Stack(#[allow(dead_code)] [u8; STACK_SIZE]);
 static mut BOOT_STACK: Stack = Stack([0; STACK_SIZE]);
 
+extern "C" {
+    static __kernel_end: u8;
+}
+
+/// Command-line options.
+pub struct Opts {
+    pub mode: Mode,
+    pub pages: u64,
+    pub seed: u64,
+    pub tests: [u8; 256],
+    pub tests_len: usize,
+}
+
+static mut CMDLINE: [u8; 1024] = [0; 1024];
+static mut CMDLINE_LEN: usize = 0;
+
+fn cmdline() -> &'static str {
+    // SAFETY: written once at boot.
+    unsafe { core::str::from_utf8(&CMDLINE[..CMDLINE_LEN]).unwrap_or("") }
+}
+
+fn arg(key: &str) -> Option<&'static str> {
+    cmdline()
+        .split(' ')
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn arg_u64(key: &str) -> Option<u64> {
+    arg(key).and_then(|v| v.parse().ok())
+}
+
 extern "C" fn kmain(zero_page: u64) -> ! {
+    let t_boot = arch::rdtsc();
     let mut con = serial::Console;
+    arch::init();
     let info = bootinfo::BootInfo::read(zero_page + KERNEL_VMA);
-    let _ = writeln!(con, "pvmm-guest {}: booted", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(con, "cmdline: {}", info.cmdline);
-    let _ = writeln!(con, "e820: {} entries", info.e820_count);
-    for e in info.e820() {
+    // SAFETY: boot, single CPU.
+    unsafe {
+        let n = info.cmdline.len().min(1024);
+        CMDLINE[..n].copy_from_slice(&info.cmdline.as_bytes()[..n]);
+        CMDLINE_LEN = n;
+    }
+    let _ = writeln!(con, "pvmm-guest {}: booted, cmdline: {}", env!("CARGO_PKG_VERSION"), cmdline());
+    let mode = match arg("mmu") {
+        Some("pv") => Mode::Pv,
+        Some("pv-lazy") => Mode::PvLazy,
+        _ => Mode::Native,
+    };
+    let pv = pv::Pv::discover();
+    let m = mmu();
+    m.mode = mode;
+    m.batch = arg_u64("lazy_batch").unwrap_or(1024).clamp(1, mmu::QMAX as u64) as usize;
+    m.zero_vmm = arg("zero") != Some("cpu");
+    if let Some(p) = &pv {
         let _ = writeln!(
             con,
-            "  [{:#012x}-{:#012x}) {}",
-            e.addr,
-            e.addr + e.size,
-            if e.kind == 1 { "usable" } else { "reserved" }
+            "# pv: transport {}, abi {:#x}, features {:#x}",
+            p.transport_name(),
+            p.version(),
+            p.features()
         );
     }
-    bench(&mut con);
-    gdt_setup();
-    bench(&mut con);
-    let status = match pv::Pv::discover() {
-        Some(p) => {
-            let _ = writeln!(
-                con,
-                "pv: transport {}, abi {:#x}, features {:#x}",
-                p.transport_name(),
-                p.version(),
-                p.features()
-            );
-            let code = info.arg_u64("exit").unwrap_or(0) as u8;
-            p.exit(code)
+    if mode != Mode::Native {
+        let ok = pv
+            .as_ref()
+            .is_some_and(|p| p.features() & hypercall::features::MMU_BATCH != 0);
+        if !ok {
+            let _ = writeln!(con, "TAP version 13\n1..0\nBail out! mmu={} needs MMU_BATCH, which this VMM does not offer", mode.name());
+            finish(pv, 1);
         }
-        None => {
-            let _ = writeln!(con, "pv: no pvmm signature, running natively");
-            0
-        }
-    };
-    let _ = writeln!(con, "exiting via i8042 reset (status {status})");
+    }
+    m.pv = pv;
+
+    // Physical memory above the kernel image (and never the first 2 MiB: it is mapped
+    // with 4 KiB pages, page tables must not live there).
+    // SAFETY: linker symbol.
+    let kend = unsafe { core::ptr::addr_of!(__kernel_end) } as u64 - KERNEL_VMA;
+    mem::init(&info, kend.max(2 << 20));
+    build_kernel_space(&info);
+    let t_ready = arch::rdtsc();
+    let _ = writeln!(
+        con,
+        "# mmu={} lazy_batch={} zero={} ram_end={:#x} free_frames={} boot_cycles={}",
+        mode.name(),
+        m.batch,
+        if m.zero_vmm && mode != Mode::Native { "vmm" } else { "cpu" },
+        // SAFETY: set at boot.
+        unsafe { mem::RAM_END },
+        mem::free_count(),
+        t_ready - t_boot
+    );
+    if arg("break") == Some("drop_update") {
+        m.drop_after = 1 + arg_u64("drop_at").unwrap_or(3);
+        let _ = writeln!(con, "# break=drop_update: the pv-lazy backend will drop one queued PT_UPDATE");
+    }
+    let opts_tests = arg("selftest").unwrap_or("all");
+    let failures = selftest::run(
+        opts_tests,
+        arg_u64("pages").unwrap_or(256).max(1),
+        arg_u64("seed").unwrap_or(0x1234_5678),
+    );
+    let p = mmu().pv.take();
+    finish(p, failures.min(255) as u8)
+}
+
+fn finish(pv: Option<pv::Pv>, code: u8) -> ! {
+    if let Some(p) = pv {
+        p.exit(code);
+    }
+    let _ = writeln!(serial::Console, "no PV interface: exiting via i8042 reset (status {code})");
     serial::reset()
+}
+
+/// Builds the kernel's L4: the direct map of RAM (L4 slot 273) and the kernel window
+/// (top 2 GiB) over RAM, both with plain writes into fresh frames; then loads it (native:
+/// `mov cr3`; PV: PIN_L4 + NEW_BASEPTR).
+fn build_kernel_space(info: &bootinfo::BootInfo) {
+    let mut alloc_table = || {
+        let f = mem::alloc();
+        arch::zero_page(mem::va(f));
+        f
+    };
+    let l4 = alloc_table();
+    // Before the switch only the boot tables are live: physical memory is reached through
+    // the kernel window (KERNEL_VMA + pa), which the boot tables map for the low 2 GiB.
+    for e in info.e820() {
+        if e.kind != 1 {
+            continue;
+        }
+        let s = e.addr.max(2 << 20);
+        let end = (e.addr + e.size).min((mem::MAX_FRAMES as u64) << 12);
+        if s < end {
+            vm::boot_map(l4, mem::DMAP, s, end, &mut alloc_table);
+        }
+        // The kernel window: the image (from 1 MiB) and RAM below 1 GiB.
+        let ks = e.addr.max(1 << 20);
+        let kend = (e.addr + e.size).min(1 << 30);
+        if ks < kend {
+            vm::boot_map(l4, KERNEL_VMA, ks, kend, &mut alloc_table);
+        }
+    }
+    // SAFETY: boot, single CPU; the new tables map everything the kernel uses.
+    unsafe {
+        vm::KERNEL_L4 = l4;
+        vm::NKHALF = 0;
+        for i in 256..512 {
+            let v = mem::rd(l4 + 8 * i as u64);
+            if v != 0 {
+                vm::KHALF[vm::NKHALF] = (i, v);
+                vm::NKHALF += 1;
+            }
+        }
+    }
+    let m = mmu();
+    if m.is_pv() {
+        m.pin_l4(l4);
+    }
+    m.cur_l4 = 0;
+    m.switch(l4);
+    mem::use_dmap();
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    let _ = writeln!(serial::Console, "PANIC: {info}");
-    pv::Pv::discover().map(|p| p.exit(255));
-    serial::reset()
+    let _ = writeln!(serial::Console, "\nBail out! kernel panic: {info}");
+    // SAFETY: single CPU; the panic path owns the MMU state now.
+    let pv = unsafe { (*core::ptr::addr_of_mut!(mmu::MMU)).pv.take() }.or_else(pv::Pv::discover);
+    finish(pv, 255)
 }
 
-static mut BUF: [u64; 512*8] = [0; 512*8];
-fn rdtsc() -> u64 { unsafe { core::arch::x86_64::_rdtsc() } }
-#[inline(never)]
-fn bench(con: &mut serial::Console) {
-    unsafe {
-        let p = core::ptr::addr_of_mut!(BUF) as *mut u64;
-        let t0 = rdtsc();
-        core::arch::asm!("rep stosq", inout("rdi") p => _, inout("rcx") 512u64 => _, in("rax") 0u64);
-        let t1 = rdtsc();
-        for i in 0..512 { core::ptr::write_volatile(p.add(512+i), 0); }
-        let t2 = rdtsc();
-        core::arch::asm!("rep movsq", inout("rdi") p.add(1024) => _, inout("rsi") p => _, inout("rcx") 512u64 => _);
-        let t3 = rdtsc();
-        core::arch::asm!("rep stosb", inout("rdi") p.add(2048) => _, inout("rcx") 4096u64 => _, in("al") 0u8);
-        let t4 = rdtsc();
-        let mut x = 0u64; for i in 0..1000u64 { x = x.wrapping_add(core::ptr::read_volatile(&i)); }
-        let t5 = rdtsc();
-        let _ = writeln!(con, "stosq {} loop {} movsq {} stosb {} 1000iter {} {}", t1-t0, t2-t1, t3-t2, t4-t3, t5-t4, x);
-        let c = core::arch::x86_64::__cpuid(0x15); let d = core::arch::x86_64::__cpuid(0x16);
-        let _ = writeln!(con, "cpuid15 {:x} {:x} {:x} 16 {:x}", c.eax, c.ebx, c.ecx, d.eax);
+// The compiler's memory intrinsics (no libc here).
+#[no_mangle]
+unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    core::arch::asm!("rep movsq", "mov rcx, {r}", "rep movsb", r = in(reg) n & 7,
+        inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n / 8 => _, options(nostack));
+    d
+}
+#[no_mangle]
+unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
+        memcpy(d, s, n)
+    } else {
+        core::arch::asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _,
+            inout("rsi") s.add(n - 1) => _, inout("rcx") n => _, options(nostack));
+        d
     }
 }
-
-#[repr(C, align(16))]
-struct Gdt([u64; 8]);
-static mut GDT: Gdt = Gdt([0, 0x00af9a000000ffff, 0x00cf92000000ffff, 0x00cff2000000ffff, 0x00affa000000ffff, 0, 0, 0]);
-#[repr(C, align(16))]
-struct Tss([u8; 104]);
-static mut TSS: Tss = Tss([0; 104]);
-fn gdt_setup() {
-    unsafe {
-        let tss = core::ptr::addr_of!(TSS) as u64;
-        let lim = 103u64;
-        let lo = lim | ((tss & 0xffffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
-        let hi = tss >> 32;
-        GDT.0[5] = lo; GDT.0[6] = hi;
-        #[repr(C, packed)] struct D { l: u16, b: u64 }
-        let d = D { l: 63, b: core::ptr::addr_of!(GDT) as u64 };
-        core::arch::asm!(
-            "lgdt [{d}]",
-            "push 0x08", "lea {t}, [rip + 2f]", "push {t}", "retfq", "2:",
-            "mov ax, 0x10", "mov ds, ax", "mov es, ax", "mov ss, ax", "xor eax, eax", "mov fs, ax", "mov gs, ax",
-            "mov ax, 0x28", "ltr ax", "xor eax,eax", "lldt ax",
-            d = in(reg) &d, t = out(reg) _, out("rax") _);
+#[no_mangle]
+unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    core::arch::asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8,
+        options(nostack));
+    d
+}
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
     }
+    0
+}
+#[no_mangle]
+unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    memcmp(a, b, n)
 }

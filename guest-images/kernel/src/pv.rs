@@ -55,6 +55,25 @@ impl Pv {
         }
     }
 
+    /// MMU_BATCH of `count` entries at guest-physical `gpa`: (status, done, fail_index).
+    pub fn mmu_batch(&mut self, gpa: u64, count: u64) -> (i64, u32, u32) {
+        let (s, _) = self.call(op::MMU_BATCH, [gpa, count, 0, 0]);
+        let r = req_ptr();
+        // SAFETY: our request block.
+        unsafe {
+            (
+                s,
+                core::ptr::addr_of!((*r).done).read_volatile(),
+                core::ptr::addr_of!((*r).fail_index).read_volatile(),
+            )
+        }
+    }
+
+    /// Ends the VM with `code`.
+    pub fn exit_ref(&mut self, code: u8) {
+        self.call(op::EXIT, [u64::from(code), 0, 0, 0]);
+    }
+
     /// Ends the VM with `code`.
     pub fn exit(mut self, code: u8) -> u8 {
         self.call(op::EXIT, [u64::from(code), 0, 0, 0]);

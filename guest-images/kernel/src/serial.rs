@@ -19,6 +19,16 @@ impl core::fmt::Write for Console {
     }
 }
 
+/// Writes raw bytes (user `write`).
+pub fn write_bytes(b: &[u8]) {
+    for &c in b {
+        if c == b'\n' {
+            outb(COM1, b'\r');
+        }
+        outb(COM1, c);
+    }
+}
+
 /// `out dx, al`.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects.

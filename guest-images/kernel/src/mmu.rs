@@ -1,0 +1,283 @@
+//! The MMU backends behind one interface: `native` (the kernel writes the tables the CPU
+//! walks), `pv` (one MMU_BATCH hypercall per change) and `pv-lazy` (changes queue in a
+//! per-CPU buffer inside lazy sections and go out as one batch).
+
+use crate::arch;
+use crate::mem;
+use crate::pv::Pv;
+use hypercall::MmuEntry;
+
+/// Backend selection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Native,
+    Pv,
+    PvLazy,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Pv => "pv",
+            Mode::PvLazy => "pv-lazy",
+        }
+    }
+}
+
+/// Guest-side counters.
+#[derive(Clone, Copy, Default)]
+pub struct Counters {
+    /// PTE writes issued (any level).
+    pub pte_updates: u64,
+    /// MMU_BATCH hypercalls.
+    pub hypercalls: u64,
+    /// Entries sent in MMU_BATCHes.
+    pub entries: u64,
+    /// TLB flushes the kernel performed itself (native INVLPG / CR3 reloads) or sent
+    /// (INVLPG / FLUSH_TLB entries in PV).
+    pub flushes: u64,
+    /// Frames zeroed by the CPU at CPL0.
+    pub zero_cpu: u64,
+    /// Frames zeroed by the VMM (ZERO_FRAME entries).
+    pub zero_vmm: u64,
+    /// Address-space switches.
+    pub switches: u64,
+    /// Page faults handled.
+    pub faults: u64,
+}
+
+pub const QMAX: usize = 1024;
+
+#[repr(C, align(4096))]
+struct Queue([MmuEntry; QMAX]);
+static mut QUEUE: Queue = Queue(
+    [MmuEntry {
+        kind: 0,
+        flags: 0,
+        reserved: 0,
+        a0: 0,
+        a1: 0,
+        a2: 0,
+    }; QMAX],
+);
+
+/// The MMU state of the (single) CPU.
+pub struct Mmu {
+    pub mode: Mode,
+    pub pv: Option<Pv>,
+    /// Lazy section nesting depth.
+    lazy: u32,
+    qlen: usize,
+    /// Flush threshold (`lazy_batch=`).
+    pub batch: usize,
+    pub c: Counters,
+    /// Zero new frames through ZERO_FRAME entries (PV modes).
+    pub zero_vmm: bool,
+    /// `break=drop_update`: PT_UPDATEs to let through before dropping one (0 = off).
+    pub drop_after: u64,
+    /// The L4 (guest-physical) currently loaded.
+    pub cur_l4: u64,
+}
+
+pub static mut MMU: Mmu = Mmu {
+    mode: Mode::Native,
+    pv: None,
+    lazy: 0,
+    qlen: 0,
+    batch: QMAX,
+    c: Counters {
+        pte_updates: 0,
+        hypercalls: 0,
+        entries: 0,
+        flushes: 0,
+        zero_cpu: 0,
+        zero_vmm: 0,
+        switches: 0,
+        faults: 0,
+    },
+    zero_vmm: true,
+    drop_after: 0,
+    cur_l4: 0,
+};
+
+/// The MMU.
+#[inline(always)]
+pub fn mmu() -> &'static mut Mmu {
+    // SAFETY: single CPU, interrupts off, never re-entered.
+    unsafe { &mut *core::ptr::addr_of_mut!(MMU) }
+}
+
+fn gpa<T>(p: *const T) -> u64 {
+    p as u64 - crate::KERNEL_VMA
+}
+
+impl Mmu {
+    /// True in the PV modes.
+    #[inline(always)]
+    pub fn is_pv(&self) -> bool {
+        self.mode != Mode::Native
+    }
+
+    /// Sends `entries` as one MMU_BATCH; returns (status, done, fail_index).
+    pub fn batch_raw(&mut self, gpa: u64, count: u64) -> (i64, u32, u32) {
+        let pv = self.pv.as_mut().expect("no PV interface");
+        self.c.hypercalls += 1;
+        self.c.entries += count;
+        pv.mmu_batch(gpa, count)
+    }
+
+    /// Sends the queue; panics on any refusal (a kernel bug).
+    pub fn flush(&mut self) {
+        if self.qlen == 0 {
+            return;
+        }
+        let n = self.qlen;
+        self.qlen = 0;
+        // SAFETY: the queue is a static in the kernel image.
+        let g = gpa(unsafe { core::ptr::addr_of!(QUEUE.0) });
+        let (s, done, fail) = self.batch_raw(g, n as u64);
+        if s != 0 {
+            // SAFETY: reading our own queue.
+            let e = unsafe { QUEUE.0[fail.min(n as u32 - 1) as usize] };
+            panic!(
+                "MMU_BATCH of {n} failed: status {s} done {done} fail_index {fail}: kind {} a0 {:#x} a1 {:#x}",
+                e.kind, e.a0, e.a1
+            );
+        }
+    }
+
+    /// Queues (or, outside lazy sections / in `pv` mode, sends) one entry.
+    pub fn push(&mut self, e: MmuEntry) {
+        // SAFETY: single CPU; qlen < QMAX.
+        unsafe { QUEUE.0[self.qlen] = e };
+        self.qlen += 1;
+        if self.lazy == 0 || self.mode == Mode::Pv || self.qlen >= self.batch {
+            self.flush();
+        }
+    }
+
+    /// Enters a lazy section (pv-lazy only queues).
+    pub fn enter_lazy(&mut self) {
+        self.lazy += 1;
+    }
+
+    /// Leaves a lazy section, flushing at the outermost level.
+    pub fn leave_lazy(&mut self) {
+        self.lazy -= 1;
+        if self.lazy == 0 {
+            self.flush();
+        }
+    }
+
+    /// Writes a leaf PTE at guest-physical `ptr`.
+    pub fn set_pte(&mut self, ptr: u64, val: u64) {
+        self.c.pte_updates += 1;
+        if !self.is_pv() {
+            mem::wr(ptr, val);
+            return;
+        }
+        if self.drop_after > 0 && self.mode == Mode::PvLazy && self.lazy > 0 {
+            self.drop_after -= 1;
+            if self.drop_after == 0 {
+                return; // break=drop_update: lose this one.
+            }
+        }
+        self.push(MmuEntry::pt_update(ptr, val));
+    }
+
+    /// Writes a leaf PTE keeping the A/D bits the VMM recorded (PV) / the CPU set (native:
+    /// the caller passes them in `val`).
+    pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) {
+        self.c.pte_updates += 1;
+        if !self.is_pv() {
+            mem::wr(ptr, val);
+            return;
+        }
+        self.push(MmuEntry::pt_update_preserve_ad(ptr, val));
+    }
+
+    /// Writes a non-leaf entry; it is visible to the kernel's own walks on return.
+    pub fn set_table(&mut self, ptr: u64, val: u64) {
+        self.c.pte_updates += 1;
+        if !self.is_pv() {
+            mem::wr(ptr, val);
+            return;
+        }
+        self.push(MmuEntry::pt_update(ptr, val));
+        self.flush();
+    }
+
+    /// A leaf of the loaded address space at `va` changed and the CPU may cache it.
+    /// Native: INVLPG. PV: nothing (coherence of shadowed changes is the VMM's job).
+    pub fn invlpg(&mut self, va: u64) {
+        if !self.is_pv() {
+            self.c.flushes += 1;
+            arch::invlpg(va);
+        }
+    }
+
+    /// Flushes the whole (non-global) TLB in native mode.
+    pub fn flush_all(&mut self) {
+        if !self.is_pv() {
+            self.c.flushes += 1;
+            arch::write_cr3(self.cur_l4);
+        }
+    }
+
+    /// Zeroes a fresh (untyped) frame: plain stores, or a queued ZERO_FRAME in PV modes.
+    pub fn zero_frame(&mut self, pa: u64, force_cpu: bool) {
+        if self.is_pv() && self.zero_vmm && !force_cpu {
+            self.c.zero_vmm += 1;
+            self.push(MmuEntry::zero_frame(pa));
+        } else {
+            self.c.zero_cpu += 1;
+            arch::zero_page(mem::va(pa));
+        }
+    }
+
+    /// Pins a fully built L4 (PV) — no-op natively.
+    pub fn pin_l4(&mut self, pa: u64) {
+        if self.is_pv() {
+            self.push(MmuEntry::pin(4, pa));
+            self.flush();
+        }
+    }
+
+    /// Loads an address space.
+    pub fn switch(&mut self, l4: u64) {
+        if self.cur_l4 == l4 {
+            return;
+        }
+        self.cur_l4 = l4;
+        self.c.switches += 1;
+        if self.is_pv() {
+            self.push(MmuEntry::new_baseptr(l4));
+            self.flush();
+        } else {
+            arch::write_cr3(l4);
+        }
+    }
+
+    /// Switches to `kernel_l4` (if `dead` is loaded) and unpins `dead` in one batch.
+    pub fn retire_l4(&mut self, dead: u64, kernel_l4: u64) {
+        if !self.is_pv() {
+            if self.cur_l4 == dead {
+                self.cur_l4 = kernel_l4;
+                self.c.switches += 1;
+                arch::write_cr3(kernel_l4);
+            }
+            return;
+        }
+        self.flush();
+        self.lazy += 1;
+        if self.cur_l4 == dead {
+            self.cur_l4 = kernel_l4;
+            self.c.switches += 1;
+            self.push(MmuEntry::new_baseptr(kernel_l4));
+        }
+        self.push(MmuEntry::unpin(dead));
+        self.lazy -= 1;
+        self.flush();
+    }
+}

@@ -1,0 +1,341 @@
+//! Runtime of the ring-3 selftest programs: entry point, syscall wrappers, output, checks.
+#![no_std]
+
+use core::arch::{asm, global_asm};
+use core::fmt::Write;
+
+global_asm!(
+    ".section .text.start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    and rsp, -16",
+    "    call {main}",
+    "    ud2",
+    main = sym rt_main,
+);
+
+/// Arguments the kernel passes.
+#[derive(Clone, Copy)]
+pub struct Args {
+    /// `pages=`.
+    pub pages: u64,
+    /// Random seed.
+    pub seed: u64,
+    /// 0 native, 1 pv, 2 pv-lazy.
+    pub mode: u64,
+}
+
+extern "Rust" {
+    fn test_main(a: Args) -> i32;
+}
+
+extern "C" fn rt_main(pages: u64, seed: u64, mode: u64) -> ! {
+    // SAFETY: every program defines test_main.
+    let r = unsafe { test_main(Args { pages, seed, mode }) };
+    exit(r)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let _ = writeln!(Out::new(), "# user panic: {info}");
+    exit(99)
+}
+
+/// Syscall numbers (see kernel/src/proc.rs).
+pub mod nr {
+    pub const EXIT: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const GETPID: u64 = 2;
+    pub const MMAP: u64 = 3;
+    pub const MUNMAP: u64 = 4;
+    pub const MPROTECT: u64 = 5;
+    pub const MREMAP: u64 = 6;
+    pub const FORK: u64 = 7;
+    pub const WAIT: u64 = 8;
+    pub const YIELD: u64 = 9;
+    pub const AD: u64 = 10;
+    pub const RELOCATE: u64 = 11;
+    pub const STAT: u64 = 12;
+}
+
+/// `stat` selectors.
+pub mod st {
+    pub const FREE: u64 = 0;
+    pub const FAULTS: u64 = 1;
+    pub const HYPERCALLS: u64 = 2;
+    pub const PTE_UPDATES: u64 = 3;
+    pub const FLUSHES: u64 = 4;
+    pub const MODE: u64 = 5;
+    pub const TEARDOWN_HC: u64 = 6;
+    pub const TEARDOWN_PTES: u64 = 7;
+    pub const ENTRIES: u64 = 8;
+    pub const ZERO_VMM: u64 = 9;
+    pub const ZERO_CPU: u64 = 10;
+}
+
+pub const PROT_R: u64 = 1;
+pub const PROT_W: u64 = 2;
+pub const RW: u64 = 3;
+pub const MAP_POPULATE: u64 = 1;
+pub const MAP_ZERO_CPU: u64 = 4;
+pub const AD_A: u64 = 1;
+pub const AD_D: u64 = 2;
+pub const AD_CLEAR: u64 = 4;
+pub const SIGSEGV: u64 = 11;
+
+/// Raw syscall.
+#[inline(always)]
+pub fn sys(n: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
+    let r: u64;
+    // SAFETY: the kernel's syscall: `ud2` + tag "PVSC" (this platform's `syscall` does not
+    // switch CS and `int n` raises #UD); every register but rax is preserved (rcx and r11
+    // are declared clobbered for `syscall` parity).
+    unsafe {
+        asm!("ud2", ".ascii \"PVSC\"", inlateout("rax") n => r, in("rdi") a0, in("rsi") a1, in("rdx") a2,
+             in("r10") a3, out("rcx") _, out("r11") _, options(nostack))
+    };
+    r
+}
+
+pub fn exit(code: i32) -> ! {
+    sys(nr::EXIT, code as u64, 0, 0, 0);
+    loop {}
+}
+pub fn write(b: &[u8]) {
+    sys(nr::WRITE, b.as_ptr() as u64, b.len() as u64, 0, 0);
+}
+pub fn getpid() -> u64 {
+    sys(nr::GETPID, 0, 0, 0, 0)
+}
+pub fn mmap(len: u64, prot: u64, flags: u64) -> u64 {
+    sys(nr::MMAP, len, prot, flags, 0)
+}
+pub fn munmap(a: u64, len: u64) -> u64 {
+    sys(nr::MUNMAP, a, len, 0, 0)
+}
+pub fn mprotect(a: u64, len: u64, prot: u64) -> u64 {
+    sys(nr::MPROTECT, a, len, prot, 0)
+}
+pub fn mremap(a: u64, old: u64, new: u64) -> u64 {
+    sys(nr::MREMAP, a, old, new, 0)
+}
+pub fn fork() -> u64 {
+    sys(nr::FORK, 0, 0, 0, 0)
+}
+/// (pid, wait status).
+pub fn wait() -> (u64, u64) {
+    let r = sys(nr::WAIT, 0, 0, 0, 0);
+    (r & 0xffff_ffff, r >> 32)
+}
+pub fn yield_now() {
+    sys(nr::YIELD, 0, 0, 0, 0);
+}
+/// A/D query over `pages` pages into `bm`; returns the count.
+pub fn ad(a: u64, pages: u64, bm: &mut [u64], flags: u64) -> u64 {
+    sys(nr::AD, a, pages, bm.as_mut_ptr() as u64, flags)
+}
+pub fn relocate(a: u64) -> u64 {
+    sys(nr::RELOCATE, a, 0, 0, 0)
+}
+pub fn stat(w: u64) -> u64 {
+    sys(nr::STAT, w, 0, 0, 0)
+}
+pub fn rdtsc() -> u64 {
+    // SAFETY: no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Line-buffered output through `write`.
+pub struct Out {
+    buf: [u8; 200],
+    n: usize,
+}
+impl Out {
+    pub fn new() -> Out {
+        Out { buf: [0; 200], n: 0 }
+    }
+}
+impl Default for Out {
+    fn default() -> Self {
+        Out::new()
+    }
+}
+impl Write for Out {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for &b in s.as_bytes() {
+            if self.n == self.buf.len() {
+                write(&self.buf[..self.n]);
+                self.n = 0;
+            }
+            self.buf[self.n] = b;
+            self.n += 1;
+            if b == b'\n' {
+                write(&self.buf[..self.n]);
+                self.n = 0;
+            }
+        }
+        Ok(())
+    }
+}
+impl Drop for Out {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            write(&self.buf[..self.n]);
+        }
+    }
+}
+
+/// Prints a diagnostic line (`# ...`).
+#[macro_export]
+macro_rules! diag {
+    ($($t:tt)*) => {{
+        use core::fmt::Write as _;
+        let mut o = $crate::Out::new();
+        let _ = o.write_str("# ");
+        let _ = writeln!(o, $($t)*);
+    }};
+}
+
+/// Fails the test (returns the line number) if `cond` is false.
+#[macro_export]
+macro_rules! check {
+    ($cond:expr, $($t:tt)*) => {
+        if !$cond {
+            $crate::diag!("FAIL line {}: {}", line!(), format_args!($($t)*));
+            return line!() as i32;
+        }
+    };
+}
+
+/// xorshift64.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+#[inline(always)]
+pub fn rd(a: u64) -> u64 {
+    // SAFETY: the test reads its own mappings (or expects to be killed).
+    unsafe { core::ptr::read_volatile(a as *const u64) }
+}
+#[inline(always)]
+pub fn wr(a: u64, v: u64) {
+    // SAFETY: as rd.
+    unsafe { core::ptr::write_volatile(a as *mut u64, v) }
+}
+
+/// Writes `tag ^ i` into the first and last words of each page.
+pub fn fill(a: u64, pages: u64, tag: u64) {
+    for i in 0..pages {
+        wr(a + i * 4096, tag ^ i);
+        wr(a + i * 4096 + 4088, !(tag ^ i));
+    }
+}
+
+/// First page whose pattern differs, if any.
+pub fn verify(a: u64, pages: u64, tag: u64) -> Option<u64> {
+    (0..pages).find(|&i| rd(a + i * 4096) != tag ^ i || rd(a + i * 4096 + 4088) != !(tag ^ i))
+}
+
+/// True if every word of every page is zero.
+pub fn all_zero(a: u64, pages: u64) -> bool {
+    (0..pages * 512).all(|k| rd(a + k * 8) == 0)
+}
+
+/// Runs `f` in a child and returns its wait status.
+pub fn in_child(f: impl FnOnce() -> i32) -> u64 {
+    let pid = fork();
+    if pid == 0 {
+        exit(f());
+    }
+    let (_, status) = wait();
+    status
+}
+
+/// True if a wait status says "killed by SIGSEGV".
+pub fn segv(status: u64) -> bool {
+    status & 0x7f == SIGSEGV
+}
+
+/// Exit code of a wait status (None if killed).
+pub fn exited(status: u64) -> Option<u64> {
+    if status & 0x7f == 0 {
+        Some((status >> 8) & 0xff)
+    } else {
+        None
+    }
+}
+
+/// A random subset of `pages` pages as a bitmap (`1 in k` chance per page).
+pub fn subset(rng: &mut Rng, pages: u64, k: u64, bm: &mut [u64]) {
+    for w in bm.iter_mut() {
+        *w = 0;
+    }
+    for i in 0..pages {
+        if rng.next() % k == 0 {
+            bm[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+}
+
+pub fn bit(bm: &[u64], i: u64) -> bool {
+    bm[(i / 64) as usize] & (1 << (i % 64)) != 0
+}
+
+/// First index where two bitmaps of `pages` bits differ.
+pub fn first_diff(a: &[u64], b: &[u64], pages: u64) -> Option<u64> {
+    (0..pages).find(|&i| bit(a, i) != bit(b, i))
+}
+
+pub fn popcount(bm: &[u64]) -> u64 {
+    bm.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Most pages the A/D tests handle.
+pub const MAXP: usize = 16384;
+pub const MAXW: usize = MAXP / 64;
+
+// The compiler's memory intrinsics (no libc here).
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack));
+    d
+}
+#[no_mangle]
+pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
+        memcpy(d, s, n)
+    } else {
+        asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _, inout("rsi") s.add(n - 1) => _,
+             inout("rcx") n => _, options(nostack));
+        d
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8, options(nostack));
+    d
+}
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    memcmp(a, b, n)
+}
