@@ -4,6 +4,8 @@ GUEST   := guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest
 PVMM    := target/release/pvmm
 RUN_CMDLINE ?= console=ttyS0 selftest=all mmu=pv-lazy
 RUN_ARGS    ?= --stats table --timeout 600
+BENCH_PAGES ?= 256
+BENCH_REPEAT ?= 3
 
 export PVMM_BIN   := $(abspath $(PVMM))
 export PVMM_GUEST := $(abspath $(GUEST))
@@ -40,6 +42,7 @@ test: build lint
 bench: build
 	$(CARGO) bench -p shadow -- --warm-up-time 1 --measurement-time 3
 	$(PVMM) bench-exits --iterations 20000 --repeat 5
+	$(CARGO) run --release -p pvmm-e2e --bin bench-matrix -- --pages=$(BENCH_PAGES) --repeat=$(BENCH_REPEAT) --out=bench
 
 clean:
 	$(CARGO) clean

@@ -180,8 +180,9 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs `repeat` measurements and prints floor, NULL cost, their ratio, median and spread.
-pub fn run(n: u32, repeat: u32) -> Result<String, SetupError> {
+/// Runs `repeat` measurements; returns a report of floor, NULL cost, their ratio, median and
+/// spread (text, or one JSON object with `json`).
+pub fn run(n: u32, repeat: u32, json: bool) -> Result<String, SetupError> {
     let mut floor = Vec::new();
     let mut null = Vec::new();
     let mut ratio = Vec::new();
@@ -199,6 +200,16 @@ pub fn run(n: u32, repeat: u32) -> Result<String, SetupError> {
     let (fl, fh) = spread(&floor);
     let (nl, nh) = spread(&null);
     let (rl, rh) = spread(&ratio);
+    if json {
+        return Ok(serde_json::json!({
+            "iterations": n, "repeat": repeat,
+            "floor_ns": median(&mut floor), "floor_min_ns": fl, "floor_max_ns": fh,
+            "null_ns": median(&mut null), "null_min_ns": nl, "null_max_ns": nh,
+            "ratio": median(&mut ratio), "ratio_min": rl, "ratio_max": rh,
+        })
+        .to_string()
+            + "\n");
+    }
     Ok(format!(
         "exit floor vs NULL hypercall ({n} iterations x {repeat} runs, pio transport, same 5-instruction CPL0 loop)\n\
          raw port write (unassigned port {FLOOR_PORT:#x}): median {:.0} ns/exit   [min {:.0}, max {:.0}]\n\

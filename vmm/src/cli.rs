@@ -25,6 +25,9 @@ pub enum Command {
         /// Repetitions (median and spread are reported).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
         repeat: u32,
+        /// Print one JSON object (floor_ns, null_ns, ratio medians) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -32,9 +32,13 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Command::Run(a) => a,
-        Command::BenchExits { iterations, repeat } => {
+        Command::BenchExits {
+            iterations,
+            repeat,
+            json,
+        } => {
             init_logging(0);
-            return match vmm::bench::run(iterations, repeat) {
+            return match vmm::bench::run(iterations, repeat, json) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
