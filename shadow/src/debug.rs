@@ -154,30 +154,30 @@ impl ShadowMmu {
                     self.check_entry(level, gpfn, g)
                         .map_err(|r| r.name().to_string())?
                 };
-                let here = format!("shadow {idx} ({m:?}) [{i}] s={s:#x} g={g:#x}");
+                let here = || format!("shadow {idx} ({m:?}) [{i}] s={s:#x} g={g:#x}");
                 match kind {
                     Kind::NotPresent => {
                         if s != 0 {
-                            return err(format!("{here}: present shadow for absent guest entry"));
+                            return err(format!("{}: present shadow for absent guest entry", here()));
                         }
                     }
                     Kind::Leaf4k { pfn } => {
                         if self.layout.classify(pfn) != FrameClass::Ram {
-                            return err(format!("{here}: leaf maps non-RAM"));
+                            return err(format!("{}: leaf maps non-RAM", here()));
                         }
                         let typed = self.frames.level(pfn).is_some();
                         if s & RW != 0 && typed {
-                            return err(format!("{here}: writable leaf maps a page table"));
+                            return err(format!("{}: writable leaf maps a page table", here()));
                         }
                         let mask = pte::SHADOW_LEAF_KEEP & !RW;
                         if (s & mask) != (g & mask) || (s & RW != 0) != (g & RW != 0 && !typed) {
-                            return err(format!("{here}: leaf mismatch"));
+                            return err(format!("{}: leaf mismatch", here()));
                         }
                         if self.pool.rmap_linked(slot) != (g & RW != 0) {
-                            return err(format!("{here}: reverse map mismatch"));
+                            return err(format!("{}: reverse map mismatch", here()));
                         }
                         if s & !(pte::SHADOW_LEAF_KEEP | AD) != 0 {
-                            return err(format!("{here}: stray bits"));
+                            return err(format!("{}: stray bits", here()));
                         }
                     }
                     Kind::Leaf2m { .. } => {
@@ -187,7 +187,7 @@ impl ShadowMmu {
                             idx: i as u16,
                         };
                         if !pte::present(s) || child.map(|c| c.owner) != Some(want) {
-                            return err(format!("{here}: 2M leaf without its split"));
+                            return err(format!("{}: 2M leaf without its split", here()));
                         }
                     }
                     Kind::Table { pfn } => {
@@ -195,12 +195,12 @@ impl ShadowMmu {
                         let want = cs.map(|c| self.pool.pfn(c) << 12);
                         if !pte::present(s) || Some(s & ADDR) != want {
                             return err(format!(
-                                "{here}: non-leaf does not point at child shadow {cs:?}"
+                                "{}: non-leaf does not point at child shadow {cs:?}", here()
                             ));
                         }
                         let keep = pte::SHADOW_NONLEAF_KEEP;
                         if s & keep != g & keep {
-                            return err(format!("{here}: non-leaf flags mismatch"));
+                            return err(format!("{}: non-leaf flags mismatch", here()));
                         }
                     }
                 }
