@@ -8,7 +8,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
-use crate::mem::table;
+use crate::mem::{table, Table};
+use vm_memory::bitmap::{BitmapSlice, BS};
 use crate::pte::{self, A, AD, ADDR, D};
 use crate::rules::{self, Rule};
 
@@ -104,13 +105,39 @@ impl ShadowMmu {
         out
     }
 
+    /// The guest table and shadow table of leaf `l`, reusing the previous leaf's when equal.
+    #[allow(clippy::type_complexity)]
+    fn open_leaf_tables<'m, 'c, M: GuestMemory>(
+        &self,
+        mem: &'m M,
+        l: &LeafAt,
+        gt: &'c mut Option<(u64, Table<'m, BS<'m, M::Bitmap>>)>,
+        st: &'c mut Option<(u32, Table<'m, BS<'m, M::Bitmap>>)>,
+    ) -> R<(&'c Table<'m, BS<'m, M::Bitmap>>, Option<&'c Table<'m, BS<'m, M::Bitmap>>>)> {
+        if gt.as_ref().map(|c| c.0) != Some(l.table) {
+            *gt = Some((l.table, table(mem, l.table)?));
+        }
+        match l.shadow {
+            Some(s) if st.as_ref().map(|c| c.0) != Some(s) => {
+                *st = Some((s, table(mem, self.pool.pfn(s))?));
+            }
+            _ => {}
+        }
+        let g = &gt.as_ref().ok_or(Rule::Unbacked)?.1;
+        let s = match l.shadow {
+            Some(_) => st.as_ref().map(|c| &c.1),
+            None => None,
+        };
+        Ok((g, s))
+    }
+
     fn root_of(&self, vcpu: usize) -> R<u64> {
         self.roots.get(vcpu).copied().flatten().ok_or(Rule::NoRoot)
     }
 
-    /// The shadow A/D of a leaf, test-and-clearing `clear` in the shadow.
-    fn shadow_ad<M: GuestMemory>(&mut self, mem: &M, l: &LeafAt, clear: u64) -> u64 {
-        let Some(st) = l.shadow.and_then(|s| table(mem, self.pool.pfn(s)).ok()) else {
+    /// The shadow A/D of a leaf whose shadow table is `st`, test-and-clearing `clear`.
+    fn shadow_ad<B: BitmapSlice>(st: Option<&Table<'_, B>>, l: &LeafAt, clear: u64) -> u64 {
+        let Some(st) = st else {
             return 0;
         };
         let slots = if l.large { 0..512 } else { l.idx..l.idx + 1 };
@@ -142,9 +169,10 @@ impl ShadowMmu {
     ) -> R<()> {
         let root = self.root_of(vcpu)?;
         let clear = if clear_a { A } else { 0 } | if clear_d { D } else { 0 };
+        let (mut gt, mut st) = (None, None);
         for l in self.leaves_in(mem, root, va, pages) {
-            let s = self.shadow_ad(mem, &l, clear);
-            let gt = table(mem, l.table)?;
+            let (gt, st) = self.open_leaf_tables(mem, &l, &mut gt, &mut st)?;
+            let s = Self::shadow_ad(st, &l, clear);
             let g = gt.get(l.idx);
             self.harvest(g, s, |_| 0);
             let new = (g | s) & !clear;
@@ -174,9 +202,10 @@ impl ShadowMmu {
         let typed = (gpa >> 12..=(gpa + 2 * len - 1) >> 12).any(|f| self.frames.level(f).is_some());
         rules::bitmap_not_in_table(typed)?;
         let mut bits = vec![0u8; 2 * len as usize];
+        let (mut gt, mut st) = (None, None);
         for l in self.leaves_in(mem, root, va, pages) {
-            let g = table(mem, l.table)?.get(l.idx);
-            let ad = (g & AD) | self.shadow_ad(mem, &l, 0);
+            let (gt, st) = self.open_leaf_tables(mem, &l, &mut gt, &mut st)?;
+            let ad = (gt.get(l.idx) & AD) | Self::shadow_ad(st, &l, 0);
             for p in l.first..l.first + l.count {
                 let (byte, bit) = ((p / 8) as usize, 1u8 << (p % 8));
                 if ad & A != 0 {

@@ -511,7 +511,7 @@ fn model_matches_1m_ops() {
     let start = std::time::Instant::now();
     let total = std::cell::Cell::new(0u64);
     let mut runner = TestRunner::new(Config {
-        cases: 2200,
+        cases: 3300,
         failure_persistence: None,
         ..Config::default()
     });
