@@ -112,6 +112,9 @@ extern "C" fn kmain(zero_page: u64) -> ! {
         }
     }
     m.pv = pv;
+    if arg("debug_faults").is_some() {
+        mmu::DEBUG_FAULTS.store(true, core::sync::atomic::Ordering::Relaxed);
+    }
 
     // Physical memory above the kernel image (and never the first 2 MiB: it is mapped
     // with 4 KiB pages, page tables must not live there).

@@ -499,20 +499,22 @@ pub extern "C" fn exception_trap(f: *mut TrapFrame) -> ! {
         if f.vector == 14 {
             let addr = arch::read_cr2();
             procs()[c].faults += 1;
+            if crate::mmu::DEBUG_FAULTS.load(core::sync::atomic::Ordering::Relaxed) {
+                let sp = &mut procs()[c].space;
+                let pte = sp.pte_ptr(addr, false).map(mem::rd).unwrap_or(0);
+                let _ = writeln!(serial::Console, "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x}", addr, f.err, f.rip, f.rsp, pte);
+            }
             if procs()[c].space.fault(addr, f.err & 2 != 0) {
                 return_to_user();
             }
+
             let _ = writeln!(
                 serial::Console,
-                "# pid {} killed: page fault at {:#x} (err {:#x}) rip {:#x} cs {:#x} ss {:#x} star {:#x} lstar {:#x}",
+                "# pid {} killed: page fault at {:#x} (err {:#x}) rip {:#x}",
                 procs()[c].pid,
                 addr,
                 f.err,
-                f.rip,
-                f.cs,
-                f.ss,
-                arch::rdmsr(0xc000_0081),
-                arch::rdmsr(0xc000_0082)
+                f.rip
             );
             exit_current(SIGSEGV);
         }

@@ -3,7 +3,7 @@
 
 use crate::arch;
 use crate::mem::{self, rd};
-use crate::mmu::{mmu, Mode};
+use crate::mmu::mmu;
 use hypercall::MmuEntry;
 
 pub const P: u64 = 1;
@@ -589,7 +589,3 @@ pub fn user_pa(s: &mut Space, va: u64, write: bool) -> Option<u64> {
     None
 }
 
-/// Unused in native mode; keeps the mode type referenced.
-pub fn mode() -> Mode {
-    mmu().mode
-}
