@@ -9,7 +9,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
 use crate::mem::{table, Table};
-use vm_memory::bitmap::{BitmapSlice, BS};
 use crate::pte::{self, A, AD, ADDR, D};
 use crate::rules::{self, Rule};
 
@@ -111,9 +110,9 @@ impl ShadowMmu {
         &self,
         mem: &'m M,
         l: &LeafAt,
-        gt: &'c mut Option<(u64, Table<'m, BS<'m, M::Bitmap>>)>,
-        st: &'c mut Option<(u32, Table<'m, BS<'m, M::Bitmap>>)>,
-    ) -> R<(&'c Table<'m, BS<'m, M::Bitmap>>, Option<&'c Table<'m, BS<'m, M::Bitmap>>>)> {
+        gt: &'c mut Option<(u64, Table<'m>)>,
+        st: &'c mut Option<(u32, Table<'m>)>,
+    ) -> R<(&'c Table<'m>, Option<&'c Table<'m>>)> {
         if gt.as_ref().map(|c| c.0) != Some(l.table) {
             *gt = Some((l.table, table(mem, l.table)?));
         }
@@ -136,7 +135,7 @@ impl ShadowMmu {
     }
 
     /// The shadow A/D of a leaf whose shadow table is `st`, test-and-clearing `clear`.
-    fn shadow_ad<B: BitmapSlice>(st: Option<&Table<'_, B>>, l: &LeafAt, clear: u64) -> u64 {
+    fn shadow_ad(st: Option<&Table<'_>>, l: &LeafAt, clear: u64) -> u64 {
         let Some(st) = st else {
             return 0;
         };

@@ -385,7 +385,10 @@ impl ShadowMmu {
         let mut harvested = 0;
         if let Some(sidx) = sidx {
             self.pool.touch(sidx, self.epoch);
-            let built = table(mem, self.pool.pfn(sidx))
+            let st = table(mem, self.pool.pfn(sidx));
+            let built = st
+                .as_ref()
+                .map_err(|r| *r)
                 .and_then(|_| self.make_shadow_entry(mem, level, tpfn, i, val, new_kind));
             let new_s = match built {
                 Ok(s) => s,
@@ -396,7 +399,7 @@ impl ShadowMmu {
                     return Err(rule);
                 }
             };
-            let st = table(mem, self.pool.pfn(sidx))?;
+            let st = st?;
             let slot = sidx * 512 + i as u32;
             let old_s = st.get(i);
             match old_kind {

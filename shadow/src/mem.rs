@@ -2,41 +2,42 @@
 //! tables alike). The slice is obtained once per table; entry indices are masked to 0..512,
 //! so no guest value can address host memory outside the table.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::bitmap::{BitmapSlice, BS};
-use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::rules::Rule;
 
 /// One table of 512 entries.
-pub(crate) struct Table<'a, B: BitmapSlice> {
-    // Held for its lifetime: `base` points into it.
-    _slice: VolatileSlice<'a, B>,
+pub(crate) struct Table<'a> {
     base: *const AtomicU64,
+    _mem: PhantomData<&'a ()>,
 }
 
-/// Opens the table at frame number `pfn`; `Rule::Unbacked` if the memory object does not
-/// back the whole frame with one 8-byte aligned slice.
-pub(crate) fn table<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_, BS<'_, M::Bitmap>>, Rule> {
+/// Opens the table at frame number `pfn`. The memory object must be physical memory
+/// (`GuestMemory::physical_memory()`, true of every `GuestMemoryBackend` such as
+/// `GuestMemoryMmap`) backing the whole frame in one region; `Rule::Unbacked` otherwise.
+pub(crate) fn table<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_>, Rule> {
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
-    let mut it = mem
-        .get_slices(GuestAddress(gpa), 4096, Permissions::ReadWrite)
-        .map_err(|_| Rule::Unbacked)?;
-    let slice = it.next().ok_or(Rule::Unbacked)?.map_err(|_| Rule::Unbacked)?;
-    let base = slice.ptr_guard_mut().as_ptr() as *const AtomicU64;
-    if slice.len() != 4096 || !base.is_aligned() {
+    let pm = mem.physical_memory().ok_or(Rule::Unbacked)?;
+    let (region, off) = pm.to_region_addr(GuestAddress(gpa)).ok_or(Rule::Unbacked)?;
+    if off.raw_value().checked_add(4096).is_none_or(|end| end > region.len()) {
         return Err(Rule::Unbacked);
     }
-    Ok(Table { _slice: slice, base })
+    let base = region.get_host_address(off).map_err(|_| Rule::Unbacked)? as *const AtomicU64;
+    if !base.is_aligned() {
+        return Err(Rule::Unbacked);
+    }
+    Ok(Table { base, _mem: PhantomData })
 }
 
-impl<B: BitmapSlice> Table<'_, B> {
+impl Table<'_> {
     fn at(&self, i: usize) -> &AtomicU64 {
-        // SAFETY: `base` is the 8-byte aligned start of a 4096-byte guest-memory slice that
-        // stays mapped while `_slice` (borrowing the memory object) lives; `i & 511` keeps the
-        // access inside it. Guest memory is shared with the guest, so only atomic accesses
-        // are made through it.
+        // SAFETY: `base` is the 8-byte aligned host address of a 4096-byte range inside one
+        // region of the memory object, which stays mapped while the object is borrowed
+        // (`'a`); `i & 511` keeps the access inside the range. Guest memory is shared with
+        // the guest and the CPU, so only atomic accesses are made through it.
         unsafe { &*self.base.add(i & 511) }
     }
 
