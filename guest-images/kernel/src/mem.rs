@@ -61,6 +61,9 @@ static mut A: Alloc = Alloc {
     bump_left: 0,
     total: 0,
 };
+/// One bit per frame: set while the frame is on the free stack (double-free check).
+static mut FREEBITS: [u64; MAX_FRAMES / 64] = [0; MAX_FRAMES / 64];
+
 /// Map counts (number of leaf PTEs referencing a frame).
 static mut REFS: [u16; MAX_FRAMES] = [0; MAX_FRAMES];
 
@@ -103,7 +106,10 @@ pub fn alloc() -> u64 {
     let al = a();
     if al.nfree > 0 {
         al.nfree -= 1;
-        return u64::from(al.free[al.nfree]) << 12;
+        let pfn = al.free[al.nfree] as usize;
+        // SAFETY: single CPU.
+        unsafe { FREEBITS[pfn / 64] &= !(1 << (pfn % 64)) };
+        return (pfn as u64) << 12;
     }
     for r in al.ranges[..al.nranges].iter_mut() {
         if r.next < r.end {
@@ -119,7 +125,13 @@ pub fn alloc() -> u64 {
 /// Returns a frame to the allocator.
 pub fn free(pa: u64) {
     let al = a();
-    al.free[al.nfree] = (pa >> 12) as u32;
+    let pfn = (pa >> 12) as usize;
+    // SAFETY: single CPU.
+    unsafe {
+        assert!(FREEBITS[pfn / 64] & (1 << (pfn % 64)) == 0, "double free of frame {pa:#x}");
+        FREEBITS[pfn / 64] |= 1 << (pfn % 64);
+    }
+    al.free[al.nfree] = pfn as u32;
     al.nfree += 1;
 }
 
