@@ -1,4 +1,5 @@
 //! Criterion benches of the hot paths: a 512-entry PT_UPDATE batch, pinning a full L1, and
+#![allow(clippy::single_range_in_vec_init)]
 //! SYNC_AD over 512 leaves.
 
 use std::time::{Duration, Instant};
@@ -38,8 +39,17 @@ fn setup() -> (GuestMemoryMmap, ShadowMmu) {
         w(L1 + 8 * i, ((0x100 + i) << 12) | T);
         w(SPARE_L1 + 8 * i, ((0x400 + i) << 12) | T);
     }
-    mmu.apply(&mem, 0, &MmuOp::Pin { level: 4, frame: L4 }).unwrap();
-    mmu.apply(&mem, 0, &MmuOp::NewBaseptr { frame: L4 }).unwrap();
+    mmu.apply(
+        &mem,
+        0,
+        &MmuOp::Pin {
+            level: 4,
+            frame: L4,
+        },
+    )
+    .unwrap();
+    mmu.apply(&mem, 0, &MmuOp::NewBaseptr { frame: L4 })
+        .unwrap();
     mmu.end_batch(0);
     (mem, mmu)
 }
@@ -55,7 +65,11 @@ fn benches(c: &mut Criterion) {
             flip ^= 1;
             for i in 0..512u64 {
                 let val = ((0x100 + i + flip * 0x200) << 12) | T;
-                let op = MmuOp::PtUpdate { ptr: L1 + 8 * i, val, preserve_ad: false };
+                let op = MmuOp::PtUpdate {
+                    ptr: L1 + 8 * i,
+                    val,
+                    preserve_ad: false,
+                };
                 mmu.apply(&mem, 0, &op).unwrap();
             }
             mmu.end_batch(0)
@@ -68,9 +82,18 @@ fn benches(c: &mut Criterion) {
             let mut t = Duration::ZERO;
             for _ in 0..iters {
                 let s = Instant::now();
-                mmu.apply(&mem, 0, &MmuOp::Pin { level: 1, frame: SPARE_L1 }).unwrap();
+                mmu.apply(
+                    &mem,
+                    0,
+                    &MmuOp::Pin {
+                        level: 1,
+                        frame: SPARE_L1,
+                    },
+                )
+                .unwrap();
                 t += s.elapsed();
-                mmu.apply(&mem, 0, &MmuOp::Unpin { frame: SPARE_L1 }).unwrap();
+                mmu.apply(&mem, 0, &MmuOp::Unpin { frame: SPARE_L1 })
+                    .unwrap();
                 mmu.end_batch(0);
             }
             t
@@ -80,7 +103,12 @@ fn benches(c: &mut Criterion) {
     let (mem, mut mmu) = setup();
     g.bench_function("sync_ad_512_leaves", |b| {
         b.iter(|| {
-            let op = MmuOp::SyncAd { va: 0, pages: 512, clear_a: false, clear_d: true };
+            let op = MmuOp::SyncAd {
+                va: 0,
+                pages: 512,
+                clear_a: false,
+                clear_d: true,
+            };
             mmu.apply(&mem, 0, &op).unwrap();
             mmu.end_batch(0)
         })

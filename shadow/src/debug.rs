@@ -158,7 +158,10 @@ impl ShadowMmu {
                 match kind {
                     Kind::NotPresent => {
                         if s != 0 {
-                            return err(format!("{}: present shadow for absent guest entry", here()));
+                            return err(format!(
+                                "{}: present shadow for absent guest entry",
+                                here()
+                            ));
                         }
                     }
                     Kind::Leaf4k { pfn } => {
@@ -195,7 +198,8 @@ impl ShadowMmu {
                         let want = cs.map(|c| self.pool.pfn(c) << 12);
                         if !pte::present(s) || Some(s & ADDR) != want {
                             return err(format!(
-                                "{}: non-leaf does not point at child shadow {cs:?}", here()
+                                "{}: non-leaf does not point at child shadow {cs:?}",
+                                here()
                             ));
                         }
                         let keep = pte::SHADOW_NONLEAF_KEEP;

@@ -58,7 +58,7 @@ pub enum FrameClass {
 pub const MAX_RAM_END: u64 = 1 << 40;
 
 fn range_ok(r: &Range<u64>) -> bool {
-    r.start < r.end && r.start % 4096 == 0 && r.end % 4096 == 0 && r.end <= 1 << MAXPHYADDR
+    r.start < r.end && r.start & 0xfff == 0 && r.end & 0xfff == 0 && r.end <= 1 << MAXPHYADDR
 }
 
 impl Layout {
@@ -81,7 +81,7 @@ impl Layout {
         }
         let pool_ok = self.pool_frames > 0
             && self.pool_frames < (1 << 22)
-            && self.pool_base % 4096 == 0
+            && self.pool_base & 0xfff == 0
             && self
                 .pool_base
                 .checked_add(self.pool_frames * 4096)

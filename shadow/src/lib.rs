@@ -8,16 +8,16 @@
 //! replaced or dropped). See `README.md` for the model and every documented choice.
 //!
 //! Modules, one job each:
-//! * [`layout`]: RAM / reserved / pool ranges and frame classification;
-//! * [`pte`]: entry bits, the per-level flag whitelist, entry classification;
-//! * [`rules`]: every validation rule as a named function with its error;
+//! * [`layout`] — RAM / reserved / pool ranges and frame classification;
+//! * [`pte`] — entry bits, the per-level flag whitelist, entry classification;
+//! * [`rules`] — every validation rule as a named function with its error;
 //! * `frames`: page-table types, pins, references and back-references;
 //! * `pool`: the shadow pool allocator and the reverse map of writable mappings;
 //! * `engine`: the [`ShadowMmu`] and one method per op;
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
-//! * [`flush`]: flush reasons, avoided-flush reasons, per-vCPU pending flushes;
-//! * [`counters`]: statistics;
+//! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
+//! * [`counters`] — statistics;
 //! * `debug`: test helpers (translation through the shadow, invariant checker).
 #![deny(missing_docs)]
 

@@ -22,14 +22,21 @@ pub(crate) fn table<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_>, Rule
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
     let pm = mem.physical_memory().ok_or(Rule::Unbacked)?;
     let (region, off) = pm.to_region_addr(GuestAddress(gpa)).ok_or(Rule::Unbacked)?;
-    if off.raw_value().checked_add(4096).is_none_or(|end| end > region.len()) {
+    if off
+        .raw_value()
+        .checked_add(4096)
+        .is_none_or(|end| end > region.len())
+    {
         return Err(Rule::Unbacked);
     }
     let base = region.get_host_address(off).map_err(|_| Rule::Unbacked)? as *const AtomicU64;
     if !base.is_aligned() {
         return Err(Rule::Unbacked);
     }
-    Ok(Table { base, _mem: PhantomData })
+    Ok(Table {
+        base,
+        _mem: PhantomData,
+    })
 }
 
 impl Table<'_> {

@@ -274,6 +274,7 @@ pub fn vcpu_valid(vcpu: usize, vcpus: usize) -> Result<(), Rule> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::pte::*;

@@ -1,4 +1,5 @@
 //! Unit tests of every op and every refusal.
+#![allow(clippy::single_range_in_vec_init)]
 
 use hypercall::{HcError, MmuOp};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

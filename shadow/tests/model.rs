@@ -1,4 +1,5 @@
 //! Property test: random sequences of valid and hostile ops against a reference model of
+#![allow(clippy::single_range_in_vec_init)]
 //! what every VA translates to and which A/D bits the guest must see after a sync, with a
 //! simulated CPU setting A/D bits in the shadow leaves.
 
