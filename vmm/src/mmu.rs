@@ -73,6 +73,7 @@ impl MmuBatch {
             let out = engine.end_batch(ctx.vcpu);
             ctx.effects.new_cr3 = out.new_cr3;
             ctx.effects.flush = out.flush.is_some();
+            ctx.effects.host_resync = done > 0;
             match failure {
                 None => Response {
                     status: 0,

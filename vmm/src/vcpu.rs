@@ -47,6 +47,8 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     /// Hypercall dispatcher.
     pub hcalls: Arc<Dispatcher>,
+    /// The shadow pool's memslot, re-registered when KVM must forget pool translations.
+    pub pool_slot: Option<Arc<crate::vm::PoolSlot>>,
     /// Set when the VM must end.
     pub stop: Arc<AtomicBool>,
     /// Statistics collected by this thread.
@@ -157,6 +159,11 @@ impl Vcpu {
     fn apply(&mut self, fx: Effects) -> Result<Option<VcpuEnd>, String> {
         if let Some(code) = fx.exit {
             return Ok(Some(VcpuEnd::GuestExit(code)));
+        }
+        if fx.host_resync {
+            if let Some(p) = &self.pool_slot {
+                p.resync()?;
+            }
         }
         if fx.new_cr3.is_some() || fx.flush {
             let mut s = self

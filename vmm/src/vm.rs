@@ -78,7 +78,36 @@ pub fn choose_transport(kvm: &Kvm, mode: HypercallMode) -> (Transport, &'static 
     }
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), SetupError> {
+/// The shadow pool's memslot. Re-registering it makes KVM drop every translation it cached
+/// from pool page tables: on hosts that shadow guest page tables in software, writes the VMM
+/// makes to the pool from userspace are otherwise invisible to KVM.
+pub struct PoolSlot {
+    vm: Arc<VmFd>,
+    region: kvm_userspace_memory_region,
+}
+
+impl PoolSlot {
+    /// Deletes and re-adds the pool memslot.
+    pub fn resync(&self) -> Result<(), String> {
+        let gone = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..self.region
+        };
+        // SAFETY: same slot and backing as registered at setup; the mapping outlives the VM.
+        unsafe { self.vm.set_user_memory_region(gone) }
+            .map_err(|e| format!("deleting pool memslot: {e}"))?;
+        // SAFETY: as above.
+        unsafe { self.vm.set_user_memory_region(self.region) }
+            .map_err(|e| format!("re-adding pool memslot: {e}"))
+    }
+}
+
+/// Registers every region; returns the last one (the shadow pool).
+fn register_memory(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<kvm_userspace_memory_region>, SetupError> {
+    let mut last = None;
     let phys = mem
         .physical_memory()
         .ok_or_else(|| SetupError::kvm("guest memory", "no physical memory"))?;
@@ -93,8 +122,9 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), SetupError> {
         // SAFETY: the mapping belongs to `mem`, which lives as long as the VM.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| SetupError::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        last = Some(region);
     }
-    Ok(())
+    Ok(last)
 }
 
 fn serial_out(mode: &SerialMode) -> Result<SerialOut, SetupError> {
@@ -165,7 +195,14 @@ pub fn run_with_devices(
     let vm = kvm
         .create_vm()
         .map_err(|e| SetupError::kvm("KVM_CREATE_VM", e))?;
-    register_memory(&vm, &mem)?;
+    let vm = Arc::new(vm);
+    let pool_region = register_memory(&vm, &mem)?;
+    let pool_slot = pool_region.map(|region| {
+        Arc::new(PoolSlot {
+            vm: vm.clone(),
+            region,
+        })
+    });
     vm.set_tss_address(0xfffb_d000)
         .map_err(|e| SetupError::kvm("KVM_SET_TSS_ADDR", e))?;
     vm.create_irq_chip()
@@ -270,6 +307,7 @@ pub fn run_with_devices(
             pio: pio.clone(),
             mmio: mmio.clone(),
             hcalls: dispatcher.clone(),
+            pool_slot: pool_slot.clone(),
             stop: stop.clone(),
             stats,
             kvm_stats,

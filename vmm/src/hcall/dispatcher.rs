@@ -19,6 +19,8 @@ pub struct Effects {
     pub new_cr3: Option<u64>,
     /// Flush the vCPU's TLB.
     pub flush: bool,
+    /// Make KVM drop what it cached from the shadow pool (re-register its memslot).
+    pub host_resync: bool,
 }
 
 /// The result of one hypercall, for the statistics and the vCPU loop.
