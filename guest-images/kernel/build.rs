@@ -23,7 +23,10 @@ fn main() {
     println!("cargo:rerun-if-changed=linker.ld");
     let user = dir.join("../user").canonicalize().unwrap();
     println!("cargo:rerun-if-changed={}", user.join("src").display());
-    println!("cargo:rerun-if-changed={}", user.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        user.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-changed={}", user.join("user.ld").display());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let target_dir = out.join("user-target");
@@ -41,11 +44,23 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&user)
-        .args(["build", "--release", "--offline", "--bins", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--bins",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags);
-    for v in ["RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER"] {
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
         cmd.env_remove(v);
     }
     let st = cmd.status().expect("cargo build of the user programs");

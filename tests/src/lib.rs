@@ -122,7 +122,8 @@ pub struct TapPoint {
     pub name: String,
     /// `# SKIP` reason, if skipped.
     pub skip: Option<String>,
-    /// Diagnostic lines (`# ...`) after the point, without the `# `.
+    /// Diagnostic lines (`# ...`) printed since the previous point, without the `# `
+    /// (kselftest style: a test's diagnostics come before its result line).
     pub diag: Vec<String>,
 }
 
@@ -133,8 +134,10 @@ pub struct Tap {
     pub plan: Option<u32>,
     /// Test points in order.
     pub points: Vec<TapPoint>,
-    /// Diagnostics before the first point.
+    /// Diagnostics before the plan line.
     pub preamble: Vec<String>,
+    /// Diagnostics after the last point.
+    pub trailer: Vec<String>,
 }
 
 impl Tap {
@@ -147,6 +150,7 @@ impl Tap {
             .find(|l| *l == "TAP version 13")
             .ok_or("no 'TAP version 13' line")?;
         let mut tap = Tap::default();
+        let mut pending: Vec<String> = Vec::new();
         for l in lines {
             if let Some(n) = l.strip_prefix("1..") {
                 tap.plan = Some(n.trim().parse().map_err(|_| format!("bad plan '{l}'"))?);
@@ -174,15 +178,17 @@ impl Tap {
                     num,
                     name,
                     skip,
-                    diag: vec![],
+                    diag: std::mem::take(&mut pending),
                 });
             } else if let Some(d) = l.strip_prefix("# ").or_else(|| l.strip_prefix("#")) {
-                match tap.points.last_mut() {
-                    Some(p) => p.diag.push(d.to_string()),
-                    None => tap.preamble.push(d.to_string()),
+                if tap.plan.is_none() {
+                    tap.preamble.push(d.to_string());
+                } else {
+                    pending.push(d.to_string());
                 }
             }
         }
+        tap.trailer = pending;
         if tap.plan.is_none() {
             return Err("no plan line".into());
         }
@@ -206,10 +212,13 @@ mod tests {
 
     #[test]
     fn parses_tap() {
-        let t = Tap::parse("boot\nTAP version 13\n1..3\n# pre\nok 1 populate\n# updates 5\nnot ok 2 zap # bad\nok 3 hostile # SKIP native\n").unwrap();
+        let t = Tap::parse("boot\nTAP version 13\n# pre\n1..3\n# populate: 5\nok 1 populate\n# updates 5\nnot ok 2 zap # bad\nok 3 hostile # SKIP native\n# 1 failed\n").unwrap();
         assert_eq!(t.plan, Some(3));
         assert_eq!(t.points.len(), 3);
-        assert_eq!(t.get("populate").unwrap().diag, vec!["updates 5"]);
+        assert_eq!(t.preamble, vec!["pre"]);
+        assert_eq!(t.get("populate").unwrap().diag, vec!["populate: 5"]);
+        assert_eq!(t.get("zap").unwrap().diag, vec!["updates 5"]);
+        assert_eq!(t.trailer, vec!["1 failed"]);
         assert!(!t.get("zap").unwrap().ok);
         assert_eq!(t.get("hostile").unwrap().skip.as_deref(), Some("native"));
         assert_eq!(t.failures(), 1);

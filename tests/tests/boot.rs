@@ -36,7 +36,10 @@ fn boots_with_json_stats_and_plausible_values() {
     if !kvm_available("boots_with_json_stats_and_plausible_values") {
         return;
     }
-    let (out, v) = stats_json("console=ttyS0 exit=0", &["--hypercall", "pio"]);
+    let (out, v) = stats_json(
+        "console=ttyS0 selftest=none exit=0",
+        &["--hypercall", "pio"],
+    );
     let console = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -46,7 +49,7 @@ fn boots_with_json_stats_and_plausible_values() {
     );
     assert!(console.contains(BANNER), "{console}");
     assert!(
-        console.contains("cmdline: console=ttyS0 exit=0"),
+        console.contains("cmdline: console=ttyS0 selftest=none exit=0"),
         "{console}"
     );
     assert!(console.contains("usable"), "e820 printed: {console}");
@@ -109,7 +112,7 @@ fn guest_exit_status_is_the_vmm_exit_code_and_table_is_printed() {
     if !kvm_available("guest_exit_status_is_the_vmm_exit_code_and_table_is_printed") {
         return;
     }
-    let out = run_guest("console=ttyS0 exit=7", &["--stats", "table"]);
+    let out = run_guest("console=ttyS0 selftest=none exit=7", &["--stats", "table"]);
     assert_eq!(out.status.code(), Some(7));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -118,7 +121,10 @@ fn guest_exit_status_is_the_vmm_exit_code_and_table_is_printed() {
             && err.contains("0x3f8"),
         "{err}"
     );
-    let out = run_guest("console=ttyS0", &["--stats", "none", "--serial", "none"]);
+    let out = run_guest(
+        "console=ttyS0 selftest=none",
+        &["--stats", "none", "--serial", "none"],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("exit statistics"));
@@ -131,7 +137,10 @@ fn serial_to_file() {
     }
     let f = temp("serial.txt");
     let arg = format!("file={}", f.display());
-    let out = run_guest("console=ttyS0", &["--serial", &arg, "--stats", "none"]);
+    let out = run_guest(
+        "console=ttyS0 selftest=none",
+        &["--serial", &arg, "--stats", "none"],
+    );
     assert_eq!(out.status.code(), Some(0));
     let text = std::fs::read_to_string(&f).unwrap();
     let _ = std::fs::remove_file(&f);
@@ -149,7 +158,7 @@ fn auto_transport_picks_pio_here_quickly() {
     if !kvm_available("auto_transport_picks_pio_here_quickly") {
         return;
     }
-    let (out, v) = stats_json("console=ttyS0", &["--hypercall", "auto"]);
+    let (out, v) = stats_json("console=ttyS0 selftest=none", &["--hypercall", "auto"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(v["vm"]["transport_choice"], "auto");
     let probe_ns = v["vm"]["transport_probe_ns"].as_u64().unwrap();
@@ -173,12 +182,15 @@ fn vmcall_transport_where_it_exits() {
     if !kvm_available("vmcall_transport_where_it_exits") {
         return;
     }
-    let (_, v) = stats_json("console=ttyS0", &["--hypercall", "auto"]);
+    let (_, v) = stats_json("console=ttyS0 selftest=none", &["--hypercall", "auto"]);
     if v["vm"]["hypercall_transport"] != "vmcall" {
         eprintln!("SKIP vmcall_transport_where_it_exits: the auto probe found that vmcall does not exit to userspace on this host");
         return;
     }
-    let (out, v) = stats_json("console=ttyS0 exit=5", &["--hypercall", "vmcall"]);
+    let (out, v) = stats_json(
+        "console=ttyS0 selftest=none exit=5",
+        &["--hypercall", "vmcall"],
+    );
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(v["vm"]["hypercall_transport"], "vmcall");
 }

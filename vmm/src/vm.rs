@@ -244,6 +244,7 @@ pub fn run_with_devices(
         .map_err(|e| SetupError::kvm("KVM_IRQFD", e))?;
     let serial = Arc::new(Mutex::new(SerialDevice {
         uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        write_failed: false,
     }));
     let i8042 = Arc::new(Mutex::new(I8042::new()));
     let ram = GuestRam::new(mem.clone(), layout.usable().collect());

@@ -162,10 +162,8 @@ pub fn init() {
         // int 0x80: the syscall gate (DPL 3, no IST: the CPU pushes straight into the
         // current process's trap frame through TSS.RSP0).
         let h = int80_entry as *const () as u64;
-        IDT.0[0x80][0] = (h & 0xffff)
-            | (KCODE << 16)
-            | (0xeeu64 << 40)
-            | (((h >> 16) & 0xffff) << 48);
+        IDT.0[0x80][0] =
+            (h & 0xffff) | (KCODE << 16) | (0xeeu64 << 40) | (((h >> 16) & 0xffff) << 48);
         IDT.0[0x80][1] = h >> 32;
         let i = Dtr {
             limit: 256 * 16 - 1,

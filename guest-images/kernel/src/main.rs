@@ -82,7 +82,22 @@ extern "C" fn kmain(zero_page: u64) -> ! {
         CMDLINE[..n].copy_from_slice(&info.cmdline.as_bytes()[..n]);
         CMDLINE_LEN = n;
     }
-    let _ = writeln!(con, "pvmm-guest {}: booted, cmdline: {}", env!("CARGO_PKG_VERSION"), cmdline());
+    let _ = writeln!(
+        con,
+        "pvmm-guest {}: booted, cmdline: {}",
+        env!("CARGO_PKG_VERSION"),
+        cmdline()
+    );
+    let _ = writeln!(con, "e820: {} entries", info.e820_count);
+    for e in info.e820() {
+        let _ = writeln!(
+            con,
+            "  [{:#012x}-{:#012x}) {}",
+            e.addr,
+            e.addr + e.size,
+            if e.kind == 1 { "usable" } else { "reserved" }
+        );
+    }
     let mode = match arg("mmu") {
         Some("pv") => Mode::Pv,
         Some("pv-lazy") => Mode::PvLazy,
@@ -91,7 +106,9 @@ extern "C" fn kmain(zero_page: u64) -> ! {
     let pv = pv::Pv::discover();
     let m = mmu();
     m.mode = mode;
-    m.batch = arg_u64("lazy_batch").unwrap_or(1024).clamp(1, mmu::QMAX as u64) as usize;
+    m.batch = arg_u64("lazy_batch")
+        .unwrap_or(1024)
+        .clamp(1, mmu::QMAX as u64) as usize;
     m.zero_vmm = arg("zero") != Some("cpu");
     if let Some(p) = &pv {
         let _ = writeln!(
@@ -128,7 +145,11 @@ extern "C" fn kmain(zero_page: u64) -> ! {
         "# mmu={} lazy_batch={} zero={} ram_end={:#x} free_frames={} boot_cycles={}",
         mode.name(),
         m.batch,
-        if m.zero_vmm && mode != Mode::Native { "vmm" } else { "cpu" },
+        if m.zero_vmm && mode != Mode::Native {
+            "vmm"
+        } else {
+            "cpu"
+        },
         // SAFETY: set at boot.
         unsafe { mem::RAM_END },
         mem::free_count(),
@@ -136,7 +157,10 @@ extern "C" fn kmain(zero_page: u64) -> ! {
     );
     if arg("break") == Some("drop_update") {
         m.drop_after = 1 + arg_u64("drop_at").unwrap_or(3);
-        let _ = writeln!(con, "# break=drop_update: the pv-lazy backend will drop one queued PT_UPDATE");
+        let _ = writeln!(
+            con,
+            "# break=drop_update: the pv-lazy backend will drop one queued PT_UPDATE"
+        );
     }
     let opts_tests = arg("selftest").unwrap_or("all");
     let failures = selftest::run(
@@ -145,14 +169,19 @@ extern "C" fn kmain(zero_page: u64) -> ! {
         arg_u64("seed").unwrap_or(0x1234_5678),
     );
     let p = mmu().pv.take();
-    finish(p, failures.min(255) as u8)
+    // `exit=N` overrides the status (used to test that the VMM passes it through).
+    let status = arg_u64("exit").map_or(failures.min(255) as u8, |c| c.min(255) as u8);
+    finish(p, status)
 }
 
 fn finish(pv: Option<pv::Pv>, code: u8) -> ! {
     if let Some(p) = pv {
         p.exit(code);
     }
-    let _ = writeln!(serial::Console, "no PV interface: exiting via i8042 reset (status {code})");
+    let _ = writeln!(
+        serial::Console,
+        "no PV interface: exiting via i8042 reset (status {code})"
+    );
     serial::reset()
 }
 
@@ -240,7 +269,10 @@ unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
 unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
-        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        let (x, y) = (
+            core::ptr::read_volatile(a.add(i)),
+            core::ptr::read_volatile(b.add(i)),
+        );
         if x != y {
             return i32::from(x) - i32::from(y);
         }

@@ -128,7 +128,10 @@ pub fn free(pa: u64) {
     let pfn = (pa >> 12) as usize;
     // SAFETY: single CPU.
     unsafe {
-        assert!(FREEBITS[pfn / 64] & (1 << (pfn % 64)) == 0, "double free of frame {pa:#x}");
+        assert!(
+            FREEBITS[pfn / 64] & (1 << (pfn % 64)) == 0,
+            "double free of frame {pa:#x}"
+        );
         FREEBITS[pfn / 64] |= 1 << (pfn % 64);
     }
     al.free[al.nfree] = pfn as u32;

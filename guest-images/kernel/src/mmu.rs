@@ -48,7 +48,8 @@ pub struct Counters {
 }
 
 /// `debug_faults`: log every user page fault.
-pub static DEBUG_FAULTS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+pub static DEBUG_FAULTS: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
 pub const QMAX: usize = 1024;
 
 #[repr(C, align(4096))]

@@ -96,7 +96,11 @@ pub fn spawn(elf: &[u8], args: [u64; 3]) -> Option<usize> {
     if !load_elf(&mut p.space, elf) {
         return None;
     }
-    p.space.add_vma(vm::STACK_TOP - vm::STACK_SIZE, vm::STACK_TOP, PROT_R | PROT_W);
+    p.space.add_vma(
+        vm::STACK_TOP - vm::STACK_SIZE,
+        vm::STACK_TOP,
+        PROT_R | PROT_W,
+    );
     // SAFETY: single CPU.
     let pid = unsafe {
         let v = NEXT_PID;
@@ -249,7 +253,10 @@ fn exit_current(status: u64) -> ! {
         // SAFETY: single CPU.
         unsafe { RUNNER_STATUS = Some(status) };
         ps[i].state = State::Free;
-    } else if let Some(par) = ps.iter_mut().find(|q| q.pid == ppid && q.state == State::Wait) {
+    } else if let Some(par) = ps
+        .iter_mut()
+        .find(|q| q.pid == ppid && q.state == State::Wait)
+    {
         par.frame.rax = (status << 32) | pid;
         par.state = State::Run;
         ps[i].state = State::Free;
@@ -261,7 +268,10 @@ fn do_wait() -> u64 {
     let c = cur();
     let ps = procs();
     let me = ps[c].pid;
-    if let Some(z) = ps.iter_mut().find(|q| q.ppid == me && q.state == State::Zombie) {
+    if let Some(z) = ps
+        .iter_mut()
+        .find(|q| q.ppid == me && q.state == State::Zombie)
+    {
         z.state = State::Free;
         return (z.status << 32) | z.pid;
     }
@@ -502,7 +512,15 @@ pub extern "C" fn exception_trap(f: *mut TrapFrame) -> ! {
             if crate::mmu::DEBUG_FAULTS.load(core::sync::atomic::Ordering::Relaxed) {
                 let sp = &mut procs()[c].space;
                 let pte = sp.pte_ptr(addr, false).map(mem::rd).unwrap_or(0);
-                let _ = writeln!(serial::Console, "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x}", addr, f.err, f.rip, f.rsp, pte);
+                let _ = writeln!(
+                    serial::Console,
+                    "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x}",
+                    addr,
+                    f.err,
+                    f.rip,
+                    f.rsp,
+                    pte
+                );
             }
             if procs()[c].space.fault(addr, f.err & 2 != 0) {
                 return_to_user();

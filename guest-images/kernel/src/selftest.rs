@@ -23,17 +23,61 @@ struct Test {
 }
 
 const TESTS: &[Test] = &[
-    Test { name: "populate", elf: prog!("populate"), pv_only: false },
-    Test { name: "zap", elf: prog!("zap"), pv_only: false },
-    Test { name: "mprotect", elf: prog!("mprotect"), pv_only: false },
-    Test { name: "mremap", elf: prog!("mremap"), pv_only: false },
-    Test { name: "fork_cow", elf: prog!("fork_cow"), pv_only: false },
-    Test { name: "exit_teardown", elf: prog!("exit_teardown"), pv_only: false },
-    Test { name: "ad_young", elf: prog!("ad_young"), pv_only: false },
-    Test { name: "ad_dirty", elf: prog!("ad_dirty"), pv_only: false },
-    Test { name: "relocate", elf: prog!("relocate"), pv_only: false },
-    Test { name: "flush_avoid", elf: prog!("flush_avoid"), pv_only: false },
-    Test { name: "hostile", elf: &[], pv_only: true },
+    Test {
+        name: "populate",
+        elf: prog!("populate"),
+        pv_only: false,
+    },
+    Test {
+        name: "zap",
+        elf: prog!("zap"),
+        pv_only: false,
+    },
+    Test {
+        name: "mprotect",
+        elf: prog!("mprotect"),
+        pv_only: false,
+    },
+    Test {
+        name: "mremap",
+        elf: prog!("mremap"),
+        pv_only: false,
+    },
+    Test {
+        name: "fork_cow",
+        elf: prog!("fork_cow"),
+        pv_only: false,
+    },
+    Test {
+        name: "exit_teardown",
+        elf: prog!("exit_teardown"),
+        pv_only: false,
+    },
+    Test {
+        name: "ad_young",
+        elf: prog!("ad_young"),
+        pv_only: false,
+    },
+    Test {
+        name: "ad_dirty",
+        elf: prog!("ad_dirty"),
+        pv_only: false,
+    },
+    Test {
+        name: "relocate",
+        elf: prog!("relocate"),
+        pv_only: false,
+    },
+    Test {
+        name: "flush_avoid",
+        elf: prog!("flush_avoid"),
+        pv_only: false,
+    },
+    Test {
+        name: "hostile",
+        elf: &[],
+        pv_only: true,
+    },
 ];
 
 fn selected(list: &str, name: &str) -> bool {
@@ -78,7 +122,11 @@ pub fn run(list: &str, pages: u64, seed: u64) -> u32 {
         k += 1;
         let m = mmu();
         if t.pv_only && m.mode == Mode::Native {
-            let _ = writeln!(Console, "ok {k} {} # SKIP needs a PV MMU mode (mmu=pv or mmu=pv-lazy)", t.name);
+            let _ = writeln!(
+                Console,
+                "ok {k} {} # SKIP needs a PV MMU mode (mmu=pv or mmu=pv-lazy)",
+                t.name
+            );
             continue;
         }
         let free0 = mem::free_count();
@@ -99,7 +147,11 @@ pub fn run(list: &str, pages: u64, seed: u64) -> u32 {
         diag_counters(t.name, &c0, &c1, t1 - t0);
         let free1 = mem::free_count();
         let result = if result.is_ok() && free1 != free0 {
-            let _ = writeln!(Console, "# {}: free frames {} before, {} after", t.name, free0, free1);
+            let _ = writeln!(
+                Console,
+                "# {}: free frames {} before, {} after",
+                t.name, free0, free1
+            );
             Err("frames leaked")
         } else {
             result
@@ -112,7 +164,12 @@ pub fn run(list: &str, pages: u64, seed: u64) -> u32 {
                 failures += 1;
                 // SAFETY: single CPU.
                 let st = unsafe { proc::RUNNER_STATUS };
-                let _ = writeln!(Console, "not ok {k} {} # {why} (status {:#x})", t.name, st.unwrap_or(0));
+                let _ = writeln!(
+                    Console,
+                    "not ok {k} {} # {why} (status {:#x})",
+                    t.name,
+                    st.unwrap_or(0)
+                );
             }
         }
     }
@@ -197,29 +254,92 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
         MmuEntry::pt_update(l2, l1 | vm::P | vm::RW),
     ]);
     if ok != 0 {
-        let _ = writeln!(Console, "# hostile: building the scratch tables failed: {}", ename(ok));
+        let _ = writeln!(
+            Console,
+            "# hostile: building the scratch tables failed: {}",
+            ename(ok)
+        );
         return Err("setup");
     }
     let data = mem::alloc();
     let e = HcError::Eperm.status();
     let inval = HcError::Einval.status();
     let cases: [(&str, MmuEntry, i64); 14] = [
-        ("map the shadow pool", MmuEntry::pt_update(l1, pool | vm::P), e),
-        ("map outside RAM (MMIO hole)", MmuEntry::pt_update(l1, 0xfee0_0000 | vm::P), e),
-        ("map past the end of RAM", MmuEntry::pt_update(l1, (1 << 40) | vm::P), e),
-        ("map a reserved range", MmuEntry::pt_update(l1, 0x9f000 | vm::P), e),
-        ("wrong-level entry (L2 -> L3 table)", MmuEntry::pt_update(l2 + 8, l3 | vm::P | vm::RW), inval),
-        ("recursive entry (L4 -> itself)", MmuEntry::pt_update(kl4 + 16, kl4 | vm::P | vm::RW), inval),
-        ("misaligned PTE pointer", MmuEntry::pt_update(l1 + 4, data | vm::P), inval),
-        ("PT_UPDATE outside a page table", MmuEntry::pt_update(data, 0), inval),
-        ("reserved flag bits (protection key)", MmuEntry::pt_update(l1, data | vm::P | (1 << 59)), inval),
-        ("1 GiB leaf", MmuEntry::pt_update(l3 + 8, (1 << 30) | vm::P | vm::PS), inval),
-        ("unpin the loaded root", MmuEntry::unpin(kl4), HcError::Ebusy.status()),
-        ("NEW_BASEPTR of an unpinned frame", MmuEntry::new_baseptr(data), HcError::Enoent.status()),
-        ("ZERO_FRAME of a typed page table", MmuEntry::zero_frame(l1), HcError::Ebusy.status()),
+        (
+            "map the shadow pool",
+            MmuEntry::pt_update(l1, pool | vm::P),
+            e,
+        ),
+        (
+            "map outside RAM (MMIO hole)",
+            MmuEntry::pt_update(l1, 0xfee0_0000 | vm::P),
+            e,
+        ),
+        (
+            "map past the end of RAM",
+            MmuEntry::pt_update(l1, (1 << 40) | vm::P),
+            e,
+        ),
+        (
+            "map a reserved range",
+            MmuEntry::pt_update(l1, 0x9f000 | vm::P),
+            e,
+        ),
+        (
+            "wrong-level entry (L2 -> L3 table)",
+            MmuEntry::pt_update(l2 + 8, l3 | vm::P | vm::RW),
+            inval,
+        ),
+        (
+            "recursive entry (L4 -> itself)",
+            MmuEntry::pt_update(kl4 + 16, kl4 | vm::P | vm::RW),
+            inval,
+        ),
+        (
+            "misaligned PTE pointer",
+            MmuEntry::pt_update(l1 + 4, data | vm::P),
+            inval,
+        ),
+        (
+            "PT_UPDATE outside a page table",
+            MmuEntry::pt_update(data, 0),
+            inval,
+        ),
+        (
+            "reserved flag bits (protection key)",
+            MmuEntry::pt_update(l1, data | vm::P | (1 << 59)),
+            inval,
+        ),
+        (
+            "1 GiB leaf",
+            MmuEntry::pt_update(l3 + 8, (1 << 30) | vm::P | vm::PS),
+            inval,
+        ),
+        (
+            "unpin the loaded root",
+            MmuEntry::unpin(kl4),
+            HcError::Ebusy.status(),
+        ),
+        (
+            "NEW_BASEPTR of an unpinned frame",
+            MmuEntry::new_baseptr(data),
+            HcError::Enoent.status(),
+        ),
+        (
+            "ZERO_FRAME of a typed page table",
+            MmuEntry::zero_frame(l1),
+            HcError::Ebusy.status(),
+        ),
         (
             "unknown entry kind",
-            MmuEntry { kind: 99, flags: 0, reserved: 0, a0: 0, a1: 0, a2: 0 },
+            MmuEntry {
+                kind: 99,
+                flags: 0,
+                reserved: 0,
+                a0: 0,
+                a1: 0,
+                a2: 0,
+            },
             HcError::Enosys.status(),
         ),
     ];
@@ -230,7 +350,12 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
         if got != want {
             bad += 1;
         }
-        let _ = writeln!(Console, "# hostile: {what}: {} (expected {}) {mark}", ename(got), ename(want));
+        let _ = writeln!(
+            Console,
+            "# hostile: {what}: {} (expected {}) {mark}",
+            ename(got),
+            ename(want)
+        );
     }
     // A page-table frame mapped writable by a 4 KiB leaf: the engine may accept it but the
     // shadow must be read-only: a store through it faults.
@@ -241,7 +366,15 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
         Console,
         "# hostile: page table mapped writable: {}, store through it {} {}",
         ename(s),
-        if s == 0 { if faulted { "faulted" } else { "SUCCEEDED" } } else { "not attempted" },
+        if s == 0 {
+            if faulted {
+                "faulted"
+            } else {
+                "SUCCEEDED"
+            }
+        } else {
+            "not attempted"
+        },
         if faulted { "ok" } else { "MISMATCH" }
     );
     if !faulted {
@@ -253,14 +386,23 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
     let (unk, _) = mmu().pv.as_mut().unwrap().call(99, [0; 4]);
     for (what, got, want) in [
         ("oversized batch (1025)", big, HcError::E2big.status()),
-        ("truncated batch (runs past RAM)", trunc, HcError::Efault.status()),
+        (
+            "truncated batch (runs past RAM)",
+            trunc,
+            HcError::Efault.status(),
+        ),
         ("unknown op", unk, HcError::Enosys.status()),
     ] {
         let mark = if got == want { "ok" } else { "MISMATCH" };
         if got != want {
             bad += 1;
         }
-        let _ = writeln!(Console, "# hostile: {what}: {} (expected {}) {mark}", ename(got), ename(want));
+        let _ = writeln!(
+            Console,
+            "# hostile: {what}: {} (expected {}) {mark}",
+            ename(got),
+            ename(want)
+        );
     }
     // Tear the scratch chain down (unlinking untypes it) and free it.
     let s = send(&[MmuEntry::pt_update(l1, 0), MmuEntry::pt_update(kl4 + 8, 0)]);
@@ -276,7 +418,10 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
     match run_prog(TESTS[0].elf, pages.min(64), seed) {
         Some(0) => {}
         _ => {
-            let _ = writeln!(Console, "# hostile: the populate workload failed afterwards");
+            let _ = writeln!(
+                Console,
+                "# hostile: the populate workload failed afterwards"
+            );
             bad += 1;
         }
     }

@@ -202,7 +202,13 @@ impl Space {
 
     /// Calls `f(va, pte_ptr)` for every page of [start, end) that has an L1 table
     /// (creating tables if `create`).
-    pub fn each_pte(&mut self, start: u64, end: u64, create: bool, mut f: impl FnMut(&mut Space, u64, u64)) {
+    pub fn each_pte(
+        &mut self,
+        start: u64,
+        end: u64,
+        create: bool,
+        mut f: impl FnMut(&mut Space, u64, u64),
+    ) {
         let mut va = start;
         while va < end {
             let next2m = (va | 0x1f_ffff) + 1;
@@ -442,10 +448,18 @@ impl Space {
                 m.push(MmuEntry::sync_ad(va, pages, f));
             }
             m.leave_lazy();
-            let off = if bit == A { 0 } else { hypercall::ad_bitmap_bytes(pages) };
+            let off = if bit == A {
+                0
+            } else {
+                hypercall::ad_bitmap_bytes(pages)
+            };
             for (k, w) in out.iter_mut().enumerate().take(pages.div_ceil(64) as usize) {
                 // SAFETY: the bitmap static, through the kernel window.
-                *w = unsafe { core::ptr::read_volatile((crate::KERNEL_VMA + g + off + 8 * k as u64) as *const u64) };
+                *w = unsafe {
+                    core::ptr::read_volatile(
+                        (crate::KERNEL_VMA + g + off + 8 * k as u64) as *const u64,
+                    )
+                };
                 count += u64::from(w.count_ones());
             }
             return count;
@@ -526,7 +540,13 @@ fn ad_bitmap_gpa() -> u64 {
 
 /// Maps [pa_start, pa_end) at `va_base + pa` in the table tree rooted at `l4` with plain
 /// writes (boot only: 2 MiB pages where aligned, 4 KiB elsewhere).
-pub fn boot_map(l4: u64, va_base: u64, pa_start: u64, pa_end: u64, tables: &mut impl FnMut() -> u64) {
+pub fn boot_map(
+    l4: u64,
+    va_base: u64,
+    pa_start: u64,
+    pa_end: u64,
+    tables: &mut impl FnMut() -> u64,
+) {
     let mut pa = pa_start;
     while pa < pa_end {
         let va = va_base + pa;
@@ -588,4 +608,3 @@ pub fn user_pa(s: &mut Space, va: u64, write: bool) -> Option<u64> {
     }
     None
 }
-

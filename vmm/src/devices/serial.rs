@@ -45,6 +45,8 @@ pub const COM1_IRQ: u32 = 4;
 pub struct SerialDevice {
     /// The vm-superio model.
     pub uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOut>,
+    /// An output error was already reported (report once, not per byte).
+    pub write_failed: bool,
 }
 
 impl BusDevice for SerialDevice {
@@ -59,7 +61,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) -> BusAction {
         if let Some(&b) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, b) {
-                log::warn!("serial write failed: {e:?}");
+                if !self.write_failed {
+                    log::warn!("serial output failed (further errors not shown): {e:?}");
+                }
+                self.write_failed = true;
             }
         }
         BusAction::None

@@ -14,15 +14,16 @@ pub fn test_main(a: Args) -> i32 {
     let fl1 = stat(st::FLUSHES);
     diag!("{} untouched pages mapped+unmapped: {} guest TLB flushes", n, fl1 - fl0);
     check!(fl1 == fl0, "{} flushes for never-touched pages", fl1 - fl0);
-    // For contrast: touched pages.
+    if a.mode != 0 {
+        // PV: the VMM's flush counters for this run must show only avoided flushes (the
+        // end-to-end test compares them with a run without selftests).
+        return 0;
+    }
+    // Native, for contrast: touched pages need INVLPG.
     let x = mmap(len, RW, MAP_POPULATE);
     fill(x, n, 1);
     check!(munmap(x, len) == n, "munmap");
     let fl2 = stat(st::FLUSHES);
-    diag!("{} touched pages mapped+unmapped: {} guest TLB flushes ({})", n, fl2 - fl1,
-        if a.mode == 0 { "native INVLPG" } else { "PV: none sent, the VMM flushes" });
-    if a.mode != 0 {
-        check!(fl2 == fl1, "PV kernel sent flushes");
-    }
+    diag!("{} touched pages mapped+unmapped: {} guest TLB flushes (native INVLPG)", n, fl2 - fl1);
     0
 }
