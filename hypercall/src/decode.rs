@@ -137,7 +137,7 @@ pub const fn is_canonical(va: u64) -> bool {
 }
 
 fn page_aligned(a: u64) -> Result<u64, HcError> {
-    if a % PAGE_SIZE == 0 {
+    if a.is_multiple_of(PAGE_SIZE) {
         Ok(a)
     } else {
         Err(HcError::Einval)
@@ -145,7 +145,7 @@ fn page_aligned(a: u64) -> Result<u64, HcError> {
 }
 
 fn ad_range(va: u64, pages: u64) -> Result<(), HcError> {
-    if va % PAGE_SIZE != 0 || !is_canonical(va) || pages == 0 {
+    if !va.is_multiple_of(PAGE_SIZE) || !is_canonical(va) || pages == 0 {
         return Err(HcError::Einval);
     }
     if pages > abi::MAX_AD_RANGE_PAGES {

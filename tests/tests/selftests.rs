@@ -2,7 +2,6 @@
 
 use pvmm_e2e::*;
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 const PAGES: &str = "pages=256";
 
@@ -26,23 +25,6 @@ fn suite(mode: &str, extra: &str) -> (std::process::Output, Tap, Value) {
         .expect("stats JSON");
     let _ = std::fs::remove_file(&f);
     (out, tap, stats)
-}
-
-/// `key=value` numbers of the `# <name>: ...` diagnostic line.
-fn diag(tap: &Tap, name: &str) -> BTreeMap<String, u64> {
-    let prefix = format!("{name}:");
-    tap.get(name)
-        .map(|p| p.diag.clone())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .flat_map(|r| {
-            r.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// The `<n>` of "<op>...: ..., <n> MMU hypercalls" in the diagnostics of `test`.

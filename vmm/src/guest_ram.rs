@@ -53,6 +53,6 @@ impl GuestRam {
     #[cfg(test)]
     pub fn for_test(size: u64) -> GuestRam {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
-        GuestRam::new(mem, vec![0..size])
+        GuestRam::new(mem, std::iter::once(0..size).collect())
     }
 }

@@ -69,9 +69,9 @@ impl Layout {
                 need: MIN_MEM,
             });
         }
-        if mem_size % PAGE != 0 || pool_size % PAGE != 0 || pool_size == 0 {
+        if !mem_size.is_multiple_of(PAGE) || !pool_size.is_multiple_of(PAGE) || pool_size == 0 {
             return Err(SetupError::Unaligned {
-                what: if mem_size % PAGE != 0 {
+                what: if !mem_size.is_multiple_of(PAGE) {
                     "--mem"
                 } else {
                     "--shadow-pool"

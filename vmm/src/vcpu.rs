@@ -14,6 +14,12 @@ use std::time::Instant;
 /// CR3 bit toggled to force KVM to drop cached translations (PWT; harmless for RAM).
 pub const CR3_FLUSH_TOGGLE: u64 = 1 << 3;
 
+/// Periodic snapshots: the requested epoch and the channel to the main thread.
+pub type SnapshotLink = (
+    Arc<std::sync::atomic::AtomicU64>,
+    std::sync::mpsc::Sender<(usize, VcpuStats)>,
+);
+
 /// Why a vCPU stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuEnd {
@@ -58,10 +64,7 @@ pub struct Vcpu {
     /// Dump registers when the loop ends even on success.
     pub dump_regs: bool,
     /// Periodic snapshots: (requested epoch, channel to the main thread).
-    pub snapshots: Option<(
-        Arc<std::sync::atomic::AtomicU64>,
-        std::sync::mpsc::Sender<(usize, VcpuStats)>,
-    )>,
+    pub snapshots: Option<SnapshotLink>,
     /// Last snapshot epoch answered.
     pub seen_epoch: u64,
 }

@@ -144,7 +144,7 @@ impl Dispatcher {
     }
 
     fn read_request(&self, gpa: u64) -> Result<[u8; REQUEST_IN_LEN], HcError> {
-        if gpa % REQUEST_ALIGN != 0 {
+        if !gpa.is_multiple_of(REQUEST_ALIGN) {
             return Err(HcError::Einval);
         }
         let mut b = [0u8; REQUEST_IN_LEN];

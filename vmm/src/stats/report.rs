@@ -215,7 +215,7 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             entries_per_call: (o.entries.count() > 0).then(|| Dist::from(&o.entries)),
         })
         .collect();
-    hypercalls.sort_by(|a, b| b.dist.total_ns.cmp(&a.dist.total_ns));
+    hypercalls.sort_by_key(|h| std::cmp::Reverse(h.dist.total_ns));
     let kvm = s
         .kvm_end
         .iter()
