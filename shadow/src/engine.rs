@@ -163,6 +163,19 @@ impl ShadowMmu {
         f
     }
 
+    /// True (once) if pool frames freed since the last [`ShadowMmu::host_resynced`] were
+    /// reused. Some hypervisors (software KVM) cache translations from the pool's tables and
+    /// do not see the VMM's writes to them; the VMM must then make the hypervisor drop them
+    /// (e.g. re-register the pool memslot) before resuming any vCPU.
+    pub fn take_host_resync_needed(&mut self) -> bool {
+        self.pool.take_resync_needed()
+    }
+
+    /// The VMM made the hypervisor drop every translation cached from the pool.
+    pub fn host_resynced(&mut self) {
+        self.pool.resynced();
+    }
+
     /// The address space `vcpu` has loaded.
     pub fn loaded_root(&self, vcpu: usize) -> Option<LoadedRoot> {
         let l4 = (*self.roots.get(vcpu)?)?;

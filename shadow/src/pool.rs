@@ -47,7 +47,13 @@ pub(crate) type Slot = u32;
 pub(crate) struct Pool {
     /// Guest-physical base.
     pub base: u64,
+    /// Frames no translation cache can hold (never used, or freed before the last resync).
     free: Vec<u32>,
+    /// Frames freed since the last host resync: a hypervisor that caches translations from
+    /// pool tables may still hold them, so they are reused only when `free` runs dry, and
+    /// then [`Pool::take_resync_needed`] says so.
+    dirty: Vec<u32>,
+    resync_needed: bool,
     meta: Vec<Option<Meta>>,
     used: u64,
     high_water: u64,
@@ -66,6 +72,8 @@ impl Pool {
         Pool {
             base,
             free: (0..frames as u32).rev().collect(),
+            dirty: Vec::new(),
+            resync_needed: false,
             meta: vec![None; frames as usize],
             used: 0,
             high_water: 0,
@@ -104,7 +112,14 @@ impl Pool {
 
     /// Takes a free frame (the caller zeroes it), or `None`.
     pub fn alloc(&mut self, owner: Owner, epoch: u64) -> Option<u32> {
-        let idx = self.free.pop()?;
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = self.dirty.pop()?;
+                self.resync_needed = true;
+                i
+            }
+        };
         if let Some(m) = self.meta.get_mut(idx as usize) {
             *m = Some(Meta { owner, epoch });
         }
@@ -118,9 +133,21 @@ impl Pool {
         if let Some(m) = self.meta.get_mut(idx as usize) {
             if m.take().is_some() {
                 self.used -= 1;
-                self.free.push(idx);
+                self.dirty.push(idx);
             }
         }
+    }
+
+    /// True (once) if a frame freed since the last resync was reused: the hypervisor must
+    /// drop what it cached from the pool before the guest runs again.
+    pub fn take_resync_needed(&mut self) -> bool {
+        std::mem::take(&mut self.resync_needed)
+    }
+
+    /// The hypervisor dropped its pool translations: every freed frame is clean again.
+    pub fn resynced(&mut self) {
+        self.free.append(&mut self.dirty);
+        self.resync_needed = false;
     }
 
     /// Owner record of pool frame `idx`.
@@ -225,6 +252,24 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freed_frames_wait_for_a_resync() {
+        let mut p = Pool::new(0x1000_0000, 2, 16);
+        let a = p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).unwrap();
+        let b = p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).unwrap();
+        p.free(a);
+        assert!(!p.take_resync_needed(), "freeing alone needs no resync");
+        // Only dirty frames left: reusing one needs a resync.
+        assert_eq!(p.alloc(Owner::Table { pfn: 1, level: 1 }, 0), Some(a));
+        assert!(p.take_resync_needed());
+        assert!(!p.take_resync_needed(), "reported once");
+        p.free(a);
+        p.free(b);
+        p.resynced();
+        assert!(p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).is_some());
+        assert!(!p.take_resync_needed(), "clean after a resync");
+    }
 
     #[test]
     fn alloc_free_and_rmap() {

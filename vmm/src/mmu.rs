@@ -72,8 +72,16 @@ impl MmuBatch {
             }
             let out = engine.end_batch(ctx.vcpu);
             ctx.effects.new_cr3 = out.new_cr3;
+            // This host's KVM caches translations from the pool's tables and cannot see the
+            // VMM's writes to them: a changed cached entry (a needed flush) or a reused pool
+            // frame means KVM must drop them (the pool memslot is re-registered, which also
+            // flushes the TLB).
+            let resync = out.flush.is_some() || engine.take_host_resync_needed();
+            if resync {
+                engine.host_resynced();
+            }
             ctx.effects.flush = out.flush.is_some();
-            ctx.effects.host_resync = done > 0;
+            ctx.effects.host_resync = resync;
             match failure {
                 None => Response {
                     status: 0,

@@ -163,12 +163,20 @@ impl Vcpu {
         if let Some(code) = fx.exit {
             return Ok(Some(VcpuEnd::GuestExit(code)));
         }
+        let mut flushed = false;
         if fx.host_resync {
             if let Some(p) = &self.pool_slot {
+                let t = Instant::now();
                 p.resync()?;
+                self.stats
+                    .effect("host_resync", t.elapsed().as_nanos() as u64);
+                // KVM dropped every translation through the pool: that is a TLB flush.
+                flushed = true;
             }
         }
-        if fx.new_cr3.is_some() || fx.flush {
+        let toggle = fx.flush && !flushed;
+        if fx.new_cr3.is_some() || toggle {
+            let t = Instant::now();
             let mut s = self
                 .fd
                 .get_sregs()
@@ -176,12 +184,18 @@ impl Vcpu {
             match fx.new_cr3 {
                 // Loading a different root flushes by itself; reloading the same root with a
                 // flush pending must still change CR3 for KVM to drop cached translations.
-                Some(cr3) if !(fx.flush && s.cr3 & !CR3_FLUSH_TOGGLE == cr3) => s.cr3 = cr3,
+                Some(cr3) if !(toggle && s.cr3 & !CR3_FLUSH_TOGGLE == cr3) => s.cr3 = cr3,
                 _ => s.cr3 ^= CR3_FLUSH_TOGGLE,
             }
             self.fd
                 .set_sregs(&s)
                 .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+            let name = if fx.new_cr3.is_some() {
+                "cr3_load"
+            } else {
+                "tlb_flush_cr3"
+            };
+            self.stats.effect(name, t.elapsed().as_nanos() as u64);
         }
         Ok(None)
     }

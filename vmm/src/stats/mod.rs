@@ -52,6 +52,8 @@ pub struct VcpuStats {
     pub mmio: BTreeMap<(&'static str, Dir), Latency>,
     /// Hypercalls by op name.
     pub hypercalls: BTreeMap<&'static str, OpStats>,
+    /// Work the VMM did on the vCPU after a hypercall (CR3 load, TLB flush, host resync).
+    pub effects: BTreeMap<&'static str, Latency>,
     /// Time spent inside `KVM_RUN` (guest + in-kernel exits), ns.
     pub kvm_run_ns: u64,
     /// Time spent in the VMM between `KVM_RUN`s, ns.
@@ -66,6 +68,11 @@ impl VcpuStats {
     /// Records one exit of `reason` handled in `ns`.
     pub fn exit(&mut self, reason: &'static str, ns: u64) {
         self.exits.entry(reason).or_default().record(ns);
+    }
+
+    /// Records a post-hypercall effect (`cr3_load`, `tlb_flush_cr3`, `host_resync`).
+    pub fn effect(&mut self, name: &'static str, ns: u64) {
+        self.effects.entry(name).or_default().record(ns);
     }
 
     /// Records a port access.
@@ -119,6 +126,9 @@ impl VcpuStats {
         }
         for (k, v) in &other.mmio {
             self.mmio.entry(*k).or_default().merge(v);
+        }
+        for (k, v) in &other.effects {
+            self.effects.entry(k).or_default().merge(v);
         }
         for (k, v) in &other.hypercalls {
             let s = self.hypercalls.entry(k).or_default();

@@ -95,6 +95,8 @@ pub struct VcpuReport {
     pub mmio: Vec<MmioRow>,
     /// Hypercalls by op.
     pub hypercalls: Vec<HypercallRow>,
+    /// VMM work on the vCPU after hypercalls (part of the exits' handling time).
+    pub effects: Vec<Named<Dist>>,
     /// KVM in-kernel counters (`KVM_GET_STATS_FD`).
     pub kvm: BTreeMap<String, KvmCounter>,
 }
@@ -231,8 +233,17 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             )
         })
         .collect();
+    let effects = s
+        .effects
+        .iter()
+        .map(|(k, v)| Named {
+            name: (*k).to_string(),
+            value: Dist::from(v),
+        })
+        .collect();
     VcpuReport {
         vcpu,
+        effects,
         exits_total: s.total_exits(),
         kvm_run_ns: s.kvm_run_ns,
         vmm_ns: s.vmm_ns,
@@ -413,6 +424,23 @@ pub fn to_table(r: &Report) -> String {
             );
         }
     }
+    if !m.effects.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nVMM effects after hypercalls (included in the io exit time):"
+        );
+        for e in &m.effects {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:>8} x  total {:>12} µs  mean {:>9} µs  p99 {:>9} µs",
+                e.name,
+                e.value.count,
+                us(e.value.total_ns),
+                us(e.value.mean_ns),
+                us(e.value.p99_ns)
+            );
+        }
+    }
     if let Some(mmu) = &r.mmu {
         let _ = writeln!(o, "\nShadow MMU:");
         render_mmu(&mut o, mmu);
@@ -504,6 +532,7 @@ mod tests {
         assert_eq!(
             keys(m),
             [
+                "effects",
                 "exits",
                 "exits_total",
                 "hypercalls",
