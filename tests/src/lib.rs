@@ -82,34 +82,8 @@ pub fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("pvmm-e2e-{}-{name}", std::process::id()))
 }
 
-/// A minimal 64-bit ELF with one segment holding `code` at physical = virtual `load`,
-/// entered at its first byte.
-pub fn tiny_elf(load: u64, code: &[u8]) -> Vec<u8> {
-    let mut e = vec![0u8; 0x1000];
-    e[0..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // 64-bit
-    e[5] = 1; // little endian
-    e[6] = 1;
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&load.to_le_bytes()); // entry
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-    e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-    e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-    let ph = 64;
-    let len = code.len() as u64;
-    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    e[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
-    e[ph + 16..ph + 24].copy_from_slice(&load.to_le_bytes()); // vaddr
-    e[ph + 24..ph + 32].copy_from_slice(&load.to_le_bytes()); // paddr
-    e[ph + 32..ph + 40].copy_from_slice(&len.to_le_bytes()); // filesz
-    e[ph + 40..ph + 48].copy_from_slice(&len.to_le_bytes()); // memsz
-    e.extend_from_slice(code);
-    e
-}
+/// A minimal 64-bit ELF (the VMM's own helper, used by its exit benchmark).
+pub use vmm::bench::tiny_elf;
 
 /// One TAP test point.
 #[derive(Clone, Debug, PartialEq, Eq)]
