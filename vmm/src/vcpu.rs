@@ -117,6 +117,16 @@ pub fn exit_name(e: &VcpuExit<'_>) -> &'static str {
     }
 }
 
+/// Handles one hypercall (either transport) and records it in `stats`.
+fn hypercall(hcalls: &Dispatcher, stats: &mut VcpuStats, vcpu: usize, gpa: u64) -> Outcome {
+    let t = Instant::now();
+    let o = hcalls.handle(vcpu, gpa);
+    let err =
+        (o.status < 0).then(|| HcError::from_status(o.status).map_or("unknown", |e| e.name()));
+    stats.hypercall(o.op, t.elapsed().as_nanos() as u64, err, o.entries);
+    o
+}
+
 /// Per-exit decision taken inside the borrow of the exit, applied after it.
 enum Next {
     Continue,
@@ -125,37 +135,13 @@ enum Next {
 }
 
 impl Vcpu {
-    fn bus_out(&mut self, port: u16, data: &[u8]) -> BusAction {
-        match self.pio.lookup(u64::from(port)) {
-            Some(hit) => match hit.dev.lock() {
-                Ok(mut dev) => dev.write(self.index, hit.offset, data),
-                Err(_) => BusAction::None,
-            },
-            None => BusAction::None,
-        }
-    }
-
-    fn device_name(bus: &Bus, addr: u64) -> &'static str {
-        bus.lookup(addr)
-            .and_then(|h| h.dev.lock().ok().map(|d| d.name()))
-            .unwrap_or("unassigned")
-    }
-
-    fn hypercall(&mut self, gpa: u64) -> Outcome {
-        let t = Instant::now();
-        let o = self.hcalls.handle(self.index, gpa);
-        let err =
-            (o.status < 0).then(|| HcError::from_status(o.status).map_or("unknown", |e| e.name()));
-        self.stats
-            .hypercall(o.op, t.elapsed().as_nanos() as u64, err, o.entries);
-        o
-    }
-
     fn action(&mut self, a: BusAction) -> Next {
         match a {
             BusAction::None => Next::Continue,
             BusAction::Reset => Next::End(VcpuEnd::Reset),
-            BusAction::Hypercall(gpa) => Next::Apply(self.hypercall(gpa).effects),
+            BusAction::Hypercall(gpa) => {
+                Next::Apply(hypercall(&self.hcalls, &mut self.stats, self.index, gpa).effects)
+            }
         }
     }
 
@@ -239,86 +225,42 @@ impl Vcpu {
                     let name = exit_name(&exit);
                     let next = match exit {
                         VcpuExit::IoOut(port, data) => {
-                            // Copy out of kvm_run (at most 4 bytes) to release the borrow.
-                            let mut buf = [0u8; 8];
-                            let n = data.len().min(buf.len());
-                            buf[..n].copy_from_slice(&data[..n]);
-                            let a = self.bus_out(port, &buf[..n]);
-                            let dev = Self::device_name(&self.pio, u64::from(port));
-                            let n = self.action(a);
+                            let (a, dev) = self.pio.write(self.index, u64::from(port), data);
                             self.stats
                                 .pio(port, Dir::Out, dev, t1.elapsed().as_nanos() as u64);
-                            n
-                        }
-                        VcpuExit::IoIn(port, data) => {
-                            let a = {
-                                let index = self.index;
-                                match self.pio.lookup(u64::from(port)) {
-                                    Some(hit) => {
-                                        if let Ok(mut d) = hit.dev.lock() {
-                                            d.read(index, hit.offset, data);
-                                        }
-                                        BusAction::None
-                                    }
-                                    None => {
-                                        data.fill(0xff);
-                                        BusAction::None
-                                    }
-                                }
-                            };
-                            let dev = Self::device_name(&self.pio, u64::from(port));
-                            self.stats
-                                .pio(port, Dir::In, dev, t1.elapsed().as_nanos() as u64);
                             self.action(a)
                         }
+                        VcpuExit::IoIn(port, data) => {
+                            let dev = self.pio.read(self.index, u64::from(port), data);
+                            self.stats
+                                .pio(port, Dir::In, dev, t1.elapsed().as_nanos() as u64);
+                            Next::Continue
+                        }
                         VcpuExit::MmioRead(addr, data) => {
-                            match self.mmio.lookup(addr) {
-                                Some(hit) => {
-                                    if let Ok(mut d) = hit.dev.lock() {
-                                        d.read(self.index, hit.offset, data);
-                                    }
-                                }
-                                None => data.fill(0xff),
-                            }
-                            let dev = Self::device_name(&self.mmio, addr);
+                            let dev = self.mmio.read(self.index, addr, data);
                             self.stats
                                 .mmio(dev, Dir::In, t1.elapsed().as_nanos() as u64);
                             Next::Continue
                         }
                         VcpuExit::MmioWrite(addr, data) => {
-                            let a = match self.mmio.lookup(addr) {
-                                Some(hit) => match hit.dev.lock() {
-                                    Ok(mut d) => d.write(self.index, hit.offset, data),
-                                    Err(_) => BusAction::None,
-                                },
-                                None => BusAction::None,
-                            };
-                            let dev = Self::device_name(&self.mmio, addr);
+                            let (a, dev) = self.mmio.write(self.index, addr, data);
                             self.stats
                                 .mmio(dev, Dir::Out, t1.elapsed().as_nanos() as u64);
                             self.action(a)
                         }
                         VcpuExit::Hypercall(h) => {
-                            if h.nr == hypercall::VMCALL_NR && (h.args[1] != 1 || h.args[2] != 0) {
+                            if h.nr != hypercall::VMCALL_NR {
+                                *h.ret = HcError::Enosys.status() as u64;
+                                Next::Continue
+                            } else if h.args[1] != 1 || h.args[2] != 0 {
                                 // rcx must be 1 and rdx 0 (docs/pv-abi.md).
                                 *h.ret = HcError::Einval.status() as u64;
                                 Next::Continue
-                            } else if h.nr == hypercall::VMCALL_NR {
-                                let o = self.hcalls.handle(self.index, h.args[0]);
-                                *h.ret = o.status as u64;
-                                let err = (o.status < 0).then(|| {
-                                    HcError::from_status(o.status).map_or("unknown", |e| e.name())
-                                });
-                                self.stats.hypercall(
-                                    o.op,
-                                    t1.elapsed().as_nanos() as u64,
-                                    err,
-                                    o.entries,
-                                );
-                                Next::Apply(o.effects)
                             } else {
-                                *h.ret = HcError::Enosys.status() as u64;
-                                Next::Continue
+                                let o =
+                                    hypercall(&self.hcalls, &mut self.stats, self.index, h.args[0]);
+                                *h.ret = o.status as u64;
+                                Next::Apply(o.effects)
                             }
                         }
                         VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Next::Continue,

@@ -320,16 +320,12 @@ pub fn run_with_devices(
         });
     }
 
-    let _raw = (args.serial == SerialMode::Stdio && console::stdin_is_interactive())
-        .then(RawModeGuard::enter)
+    // Stdin reaches the guest only when it is a terminal (in raw mode) or a FIFO.
+    let interactive = args.serial == SerialMode::Stdio && console::stdin_is_interactive();
+    let raw = interactive.then(RawModeGuard::enter).flatten();
+    let stdin_thread = interactive
+        .then(|| console::spawn_stdin(serial.clone(), stop.clone()).ok())
         .flatten();
-    let stdin_thread = if _raw.is_some()
-        || (args.serial == SerialMode::Stdio && console::stdin_is_interactive())
-    {
-        console::spawn_stdin(serial.clone(), stop.clone()).ok()
-    } else {
-        None
-    };
 
     let (tx, rx) = mpsc::channel::<(usize, VcpuResult)>();
     let mut interval_out = match args.stats_interval {
@@ -435,7 +431,7 @@ pub fn run_with_devices(
     if let Some(t) = stdin_thread {
         let _ = t.join();
     }
-    drop(_raw);
+    drop(raw);
 
     let (code, reason, message) = match (&first_end, timed_out) {
         (_, true) => (

@@ -208,6 +208,18 @@ fn send(entries: &[MmuEntry]) -> i64 {
     mmu().batch_raw(scratch_gpa(), entries.len() as u64).0
 }
 
+/// Prints one hostile-test line; true if `got` is the documented error `want`.
+fn report(what: &str, got: i64, want: i64) -> bool {
+    let mark = if got == want { "ok" } else { "MISMATCH" };
+    let _ = writeln!(
+        Console,
+        "# hostile: {what}: {} (expected {}) {mark}",
+        ename(got),
+        ename(want)
+    );
+    got == want
+}
+
 fn ename(s: i64) -> &'static str {
     if s == 0 {
         "OK"
@@ -346,16 +358,9 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
     let mut bad = 0;
     for (what, entry, want) in cases {
         let got = send(&[entry]);
-        let mark = if got == want { "ok" } else { "MISMATCH" };
-        if got != want {
+        if !report(what, got, want) {
             bad += 1;
         }
-        let _ = writeln!(
-            Console,
-            "# hostile: {what}: {} (expected {}) {mark}",
-            ename(got),
-            ename(want)
-        );
     }
     // A page-table frame mapped writable by a 4 KiB leaf: the engine may accept it but the
     // shadow must be read-only: a store through it faults.
@@ -393,16 +398,9 @@ fn hostile(pages: u64, seed: u64) -> Result<(), &'static str> {
         ),
         ("unknown op", unk, HcError::Enosys.status()),
     ] {
-        let mark = if got == want { "ok" } else { "MISMATCH" };
-        if got != want {
+        if !report(what, got, want) {
             bad += 1;
         }
-        let _ = writeln!(
-            Console,
-            "# hostile: {what}: {} (expected {}) {mark}",
-            ename(got),
-            ename(want)
-        );
     }
     // Tear the scratch chain down (unlinking untypes it) and free it.
     let s = send(&[MmuEntry::pt_update(l1, 0), MmuEntry::pt_update(kl4 + 8, 0)]);

@@ -24,6 +24,9 @@ pub trait BusDevice: Send {
     fn write(&mut self, vcpu: usize, offset: u64, data: &[u8]) -> BusAction;
 }
 
+/// Device name reported for accesses no device claims.
+pub const UNASSIGNED: &str = "unassigned";
+
 /// A shared device handle.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -82,6 +85,30 @@ impl Bus {
         Ok(())
     }
 
+    /// Reads from the device covering `addr` (all-ones when none); returns its name for the
+    /// statistics. One lookup and one lock per access.
+    pub fn read(&self, vcpu: usize, addr: u64, data: &mut [u8]) -> &'static str {
+        match self.lookup(addr).map(|h| (h.offset, h.dev.lock())) {
+            Some((offset, Ok(mut dev))) => {
+                dev.read(vcpu, offset, data);
+                dev.name()
+            }
+            _ => {
+                data.fill(0xff);
+                UNASSIGNED
+            }
+        }
+    }
+
+    /// Writes to the device covering `addr` (ignored when none); returns what the vCPU must
+    /// do and the device's name for the statistics.
+    pub fn write(&self, vcpu: usize, addr: u64, data: &[u8]) -> (BusAction, &'static str) {
+        match self.lookup(addr).map(|h| (h.offset, h.dev.lock())) {
+            Some((offset, Ok(mut dev))) => (dev.write(vcpu, offset, data), dev.name()),
+            _ => (BusAction::None, UNASSIGNED),
+        }
+    }
+
     /// Finds the device covering `addr`.
     pub fn lookup(&self, addr: u64) -> Option<Hit<'_>> {
         let (base, r) = self.ranges.range(..=addr).next_back()?;
@@ -138,5 +165,12 @@ mod tests {
         assert!(bus.lookup(0x400).is_none());
         assert!(bus.lookup(0x61).is_none());
         assert_eq!(bus.lookup(0x3f7).unwrap().dev.lock().unwrap().name(), "c");
+        let mut b = [0u8; 2];
+        assert_eq!(bus.read(0, 0x3fa, &mut b), "a");
+        assert_eq!(b, [2, 2]);
+        assert_eq!(bus.read(0, 0x500, &mut b), UNASSIGNED);
+        assert_eq!(b, [0xff, 0xff]);
+        assert_eq!(bus.write(0, 0x60, &[1]), (BusAction::None, "b"));
+        assert_eq!(bus.write(0, 0x500, &[1]), (BusAction::None, UNASSIGNED));
     }
 }
