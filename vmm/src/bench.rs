@@ -3,7 +3,7 @@
 //! guest whose two loops execute the same number of instructions.
 
 use crate::cli::{HypercallMode, RunArgs, SerialMode, StatsMode};
-use crate::devices::{BusAction, BusDevice};
+use crate::devices::BusDevice;
 use crate::error::SetupError;
 use hypercall::{op, RequestHeader, DOORBELL_PORT};
 use std::sync::{Arc, Mutex};
@@ -27,9 +27,8 @@ impl BusDevice for Marker {
     fn read(&mut self, _: usize, _: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&mut self, _: usize, _: u64, _: &[u8]) -> BusAction {
+    fn write(&mut self, _: usize, _: u64, _: &[u8]) {
         self.0.push(Instant::now());
-        BusAction::None
     }
 }
 
@@ -149,29 +148,29 @@ pub fn run_once(n: u32) -> Result<ExitBench, SetupError> {
     let marks = Arc::new(Mutex::new(Marker::default()));
     let out = crate::vm::run_with_devices(
         &args,
-        &crate::mmu::factory,
+        &crate::hcall::mmu_batch::factory,
         vec![(MARKER_PORT, 1, marks.clone())],
     );
     let _ = std::fs::remove_file(&path);
     let out = out?;
     if out.exit_code != 0 {
-        return Err(SetupError::Kvm(format!(
-            "bench guest ended with code {} ({:?})",
-            out.exit_code, out.message
-        )));
+        return Err(SetupError::other(
+            "bench guest",
+            format!("ended with code {} ({:?})", out.exit_code, out.message),
+        ));
     }
     let m = marks
         .lock()
-        .map_err(|_| SetupError::Kvm("marker lock".into()))?;
+        .map_err(|_| SetupError::other("bench marker", "lock poisoned"))?;
     match m.0.as_slice() {
         [a, b, c] => Ok(ExitBench {
             floor_ns: (*b - *a).as_nanos() as f64 / f64::from(n),
             null_ns: (*c - *b).as_nanos() as f64 / f64::from(n),
         }),
-        other => Err(SetupError::Kvm(format!(
-            "bench guest wrote {} markers, expected 3",
-            other.len()
-        ))),
+        other => Err(SetupError::other(
+            "bench guest",
+            format!("wrote {} markers, expected 3", other.len()),
+        )),
     }
 }
 

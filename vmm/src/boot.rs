@@ -106,7 +106,7 @@ pub fn load(
         &BootParams::new::<boot_params>(&params, GuestAddress(layout::ZERO_PAGE)),
         mem,
     )
-    .map_err(|e| SetupError::kvm("writing boot_params", e))?;
+    .map_err(|e| SetupError::other("writing boot_params", e))?;
     Ok(loaded)
 }
 
@@ -210,7 +210,7 @@ fn load_initrd(
         .filter(|&a| a >= kernel_end.max(layout::HIGH_MEM_START));
     let addr = addr.ok_or(SetupError::InitrdTooBig { size })?;
     mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| SetupError::kvm("writing initrd", e))?;
+        .map_err(|e| SetupError::other("writing initrd", e))?;
     params.hdr.ramdisk_image = addr as u32;
     params.hdr.ramdisk_size = size as u32;
     Ok(())
@@ -218,7 +218,7 @@ fn load_initrd(
 
 fn fill_e820(layout: &Layout, params: &mut boot_params) -> Result<(), SetupError> {
     if layout.e820.len() > params.e820_table.len() {
-        return Err(SetupError::kvm("e820", "too many entries"));
+        return Err(SetupError::other("e820", "too many entries"));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(&layout.e820) {
         *slot = boot_e820_entry {

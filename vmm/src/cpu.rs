@@ -64,7 +64,7 @@ pub fn cpuid_for(supported: &CpuId, vcpu: u8, pv: &CpuidLeaves) -> Result<CpuId,
     };
     entries.push(leaf(hypercall::CPUID_LEAF_SIGNATURE, pv.signature));
     entries.push(leaf(hypercall::CPUID_LEAF_FEATURES, pv.features));
-    CpuId::from_entries(&entries).map_err(|e| SetupError::kvm("building CPUID", format!("{e:?}")))
+    CpuId::from_entries(&entries).map_err(|e| SetupError::other("building CPUID", format!("{e:?}")))
 }
 
 /// Writes the boot GDT and identity page tables (first 4 GiB with 2 MiB pages, plus the
@@ -72,7 +72,7 @@ pub fn cpuid_for(supported: &CpuId, vcpu: u8, pv: &CpuidLeaves) -> Result<CpuId,
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), SetupError> {
     let w = |addr: u64, v: u64| {
         mem.write_obj(v, GuestAddress(addr))
-            .map_err(|e| SetupError::kvm("writing boot tables", e))
+            .map_err(|e| SetupError::other("writing boot tables", e))
     };
     for (i, d) in GDT.iter().enumerate() {
         w(layout::BOOT_GDT + 8 * i as u64, *d)?;
@@ -184,7 +184,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), SetupError> {
         })
         .collect();
     let msrs = Msrs::from_entries(&entries)
-        .map_err(|err| SetupError::kvm("building MSRs", format!("{err:?}")))?;
+        .map_err(|err| SetupError::other("building MSRs", format!("{err:?}")))?;
     let n = vcpu
         .set_msrs(&msrs)
         .map_err(|err| SetupError::kvm("KVM_SET_MSRS", err))?;

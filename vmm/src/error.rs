@@ -94,14 +94,40 @@ pub enum SetupError {
         /// Why.
         source: std::io::Error,
     },
-    /// A KVM or memory operation failed during setup.
-    #[error("VM setup failed: {0}")]
-    Kvm(String),
+    /// A KVM ioctl failed during setup.
+    #[error("VM setup failed: {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Another set-up step (memory, threads, signals, boot structures) failed.
+    #[error("VM setup failed: {what}: {source}")]
+    Other {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: BoxError,
+    },
 }
 
+/// A boxed error that keeps its source chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl SetupError {
-    /// Wraps any displayable KVM/memory error.
-    pub fn kvm(what: &str, e: impl std::fmt::Display) -> SetupError {
-        SetupError::Kvm(format!("{what}: {e}"))
+    /// A failed KVM ioctl.
+    pub fn kvm(what: &'static str, source: kvm_ioctls::Error) -> SetupError {
+        SetupError::Kvm { what, source }
+    }
+
+    /// Any other failed step; `source` may be an error or a message.
+    pub fn other(what: &'static str, source: impl Into<BoxError>) -> SetupError {
+        SetupError::Other {
+            what,
+            source: source.into(),
+        }
     }
 }

@@ -11,9 +11,8 @@ pub fn kick_signal() -> i32 {
 extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs the no-op handler (idempotent); without it the signal would kill the process.
-pub fn install() -> Result<(), String> {
+pub fn install() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), noop)
-        .map_err(|e| format!("installing vCPU kick signal handler: {e}"))
 }
 
 /// Sends the kick signal to `thread` (harmless if it already finished).

@@ -1,10 +1,11 @@
 //! pvmm: a rust-vmm style virtual machine monitor for KVM with a shadow-paging paravirtual
 //! MMU, batched MMU hypercalls, lazy A/D propagation and exit statistics.
 //!
-//! Module map: [`cli`] (flags) → [`vm`] (assembly) → [`vcpu`] (run loop) → [`devices`]
-//! (range bus, UART, i8042, POST) and [`hcall`] (PV ABI transports and dispatcher) →
-//! [`stats`] (exit statistics and KVM counters).
-#![deny(missing_docs)]
+//! Module map: [`cli`] (flags) → [`vm`] (build, supervise, report) → [`vcpu`] (run loop,
+//! exit dispatch, effects) → [`vm_ops`] (what a vCPU asks of its VM) → [`devices`] (range
+//! bus, UART, i8042, POST) and [`hcall`] (PV ABI contracts, transports, dispatcher,
+//! handlers) → [`stats`] (exit statistics and KVM counters). [`memory`] owns memslots.
+//! ARCHITECTURE.md has the whole map and the path of one hypercall.
 
 pub mod bench;
 pub mod boot;
@@ -17,7 +18,8 @@ pub mod guest_ram;
 pub mod hcall;
 pub mod kick;
 pub mod layout;
-pub mod mmu;
+pub mod memory;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_ops;

@@ -74,7 +74,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(args: &vmm::cli::RunArgs) -> anyhow::Result<i32> {
-    let out = vmm::vm::run(args, &vmm::mmu::factory)?;
+    let out = vmm::vm::run(args, &vmm::hcall::mmu_batch::factory)?;
     if let Some(m) = &out.message {
         eprintln!("pvmm: {m}");
     }

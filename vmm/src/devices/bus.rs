@@ -3,17 +3,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// What the vCPU loop must do after a device access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BusAction {
-    /// Nothing: resume the guest.
-    None,
-    /// The guest asked for a reset / power-off: end the VM with status 0.
-    Reset,
-    /// The guest rang the hypercall doorbell with this request address.
-    Hypercall(u64),
-}
-
 /// A device that owns one or more ranges on a bus.
 pub trait BusDevice: Send {
     /// Short name used in statistics ("serial", "i8042", ...).
@@ -21,7 +10,7 @@ pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset` from the range base, on behalf of `vcpu`.
     fn read(&mut self, vcpu: usize, offset: u64, data: &mut [u8]);
     /// Writes `data` at `offset` from the range base, on behalf of `vcpu`.
-    fn write(&mut self, vcpu: usize, offset: u64, data: &[u8]) -> BusAction;
+    fn write(&mut self, vcpu: usize, offset: u64, data: &[u8]);
 }
 
 /// Device name reported for accesses no device claims.
@@ -100,12 +89,16 @@ impl Bus {
         }
     }
 
-    /// Writes to the device covering `addr` (ignored when none); returns what the vCPU must
-    /// do and the device's name for the statistics.
-    pub fn write(&self, vcpu: usize, addr: u64, data: &[u8]) -> (BusAction, &'static str) {
+    /// Writes to the device covering `addr` (ignored when none); returns the device's name
+    /// for the statistics. Devices report VM-level events (reset) through their own lines,
+    /// not through the bus.
+    pub fn write(&self, vcpu: usize, addr: u64, data: &[u8]) -> &'static str {
         match self.lookup(addr).map(|h| (h.offset, h.dev.lock())) {
-            Some((offset, Ok(mut dev))) => (dev.write(vcpu, offset, data), dev.name()),
-            _ => (BusAction::None, UNASSIGNED),
+            Some((offset, Ok(mut dev))) => {
+                dev.write(vcpu, offset, data);
+                dev.name()
+            }
+            _ => UNASSIGNED,
         }
     }
 
@@ -132,9 +125,7 @@ mod tests {
         fn read(&mut self, _: usize, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, _: usize, _: u64, _: &[u8]) -> BusAction {
-            BusAction::None
-        }
+        fn write(&mut self, _: usize, _: u64, _: &[u8]) {}
     }
 
     #[test]
@@ -170,7 +161,7 @@ mod tests {
         assert_eq!(b, [2, 2]);
         assert_eq!(bus.read(0, 0x500, &mut b), UNASSIGNED);
         assert_eq!(b, [0xff, 0xff]);
-        assert_eq!(bus.write(0, 0x60, &[1]), (BusAction::None, "b"));
-        assert_eq!(bus.write(0, 0x500, &[1]), (BusAction::None, UNASSIGNED));
+        assert_eq!(bus.write(0, 0x60, &[1]), "b");
+        assert_eq!(bus.write(0, 0x500, &[1]), UNASSIGNED);
     }
 }

@@ -1,8 +1,7 @@
 //! The i8042 keyboard controller at 0x60/0x64 (vm-superio): its reset line ends the VM.
 
-use super::bus::{BusAction, BusDevice};
+use super::bus::BusDevice;
 use super::trigger::FlagTrigger;
-use std::sync::atomic::Ordering;
 use vm_superio::I8042Device;
 
 /// Data port; the command port is at +4 (registered as a second range).
@@ -13,23 +12,14 @@ pub const I8042_CMD: u64 = 0x64;
 /// The controller as a bus device; registered for both ports with offsets 0 and 4.
 pub struct I8042 {
     dev: I8042Device<FlagTrigger>,
-    reset: FlagTrigger,
 }
 
 impl I8042 {
-    /// A controller whose CPU-reset command ends the VM.
-    pub fn new() -> I8042 {
-        let reset = FlagTrigger::default();
+    /// A controller whose CPU-reset command raises `reset` (the VM's reset line).
+    pub fn new(reset: FlagTrigger) -> I8042 {
         I8042 {
-            dev: I8042Device::new(reset.clone()),
-            reset,
+            dev: I8042Device::new(reset),
         }
-    }
-}
-
-impl Default for I8042 {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -42,14 +32,9 @@ impl BusDevice for I8042 {
             *b = self.dev.read(offset as u8);
         }
     }
-    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) -> BusAction {
+    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
             let _ = self.dev.write(offset as u8, b);
-        }
-        if self.reset.0.swap(false, Ordering::SeqCst) {
-            BusAction::Reset
-        } else {
-            BusAction::None
         }
     }
 }
@@ -66,10 +51,9 @@ impl BusDevice for I8042CmdPort {
             d.read(vcpu, 4, data)
         }
     }
-    fn write(&mut self, vcpu: usize, _offset: u64, data: &[u8]) -> BusAction {
-        match self.0.lock() {
-            Ok(mut d) => d.write(vcpu, 4, data),
-            Err(_) => BusAction::None,
+    fn write(&mut self, vcpu: usize, _offset: u64, data: &[u8]) {
+        if let Ok(mut d) = self.0.lock() {
+            d.write(vcpu, 4, data)
         }
     }
 }
@@ -80,8 +64,12 @@ mod tests {
 
     #[test]
     fn reset_command_ends_vm() {
-        let mut k = I8042::new();
-        assert_eq!(k.write(0, 4, &[0x20]), BusAction::None);
-        assert_eq!(k.write(0, 4, &[0xfe]), BusAction::Reset);
+        let line = FlagTrigger::default();
+        let mut k = I8042::new(line.clone());
+        k.write(0, 4, &[0x20]);
+        assert!(!line.take());
+        k.write(0, 4, &[0xfe]);
+        assert!(line.take(), "CPU reset raises the line");
+        assert!(!line.take(), "taken once");
     }
 }

@@ -6,4 +6,4 @@ pub mod post;
 pub mod serial;
 pub mod trigger;
 
-pub use bus::{Bus, BusAction, BusDevice};
+pub use bus::{Bus, BusDevice};

@@ -1,6 +1,6 @@
 //! Port 0x80: POST codes are accepted, remembered and counted (by the exit statistics).
 
-use super::bus::{BusAction, BusDevice};
+use super::bus::BusDevice;
 
 /// The POST code port.
 pub const POST_PORT: u64 = 0x80;
@@ -19,8 +19,7 @@ impl BusDevice for PostCode {
     fn read(&mut self, _vcpu: usize, _offset: u64, data: &mut [u8]) {
         data.fill(self.last.unwrap_or(0));
     }
-    fn write(&mut self, _vcpu: usize, _offset: u64, data: &[u8]) -> BusAction {
+    fn write(&mut self, _vcpu: usize, _offset: u64, data: &[u8]) {
         self.last = data.first().copied();
-        BusAction::None
     }
 }

@@ -1,7 +1,9 @@
 //! The 16550A UART at 0x3f8 (vm-superio), and its output sinks.
 
-use super::bus::{BusAction, BusDevice};
+use super::bus::BusDevice;
 use super::trigger::IrqTrigger;
+use crate::cli::SerialMode;
+use crate::error::SetupError;
 use std::io::Write;
 use vm_superio::Serial;
 
@@ -13,6 +15,26 @@ pub enum SerialOut {
     File(std::fs::File),
     /// Nowhere.
     Sink,
+}
+
+impl SerialOut {
+    /// Opens the sink `--serial` names (a file is created or appended to).
+    pub fn open(mode: &SerialMode) -> Result<SerialOut, SetupError> {
+        Ok(match mode {
+            SerialMode::Stdio => SerialOut::Stdout(std::io::stdout()),
+            SerialMode::None => SerialOut::Sink,
+            SerialMode::File(p) => SerialOut::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| SetupError::OutputFile {
+                        path: p.clone(),
+                        source,
+                    })?,
+            ),
+        })
+    }
 }
 
 impl Write for SerialOut {
@@ -58,7 +80,7 @@ impl BusDevice for SerialDevice {
             *b = self.uart.read(offset as u8);
         }
     }
-    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) -> BusAction {
+    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, b) {
                 if !self.write_failed {
@@ -67,6 +89,5 @@ impl BusDevice for SerialDevice {
                 self.write_failed = true;
             }
         }
-        BusAction::None
     }
 }

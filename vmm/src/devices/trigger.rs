@@ -14,9 +14,16 @@ impl vm_superio::Trigger for IrqTrigger {
     }
 }
 
-/// Sets a shared flag (used for the i8042 reset line).
+/// Sets a shared flag: the VM's reset line, raised by the i8042 and read by the vCPU loop.
 #[derive(Clone, Default)]
 pub struct FlagTrigger(pub Arc<AtomicBool>);
+
+impl FlagTrigger {
+    /// True once after the line was raised (clears it).
+    pub fn take(&self) -> bool {
+        self.0.load(Ordering::Relaxed) && self.0.swap(false, Ordering::SeqCst)
+    }
+}
 
 impl vm_superio::Trigger for FlagTrigger {
     type E = std::convert::Infallible;

@@ -1,7 +1,8 @@
 //! Copies a request out of guest memory once, validates it, routes it by op to its handler,
 //! and writes the response back.
 
-use super::ops::{self, OpHandler};
+use super::contract::{CallCtx, Effects, OpHandler, Outcome};
+use super::ops;
 use crate::guest_ram::GuestRam;
 use hypercall::{
     decode_request, op, HcError, Request, Response, REQUEST_ALIGN, REQUEST_IN_LEN, RESPONSE_OFFSET,
@@ -9,44 +10,6 @@ use hypercall::{
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-
-/// What the vCPU loop must do after a hypercall, besides resuming the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Effects {
-    /// End the VM with this status.
-    pub exit: Option<u8>,
-    /// Point the vCPU's CR3 at this shadow root.
-    pub new_cr3: Option<u64>,
-    /// Flush the vCPU's TLB.
-    pub flush: bool,
-    /// Make KVM drop what it cached from the shadow pool (re-register its memslot).
-    pub host_resync: bool,
-}
-
-/// The result of one hypercall, for the statistics and the vCPU loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    /// Op name (or "invalid" when the request could not be read/decoded).
-    pub op: &'static str,
-    /// Status returned to the guest.
-    pub status: i64,
-    /// MMU entries in the call (MMU_BATCH).
-    pub entries: Option<u64>,
-    /// Side effects to apply.
-    pub effects: Effects,
-}
-
-/// Per-call context handed to op handlers.
-pub struct CallCtx<'a> {
-    /// Calling vCPU index.
-    pub vcpu: usize,
-    /// Guest RAM accessor.
-    pub ram: &'a GuestRam,
-    /// Side effects the handler requests.
-    pub effects: Effects,
-    /// Entries processed (MMU_BATCH).
-    pub entries: Option<u64>,
-}
 
 /// Routes requests to op handlers. Shared by all vCPU threads.
 pub struct Dispatcher {

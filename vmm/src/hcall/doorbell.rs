@@ -1,15 +1,28 @@
-//! The `pio` transport: a 32-bit doorbell port (write = request GPA) and, 4 ports up, a
-//! read-only per-vCPU status register with the last call's status.
+//! The `pio` transport: a 32-bit write to the doorbell port (the request GPA) rings it; 4 ports
+//! up, a read-only per-vCPU status register holds the last call's status. Ringing is decoded
+//! by [`ring`] before the device bus is consulted; the status register is a bus device.
 
-use crate::devices::{BusAction, BusDevice};
+use crate::devices::BusDevice;
 use hypercall::STATUS_PORT_OFFSET;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+/// Device name of the doorbell in the statistics.
+pub const DOORBELL_NAME: &str = "pvmm-doorbell";
+
 /// Ports covered by the doorbell device.
 pub const DOORBELL_LEN: u64 = 8;
 
-/// The doorbell bus device.
+/// The request GPA when a port write at `offset` from the doorbell rings it: only a 32-bit
+/// write to the doorbell itself does.
+pub fn ring(offset: u64, data: &[u8]) -> Option<u64> {
+    match (offset, data) {
+        (0, &[a, b, c, d]) => Some(u64::from(u32::from_le_bytes([a, b, c, d]))),
+        _ => None,
+    }
+}
+
+/// The doorbell's status register (and the inert doorbell port itself) as a bus device.
 pub struct Doorbell {
     last_status: Arc<Vec<AtomicI64>>,
 }
@@ -23,7 +36,7 @@ impl Doorbell {
 
 impl BusDevice for Doorbell {
     fn name(&self) -> &'static str {
-        "pvmm-doorbell"
+        DOORBELL_NAME
     }
     fn read(&mut self, vcpu: usize, offset: u64, data: &mut [u8]) {
         let v = if offset == u64::from(STATUS_PORT_OFFSET) {
@@ -37,13 +50,7 @@ impl BusDevice for Doorbell {
             *b = v.to_le_bytes().get(i).copied().unwrap_or(0xff);
         }
     }
-    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) -> BusAction {
-        // Only a 32-bit write to the doorbell itself rings it.
-        match (offset, data) {
-            (0, &[a, b, c, d]) => BusAction::Hypercall(u64::from(u32::from_le_bytes([a, b, c, d]))),
-            _ => BusAction::None,
-        }
-    }
+    fn write(&mut self, _vcpu: usize, _offset: u64, _data: &[u8]) {}
 }
 
 #[cfg(test)]
@@ -52,14 +59,11 @@ mod tests {
 
     #[test]
     fn rings_only_on_32bit_writes_and_reports_status() {
+        assert_eq!(ring(0, &[0x40, 0x10, 0, 0]), Some(0x1040));
+        assert_eq!(ring(0, &[1]), None);
+        assert_eq!(ring(4, &[1, 2, 3, 4]), None);
         let st = Arc::new(vec![AtomicI64::new(-22)]);
         let mut d = Doorbell::new(st);
-        assert_eq!(
-            d.write(0, 0, &[0x40, 0x10, 0, 0]),
-            BusAction::Hypercall(0x1040)
-        );
-        assert_eq!(d.write(0, 0, &[1]), BusAction::None);
-        assert_eq!(d.write(0, 4, &[1, 2, 3, 4]), BusAction::None);
         let mut b = [0u8; 4];
         d.read(0, 4, &mut b);
         assert_eq!(i32::from_le_bytes(b), -22);

@@ -1,9 +1,15 @@
-//! The VMM side of the PV ABI: transports (doorbell device, vmcall exit, auto probe) and a
-//! dispatcher that routes each request to the handler registered for its op.
+//! The VMM side of the PV ABI: the handler contracts ([`contract`]), the transports
+//! ([`doorbell`] for pio, [`vmcall`], and the [`probe`] that picks one), the [`dispatcher`]
+//! that routes each request to the handler registered for its op, and the handlers
+//! themselves ([`ops`] for VERSION/EXIT/NULL, [`mmu_batch`] for MMU_BATCH).
 
+pub mod contract;
 pub mod dispatcher;
 pub mod doorbell;
+pub mod mmu_batch;
 pub mod ops;
 pub mod probe;
+pub mod vmcall;
 
-pub use dispatcher::{Dispatcher, Effects, Outcome};
+pub use contract::{CallCtx, Effects, OpHandler, Outcome};
+pub use dispatcher::Dispatcher;

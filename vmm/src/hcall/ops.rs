@@ -1,26 +1,7 @@
 //! Handlers of the non-MMU ops: VERSION, EXIT and NULL.
 
-use super::dispatcher::CallCtx;
+use super::contract::{CallCtx, OpHandler};
 use hypercall::{HcError, Request, Response, ABI_MAJOR, ABI_VERSION};
-
-/// A handler for one op.
-pub trait OpHandler: Send + Sync {
-    /// Feature bits this handler contributes to discovery.
-    fn features(&self) -> u32 {
-        0
-    }
-    /// True if the frame holding `gpa` belongs to this handler (a typed page table): the
-    /// dispatcher then refuses to write a response there.
-    fn owns_frame(&self, _gpa: u64) -> bool {
-        false
-    }
-    /// Counters this handler exposes in the statistics report.
-    fn report(&self) -> Option<serde_json::Value> {
-        None
-    }
-    /// Handles a decoded request of this handler's op.
-    fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response;
-}
 
 /// `VERSION`: the handshake.
 pub struct Version {

@@ -2,7 +2,9 @@
 //! `vmcall` of `KVM_HC_MAP_GPA_RANGE`, and picks `vmcall` only if a real
 //! `KVM_EXIT_HYPERCALL` reaches userspace within a bounded time.
 
+use crate::cli::HypercallMode;
 use crate::{cpu, kick};
+use hypercall::Transport;
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_EXIT_HYPERCALL};
 use kvm_ioctls::{Kvm, VcpuExit};
 use std::sync::mpsc;
@@ -24,11 +26,73 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 const PROBE_MEM: usize = 2 << 20;
 const CODE: u64 = 0x1000;
 
+/// The probe could not run (treated as "vmcall does not exit").
+#[derive(Debug, thiserror::Error)]
+#[error("transport probe: {what}: {source}")]
+pub struct ProbeError {
+    what: &'static str,
+    #[source]
+    source: crate::error::BoxError,
+}
+
+fn fail<E: Into<crate::error::BoxError>>(what: &'static str) -> impl FnOnce(E) -> ProbeError {
+    move |e| ProbeError {
+        what,
+        source: e.into(),
+    }
+}
+
+/// The transport a run uses, and how it was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportChoice {
+    /// The transport.
+    pub transport: Transport,
+    /// "forced" or "auto".
+    pub how: &'static str,
+    /// Time the probe took, ns (0 when forced).
+    pub probe_ns: u64,
+}
+
+/// Chooses the hypercall transport for `mode`, probing when it is `auto`.
+pub fn choose_transport(kvm: &Kvm, mode: HypercallMode) -> TransportChoice {
+    let forced = |transport| TransportChoice {
+        transport,
+        how: "forced",
+        probe_ns: 0,
+    };
+    match mode {
+        HypercallMode::Pio => forced(Transport::Pio),
+        HypercallMode::Vmcall => forced(Transport::Vmcall),
+        HypercallMode::Auto => {
+            let (transport, probe_ns) = match probe(kvm) {
+                Ok(r) => {
+                    let t = if r.vmcall_exits {
+                        Transport::Vmcall
+                    } else {
+                        Transport::Pio
+                    };
+                    log::info!("hypercall probe: {r:?}; using {}", t.name());
+                    (t, r.elapsed.as_nanos() as u64)
+                }
+                Err(e) => {
+                    log::warn!("{e}; using pio");
+                    (Transport::Pio, 0)
+                }
+            };
+            TransportChoice {
+                transport,
+                how: "auto",
+                probe_ns,
+            }
+        }
+    }
+}
+
 /// Runs the probe on `kvm`. Errors mean "could not probe" (treated as no vmcall).
-pub fn probe(kvm: &Kvm) -> Result<ProbeResult, String> {
+pub fn probe(kvm: &Kvm) -> Result<ProbeResult, ProbeError> {
     let start = Instant::now();
-    kick::install()?;
-    let vm = kvm.create_vm().map_err(|e| format!("probe VM: {e}"))?;
+    kick::install().map_err(fail("installing the kick signal"))?;
+    let vm = kvm.create_vm().map_err(fail("probe VM"))?;
     let cap = kvm_enable_cap {
         cap: KVM_CAP_EXIT_HYPERCALL,
         args: [1 << hypercall::VMCALL_NR, 0, 0, 0],
@@ -41,12 +105,12 @@ pub fn probe(kvm: &Kvm) -> Result<ProbeResult, String> {
         });
     }
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_MEM)])
-        .map_err(|e| format!("probe memory: {e}"))?;
+        .map_err(fail("probe memory"))?;
     let host = mem
         .physical_memory()
         .and_then(|p| p.iter().next())
         .map(|r| r.as_ptr() as u64)
-        .ok_or("probe memory has no region")?;
+        .ok_or_else(|| fail("probe memory")("no region"))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -55,8 +119,8 @@ pub fn probe(kvm: &Kvm) -> Result<ProbeResult, String> {
         flags: 0,
     };
     // SAFETY: the region is backed by `mem`, which outlives the VM (dropped after it).
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe memslot: {e}"))?;
-    cpu::write_boot_tables(&mem).map_err(|e| e.to_string())?;
+    unsafe { vm.set_user_memory_region(region) }.map_err(fail("probe memslot"))?;
+    cpu::write_boot_tables(&mem).map_err(fail("probe boot tables"))?;
     let vmcall: [u8; 3] = if is_amd() {
         [0x0f, 0x01, 0xd9]
     } else {
@@ -69,9 +133,9 @@ pub fn probe(kvm: &Kvm) -> Result<ProbeResult, String> {
     code.extend_from_slice(&vmcall);
     code.push(0xf4);
     mem.write_slice(&code, GuestAddress(CODE))
-        .map_err(|e| e.to_string())?;
-    let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("probe vCPU: {e}"))?;
-    cpu::setup_long_mode(&vcpu, CODE).map_err(|e| e.to_string())?;
+        .map_err(fail("probe code"))?;
+    let mut vcpu = vm.create_vcpu(0).map_err(fail("probe vCPU"))?;
+    cpu::setup_long_mode(&vcpu, CODE).map_err(fail("probe registers"))?;
 
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::Builder::new()
@@ -84,7 +148,7 @@ pub fn probe(kvm: &Kvm) -> Result<ProbeResult, String> {
             let _ = tx.send(r);
             drop(vcpu);
         })
-        .map_err(|e| format!("probe thread: {e}"))?;
+        .map_err(fail("probe thread"))?;
     let vmcall_exits = match rx.recv_timeout(PROBE_TIMEOUT) {
         Ok(r) => r,
         Err(_) => loop {

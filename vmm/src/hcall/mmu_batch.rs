@@ -2,9 +2,8 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
+use super::contract::{CallCtx, OpHandler};
 use crate::guest_ram::GuestRam;
-use crate::hcall::dispatcher::CallCtx;
-use crate::hcall::ops::OpHandler;
 use crate::layout::Layout;
 use hypercall::{batch_bytes, batch_entries, features, HcError, Request, Response};
 use serde_json::{json, Map, Value};

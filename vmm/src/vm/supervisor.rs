@@ -1,0 +1,217 @@
+//! The supervisor: starts the console and one thread per vCPU, waits for the first vCPU to
+//! end or the timeout, writes interval statistics, then stops and joins everything.
+
+use super::build::{BuiltVm, SnapshotReplies};
+use crate::cli::{RunArgs, SerialMode};
+use crate::console::{self, RawModeGuard};
+use crate::error::SetupError;
+use crate::hcall::Dispatcher;
+use crate::kick;
+use crate::stats::interval::IntervalWriter;
+use crate::stats::VcpuStats;
+use crate::vcpu::{VcpuEnd, VcpuResult};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How the vCPUs ended.
+pub struct Ended {
+    /// The first end reason other than "stopped" (what ends the VM).
+    pub first_end: Option<VcpuEnd>,
+    /// The timeout expired first.
+    pub timed_out: bool,
+    /// Every vCPU's result, in index order (missing if its thread died).
+    pub results: Vec<Option<VcpuResult>>,
+}
+
+/// Periodic statistics: when, where to, and the snapshot channel.
+struct Interval {
+    every: Duration,
+    next: Instant,
+    out: IntervalWriter<Box<dyn std::io::Write + Send>>,
+    epoch: Arc<AtomicU64>,
+    replies: mpsc::Receiver<(usize, VcpuStats)>,
+    last: Vec<VcpuStats>,
+}
+
+/// Runs `vm` to its end.
+pub fn supervise(vm: BuiltVm, args: &RunArgs, started: Instant) -> Result<Ended, SetupError> {
+    let count = vm.vcpus.len();
+    let mut interval = interval(args, vm.snapshots, count)?;
+    // Stdin reaches the guest only when it is a terminal (in raw mode) or a FIFO.
+    let interactive = args.serial == SerialMode::Stdio && console::stdin_is_interactive();
+    let raw = interactive.then(RawModeGuard::enter).flatten();
+    let stdin_thread = interactive
+        .then(|| console::spawn_stdin(vm.serial.clone(), vm.stop.clone()).ok())
+        .flatten();
+    let (tx, rx) = mpsc::channel::<(usize, VcpuResult)>();
+    let mut threads = Vec::with_capacity(count);
+    for v in vm.vcpus {
+        let tx = tx.clone();
+        let idx = v.index;
+        let t = std::thread::Builder::new()
+            .name(format!("pvmm-vcpu{idx}"))
+            .spawn(move || {
+                let _ = tx.send((idx, v.run()));
+            })
+            .map_err(|e| SetupError::other("spawning vCPU thread", e))?;
+        threads.push(t);
+    }
+    drop(tx);
+    let deadline = args
+        .timeout
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let ended = wait(
+        &rx,
+        &threads,
+        &vm.stop,
+        deadline,
+        interval.as_mut(),
+        &vm.dispatcher,
+        started,
+    );
+    vm.stop.store(true, Ordering::Release);
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Some(t) = stdin_thread {
+        let _ = t.join();
+    }
+    drop(raw);
+    Ok(ended)
+}
+
+fn interval(
+    args: &RunArgs,
+    snapshots: Option<SnapshotReplies>,
+    count: usize,
+) -> Result<Option<Interval>, SetupError> {
+    let (Some(secs), Some((epoch, replies))) = (args.stats_interval, snapshots) else {
+        return Ok(None);
+    };
+    let every = Duration::from_secs_f64(secs);
+    Ok(Some(Interval {
+        every,
+        next: Instant::now() + every,
+        out: IntervalWriter::new(interval_sink(args)?),
+        epoch,
+        replies,
+        last: vec![VcpuStats::default(); count],
+    }))
+}
+
+/// Waits for every vCPU result; on the first end (or the timeout) stops the others.
+fn wait(
+    rx: &mpsc::Receiver<(usize, VcpuResult)>,
+    threads: &[JoinHandle<()>],
+    stop: &AtomicBool,
+    deadline: Option<Instant>,
+    mut interval: Option<&mut Interval>,
+    dispatcher: &Dispatcher,
+    started: Instant,
+) -> Ended {
+    let count = threads.len();
+    let mut ended = Ended {
+        first_end: None,
+        timed_out: false,
+        results: (0..count).map(|_| None).collect(),
+    };
+    let mut received = 0;
+    while received < count {
+        let ending = ended.first_end.is_some() || ended.timed_out;
+        let wake = if ending {
+            Some(Instant::now() + Duration::from_millis(10))
+        } else {
+            [deadline, interval.as_ref().map(|i| i.next)]
+                .into_iter()
+                .flatten()
+                .min()
+        };
+        let msg = match receive(rx, wake) {
+            Ok(m) => m,
+            Err(()) => break,
+        };
+        match msg {
+            None if ending => {}
+            None if deadline.is_some_and(|d| Instant::now() >= d) => ended.timed_out = true,
+            None => {
+                if let Some(i) = interval.as_deref_mut() {
+                    i.tick(threads, count - received, dispatcher, started);
+                }
+            }
+            Some((idx, r)) => {
+                if ended.first_end.is_none() && r.end != VcpuEnd::Stopped && !ended.timed_out {
+                    ended.first_end = Some(r.end.clone());
+                }
+                if let Some(slot) = ended.results.get_mut(idx) {
+                    *slot = Some(r);
+                }
+                received += 1;
+            }
+        }
+        if ended.first_end.is_some() || ended.timed_out {
+            stop.store(true, Ordering::Release);
+            threads.iter().for_each(kick::kick);
+        }
+    }
+    ended
+}
+
+/// The next result, `None` at `wake`; `Err` when every sender is gone.
+fn receive<T>(rx: &mpsc::Receiver<T>, wake: Option<Instant>) -> Result<Option<T>, ()> {
+    match wake {
+        Some(w) => match rx.recv_timeout(w.saturating_duration_since(Instant::now())) {
+            Ok(m) => Ok(Some(m)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+        },
+        None => rx.recv().map(Some).map_err(|_| ()),
+    }
+}
+
+impl Interval {
+    /// When due: asks every running vCPU for a snapshot (kicking it out of `KVM_RUN`),
+    /// collects the replies and writes one interval line.
+    fn tick(
+        &mut self,
+        threads: &[JoinHandle<()>],
+        running: usize,
+        dispatcher: &Dispatcher,
+        started: Instant,
+    ) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        threads.iter().for_each(kick::kick);
+        for _ in 0..running {
+            match self.replies.recv_timeout(Duration::from_millis(200)) {
+                Ok((idx, s)) => {
+                    if let Some(slot) = self.last.get_mut(idx) {
+                        *slot = s;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let now = started.elapsed().as_nanos() as u64;
+        if let Err(e) = self.out.write(now, &self.last, dispatcher.mmu_report()) {
+            log::warn!("writing interval statistics: {e}");
+        }
+        self.next += self.every;
+    }
+}
+
+/// Where interval lines go: the stats file (created anew) or stderr.
+fn interval_sink(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>, SetupError> {
+    Ok(match &args.stats_file {
+        Some(p) => Box::new(
+            std::fs::File::create(p).map_err(|source| SetupError::OutputFile {
+                path: p.clone(),
+                source,
+            })?,
+        ),
+        None => Box::new(std::io::stderr()),
+    })
+}
