@@ -10,7 +10,7 @@ BENCH_REPEAT ?= 3
 export PVMM_BIN   := $(abspath $(PVMM))
 export PVMM_GUEST := $(abspath $(GUEST))
 
-.PHONY: all build deps vmm guest run test lint unit e2e bench clean
+.PHONY: all build deps vmm guest run test lint unit e2e bench clean test-svm
 
 all: build
 
@@ -38,6 +38,12 @@ lint: deps
 
 test: build lint
 	$(CARGO) test --workspace --release
+
+# The SVM test bed (tests/svm-bed/run.sh): a real KVM with AMD SVM and nested paging under
+# QEMU TCG. Skips with a printed reason where it cannot run, unless REQUIRE_SVM=1.
+REQUIRE_SVM ?= 0
+test-svm: build
+	REQUIRE_SVM=$(REQUIRE_SVM) tests/svm-bed/run.sh
 
 bench: build
 	$(CARGO) bench -p shadow -- --warm-up-time 1 --measurement-time 3

@@ -1,0 +1,125 @@
+#!/bin/busybox sh
+# /init of the SVM test bed (runs inside QEMU TCG with -cpu ...,+svm,+npt).
+#
+# Loads kvm_amd, then runs the steps named by `bed.steps=` on the kernel command line, in
+# order, and powers off. Every step prints a machine-parsable block on the serial console
+# (the host side, tests/svm-bed/run.sh, judges it):
+#
+#   BED-BEGIN <step>
+#   ...pvmm's guest console (TAP for suites), streamed...
+#   BED-STATS-BEGIN / ...pvmm's stats table... / BED-STATS-END
+#   BED-END <step> rc=<pvmm exit status> secs=<wall seconds>
+#
+# Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
+#        smp:<mmu mode>:<transport>     the suite with --vcpus 2
+#        npt0                           reload kvm_amd with npt=0 (later steps run on it)
+#        linux                          a stock Linux bzImage under pvmm (see linux-init.sh)
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+
+PVMM=/bed/pvmm
+GUEST=/bed/pvmm-guest
+MODDIR=/bed/modules
+SUITE_CMDLINE="console=ttyS0 selftest=all pages=256"
+STEP_TIMEOUT=900
+
+say() { echo "$*"; }
+
+now_cs() { # uptime in centiseconds
+    read -r up _ </proc/uptime
+    echo "${up%.*}${up#*.}" | sed 's/^0*//;s/^$/0/'
+}
+
+secs_since() { # start_cs -> "S.CC"
+    d=$(($(now_cs) - $1))
+    printf '%d.%02d' $((d / 100)) $((d % 100))
+}
+
+load_kvm() { # extra kvm_amd parameters
+    for m in irqbypass ccp kvm; do
+        grep -q "^$m " /proc/modules || insmod "$MODDIR/$m.ko" || return 1
+    done
+    insmod "$MODDIR/kvm-amd.ko" "$@" || return 1
+    [ -c /dev/kvm ] || return 1
+}
+
+# Host facts, for the log.
+say "BED-HOST cpus=$(nproc) kernel=$(uname -r) svm=$(grep -c -w svm /proc/cpuinfo)"
+if load_kvm; then
+    say "BED-KVM loaded npt=$(cat /sys/module/kvm_amd/parameters/npt)"
+else
+    say "BED-KVM failed"
+    dmesg | tail -20
+fi
+dmesg | grep -i -E 'kvm|svm|nested paging' | sed 's/^/BED-DMESG /'
+
+run_pvmm() { # step name, then pvmm arguments; stdin from the caller
+    name=$1
+    shift
+    say "BED-BEGIN $name"
+    t0=$(now_cs)
+    "$PVMM" run "$@" --stats table --stats-file /tmp/stats.txt --timeout "$STEP_TIMEOUT"
+    rc=$?
+    secs=$(secs_since "$t0")
+    say ""
+    say "BED-STATS-BEGIN"
+    cat /tmp/stats.txt 2>/dev/null
+    say "BED-STATS-END"
+    say "BED-END $name rc=$rc secs=$secs"
+    rm -f /tmp/stats.txt
+}
+
+suite() { # name mode transport vcpus
+    run_pvmm "$1" --kernel "$GUEST" --cmdline "$SUITE_CMDLINE mmu=$2" \
+        --hypercall "$3" --vcpus "$4" --mem 256M </dev/null
+}
+
+npt0() {
+    say "BED-BEGIN npt0"
+    rmmod kvm_amd
+    if load_kvm npt=0; then rc=0; else rc=1; fi
+    say "npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
+    dmesg | tail -3
+    say "BED-END npt0 rc=$rc secs=0"
+}
+
+# The stock-Linux step: pvmm boots /bed/vmlinuz with /bed/linux-initrd.gz. Its console is
+# piped through a reader that answers the guest's input prompt through a FIFO on pvmm's
+# stdin, so the guest's serial tty is checked in both directions.
+linux() {
+    mkfifo /tmp/linux-in
+    exec 3<>/tmp/linux-in
+    run_pvmm linux --kernel /bed/vmlinuz --initrd /bed/linux-initrd.gz \
+        --cmdline "console=ttyS0 panic=-1 reboot=k" --mem 512M --hypercall auto \
+        </tmp/linux-in | while IFS= read -r line; do
+        printf '%s\n' "$line"
+        case "$line" in
+        *LINUX-READY-FOR-INPUT*) echo "$TOKEN" >&3 ;;
+        esac
+    done
+    exec 3>&-
+    rm -f /tmp/linux-in
+}
+
+TOKEN=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.token=//p')
+steps=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.steps=//p')
+for s in $(echo "$steps" | tr ',' ' '); do
+    IFS=: read -r kind mode transport <<EOF
+$s
+EOF
+    case "$kind" in
+    suite) suite "$s" "$mode" "$transport" 1 ;;
+    smp) suite "$s" "$mode" "$transport" 2 ;;
+    npt0) npt0 ;;
+    linux) linux ;;
+    *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;
+    esac
+done
+say "BED-DONE"
+sync
+poweroff -f

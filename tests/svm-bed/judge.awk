@@ -1,0 +1,137 @@
+# Judges the serial log of one or more SVM-bed boots (see init.sh for the block format).
+#
+# Input: the concatenated logs. Variables: steps (comma-separated steps that were asked
+# for, in order), token (the line the stock-Linux step must echo back).
+# Output: one tab-separated line per step, in the order asked:
+#   step  mode  transport  verdict  passed  failed  secs  via  exits  hypercalls  resyncs  why
+# verdict is PASS, FAIL or PENDING (the SMP step: the bundled guest has no SMP suite yet).
+# Exit status: 0 if no step is FAIL.
+
+function reset_step() {
+    tap = 0; plan = -1; npts = 0; nok = 0; nnot = 0; order_ok = 1; skips = 0
+    via = "-"; exits = "-"; hcalls = 0; resyncs = 0; in_stats = 0; in_hc = 0
+    lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""
+    kvm_line = ""
+}
+
+function num(s) { return s + 0 }
+
+# Verdict for a suite step: everything planned ran, nothing failed, the transport is right.
+function judge_suite(transport,    why) {
+    why = ""
+    if (rc != 0) why = why "pvmm exit status " rc "; "
+    if (!tap) why = why "no TAP output; "
+    else if (plan < 0) why = why "no TAP plan; "
+    else if (npts != plan) why = why "planned " plan ", got " npts " results; "
+    if (nnot > 0) why = why nnot " not ok; "
+    if (!order_ok) why = why "TAP numbers out of order; "
+    if ((transport == "vmcall" || transport == "auto") && via !~ /^vmcall/)
+        why = why "stats header says hypercalls via '" via "', want vmcall; "
+    return why
+}
+
+function judge_linux(    why, d) {
+    why = ""
+    if (!lx_marker) why = why "no userspace marker; "
+    if (lx_before == "" || num(lx_after) <= num(lx_before))
+        why = why "timer did not tick (" lx_before " -> " lx_after "); "
+    d = num(lx_up1) - num(lx_up0)
+    if (lx_up0 == "" || lx_up1 == "" || d < 1.0)
+        why = why "sleep 1 did not take 1 s of uptime (" lx_up0 " -> " lx_up1 "); "
+    if (lx_echo != token) why = why "serial input not echoed (got '" lx_echo "'); "
+    if (rc != 0) why = why "pvmm exit status " rc "; "
+    return why
+}
+
+function finish(name,    kind, parts, mode, transport, why, verdict) {
+    split(name, parts, ":"); kind = parts[1]; mode = parts[2]; transport = parts[3]
+    if (mode == "") mode = "-"
+    if (transport == "") transport = "-"
+    if (kind == "suite" || kind == "smp") why = judge_suite(transport)
+    else if (kind == "linux") why = judge_linux()
+    else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
+    else why = "unknown step; "
+    verdict = (why == "") ? "PASS" : "FAIL"
+    if (kind == "smp") {
+        verdict = "PENDING"
+        why = "guest has no SMP suite yet: --vcpus 2 ran the UP suite" \
+            (why == "" ? " and it passed" : ": " why)
+    }
+    sub(/; $/, "", why)
+    res[name] = name "\t" mode "\t" transport "\t" verdict "\t" nok "\t" nnot "\t" secs "\t" \
+        via "\t" exits "\t" (hcalls ? hcalls : "-") "\t" (resyncs ? resyncs : "-") "\t" (why == "" ? "-" : why)
+}
+
+{ sub(/\r+$/, "") }
+
+/^BED-BEGIN / { cur = $2; reset_step(); rc = ""; secs = "-"; next }
+cur == "" { next }
+
+/^BED-END / {
+    if ($2 == cur) {
+        for (i = 3; i <= NF; i++) {
+            if ($i ~ /^rc=/) rc = num(substr($i, 4))
+            if ($i ~ /^secs=/) secs = substr($i, 6)
+        }
+        finish(cur)
+    }
+    cur = ""
+    next
+}
+
+/^BED-STATS-BEGIN/ { in_stats = 1; next }
+/^BED-STATS-END/ { in_stats = 0; next }
+
+in_stats {
+    if (match($0, /hypercalls via: [a-z]+ \([a-z]+\)/))
+        via = substr($0, RSTART + 16, RLENGTH - 16)
+    if ($1 == "total" && NF == 2) exits = $2
+    if ($1 == "op" && $2 == "calls") { in_hc = 1; next }
+    if (in_hc && NF == 0) in_hc = 0
+    if (in_hc && $2 ~ /^[0-9]+$/) hcalls += $2
+    if ($1 == "host_resync") resyncs = $2
+    next
+}
+
+/^TAP version 13$/ { tap = 1; next }
+tap && /^1\.\.[0-9]+$/ { plan = num(substr($0, 4)); next }
+tap && /^(not )?ok [0-9]+/ {
+    n = ($1 == "not") ? $3 : $2
+    if (num(n) != npts + 1) order_ok = 0
+    npts++
+    if ($1 == "not") nnot++; else nok++
+    next
+}
+/^npt=/ { kvm_line = $0 }
+/^LINUX-MARKER / { lx_marker = 1 }
+/^LINUX-TIMER / {
+    for (i = 2; i <= NF; i++) {
+        if ($i ~ /^before=/) lx_before = substr($i, 8)
+        if ($i ~ /^after=/) lx_after = substr($i, 7)
+    }
+}
+/^LINUX-SLEEP / {
+    for (i = 2; i <= NF; i++) {
+        if ($i ~ /^uptime_before=/) lx_up0 = substr($i, 15)
+        if ($i ~ /^uptime_after=/) lx_up1 = substr($i, 14)
+    }
+}
+/^LINUX-ECHO / { lx_echo = $2 }
+
+END {
+    n = split(steps, want, ",")
+    bad = 0
+    for (i = 1; i <= n; i++) {
+        s = want[i]
+        if (s in res) line = res[s]
+        else {
+            split(s, p, ":")
+            line = s "\t" (p[2] == "" ? "-" : p[2]) "\t" (p[3] == "" ? "-" : p[3]) \
+                "\t" (p[1] == "smp" ? "PENDING" : "FAIL") "\t0\t0\t-\t-\t-\t-\t-\tno result (step missing or cut off)"
+        }
+        split(line, f, "\t")
+        if (f[4] == "FAIL") bad++
+        print line
+    }
+    exit bad ? 1 : 0
+}

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# The SVM test bed: a real KVM with AMD SVM and nested paging, under QEMU's TCG emulator.
+#
+# Installs what it needs from Debian's archive (qemu-system-x86, busybox-static, cpio, and
+# a stock kernel package, downloaded and unpacked, not installed), builds an initramfs with
+# pvmm, the bundled guest, busybox and the kvm modules, boots QEMU with
+# `-cpu qemu64,+svm,+npt`, runs the test plan inside (init.sh), and judges the serial log
+# (judge.awk): any `not ok`, missing plan or missing result fails the bed.
+#
+# Environment:
+#   REQUIRE_SVM=1      a bed that cannot run (no QEMU and cannot install, no archive) fails
+#                      instead of skipping
+#   SVM_BED_DIR        cache and logs (default target/svm-bed)
+#   SVM_BED_BOOTS      the plan: boots separated by ';', each `<qemu cpus>=<step>,<step>...`
+#   SVM_BED_TIMEOUT    seconds per QEMU boot (default 2400)
+#   SVM_BED_VERBOSE=1  stream the whole serial console (default: step progress only)
+#   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE="$ROOT/tests/svm-bed"
+BED=${SVM_BED_DIR:-$ROOT/target/svm-bed}
+PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
+GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
+TIMEOUT=${SVM_BED_TIMEOUT:-2400}
+SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall,suite:pv-lazy:auto;2=smp:pv-lazy:auto"
+BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
+PACKAGES="qemu-system-x86 busybox-static cpio"
+
+log() { echo "svm-bed: $*"; }
+
+skip() {
+    if [ "${REQUIRE_SVM:-0}" = 1 ]; then
+        echo "FAIL svm-bed: $* (and REQUIRE_SVM=1)"
+        exit 1
+    fi
+    echo "SKIP svm-bed: $* (set REQUIRE_SVM=1 to make this a failure)"
+    exit 0
+}
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi
+}
+
+APT_UPDATED=0
+apt_update() {
+    [ "$APT_UPDATED" = 1 ] && return 0
+    log "apt-get update"
+    as_root apt-get update -q >"$BED/apt-update.log" 2>&1 || return 1
+    APT_UPDATED=1
+}
+
+static_busybox() {
+    [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1
+}
+
+install_tools() {
+    command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null && static_busybox && return 0
+    command -v apt-get >/dev/null || skip "QEMU/busybox-static/cpio missing and no apt-get to install them"
+    apt_update || skip "cannot reach Debian's archive (apt-get update failed, see $BED/apt-update.log)"
+    log "installing $PACKAGES"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends $PACKAGES \
+        >"$BED/apt-install.log" 2>&1 || skip "cannot install $PACKAGES (see $BED/apt-install.log)"
+    command -v qemu-system-x86_64 >/dev/null && static_busybox ||
+        skip "installed $PACKAGES but qemu-system-x86_64 or a static /bin/busybox is still missing"
+}
+
+# Sets KVER and KDIR: the stock kernel linux-image-amd64 depends on, unpacked under $BED.
+fetch_kernel() {
+    local deps
+    deps=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+    if [ -z "$deps" ]; then
+        apt_update || true
+        deps=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+    fi
+    if [ -z "$deps" ]; then
+        # No package lists: fall back to a kernel unpacked by an earlier run.
+        KDIR=$(ls -d "$BED"/kernel-* 2>/dev/null | tail -1)
+        [ -n "$KDIR" ] || skip "cannot find the linux-image-amd64 dependency (no package lists, no cache)"
+        KVER=${KDIR##*/kernel-}
+        return 0
+    fi
+    KVER=${deps#linux-image-}
+    KDIR="$BED/kernel-$KVER"
+    [ -f "$KDIR/boot/vmlinuz-$KVER" ] && return 0
+    mkdir -p "$BED/dl"
+    if ! ls "$BED"/dl/"$deps"_*.deb >/dev/null 2>&1; then
+        log "downloading $deps"
+        (cd "$BED/dl" && apt-get download "$deps" >"$BED/apt-download.log" 2>&1) ||
+            { apt_update && (cd "$BED/dl" && apt-get download "$deps" >"$BED/apt-download.log" 2>&1); } ||
+            skip "cannot download $deps (see $BED/apt-download.log)"
+    fi
+    rm -rf "$KDIR.tmp"
+    dpkg-deb -x "$(ls "$BED"/dl/"$deps"_*.deb | tail -1)" "$KDIR.tmp" || { log "cannot unpack $deps"; exit 1; }
+    mv "$KDIR.tmp" "$KDIR"
+}
+
+# Copies a dynamic executable and the libraries ldd names into the tree at $1.
+copy_with_libs() {
+    local root=$1 src=$2 dst=$3 lib
+    install -D -m 755 "$src" "$root$dst"
+    if command -v strip >/dev/null; then strip --strip-debug "$root$dst" 2>/dev/null || true; fi
+    for lib in $(ldd "$src" 2>/dev/null | grep -o '/[^ ]*'); do
+        install -D -m 755 "$lib" "$root$lib"
+    done
+}
+
+cpio_gz() { # directory, output
+    (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) >"$2"
+}
+
+build_initramfs() {
+    local r="$BED/root" l="$BED/linux-root" m
+    local mods="$KDIR/lib/modules/$KVER/kernel"
+    rm -rf "$r" "$l"
+    mkdir -p "$r/bin" "$r/bed/modules" "$l/bin"
+    cp /bin/busybox "$r/bin/busybox"
+    cp /bin/busybox "$l/bin/busybox"
+    install -m 755 "$HERE/init.sh" "$r/init"
+    install -m 755 "$HERE/linux-init.sh" "$l/init"
+    copy_with_libs "$r" "$PVMM" /bed/pvmm
+    install -m 644 "$GUEST" "$r/bed/pvmm-guest"
+    for m in virt/lib/irqbypass drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
+        if [ -f "$mods/$m.ko" ]; then
+            cp "$mods/$m.ko" "$r/bed/modules/"
+        elif [ -f "$mods/$m.ko.xz" ]; then
+            xz -dc "$mods/$m.ko.xz" >"$r/bed/modules/${m##*/}.ko"
+        else
+            log "kernel $KVER has no module $m"
+            exit 1
+        fi
+        # Any dependency modinfo names beyond the four must be in the tree too.
+        for dep in $(tr '\0' '\n' <"$r/bed/modules/${m##*/}.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+            case "$dep" in irqbypass | ccp | kvm) ;; *)
+                log "module ${m##*/} needs $dep, which the bed does not load"
+                exit 1
+                ;;
+            esac
+        done
+    done
+    cp "$KDIR/boot/vmlinuz-$KVER" "$r/bed/vmlinuz"
+    cpio_gz "$l" "$r/bed/linux-initrd.gz"
+    cpio_gz "$r" "$BED/initrd.gz"
+}
+
+# One QEMU boot: cpus, comma-separated steps, log file. Returns QEMU's (or timeout's) status.
+boot() {
+    local cpus=$1 steps=$2 out=$3 accel=tcg
+    [ "$cpus" -gt 1 ] && accel=tcg,thread=multi
+    log "boot: QEMU TCG, $cpus CPU(s), steps $steps"
+    timeout -k 10 "$TIMEOUT" qemu-system-x86_64 -accel "$accel" -cpu qemu64,+svm,+npt -m 2G \
+        -smp "$cpus" -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$BED/initrd.gz" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 bed.steps=$steps bed.token=$TOKEN" \
+        -display none -serial stdio -monitor none -no-reboot </dev/null 2>"$out.qemu-stderr" |
+        tee "$out" | if [ "${SVM_BED_VERBOSE:-0}" = 1 ]; then cat; else
+            grep --line-buffered -E '^(BED-BEGIN|BED-END|BED-KVM|BED-DONE|Kernel panic)'; fi
+    return "${PIPESTATUS[0]}"
+}
+
+main() {
+    mkdir -p "$BED"
+    [ -x "$PVMM" ] || { log "$PVMM not found: run make build"; exit 1; }
+    [ -f "$GUEST" ] || { log "$GUEST not found: run make build"; exit 1; }
+    install_tools
+    fetch_kernel
+    log "kernel $KVER"
+    build_initramfs
+    TOKEN="bed-token-$(date +%s)"
+    local started=$SECONDS all_steps="" i=0 spec cpus steps qrc logs=()
+    IFS=';' read -ra specs <<<"$BOOTS"
+    for spec in "${specs[@]}"; do
+        cpus=${spec%%=*}
+        steps=${spec#*=}
+        i=$((i + 1))
+        local out="$BED/boot-$i.log"
+        local t0=$SECONDS
+        boot "$cpus" "$steps" "$out"
+        qrc=$?
+        log "boot $i ended (status $qrc) after $((SECONDS - t0)) s; log: $out"
+        [ "$qrc" = 124 ] && log "boot $i hit the ${TIMEOUT}s timeout"
+        grep -q '^BED-DONE' "$out" || log "boot $i did not reach BED-DONE"
+        all_steps="$all_steps${all_steps:+,}$steps"
+        logs+=("$out")
+    done
+    local table rc
+    table=$(cat "${logs[@]}" | awk -v steps="$all_steps" -v token="$TOKEN" -f "$HERE/judge.awk")
+    rc=$?
+    echo
+    echo "=== SVM bed summary (kernel $KVER, total wall $((SECONDS - started)) s) ==="
+    {
+        printf 'step\tmode\ttransport\tresult\tpassed\tfailed\twall(s)\tvia\texits\thypercalls\tresyncs\tnote\n'
+        echo "$table"
+    } | awk -F'\t' '{ for (i = 1; i <= NF; i++) { c[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR; if (NF > nf) nf = NF }
+        END { for (r = 1; r <= n; r++) { l = ""; for (i = 1; i <= nf; i++) l = l sprintf(i < nf ? "%-" w[i] "s  " : "%s", c[r, i]); print l } }'
+    if [ "$rc" = 0 ]; then
+        echo "svm-bed: PASS"
+    else
+        echo "svm-bed: FAIL (logs: ${logs[*]})"
+    fi
+    exit "$rc"
+}
+
+main "$@"
