@@ -14,6 +14,7 @@
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux                          a stock Linux bzImage under pvmm (see linux-init.sh)
+# A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -109,8 +110,9 @@ linux() {
 TOKEN=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.token=//p')
 steps=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.steps=//p')
 for s in $(echo "$steps" | tr ',' ' '); do
+    # kind:mode:transport, optionally @tag to tell repeated steps apart (ignored here).
     IFS=: read -r kind mode transport <<EOF
-$s
+${s%%@*}
 EOF
     case "$kind" in
     suite) suite "$s" "$mode" "$transport" 1 ;;

@@ -43,10 +43,13 @@ function judge_linux(    why, d) {
     return why
 }
 
-function finish(name,    kind, parts, mode, transport, why, verdict) {
-    split(name, parts, ":"); kind = parts[1]; mode = parts[2]; transport = parts[3]
+function finish(name,    kind, parts, mode, transport, why, verdict, base) {
+    # A step name is kind:mode:transport, optionally @tag (e.g. @npt0 after the reload).
+    base = name; sub(/@.*/, "", base)
+    split(base, parts, ":"); kind = parts[1]; mode = parts[2]; transport = parts[3]
     if (mode == "") mode = "-"
     if (transport == "") transport = "-"
+    if (name ~ /@/) mode = mode substr(name, index(name, "@"))
     if (kind == "suite" || kind == "smp") why = judge_suite(transport)
     else if (kind == "linux") why = judge_linux()
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
@@ -125,7 +128,8 @@ END {
         s = want[i]
         if (s in res) line = res[s]
         else {
-            split(s, p, ":")
+            b = s; sub(/@.*/, "", b)
+            split(b, p, ":")
             line = s "\t" (p[2] == "" ? "-" : p[2]) "\t" (p[3] == "" ? "-" : p[3]) \
                 "\t" (p[1] == "smp" ? "PENDING" : "FAIL") "\t0\t0\t-\t-\t-\t-\t-\tno result (step missing or cut off)"
         }

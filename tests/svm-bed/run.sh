@@ -24,7 +24,7 @@ PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
 GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
 TIMEOUT=${SVM_BED_TIMEOUT:-2400}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall,suite:pv-lazy:auto;2=smp:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto"
 BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
 PACKAGES="qemu-system-x86 busybox-static cpio"
 
@@ -160,6 +160,7 @@ boot() {
 
 main() {
     mkdir -p "$BED"
+    "$HERE/judge-test.sh" >"$BED/judge-test.log" || { cat "$BED/judge-test.log"; log "judge.awk self-test failed"; exit 1; }
     [ -x "$PVMM" ] || { log "$PVMM not found: run make build"; exit 1; }
     [ -f "$GUEST" ] || { log "$GUEST not found: run make build"; exit 1; }
     install_tools

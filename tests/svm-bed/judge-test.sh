@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Checks judge.awk on hand-made serial logs: a good suite passes, and every way a suite or
+# the stock-Linux step can go wrong fails. Needs nothing but awk; runs in well under a second.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+fails=0
+
+# judge <steps> <expected verdict of the first step> <description>, log on stdin
+judge() {
+    local got
+    got=$(awk -v steps="$1" -v token=tok-1 -f "$HERE/judge.awk" | head -1 | cut -f4)
+    if [ "$got" = "$2" ]; then echo "ok - $3"; else echo "not ok - $3 (verdict '$got', want '$2')"; fails=$((fails + 1)); fi
+}
+
+suite() { # $1: TAP body, $2: rc, $3: via
+    printf 'BED-BEGIN suite:pv:vmcall\r\r\nnoise\r\r\nTAP version 13\r\r\n%b' "$1"
+    printf '\nBED-STATS-BEGIN\nend: guest-exit (exit code 0)   wall: 1 ms   hypercalls via: %s\ntotal 10\nBED-STATS-END\n' "$3"
+    printf 'BED-END suite:pv:vmcall rc=%s secs=1.00\n' "$2"
+}
+
+good='1..2\nok 1 a\nok 2 b\n'
+suite "$good" 0 'vmcall (forced)' | judge suite:pv:vmcall PASS "a complete suite over vmcall passes"
+suite '1..2\nok 1 a\nnot ok 2 b\n' 1 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a not ok fails"
+suite '1..2\nok 1 a\nnot ok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a not ok fails even with status 0"
+suite 'ok 1 a\nok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a missing plan fails"
+suite '1..3\nok 1 a\nok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a missing result fails"
+suite '1..2\nok 1 a\nok 3 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "out-of-order numbers fail"
+suite "$good" 0 'pio (auto)' | judge suite:pv:vmcall FAIL "a pio stats header fails a vmcall step"
+suite "$good" 104 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a non-zero pvmm status fails"
+suite "$good" 0 'vmcall (forced)' | head -6 | judge suite:pv:vmcall FAIL "a step cut off before BED-END fails"
+printf '' | judge suite:pv:vmcall FAIL "a step that never ran fails"
+suite "$good" 0 'vmcall (forced)' | sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp:pv:vmcall/' |
+    judge smp:pv:vmcall PENDING "the SMP step is reported as pending, not passed"
+
+linux() { # $1: timer after, $2: uptime after, $3: echoed token, $4: rc
+    printf 'BED-BEGIN linux\nLINUX-MARKER userspace reached: 6.1\nLINUX-TIMER before=10 after=%s\n' "$1"
+    printf 'LINUX-SLEEP uptime_before=5.00 uptime_after=%s\nLINUX-ECHO %s\n' "$2" "$3"
+    printf 'BED-STATS-BEGIN\nBED-STATS-END\nBED-END linux rc=%s secs=100.00\n' "$4"
+}
+linux 20 6.05 tok-1 0 | judge linux PASS "a stock Linux that ticks, sleeps, echoes and reboots passes"
+linux 10 6.05 tok-1 0 | judge linux FAIL "a timer that does not tick fails"
+linux 20 5.50 tok-1 0 | judge linux FAIL "a sleep shorter than 1 s of uptime fails"
+linux 20 6.05 other 0 | judge linux FAIL "a wrong echoed line fails"
+linux 20 6.05 tok-1 104 | judge linux FAIL "a Linux that does not reboot (timeout) fails"
+
+[ "$fails" = 0 ] && echo "judge-test: all passed" || { echo "judge-test: $fails failed"; exit 1; }
