@@ -95,23 +95,34 @@ pub struct Counters {
     pub ops: [u64; 10],
     /// Refusals by [`Rule`].
     pub rejects: Vec<u64>,
-    /// Shadow tables currently live.
+    /// Shadows of guest tables currently live (one per shadowed typed table; the split
+    /// tables of 2 MiB leaves are not counted here, see `split_tables_live`).
     pub shadow_tables_live: u64,
-    /// Most shadow tables ever live.
+    /// Most shadows of guest tables ever live at once (splits excluded).
     pub shadow_tables_high_water: u64,
-    /// Pool frames in use.
+    /// Split shadow L1s (one per shadowed 2 MiB guest leaf) currently live.
+    pub split_tables_live: u64,
+    /// Pool frames in use: `shadow_tables_live + split_tables_live`.
     pub pool_frames_used: u64,
+    /// Most pool frames ever in use at once.
+    pub pool_frames_high_water: u64,
     /// Pool frames in total.
     pub pool_frames_total: u64,
-    /// Flushes requested from the VMM by [`FlushReason`] (one per vCPU batch at most).
+    /// Flushes handed to the VMM by [`FlushReason`], counted per vCPU when taken
+    /// (`end_batch` / `take_flush`): at most one per vCPU between two takes.
     pub flushes: Vec<u64>,
-    /// Flushes avoided by [`AvoidReason`].
+    /// Changes that needed no flush of their own, by [`AvoidReason`] (one count per change,
+    /// not per vCPU).
     pub flushes_avoided: Vec<u64>,
     /// `SYNC_AD` ops completed.
     pub ad_syncs: u64,
-    /// A bits newly propagated from shadows into guest PTEs.
+    /// A bits moved from shadows into guest PTEs that the written guest PTE would not
+    /// otherwise have had (`SYNC_AD`, `PT_UPDATE` harvests that end up in the written value,
+    /// harvests when shadows are dropped or reclaimed, `RELOCATE_TABLE` copies). Bits a
+    /// plain `PT_UPDATE` discards are not counted.
     pub a_bits_propagated: u64,
-    /// D bits newly propagated from shadows into guest PTEs.
+    /// D bits moved from shadows into guest PTEs, with the same meaning as
+    /// `a_bits_propagated`.
     pub d_bits_propagated: u64,
     /// `QUERY_AD` ops completed.
     pub queries: u64,

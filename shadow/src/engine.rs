@@ -44,8 +44,6 @@ pub struct ShadowMmu {
     new_cr3: Vec<Option<u64>>,
     /// Sequence number of the op being applied (shadows touched by it are not reclaimed).
     pub(crate) epoch: u64,
-    /// The vCPU whose op is being applied.
-    pub(crate) vcpu: usize,
     pub(crate) counters: Counters,
 }
 
@@ -67,7 +65,6 @@ impl ShadowMmu {
             pending: Pending::new(vcpus),
             new_cr3: vec![None; vcpus],
             epoch: 0,
-            vcpu: 0,
         })
     }
 
@@ -80,18 +77,23 @@ impl ShadowMmu {
     ) -> Result<(), HcError> {
         self.epoch += 1;
         Counters::bump(&mut self.counters.ops, &OpKind::ALL, OpKind::of(op));
-        let r = rules::vcpu_valid(vcpu, self.roots.len()).and_then(|()| {
-            self.vcpu = vcpu;
-            self.dispatch(mem, vcpu, op)
-        });
-        self.counters.pool_frames_used = self.pool.used();
-        self.counters.shadow_tables_live = self.pool.used();
-        self.counters.shadow_tables_high_water = self.pool.high_water();
+        let r =
+            rules::vcpu_valid(vcpu, self.roots.len()).and_then(|()| self.dispatch(mem, vcpu, op));
+        self.update_pool_counters();
         r.map_err(|rule| {
             Counters::bump(&mut self.counters.rejects, Rule::ALL, rule);
             log::debug!("shadow: {op:?} refused: {}", rule.name());
             rule.error()
         })
+    }
+
+    fn update_pool_counters(&mut self) {
+        let c = &mut self.counters;
+        c.pool_frames_used = self.pool.used();
+        c.pool_frames_high_water = self.pool.high_water();
+        c.shadow_tables_live = self.pool.tables();
+        c.shadow_tables_high_water = self.pool.tables_high_water();
+        c.split_tables_live = self.pool.used() - self.pool.tables();
     }
 
     fn dispatch<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> R<()> {
@@ -153,14 +155,30 @@ impl ShadowMmu {
     }
 
     /// Takes the flush pending for `vcpu` (counted as performed). Shared-shadow changes
-    /// mark every vCPU: the VMM must call this (or [`ShadowMmu::end_batch`]) before
-    /// resuming any vCPU, not only the one that issued the batch.
+    /// mark every vCPU: after a batch of vCPU `v`, the VMM must call this for every other
+    /// vCPU `w` ([`ShadowMmu::vcpus_needing_flush`] names them) and flush `w`'s TLB
+    /// (global translations included) before `w` runs guest code again, not only when `w`
+    /// ends its own next batch.
     pub fn take_flush(&mut self, vcpu: usize) -> Option<FlushReason> {
         let f = self.pending.take(vcpu);
         if let Some(r) = f {
             Counters::bump(&mut self.counters.flushes, FlushReason::ALL, r);
         }
         f
+    }
+
+    /// The flush pending for `vcpu`, without taking it (not counted).
+    pub fn flush_pending(&self, vcpu: usize) -> Option<FlushReason> {
+        self.pending.peek(vcpu)
+    }
+
+    /// Every vCPU with a flush pending, in index order: the vCPUs the VMM must flush
+    /// (with [`ShadowMmu::take_flush`]) and, if they are running, kick before the batch
+    /// that marked them is complete.
+    pub fn vcpus_needing_flush(&self) -> Vec<usize> {
+        (0..self.roots.len())
+            .filter(|&v| self.pending.peek(v).is_some())
+            .collect()
     }
 
     /// True (once) if pool frames freed since the last [`ShadowMmu::host_resynced`] were
@@ -201,13 +219,39 @@ impl ShadowMmu {
         self.frames.level(gpa >> 12)
     }
 
+    /// Whether the frame holding guest-physical `gpa` is a page table (typed L1..L4).
+    /// Every VMM write into guest memory (the hypercall response, bitmaps) must be
+    /// refused for such a frame, and checked while holding the same lock on the engine as
+    /// the write itself: a batch may type the frame.
+    pub fn is_typed_frame(&self, gpa: u64) -> bool {
+        self.frames.level(gpa >> 12).is_some()
+    }
+
+    /// Whether any frame overlapping `gpa .. gpa + len` is a page table (`len` 0 touches
+    /// nothing; a range wrapping the address space counts as touching one).
+    pub fn range_has_table(&self, gpa: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let Some(last) = gpa.checked_add(len - 1) else {
+            return true;
+        };
+        (gpa >> 12..=last >> 12).any(|f| self.frames.level(f).is_some())
+    }
+
     // ----- flush bookkeeping -----
 
     /// A shared-shadow change that the CPU may have cached: every vCPU must flush.
     pub(crate) fn need_flush(&mut self, r: FlushReason) {
-        if !self.pending.mark_all(self.vcpu, r) {
+        if !self.pending.mark_all(r) {
             self.avoid(AvoidReason::Merged);
         }
+    }
+
+    /// Counts A/D bits `newly` written from a shadow into a guest PTE.
+    pub(crate) fn count_propagated(&mut self, newly: u64) {
+        self.counters.a_bits_propagated += u64::from(newly & A != 0);
+        self.counters.d_bits_propagated += u64::from(newly & D != 0);
     }
 
     /// A change that needed no flush.
@@ -323,7 +367,9 @@ impl ShadowMmu {
         let Some(level) = self.frames.level(pfn) else {
             return;
         };
-        self.drop_shadow(mem, pfn);
+        if self.drop_shadow(mem, pfn) {
+            self.need_flush(FlushReason::ShadowDropped);
+        }
         let children = table(mem, pfn).map(|t| t.snapshot());
         self.frames.clear_type(pfn);
         if let (true, Ok(g)) = (level > 1, children) {
@@ -442,7 +488,7 @@ impl ShadowMmu {
                     let was = st.swap(i, new_s);
                     if pte::present(was) {
                         if let Some(split) = self.pool.index_of(was & ADDR) {
-                            harvested = self.free_shadow_table(mem, split).0;
+                            harvested = self.free_split(mem, split);
                         }
                         self.retire(was, FlushReason::LeafRemoved);
                     }
@@ -463,13 +509,13 @@ impl ShadowMmu {
         }
         let same_frame = matches!((old_kind, new_kind),
             (Kind::Leaf4k { pfn: a }, Kind::Leaf4k { pfn: b }) | (Kind::Leaf2m { pfn: a }, Kind::Leaf2m { pfn: b }) if a == b);
-        let v = if preserve_ad {
-            val | (old & AD) | harvested
-        } else if same_frame {
-            val | harvested
+        let base = if preserve_ad { val | (old & AD) } else { val };
+        let v = if preserve_ad || same_frame {
+            base | harvested
         } else {
-            val
+            base
         };
+        self.count_propagated(v & !base & AD);
         gt.set(i, v);
         if let Kind::Table { pfn: c } = old_kind {
             self.put_type(mem, c, ptr);
@@ -550,10 +596,13 @@ impl ShadowMmu {
                     continue;
                 }
                 if level == 1 {
+                    self.count_propagated(s & AD & !*e);
                     *e |= s & AD;
                 } else if pte::is_2m_leaf(level, *e) {
                     if let Some(split) = self.pool.index_of(s & ADDR) {
-                        *e |= self.split_ad(mem, split);
+                        let ad = self.split_ad(mem, split);
+                        self.count_propagated(ad & !*e);
+                        *e |= ad;
                         if let Some(m) = self.pool.meta_mut(split) {
                             m.owner = Owner::Split {
                                 l2: new,
@@ -604,9 +653,4 @@ impl ShadowMmu {
         mem.write_slice(&[0u8; 4096], GuestAddress(pfn << 12))
             .map_err(|_| Rule::Unbacked)
     }
-}
-
-/// The A and D bits of `e`, as a count pair (for statistics).
-pub(crate) fn ad_counts(newly: u64) -> (u64, u64) {
-    (u64::from(newly & A != 0), u64::from(newly & D != 0))
 }

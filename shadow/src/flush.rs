@@ -1,9 +1,11 @@
 //! TLB coherence: why a flush is needed, why one was avoided, and the per-vCPU pending flag.
 //!
 //! Changes to shared shadows (leaf removal/downgrade, non-leaf change, A/D clearing,
-//! reclaim, type changes) mark **every** vCPU, because all of them may cache translations
-//! through the shared shadows. Guest `INVLPG` / `FLUSH_TLB` mark only the calling vCPU.
-//! A vCPU collects at most one flush per batch (later reasons are counted as "merged").
+//! reclaim, dropped shadows, type changes) mark **every** vCPU, because all of them may
+//! cache translations through the shared shadows. Guest `INVLPG` / `FLUSH_TLB` mark only the
+//! calling vCPU. A vCPU collects at most one pending flush (the first reason); a flush
+//! request that finds a flush already pending on every vCPU it targets is counted as
+//! avoided `merged`.
 
 macro_rules! reasons {
     ($(#[$tm:meta])* $ty:ident { $($(#[$m:meta])* $v:ident = $name:literal,)* }) => {
@@ -37,8 +39,11 @@ reasons! {
         NonLeafChanged = "non_leaf_changed",
         /// `SYNC_AD` cleared an A or D bit that was set in a shadow leaf.
         AdCleared = "ad_cleared",
-        /// Pool reclaim dropped shadow leaves the CPU had used.
+        /// Pool reclaim dropped shadow entries the CPU had used.
         Reclaim = "reclaim",
+        /// A guest table lost its type (`UNPIN`, teardown, last reference removed) and its
+        /// shadow, which held entries the CPU had used (A=1), was dropped.
+        ShadowDropped = "shadow_dropped",
         /// The guest asked: `INVLPG`.
         GuestInvlpg = "guest_invlpg",
         /// The guest asked: `FLUSH_TLB`.
@@ -53,7 +58,7 @@ reasons! {
         NeverAccessed = "never_accessed",
         /// The change only added rights on the same frame; the old shadow A/D were kept.
         UpgradeOnly = "upgrade_only",
-        /// A flush was already pending for this batch.
+        /// A flush was needed, but every vCPU it targets already had one pending.
         Merged = "merged",
     }
 }
@@ -83,17 +88,50 @@ impl Pending {
         }
     }
 
-    /// Marks every vCPU; returns false if the caller `vcpu` already had one pending.
-    pub fn mark_all(&mut self, vcpu: usize, r: FlushReason) -> bool {
-        let fresh = self.per_vcpu.get(vcpu).is_some_and(|p| p.is_none());
+    /// Marks every vCPU; returns false if every vCPU already had one pending (merged).
+    pub fn mark_all(&mut self, r: FlushReason) -> bool {
+        let mut fresh = false;
         for p in self.per_vcpu.iter_mut() {
-            p.get_or_insert(r);
+            if p.is_none() {
+                *p = Some(r);
+                fresh = true;
+            }
         }
         fresh
+    }
+
+    /// The pending flush of `vcpu`, left pending.
+    pub fn peek(&self, vcpu: usize) -> Option<FlushReason> {
+        self.per_vcpu.get(vcpu).copied().flatten()
     }
 
     /// Takes the pending flush of `vcpu`.
     pub fn take(&mut self, vcpu: usize) -> Option<FlushReason> {
         self.per_vcpu.get_mut(vcpu).and_then(Option::take)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_only_when_every_target_was_pending() {
+        let mut p = Pending::new(3);
+        assert!(p.mark(1, FlushReason::GuestInvlpg));
+        assert!(
+            !p.mark(1, FlushReason::GuestFlushTlb),
+            "caller already pending"
+        );
+        assert!(!p.mark(7, FlushReason::GuestFlushTlb), "no such vCPU");
+        // vCPU 1 pending, 0 and 2 not: the request is not merged.
+        assert!(p.mark_all(FlushReason::AdCleared));
+        assert!(!p.mark_all(FlushReason::Reclaim), "all pending: merged");
+        assert_eq!(p.peek(1), Some(FlushReason::GuestInvlpg));
+        assert_eq!(p.take(0), Some(FlushReason::AdCleared));
+        assert_eq!(p.take(0), None);
+        assert_eq!(p.peek(0), None);
+        assert!(p.mark_all(FlushReason::Reclaim), "vCPU 0 was clear again");
+        assert_eq!(p.take(2), Some(FlushReason::AdCleared), "first reason kept");
     }
 }

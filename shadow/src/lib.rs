@@ -18,7 +18,8 @@
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
 //! * [`counters`] — statistics;
-//! * `debug`: test helpers (translation through the shadow, invariant checker).
+//! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
+//! * `debug`: test helpers (translation through the shadow).
 #![deny(missing_docs)]
 
 mod ad;
@@ -27,6 +28,7 @@ mod debug;
 mod engine;
 pub mod flush;
 mod frames;
+pub mod invariants;
 pub mod layout;
 mod mem;
 mod pool;
@@ -37,8 +39,11 @@ mod shadow;
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
 pub use flush::{AvoidReason, FlushReason};
+pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
 
+#[cfg(test)]
+mod integrity_tests;
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,11 @@ pub(crate) enum Owner {
 }
 
 impl Owner {
+    /// Whether this is the split table of a 2 MiB leaf.
+    pub fn is_split(self) -> bool {
+        matches!(self, Owner::Split { .. })
+    }
+
     /// Level of the shadow table itself (splits are L1s).
     pub fn level(self) -> u8 {
         match self {
@@ -57,6 +62,9 @@ pub(crate) struct Pool {
     meta: Vec<Option<Meta>>,
     used: u64,
     high_water: u64,
+    /// Used frames holding the shadow of a guest table (not splits), and their peak.
+    tables: u64,
+    tables_high_water: u64,
     // Reverse map: a doubly linked list per guest frame of slots, stored as slot + 1 (0 = nil).
     heads: Vec<u32>,
     next: Vec<u32>,
@@ -77,6 +85,8 @@ impl Pool {
             meta: vec![None; frames as usize],
             used: 0,
             high_water: 0,
+            tables: 0,
+            tables_high_water: 0,
             heads: vec![0; end_pfn as usize],
             next: vec![0; slots],
             prev: vec![0; slots],
@@ -97,6 +107,16 @@ impl Pool {
     /// Most frames ever in use.
     pub fn high_water(&self) -> u64 {
         self.high_water
+    }
+
+    /// Frames in use holding the shadow of a guest table (split tables excluded).
+    pub fn tables(&self) -> u64 {
+        self.tables
+    }
+
+    /// Most guest-table shadows ever in use at once.
+    pub fn tables_high_water(&self) -> u64 {
+        self.tables_high_water
     }
 
     /// Frame number of pool frame `idx`.
@@ -125,14 +145,21 @@ impl Pool {
         }
         self.used += 1;
         self.high_water = self.high_water.max(self.used);
+        if matches!(owner, Owner::Table { .. }) {
+            self.tables += 1;
+            self.tables_high_water = self.tables_high_water.max(self.tables);
+        }
         Some(idx)
     }
 
     /// Returns a frame (its slots must already be unlinked from the reverse map).
     pub fn free(&mut self, idx: u32) {
         if let Some(m) = self.meta.get_mut(idx as usize) {
-            if m.take().is_some() {
+            if let Some(old) = m.take() {
                 self.used -= 1;
+                if matches!(old.owner, Owner::Table { .. }) {
+                    self.tables -= 1;
+                }
                 self.dirty.push(idx);
             }
         }
@@ -294,9 +321,21 @@ mod tests {
         p.rmap_remove(b * 512 + 5);
         p.rmap_remove(a * 512 + 3);
         assert!(p.rmap_slots(7).is_empty());
+        assert_eq!(p.tables(), 2);
         p.free(a);
         p.free(a);
         assert_eq!(p.used(), 1);
+        assert_eq!(p.tables(), 1);
         assert_eq!(p.high_water(), 2);
+        assert_eq!(p.tables_high_water(), 2);
+        p.free(b);
+        let s = p.alloc(Owner::Split { l2: 1, idx: 0 }, 0).unwrap();
+        assert_eq!(
+            (p.used(), p.tables()),
+            (1, 0),
+            "splits are not table shadows"
+        );
+        p.free(s);
+        assert_eq!((p.used(), p.tables()), (0, 0));
     }
 }

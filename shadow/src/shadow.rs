@@ -77,7 +77,15 @@ impl ShadowMmu {
                 Ok((self.pool.pfn(sidx) << 12) | P | RW | US)
             }
             Kind::Table { pfn } => {
-                if self.frames.level(pfn) != Some(level - 1) {
+                // Only a validated reference (one recorded as a back-reference of the child)
+                // is linked: a word that reached a typed table without validation stays
+                // not-present in the shadow, so it can never outlive the child's type.
+                let entry = (tpfn << 12) + 8 * (i as u64 & 511);
+                let linked = self
+                    .frames
+                    .info(pfn)
+                    .is_some_and(|c| c.level + 1 == level && c.parents.contains(&entry));
+                if !linked {
                     return Ok(0);
                 }
                 let c = self.ensure_shadow(mem, pfn)?;
@@ -120,12 +128,13 @@ impl ShadowMmu {
     }
 
     /// Drops the shadow of table `pfn` (if any), harvesting leaf A/D into the guest.
-    /// Returns whether a dropped leaf had been used by the CPU.
+    /// Returns whether a dropped entry (leaf or not) had been used by the CPU (A=1): the
+    /// TLB may hold translations made through it, so the caller must request a flush.
     pub(crate) fn drop_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> bool {
         let Some(sidx) = self.frames.info_mut(pfn).and_then(|i| i.shadow.take()) else {
             return false;
         };
-        self.free_shadow_table(mem, sidx).1
+        self.free_shadow_table(mem, sidx)
     }
 
     /// OR of the A/D bits of the leaves of split table `split`.
@@ -134,63 +143,95 @@ impl ShadowMmu {
             .map_or(0, |st| (0..512).fold(0, |acc, j| acc | (st.get(j) & AD)))
     }
 
-    /// Frees pool frame `sidx` (and the splits under a shadow L2): unlinks its leaves from
-    /// the reverse map and ORs their A/D into the guest entries they shadow. Returns the
-    /// harvested A/D of a split (for its caller) and whether any dropped leaf had A=1.
-    pub(crate) fn free_shadow_table<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> (u64, bool) {
+    /// Frees pool frame `sidx` (and the splits under a shadow L2): clears every entry
+    /// (atomically, so A/D the CPU sets up to that instant are seen), unlinks its leaves
+    /// from the reverse map and ORs leaf A/D into the guest entries they shadow. Returns
+    /// whether any dropped entry, at any level, had A=1.
+    pub(crate) fn free_shadow_table<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> bool {
         let Some(meta) = self.pool.meta(sidx) else {
-            return (0, false);
+            return false;
         };
-        let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
-            self.pool.free(sidx);
-            return (0, false);
-        };
-        let mut used = false;
-        let mut split_ad = 0;
-        match meta.owner {
-            Owner::Table { pfn, level: 1 } => {
-                let gt = table(mem, pfn).ok();
-                for i in 0..512 {
-                    let s = st.swap(i, 0);
-                    self.pool.rmap_remove(sidx * 512 + i as u32);
-                    if pte::present(s) {
-                        used |= s & A != 0;
-                        if let Some(gt) = &gt {
-                            self.harvest(gt.get(i), s & AD, |b| gt.set_bits(i, b));
-                        }
-                    }
-                }
-            }
+        let used = match meta.owner {
+            Owner::Table { pfn, level: 1 } => self.drop_l1_entries(mem, sidx, pfn),
             Owner::Split { l2, idx } => {
-                for i in 0..512 {
-                    let s = st.swap(i, 0);
-                    self.pool.rmap_remove(sidx * 512 + i as u32);
-                    split_ad |= s & AD;
-                }
-                used = split_ad & A != 0;
+                let ad = self.clear_split(mem, sidx);
                 if let Ok(gt) = table(mem, l2) {
                     let i = usize::from(idx);
-                    self.harvest(gt.get(i), split_ad, |b| gt.set_bits(i, b));
+                    self.harvest(gt.get(i), ad, |b| gt.set_bits(i, b));
                 }
+                ad & A != 0
             }
-            Owner::Table { level: 2, .. } => {
-                for i in 0..512 {
-                    let s = st.get(i);
-                    let child = self
-                        .pool
-                        .index_of(s & ADDR)
-                        .and_then(|c| self.pool.meta(c).map(|m| (c, m)));
-                    if let (true, Some((c, m))) = (pte::present(s), child) {
-                        if matches!(m.owner, Owner::Split { .. }) {
-                            used |= self.free_shadow_table(mem, c).1;
-                        }
-                    }
-                }
-            }
-            Owner::Table { .. } => {}
-        }
+            Owner::Table { level, .. } => self.drop_upper_entries(mem, sidx, level),
+        };
         self.pool.free(sidx);
-        (split_ad, used)
+        used
+    }
+
+    /// Frees split table `sidx` without touching the guest L2 entry; returns the OR of its
+    /// leaves' A/D (the caller decides where they go).
+    pub(crate) fn free_split<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> u64 {
+        let ad = self.clear_split(mem, sidx);
+        self.pool.free(sidx);
+        ad
+    }
+
+    /// Clears the leaves of split `sidx` (unlinking them from the reverse map); returns the
+    /// OR of their A/D.
+    fn clear_split<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> u64 {
+        let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
+            return 0;
+        };
+        let mut ad = 0;
+        for i in 0..512 {
+            ad |= st.swap(i, 0) & AD;
+            self.pool.rmap_remove(sidx * 512 + i as u32);
+        }
+        ad
+    }
+
+    /// Clears the leaves of the shadow L1 `sidx` of guest table `pfn`, harvesting their
+    /// A/D into the guest entries; returns whether one had A=1.
+    fn drop_l1_entries<M: GuestMemory>(&mut self, mem: &M, sidx: u32, pfn: u64) -> bool {
+        let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
+            return false;
+        };
+        let gt = table(mem, pfn).ok();
+        let mut used = false;
+        for i in 0..512 {
+            let s = st.swap(i, 0);
+            self.pool.rmap_remove(sidx * 512 + i as u32);
+            if pte::present(s) {
+                used |= s & A != 0;
+                if let Some(gt) = &gt {
+                    self.harvest(gt.get(i), s & AD, |b| gt.set_bits(i, b));
+                }
+            }
+        }
+        used
+    }
+
+    /// Clears the non-leaf entries of shadow `sidx` (level 2..4), freeing the splits
+    /// under a shadow L2; returns whether an entry (or a split leaf) had A=1.
+    fn drop_upper_entries<M: GuestMemory>(&mut self, mem: &M, sidx: u32, level: u8) -> bool {
+        let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
+            return false;
+        };
+        let mut used = false;
+        for i in 0..512 {
+            let s = st.swap(i, 0);
+            if !pte::present(s) {
+                continue;
+            }
+            used |= s & A != 0;
+            let split = self
+                .pool
+                .index_of(s & ADDR)
+                .filter(|&c| level == 2 && self.pool.meta(c).is_some_and(|m| m.owner.is_split()));
+            if let Some(c) = split {
+                used |= self.free_shadow_table(mem, c);
+            }
+        }
+        used
     }
 
     /// ORs shadow bits `bits` into present guest entry `g` (written by `set`), counting the
@@ -200,9 +241,7 @@ impl ShadowMmu {
             return;
         }
         set(bits);
-        let (a, d) = crate::engine::ad_counts(bits & !g);
-        self.counters.a_bits_propagated += a;
-        self.counters.d_bits_propagated += d;
+        self.count_propagated(bits & !g);
     }
 
     /// Pool exhaustion: drops every shadow not reachable from a loaded root or from a
