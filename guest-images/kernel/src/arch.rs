@@ -1,10 +1,26 @@
-//! x86-64 plumbing: GDT/TSS/IDT, syscall MSRs, trap entry/exit stubs and small helpers.
+//! x86-64 CPU plumbing, the leaf of the kernel (it uses no other kernel module): the layout
+//! constants, segment selectors, each CPU's GDT, TSS and trap stacks, control registers and
+//! MSRs, TLB and page helpers, the trap-frame layout and the context-switch primitives.
 //!
 //! Every exception is delivered on an IST stack (the interrupted kernel stack may have a
-//! live red zone). `syscall` saves the user registers straight into the current process's
-//! trap frame; every return to ring 3 is an `iretq` from a trap frame.
+//! live red zone). Every return to ring 3 is an `iretq` or `sysretq` from a trap frame.
 
-use core::arch::{asm, global_asm};
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Virtual address where physical 0 is mapped (the kernel's top-2-GiB window).
+pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
+
+/// CPUs the kernel brings up. Every per-CPU array is sized by it; the SMP guest (issue 14)
+/// raises it and moves the entry-stub words below into a GS-based per-CPU area.
+pub const MAX_CPUS: usize = 1;
+
+/// The calling CPU's index (< [`MAX_CPUS`]); only the boot CPU runs today.
+#[inline(always)]
+pub fn cpu_id() -> usize {
+    0
+}
 
 /// Kernel code selector.
 pub const KCODE: u64 = 0x08;
@@ -16,9 +32,11 @@ pub const UDATA: u64 = 0x18 | 3;
 pub const UCODE: u64 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
 
-/// Saved user (or interrupted kernel) state. Layout is shared with the asm stubs.
+/// Saved user (or interrupted kernel) state. Layout is shared with the asm stubs: general
+/// registers in push order, then vector and error code, then the CPU's iretq frame.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
+#[allow(missing_docs)] // the registers are their own documentation
 pub struct TrapFrame {
     pub r15: u64,
     pub r14: u64,
@@ -35,7 +53,9 @@ pub struct TrapFrame {
     pub rcx: u64,
     pub rbx: u64,
     pub rax: u64,
+    /// Exception vector (0x80 for a syscall).
     pub vector: u64,
+    /// Error code (0 where the CPU pushes none).
     pub err: u64,
     pub rip: u64,
     pub cs: u64,
@@ -44,17 +64,33 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
-#[repr(C, align(16))]
-struct Gdt([u64; 7]);
-static mut GDT: Gdt = Gdt([
-    0,
-    0x00af_9a00_0000_ffff, // kernel code
-    0x00cf_9200_0000_ffff, // kernel data
-    0x00cf_f200_0000_ffff, // user data
-    0x00af_fa00_0000_ffff, // user code
-    0,
-    0,
-]);
+impl TrapFrame {
+    /// All registers zero.
+    pub const ZERO: TrapFrame = TrapFrame {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        err: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    };
+}
 
 #[repr(C, packed)]
 struct Tss {
@@ -66,38 +102,77 @@ struct Tss {
     _r3: u16,
     iomap: u16,
 }
-static mut TSS: Tss = Tss {
-    _r0: 0,
-    rsp: [0; 3],
-    _r1: 0,
-    ist: [0; 7],
-    _r2: 0,
-    _r3: 0,
-    iomap: 104,
-};
 
+/// One CPU's descriptor tables.
 #[repr(C, align(16))]
-struct Idt([[u64; 2]; 256]);
-static mut IDT: Idt = Idt([[0; 2]; 256]);
+struct Tables {
+    gdt: [u64; 7],
+    tss: Tss,
+}
 
 const STACK: usize = 32 * 1024;
-#[repr(C, align(16))]
-struct Stack([u8; STACK]);
-/// Stack for syscalls.
-static mut SYSCALL_STACK: Stack = Stack([0; STACK]);
-/// IST1: every exception.
-static mut EXC_STACK: Stack = Stack([0; STACK]);
-/// IST2: double fault.
-static mut DF_STACK: Stack = Stack([0; STACK]);
 
-/// Top of the syscall stack (read by the syscall stub).
-#[no_mangle]
-static mut KSTACK_TOP: u64 = 0;
-/// End of the current process's trap frame (read by the syscall stub).
-#[no_mangle]
-static mut CUR_FRAME_TOP: u64 = 0;
-#[no_mangle]
-static mut USER_RSP_SCRATCH: u64 = 0;
+/// One CPU's kernel stacks: syscalls, IST1 (every exception), IST2 (double fault).
+#[repr(C, align(16))]
+struct Stacks {
+    syscall: [u8; STACK],
+    exc: [u8; STACK],
+    df: [u8; STACK],
+}
+
+/// Memory of one CPU that only that CPU touches: `init_cpu` fills the tables before the CPU
+/// loads them; afterwards the CPU reads them and runs on the stacks; the only later Rust
+/// write is the TSS's RSP0, again by its own CPU ([`set_user_entry`]).
+struct CpuOwned<T>(UnsafeCell<T>);
+
+// SAFETY: see CpuOwned: each element is used by one CPU only.
+unsafe impl<T> Sync for CpuOwned<T> {}
+
+const GDT: [u64; 7] = [
+    0,
+    0x00af_9a00_0000_ffff, // kernel code
+    0x00cf_9200_0000_ffff, // kernel data
+    0x00cf_f200_0000_ffff, // user data
+    0x00af_fa00_0000_ffff, // user code
+    0,                     // TSS (two slots), filled in by init_cpu
+    0,
+];
+
+static TABLES: [CpuOwned<Tables>; MAX_CPUS] = [const {
+    CpuOwned(UnsafeCell::new(Tables {
+        gdt: GDT,
+        tss: Tss {
+            _r0: 0,
+            rsp: [0; 3],
+            _r1: 0,
+            ist: [0; 7],
+            _r2: 0,
+            _r3: 0,
+            iomap: 104,
+        },
+    }))
+}; MAX_CPUS];
+
+/// Kept apart from TABLES so that the stacks stay in .bss.
+static STACKS: [CpuOwned<Stacks>; MAX_CPUS] = [const {
+    CpuOwned(UnsafeCell::new(Stacks {
+        syscall: [0; STACK],
+        exc: [0; STACK],
+        df: [0; STACK],
+    }))
+}; MAX_CPUS];
+
+// Words the entry stubs (`traps`) and the runner switch read through rip-relative
+// symbols. One CPU: plain atomics; the SMP guest moves them into a GS-based per-CPU area.
+
+/// Top of the syscall stack (the kernel stack of syscalls and the runner's processes).
+pub static KSTACK_TOP: AtomicU64 = AtomicU64::new(0);
+/// End of the current process's trap frame: the syscall stub pushes the user state there.
+pub static CUR_FRAME_TOP: AtomicU64 = AtomicU64::new(0);
+/// The user stack pointer while the syscall stub switches stacks.
+pub static USER_RSP_SCRATCH: AtomicU64 = AtomicU64::new(0);
+/// The runner's saved stack pointer (see [`run_from_runner`]).
+pub static RUNNER_RSP: AtomicU64 = AtomicU64::new(0);
 
 #[repr(C, packed)]
 struct Dtr {
@@ -105,36 +180,37 @@ struct Dtr {
     base: u64,
 }
 
-extern "C" {
-    fn syscall_entry();
-    fn int80_entry();
-    static exc_table: [u64; 32];
-}
-
-/// Loads GDT, TSS, IDT and the syscall MSRs.
-pub fn init() {
-    // SAFETY: single CPU, run once at boot with interrupts off.
-    unsafe {
-        let tss = core::ptr::addr_of!(TSS) as u64;
-        GDT.0[5] = 103 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
-        GDT.0[6] = tss >> 32;
-        let top = |s: *const Stack| s as u64 + STACK as u64;
-        KSTACK_TOP = top(core::ptr::addr_of!(SYSCALL_STACK));
-        TSS.rsp[0] = KSTACK_TOP;
-        TSS.ist[0] = top(core::ptr::addr_of!(EXC_STACK));
-        TSS.ist[1] = top(core::ptr::addr_of!(DF_STACK));
-        let g = Dtr {
+/// Loads this CPU's GDT and TSS (with its trap stacks).
+pub fn init_cpu() {
+    let t = TABLES[cpu_id()].0.get();
+    let s = STACKS[cpu_id()].0.get();
+    // SAFETY: this CPU's own tables, not yet loaded: no one else reads them (CpuOwned).
+    let g = unsafe {
+        let tss = core::ptr::addr_of!((*t).tss) as u64;
+        (*t).gdt[5] =
+            103 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
+        (*t).gdt[6] = tss >> 32;
+        let top = |p: *const u8| p as u64 + STACK as u64;
+        let ks = top(core::ptr::addr_of!((*s).syscall).cast());
+        KSTACK_TOP.store(ks, Ordering::Relaxed);
+        (*t).tss.rsp[0] = ks;
+        (*t).tss.ist[0] = top(core::ptr::addr_of!((*s).exc).cast());
+        (*t).tss.ist[1] = top(core::ptr::addr_of!((*s).df).cast());
+        Dtr {
             limit: 7 * 8 - 1,
-            base: core::ptr::addr_of!(GDT) as u64,
-        };
+            base: core::ptr::addr_of!((*t).gdt) as u64,
+        }
+    };
+    // SAFETY: a valid GDT with the flat kernel segments at the selectors in use and a TSS.
+    unsafe {
         asm!(
             "lgdt [{g}]",
-            "push 0x08",
+            "push {kcode}",
             "lea {t}, [rip + 2f]",
             "push {t}",
             "retfq",
             "2:",
-            "mov ax, 0x10",
+            "mov ax, {kdata}",
             "mov ds, ax",
             "mov es, ax",
             "mov ss, ax",
@@ -146,47 +222,31 @@ pub fn init() {
             "ltr ax",
             g = in(reg) &g,
             t = out(reg) _,
+            kcode = const KCODE,
+            kdata = const KDATA,
             tss = const TSS_SEL,
             out("rax") _,
         );
-        for v in 0..32 {
-            let h = exc_table[v];
-            let ist = if v == 8 { 2 } else { 1 };
-            IDT.0[v][0] = (h & 0xffff)
-                | (KCODE << 16)
-                | ((ist as u64) << 32)
-                | (0x8eu64 << 40)
-                | (((h >> 16) & 0xffff) << 48);
-            IDT.0[v][1] = h >> 32;
-        }
-        // int 0x80: the syscall gate (DPL 3, no IST: the CPU pushes straight into the
-        // current process's trap frame through TSS.RSP0).
-        let h = int80_entry as *const () as u64;
-        IDT.0[0x80][0] =
-            (h & 0xffff) | (KCODE << 16) | (0xeeu64 << 40) | (((h >> 16) & 0xffff) << 48);
-        IDT.0[0x80][1] = h >> 32;
-        let i = Dtr {
-            limit: 256 * 16 - 1,
-            base: core::ptr::addr_of!(IDT) as u64,
-        };
-        asm!("lidt [{}]", in(reg) &i);
-        // STAR: kernel CS 0x08 (SS 0x10); sysret base 0x10 (SS 0x1b, CS 0x23).
-        wrmsr(0xc000_0081, (0x10u64 << 48) | (KCODE << 32));
-        wrmsr(0xc000_0082, syscall_entry as *const () as u64);
-        // SFMASK: IF, TF, DF, AC.
-        wrmsr(0xc000_0084, 0x4_0700);
-        let efer = rdmsr(0xc000_0080);
-        wrmsr(0xc000_0080, efer | 1);
     }
 }
 
-/// Sets where the syscall stub saves user registers.
-pub fn set_frame(frame: *mut TrapFrame) {
-    // SAFETY: a plain store read by the stub.
-    unsafe {
-        CUR_FRAME_TOP = frame as u64 + core::mem::size_of::<TrapFrame>() as u64;
-        TSS.rsp[0] = CUR_FRAME_TOP;
-    }
+/// Loads an IDT of `entries` 16-byte gates at `base`.
+pub fn load_idt(base: u64, entries: usize) {
+    let i = Dtr {
+        limit: (entries * 16 - 1) as u16,
+        base,
+    };
+    // SAFETY: the caller's table holds valid gates and lives for the kernel's lifetime.
+    unsafe { asm!("lidt [{}]", in(reg) &i) };
+}
+
+/// Makes the trap frame ending at `frame_top` the one the next ring-3 entry fills: the
+/// syscall stub pushes there and the CPU's RSP0 points there.
+pub fn set_user_entry(frame_top: u64) {
+    CUR_FRAME_TOP.store(frame_top, Ordering::Relaxed);
+    let t = TABLES[cpu_id()].0.get();
+    // SAFETY: this CPU's TSS (CpuOwned); the CPU reads RSP0 only on the next ring change.
+    unsafe { core::ptr::addr_of_mut!((*t).tss.rsp[0]).write_unaligned(frame_top) };
 }
 
 /// `wrmsr`.
@@ -227,6 +287,22 @@ pub fn read_cr2() -> u64 {
 pub fn invlpg(va: u64) {
     // SAFETY: a TLB invalidation.
     unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack)) };
+}
+
+/// `out dx, al`.
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O has no memory effects.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Parks the CPU for good (interrupts off).
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: halting with interrupts off parks the CPU.
+        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
+    }
 }
 
 /// Zeroes one 4 KiB page at `va`.
@@ -281,13 +357,9 @@ pub fn resume_sysret(frame: *const TrapFrame) -> ! {
     }
 }
 
-// Runner context: the kernel's own thread that starts processes and gets control back
-// when none is runnable.
-#[no_mangle]
-static mut RUNNER_RSP: u64 = 0;
-
-/// Saves the runner's callee-saved context and jumps to `entry` (which never returns);
-/// returns when [`back_to_runner`] is called.
+/// Saves the runner's callee-saved context and jumps to `entry` (which never returns) on
+/// the syscall stack; returns when [`back_to_runner`] is called. The runner is the kernel's
+/// own thread that starts processes and gets control back when none is runnable.
 pub fn run_from_runner(entry: u64) {
     // SAFETY: saves callee-saved registers on the runner stack, restored by back_to_runner.
     unsafe {
@@ -295,12 +367,14 @@ pub fn run_from_runner(entry: u64) {
             "push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15",
             "lea rax, [rip + 2f]",
             "push rax",
-            "mov [rip + RUNNER_RSP], rsp",
-            "mov rsp, [rip + KSTACK_TOP]",
+            "mov [rip + {runner}], rsp",
+            "mov rsp, [rip + {kstack}]",
             "jmp {f}",
             "2:",
             "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
             f = in(reg) entry,
+            runner = sym RUNNER_RSP,
+            kstack = sym KSTACK_TOP,
             out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _, out("rdi") _,
             out("r8") _, out("r9") _, out("r10") _, out("r11") _,
         )
@@ -310,69 +384,5 @@ pub fn run_from_runner(entry: u64) {
 /// Returns control to the runner (never returns).
 pub fn back_to_runner() -> ! {
     // SAFETY: RUNNER_RSP was saved by run_from_runner.
-    unsafe { asm!("mov rsp, [rip + RUNNER_RSP]", "ret", options(noreturn)) }
+    unsafe { asm!("mov rsp, [rip + {runner}]", "ret", runner = sym RUNNER_RSP, options(noreturn)) }
 }
-
-global_asm!(
-    ".section .text",
-    ".global syscall_entry",
-    "syscall_entry:",
-    "    mov [rip + USER_RSP_SCRATCH], rsp",
-    "    mov rsp, [rip + CUR_FRAME_TOP]",
-    "    push 0x1b",
-    "    push qword ptr [rip + USER_RSP_SCRATCH]",
-    "    push r11",
-    "    push 0x23",
-    "    push rcx",
-    "    push 0",
-    "    push 0x80",
-    "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
-    "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
-    "    mov rdi, rsp",
-    "    mov rsp, [rip + KSTACK_TOP]",
-    "    call {sys}",
-    "    ud2",
-    ".global int80_entry",
-    "int80_entry:",
-    "    push 0",
-    "    push 0x80",
-    "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
-    "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
-    "    mov rdi, rsp",
-    "    mov rsp, [rip + KSTACK_TOP]",
-    "    call {sys}",
-    "    ud2",
-    "exc_common:",
-    "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
-    "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
-    "    mov rdi, rsp",
-    "    call {exc}",
-    "    ud2",
-    ".macro EXC_NOERR n",
-    "exc_\\n:",
-    "    push 0",
-    "    push \\n",
-    "    jmp exc_common",
-    ".endm",
-    ".macro EXC_ERR n",
-    "exc_\\n:",
-    "    push \\n",
-    "    jmp exc_common",
-    ".endm",
-    "EXC_NOERR 0", "EXC_NOERR 1", "EXC_NOERR 2", "EXC_NOERR 3", "EXC_NOERR 4", "EXC_NOERR 5",
-    "EXC_NOERR 6", "EXC_NOERR 7", "EXC_ERR 8", "EXC_NOERR 9", "EXC_ERR 10", "EXC_ERR 11",
-    "EXC_ERR 12", "EXC_ERR 13", "EXC_ERR 14", "EXC_NOERR 15", "EXC_NOERR 16", "EXC_ERR 17",
-    "EXC_NOERR 18", "EXC_NOERR 19", "EXC_NOERR 20", "EXC_ERR 21", "EXC_NOERR 22",
-    "EXC_NOERR 23", "EXC_NOERR 24", "EXC_NOERR 25", "EXC_NOERR 26", "EXC_NOERR 27",
-    "EXC_NOERR 28", "EXC_ERR 29", "EXC_ERR 30", "EXC_NOERR 31",
-    ".section .rodata",
-    ".balign 8",
-    ".global exc_table",
-    "exc_table:",
-    ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
-    "    .quad exc_\\n",
-    ".endr",
-    ".section .text",
-    sys = sym crate::proc::syscall_trap,
-    exc = sym crate::proc::exception_trap,
-);

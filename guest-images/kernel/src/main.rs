@@ -1,24 +1,49 @@
 //! The bundled pvmm guest kernel: boots on the VMM's 64-bit entry, builds its own page
 //! tables (native, or shadowed by the VMM in the PV modes), runs ring-3 selftest programs
 //! and reports TAP on COM1, then exits through the EXIT hypercall with the failure count.
+//!
+//! Module map (an arrow is "uses"; there are no cycles):
+//! - `arch`: CPU plumbing, the leaf: layout constants, GDT/TSS, registers, context switch.
+//! - `sync`: SpinLock, PerCpu, CpuLocal, Once (-> arch).
+//! - `serial`, `bootinfo`, `intrinsics`: console, zero page, memcpy & co (-> arch).
+//! - `mem`: direct map and frame allocator (-> arch, bootinfo, sync).
+//! - `pv`: the PV ABI's guest side (-> arch, sync).
+//! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync).
+//! - `vm`: address spaces (-> arch, mem, mmu, sync).
+//! - `elf`: program loading (-> mem, mmu, vm).
+//! - `sched`: processes and the scheduler (-> arch, elf, mmu, sync, vm).
+//! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, vm).
+//! - `traps`: IDT, entry stubs, exception dispatch (-> arch, mem, mmu, sched, serial, sync,
+//!   syscall).
+//! - `hostile`, `selftest`: the selftests (-> arch, mem, mmu, sched, serial, sync, traps, vm).
+//! - `options`: the command-line table, parser and `help` (-> mmu, selftest).
+//! - this file: boot, the kernel address space, exit and panic.
 #![no_std]
 #![no_main]
 
 mod arch;
 mod bootinfo;
+mod elf;
+mod hostile;
+mod intrinsics;
 mod mem;
 mod mmu;
-mod proc;
+mod options;
 mod pv;
+mod sched;
 mod selftest;
 mod serial;
+mod sync;
+mod syscall;
+mod traps;
 mod vm;
 
+use arch::KERNEL_VMA;
+use core::cell::UnsafeCell;
 use core::fmt::Write;
-use mmu::{mmu, Mode};
-
-/// Virtual address where physical 0 is mapped (the kernel's top-2-GiB window).
-pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
+use mmu::Mode;
+use options::{status, Opts};
+use serial::Console;
 
 core::arch::global_asm!(
     ".section .text.boot, \"ax\"",
@@ -36,150 +61,146 @@ core::arch::global_asm!(
 );
 
 const STACK_SIZE: usize = 64 * 1024;
+
+/// The boot stack: the CPU's stack pointer runs on it; Rust never reads or writes it.
 #[repr(align(16))]
-struct Stack(#[allow(dead_code)] [u8; STACK_SIZE]);
-static mut BOOT_STACK: Stack = Stack([0; STACK_SIZE]);
+struct Stack(#[allow(dead_code)] UnsafeCell<[u8; STACK_SIZE]>);
+
+// SAFETY: only the boot CPU's stack pointer uses it (no Rust references exist).
+unsafe impl Sync for Stack {}
+
+static BOOT_STACK: Stack = Stack(UnsafeCell::new([0; STACK_SIZE]));
 
 extern "C" {
     static __kernel_end: u8;
 }
 
-/// Command-line options.
-pub struct Opts {
-    pub mode: Mode,
-    pub pages: u64,
-    pub seed: u64,
-    pub tests: [u8; 256],
-    pub tests_len: usize,
-}
-
-static mut CMDLINE: [u8; 1024] = [0; 1024];
-static mut CMDLINE_LEN: usize = 0;
-
-fn cmdline() -> &'static str {
-    // SAFETY: written once at boot.
-    unsafe { core::str::from_utf8(&CMDLINE[..CMDLINE_LEN]).unwrap_or("") }
-}
-
-fn arg(key: &str) -> Option<&'static str> {
-    cmdline()
-        .split(' ')
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-}
-
-fn arg_u64(key: &str) -> Option<u64> {
-    arg(key).and_then(|v| v.parse().ok())
-}
-
 extern "C" fn kmain(zero_page: u64) -> ! {
     let t_boot = arch::rdtsc();
-    let mut con = serial::Console;
-    arch::init();
+    arch::init_cpu();
+    traps::init();
     let info = bootinfo::BootInfo::read(zero_page + KERNEL_VMA);
-    // SAFETY: boot, single CPU.
-    unsafe {
-        let n = info.cmdline.len().min(1024);
-        CMDLINE[..n].copy_from_slice(&info.cmdline.as_bytes()[..n]);
-        CMDLINE_LEN = n;
+    banner(&info);
+    let pv = pv::Pv::discover();
+    // The command line is only mapped until the kernel switches tables: parse it now.
+    let cmdline = match info.cmdline {
+        Ok(c) => c,
+        Err(e) => bail(pv, format_args!("{e}")),
+    };
+    if options::wants_help(cmdline) {
+        let _ = options::print_help(&mut Console);
+        finish(pv, status::PASS)
     }
+    let opts = match options::parse(cmdline) {
+        Ok(o) => o,
+        Err(e) => bail(pv, format_args!("{e}")),
+    };
+    setup_mmu(&opts, pv);
+    // Physical memory above the kernel image (and never the first 2 MiB: it is mapped
+    // with 4 KiB pages, page tables must not live there).
+    let kend = core::ptr::addr_of!(__kernel_end) as u64 - KERNEL_VMA;
+    mem::init(&info, kend.max(2 << 20));
+    build_kernel_space(&info);
+    print_config(&opts, arch::rdtsc() - t_boot);
+    let failures = selftest::run(opts.tests, opts.pages, opts.seed);
+    let p = mmu::this_cpu().pv.take();
+    let code = opts
+        .exit
+        .unwrap_or(failures.min(u32::from(status::MAX_FAILURES)) as u8);
+    finish(p, code)
+}
+
+fn banner(info: &bootinfo::BootInfo) {
     let _ = writeln!(
-        con,
+        Console,
         "pvmm-guest {}: booted, cmdline: {}",
         env!("CARGO_PKG_VERSION"),
-        cmdline()
+        info.cmdline.unwrap_or("")
     );
-    let _ = writeln!(con, "e820: {} entries", info.e820_count);
+    let _ = writeln!(Console, "e820: {} entries", info.e820_count);
     for e in info.e820() {
         let _ = writeln!(
-            con,
+            Console,
             "  [{:#012x}-{:#012x}) {}",
             e.addr,
             e.addr + e.size,
             if e.kind == 1 { "usable" } else { "reserved" }
         );
     }
-    let mode = match arg("mmu") {
-        Some("pv") => Mode::Pv,
-        Some("pv-lazy") => Mode::PvLazy,
-        _ => Mode::Native,
-    };
-    let pv = pv::Pv::discover();
-    let m = mmu();
-    m.mode = mode;
-    m.batch = arg_u64("lazy_batch")
-        .unwrap_or(1024)
-        .clamp(1, mmu::QMAX as u64) as usize;
-    m.zero_vmm = arg("zero") != Some("cpu");
+}
+
+/// Refuses to run: a TAP `Bail out!` line, then the exit with [`status::BAD_CMDLINE`].
+fn bail(pv: Option<pv::Pv>, why: core::fmt::Arguments<'_>) -> ! {
+    let _ = writeln!(Console, "TAP version 13\nBail out! {why}");
+    finish(pv, status::BAD_CMDLINE)
+}
+
+/// Configures this CPU's MMU backend from the options.
+fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
     if let Some(p) = &pv {
         let _ = writeln!(
-            con,
+            Console,
             "# pv: transport {}, abi {:#x}, features {:#x}",
             p.transport_name(),
             p.version(),
             p.features()
         );
     }
-    if mode != Mode::Native {
+    if opts.mode != Mode::Native {
         let ok = pv
             .as_ref()
             .is_some_and(|p| p.features() & hypercall::features::MMU_BATCH != 0);
         if !ok {
-            let _ = writeln!(con, "TAP version 13\n1..0\nBail out! mmu={} needs MMU_BATCH, which this VMM does not offer", mode.name());
-            finish(pv, 1);
+            let _ = writeln!(
+                Console,
+                "TAP version 13\nBail out! mmu={} needs MMU_BATCH, which this VMM does not offer",
+                opts.mode.name()
+            );
+            finish(pv, status::NO_MMU_BATCH);
         }
     }
+    let mut m = mmu::this_cpu();
+    m.mode = opts.mode;
+    m.batch = opts.lazy_batch;
+    m.zero_vmm = opts.zero_vmm;
     m.pv = pv;
-    if arg("debug_faults").is_some() {
+    if opts.drop_update {
+        m.drop_after = 1 + opts.drop_at;
+    }
+    if opts.debug_faults {
         mmu::DEBUG_FAULTS.store(true, core::sync::atomic::Ordering::Relaxed);
     }
+}
 
-    // Physical memory above the kernel image (and never the first 2 MiB: it is mapped
-    // with 4 KiB pages, page tables must not live there).
-    // SAFETY: linker symbol.
-    let kend = unsafe { core::ptr::addr_of!(__kernel_end) } as u64 - KERNEL_VMA;
-    mem::init(&info, kend.max(2 << 20));
-    build_kernel_space(&info);
-    let t_ready = arch::rdtsc();
+fn print_config(opts: &Opts, boot_cycles: u64) {
+    let zero = if opts.zero_vmm && opts.mode != Mode::Native {
+        "vmm"
+    } else {
+        "cpu"
+    };
     let _ = writeln!(
-        con,
-        "# mmu={} lazy_batch={} zero={} ram_end={:#x} free_frames={} boot_cycles={}",
-        mode.name(),
-        m.batch,
-        if m.zero_vmm && mode != Mode::Native {
-            "vmm"
-        } else {
-            "cpu"
-        },
-        // SAFETY: set at boot.
-        unsafe { mem::RAM_END },
+        Console,
+        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles}",
+        opts.mode.name(),
+        opts.lazy_batch,
+        mem::ram_end(),
         mem::free_count(),
-        t_ready - t_boot
     );
-    if arg("break") == Some("drop_update") {
-        m.drop_after = 1 + arg_u64("drop_at").unwrap_or(3);
+    if opts.drop_update {
         let _ = writeln!(
-            con,
+            Console,
             "# break=drop_update: the pv-lazy backend will drop one queued PT_UPDATE"
         );
     }
-    let opts_tests = arg("selftest").unwrap_or("all");
-    let failures = selftest::run(
-        opts_tests,
-        arg_u64("pages").unwrap_or(256).max(1),
-        arg_u64("seed").unwrap_or(0x1234_5678),
-    );
-    let p = mmu().pv.take();
-    // `exit=N` overrides the status (used to test that the VMM passes it through).
-    let status = arg_u64("exit").map_or(failures.min(255) as u8, |c| c.min(255) as u8);
-    finish(p, status)
 }
 
+/// Ends the VM with `code` (EXIT hypercall, else an i8042 reset).
 fn finish(pv: Option<pv::Pv>, code: u8) -> ! {
     if let Some(p) = pv {
         p.exit(code);
     }
     let _ = writeln!(
-        serial::Console,
+        Console,
         "no PV interface: exiting via i8042 reset (status {code})"
     );
     serial::reset()
@@ -213,19 +234,8 @@ fn build_kernel_space(info: &bootinfo::BootInfo) {
             vm::boot_map(l4, KERNEL_VMA, ks, kend, &mut alloc_table);
         }
     }
-    // SAFETY: boot, single CPU; the new tables map everything the kernel uses.
-    unsafe {
-        vm::KERNEL_L4 = l4;
-        vm::NKHALF = 0;
-        for i in 256..512 {
-            let v = mem::rd(l4 + 8 * i as u64);
-            if v != 0 {
-                vm::KHALF[vm::NKHALF] = (i, v);
-                vm::NKHALF += 1;
-            }
-        }
-    }
-    let m = mmu();
+    vm::set_kernel_half(l4);
+    let mut m = mmu::this_cpu();
     if m.is_pv() {
         m.pin_l4(l4);
     }
@@ -236,51 +246,10 @@ fn build_kernel_space(info: &bootinfo::BootInfo) {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    let _ = writeln!(serial::Console, "\nBail out! kernel panic: {info}");
-    // SAFETY: single CPU; the panic path owns the MMU state now.
-    let pv = unsafe { (*core::ptr::addr_of_mut!(mmu::MMU)).pv.take() }.or_else(pv::Pv::discover);
-    finish(pv, 255)
-}
-
-// The compiler's memory intrinsics (no libc here).
-#[no_mangle]
-unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    core::arch::asm!("rep movsq", "mov rcx, {r}", "rep movsb", r = in(reg) n & 7,
-        inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n / 8 => _, options(nostack));
-    d
-}
-#[no_mangle]
-unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
-        memcpy(d, s, n)
-    } else {
-        core::arch::asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _,
-            inout("rsi") s.add(n - 1) => _, inout("rcx") n => _, options(nostack));
-        d
-    }
-}
-#[no_mangle]
-unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
-    core::arch::asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8,
-        options(nostack));
-    d
-}
-#[no_mangle]
-unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    let mut i = 0;
-    while i < n {
-        let (x, y) = (
-            core::ptr::read_volatile(a.add(i)),
-            core::ptr::read_volatile(b.add(i)),
-        );
-        if x != y {
-            return i32::from(x) - i32::from(y);
-        }
-        i += 1;
-    }
-    0
-}
-#[no_mangle]
-unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    memcmp(a, b, n)
+    let _ = writeln!(Console, "\nBail out! kernel panic: {info}");
+    // The MMU state may be borrowed by the code that panicked: then discover afresh.
+    let pv = mmu::try_this_cpu()
+        .and_then(|mut m| m.pv.take())
+        .or_else(pv::Pv::discover);
+    finish(pv, status::PANIC)
 }

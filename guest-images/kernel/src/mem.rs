@@ -1,7 +1,13 @@
 //! Physical memory: the direct map, the frame allocator (bump over e820 usable ranges plus
 //! a stack of freed frames) and per-frame map counts.
+//!
+//! Locks: [`FRAMES`] guards the allocator, the double-free bitmap and the map counts; it is
+//! the innermost lock (taken inside the process table and the MMU state, never around them).
 
+use crate::arch::KERNEL_VMA;
 use crate::bootinfo::BootInfo;
+use crate::sync::SpinLock;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Base of the direct map of RAM (L4 slot 273).
 pub const DMAP: u64 = 0xffff_8880_0000_0000;
@@ -9,20 +15,26 @@ pub const DMAP: u64 = 0xffff_8880_0000_0000;
 pub const MAX_FRAMES: usize = 1 << 18;
 
 /// Where physical memory is reached: the kernel window (boot tables) until the kernel's
-/// own tables are loaded, then the direct map.
-static mut PHYS_BASE: u64 = crate::KERNEL_VMA;
+/// own tables are loaded, then the direct map. Written once, by [`use_dmap`].
+static PHYS_BASE: AtomicU64 = AtomicU64::new(KERNEL_VMA);
+
+/// End of RAM (highest usable address), set by [`init`].
+static RAM_END: AtomicU64 = AtomicU64::new(0);
 
 /// Switches physical accesses to the direct map.
 pub fn use_dmap() {
-    // SAFETY: boot, single CPU.
-    unsafe { PHYS_BASE = DMAP };
+    PHYS_BASE.store(DMAP, Ordering::Relaxed);
+}
+
+/// End of RAM (highest usable address).
+pub fn ram_end() -> u64 {
+    RAM_END.load(Ordering::Relaxed)
 }
 
 /// Virtual address of physical `pa` in the direct map.
 #[inline(always)]
 pub fn va(pa: u64) -> u64 {
-    // SAFETY: a plain read of a boot-time constant.
-    unsafe { PHYS_BASE + pa }
+    PHYS_BASE.load(Ordering::Relaxed) + pa
 }
 
 /// Reads the u64 at physical `pa`.
@@ -44,71 +56,59 @@ struct Range {
     end: u64,
 }
 
-struct Alloc {
+/// The allocator's state (behind [`FRAMES`]).
+struct Frames {
     ranges: [Range; 8],
     nranges: usize,
     free: [u32; MAX_FRAMES],
     nfree: usize,
     bump_left: u64,
-    total: u64,
+    /// One bit per frame: set while the frame is on the free stack (double-free check).
+    freebits: [u64; MAX_FRAMES / 64],
+    /// Map counts (number of leaf PTEs referencing a frame).
+    refs: [u16; MAX_FRAMES],
 }
 
-static mut A: Alloc = Alloc {
+/// The frame allocator, its double-free bitmap and the map counts.
+static FRAMES: SpinLock<Frames> = SpinLock::new(Frames {
     ranges: [const { Range { next: 0, end: 0 } }; 8],
     nranges: 0,
     free: [0; MAX_FRAMES],
     nfree: 0,
     bump_left: 0,
-    total: 0,
-};
-/// One bit per frame: set while the frame is on the free stack (double-free check).
-static mut FREEBITS: [u64; MAX_FRAMES / 64] = [0; MAX_FRAMES / 64];
-
-/// Map counts (number of leaf PTEs referencing a frame).
-static mut REFS: [u16; MAX_FRAMES] = [0; MAX_FRAMES];
-
-/// End of RAM (highest usable address).
-pub static mut RAM_END: u64 = 0;
-
-fn a() -> &'static mut Alloc {
-    // SAFETY: single CPU, interrupts off: no concurrent access.
-    unsafe { &mut *core::ptr::addr_of_mut!(A) }
-}
+    freebits: [0; MAX_FRAMES / 64],
+    refs: [0; MAX_FRAMES],
+});
 
 /// Sets up the allocator over e820 usable RAM above `lowest` (phys).
 pub fn init(info: &BootInfo, lowest: u64) {
-    let al = a();
+    let mut al = FRAMES.lock();
     for e in info.e820() {
         if e.kind != 1 {
             continue;
         }
         let end = e.addr + e.size;
-        // SAFETY: boot, single CPU.
-        unsafe {
-            if end > RAM_END {
-                RAM_END = end;
-            }
-        }
+        RAM_END.fetch_max(end, Ordering::Relaxed);
         let s = e.addr.max(lowest).next_multiple_of(4096);
         let end = (end & !0xfff).min((MAX_FRAMES as u64) << 12);
         if s >= end || al.nranges == al.ranges.len() {
             continue;
         }
-        al.ranges[al.nranges] = Range { next: s, end };
+        let k = al.nranges;
+        al.ranges[k] = Range { next: s, end };
         al.nranges += 1;
         al.bump_left += (end - s) >> 12;
     }
-    al.total = al.bump_left;
 }
 
 /// Allocates a frame (contents undefined). Panics when out of memory.
 pub fn alloc() -> u64 {
-    let al = a();
+    let mut guard = FRAMES.lock();
+    let al = &mut *guard;
     if al.nfree > 0 {
         al.nfree -= 1;
         let pfn = al.free[al.nfree] as usize;
-        // SAFETY: single CPU.
-        unsafe { FREEBITS[pfn / 64] &= !(1 << (pfn % 64)) };
+        al.freebits[pfn / 64] &= !(1 << (pfn % 64));
         return (pfn as u64) << 12;
     }
     for r in al.ranges[..al.nranges].iter_mut() {
@@ -119,58 +119,50 @@ pub fn alloc() -> u64 {
             return f;
         }
     }
+    drop(guard);
     panic!("out of memory");
 }
 
 /// Returns a frame to the allocator.
 pub fn free(pa: u64) {
-    let al = a();
+    free_locked(&mut FRAMES.lock(), pa);
+}
+
+fn free_locked(al: &mut Frames, pa: u64) {
     let pfn = (pa >> 12) as usize;
-    // SAFETY: single CPU.
-    unsafe {
-        assert!(
-            FREEBITS[pfn / 64] & (1 << (pfn % 64)) == 0,
-            "double free of frame {pa:#x}"
-        );
-        FREEBITS[pfn / 64] |= 1 << (pfn % 64);
-    }
+    assert!(
+        al.freebits[pfn / 64] & (1 << (pfn % 64)) == 0,
+        "double free of frame {pa:#x}"
+    );
+    al.freebits[pfn / 64] |= 1 << (pfn % 64);
     al.free[al.nfree] = pfn as u32;
     al.nfree += 1;
 }
 
 /// Free frames.
 pub fn free_count() -> u64 {
-    let al = a();
+    let al = FRAMES.lock();
     al.bump_left + al.nfree as u64
-}
-
-/// Total managed frames.
-pub fn total() -> u64 {
-    a().total
 }
 
 /// Adds a mapping reference to a frame.
 pub fn get(pa: u64) {
-    // SAFETY: single CPU.
-    unsafe { REFS[(pa >> 12) as usize] += 1 };
+    FRAMES.lock().refs[(pa >> 12) as usize] += 1;
 }
 
 /// Map count of a frame.
 pub fn refs(pa: u64) -> u16 {
-    // SAFETY: single CPU.
-    unsafe { REFS[(pa >> 12) as usize] }
+    FRAMES.lock().refs[(pa >> 12) as usize]
 }
 
 /// Drops a mapping reference; frees the frame at zero.
 pub fn put(pa: u64) {
-    // SAFETY: single CPU.
-    unsafe {
-        let r = &mut REFS[(pa >> 12) as usize];
-        if *r <= 1 {
-            *r = 0;
-            free(pa);
-        } else {
-            *r -= 1;
-        }
+    let mut al = FRAMES.lock();
+    let r = &mut al.refs[(pa >> 12) as usize];
+    if *r <= 1 {
+        *r = 0;
+        free_locked(&mut al, pa);
+    } else {
+        *r -= 1;
     }
 }

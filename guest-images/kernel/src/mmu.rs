@@ -1,21 +1,30 @@
 //! The MMU backends behind one interface: `native` (the kernel writes the tables the CPU
 //! walks), `pv` (one MMU_BATCH hypercall per change) and `pv-lazy` (changes queue in a
 //! per-CPU buffer inside lazy sections and go out as one batch).
+//!
+//! Per-CPU state: [`MMU`], each CPU's [`Mmu`] (its lazy queue, counters, loaded root, PV
+//! handle and the backend settings), borrowed through [`this_cpu`]. Callers borrow it once
+//! at an entry point (syscall, fault, selftest step) and pass `&mut Mmu` down.
 
-use crate::arch;
+use crate::arch::{self, KERNEL_VMA, MAX_CPUS};
 use crate::mem;
 use crate::pv::Pv;
+use crate::sync::{CpuLocal, CpuRefMut};
 use hypercall::MmuEntry;
 
 /// Backend selection.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The kernel writes the tables the CPU walks.
     Native,
+    /// One MMU_BATCH hypercall per change.
     Pv,
+    /// Changes queue inside lazy sections and go out as one batch.
     PvLazy,
 }
 
 impl Mode {
+    /// The `mmu=` value.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Native => "native",
@@ -50,30 +59,37 @@ pub struct Counters {
 /// `debug_faults`: log every user page fault.
 pub static DEBUG_FAULTS: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
+/// Entries of the lazy queue (the ABI's largest batch).
 pub const QMAX: usize = 1024;
 
+const NO_ENTRY: MmuEntry = MmuEntry {
+    kind: 0,
+    flags: 0,
+    reserved: 0,
+    a0: 0,
+    a1: 0,
+    a2: 0,
+};
+
+/// The lazy queue: the VMM reads it in place during MMU_BATCH.
 #[repr(C, align(4096))]
 struct Queue([MmuEntry; QMAX]);
-static mut QUEUE: Queue = Queue(
-    [MmuEntry {
-        kind: 0,
-        flags: 0,
-        reserved: 0,
-        a0: 0,
-        a1: 0,
-        a2: 0,
-    }; QMAX],
-);
 
-/// The MMU state of the (single) CPU.
+/// The MMU state of one CPU.
+#[repr(C)]
 pub struct Mmu {
+    /// The lazy queue (first: page-aligned inside the page-aligned struct).
+    queue: Queue,
+    /// The backend.
     pub mode: Mode,
+    /// The PV interface (None natively without one, and after `finish` took it).
     pub pv: Option<Pv>,
     /// Lazy section nesting depth.
     lazy: u32,
     qlen: usize,
     /// Flush threshold (`lazy_batch=`).
     pub batch: usize,
+    /// Counters since boot.
     pub c: Counters,
     /// Zero new frames through ZERO_FRAME entries (PV modes).
     pub zero_vmm: bool,
@@ -83,7 +99,13 @@ pub struct Mmu {
     pub cur_l4: u64,
 }
 
-pub static mut MMU: Mmu = Mmu {
+/// Each CPU's MMU state.
+static MMU: CpuLocal<Mmu> = CpuLocal::new([const { Mmu::new() }; MAX_CPUS]);
+
+impl Mmu {
+    const fn new() -> Mmu {
+        Mmu {
+    queue: Queue([NO_ENTRY; QMAX]),
     mode: Mode::Native,
     pv: None,
     lazy: 0,
@@ -102,17 +124,22 @@ pub static mut MMU: Mmu = Mmu {
     zero_vmm: true,
     drop_after: 0,
     cur_l4: 0,
-};
+        }
+    }
+}
 
-/// The MMU.
-#[inline(always)]
-pub fn mmu() -> &'static mut Mmu {
-    // SAFETY: single CPU, interrupts off, never re-entered.
-    unsafe { &mut *core::ptr::addr_of_mut!(MMU) }
+/// Borrows this CPU's MMU state (panics if it is borrowed already).
+pub fn this_cpu() -> CpuRefMut<'static, Mmu> {
+    MMU.borrow_mut()
+}
+
+/// Borrows this CPU's MMU state unless it is borrowed already (the panic path).
+pub fn try_this_cpu() -> Option<CpuRefMut<'static, Mmu>> {
+    MMU.try_borrow_mut()
 }
 
 fn gpa<T>(p: *const T) -> u64 {
-    p as u64 - crate::KERNEL_VMA
+    p as u64 - KERNEL_VMA
 }
 
 impl Mmu {
@@ -137,12 +164,10 @@ impl Mmu {
         }
         let n = self.qlen;
         self.qlen = 0;
-        // SAFETY: the queue is a static in the kernel image.
-        let g = gpa(unsafe { core::ptr::addr_of!(QUEUE.0) });
+        let g = gpa(self.queue.0.as_ptr());
         let (s, done, fail) = self.batch_raw(g, n as u64);
         if s != 0 {
-            // SAFETY: reading our own queue.
-            let e = unsafe { QUEUE.0[fail.min(n as u32 - 1) as usize] };
+            let e = self.queue.0[fail.min(n as u32 - 1) as usize];
             panic!(
                 "MMU_BATCH of {n} failed: status {s} done {done} fail_index {fail}: kind {} a0 {:#x} a1 {:#x}",
                 e.kind, e.a0, e.a1
@@ -152,8 +177,7 @@ impl Mmu {
 
     /// Queues (or, outside lazy sections / in `pv` mode, sends) one entry.
     pub fn push(&mut self, e: MmuEntry) {
-        // SAFETY: single CPU; qlen < QMAX.
-        unsafe { QUEUE.0[self.qlen] = e };
+        self.queue.0[self.qlen] = e;
         self.qlen += 1;
         if self.lazy == 0 || self.mode == Mode::Pv || self.qlen >= self.batch {
             self.flush();

@@ -1,13 +1,19 @@
 //! The guest side of the PV ABI: discovery, the VERSION handshake, and hypercalls through a
 //! page-aligned per-CPU request block.
+//!
+//! Per-CPU state: [`REQ`], the request block, borrowed for the length of one hypercall.
 
+use crate::arch::{KERNEL_VMA, MAX_CPUS};
+use crate::sync::CpuLocal;
 use hypercall::guest::{discover, Hypercall};
 use hypercall::{op, RequestHeader, ABI_MAJOR};
 
 #[repr(C, align(4096))]
 struct ReqPage(RequestHeader);
 
-static mut REQ: ReqPage = ReqPage(RequestHeader::new(0, [0; 4]));
+/// Each CPU's request block (the VMM reads and writes it during a hypercall).
+static REQ: CpuLocal<ReqPage> =
+    CpuLocal::new([const { ReqPage(RequestHeader::new(0, [0; 4])) }; MAX_CPUS]);
 
 /// A negotiated PV interface.
 pub struct Pv {
@@ -16,13 +22,12 @@ pub struct Pv {
     features: u32,
 }
 
-fn req_ptr() -> *mut RequestHeader {
-    // SAFETY: single CPU, interrupts off: no concurrent use of the request block.
-    unsafe { core::ptr::addr_of_mut!(REQ.0) }
-}
-
-fn gpa_of<T>(p: *const T) -> u64 {
-    p as u64 - crate::KERNEL_VMA
+/// What one hypercall returned: its status and the block's result fields.
+struct Answer {
+    status: i64,
+    value: u64,
+    done: u32,
+    fail_index: u32,
 }
 
 impl Pv {
@@ -44,34 +49,33 @@ impl Pv {
         Some(pv)
     }
 
-    /// Issues `op` with `args`; returns (status, value).
-    pub fn call(&mut self, op: u32, args: [u64; 4]) -> (i64, u64) {
-        let r = req_ptr();
-        // SAFETY: the block is ours and identity-offset mapped at KERNEL_VMA.
+    fn raw(&mut self, op: u32, args: [u64; 4]) -> Answer {
+        let mut page = REQ.borrow_mut();
+        let r: *mut RequestHeader = &mut page.0;
+        // SAFETY: the block is this CPU's (borrowed) and mapped at KERNEL_VMA + its gpa; the
+        // VMM writes it during the call, hence the volatile accesses.
         unsafe {
             r.write_volatile(RequestHeader::new(op, args));
-            let s = self.hc.call(r, gpa_of(r));
-            (s, core::ptr::addr_of!((*r).value).read_volatile())
+            let status = self.hc.call(r, r as u64 - KERNEL_VMA);
+            Answer {
+                status,
+                value: core::ptr::addr_of!((*r).value).read_volatile(),
+                done: core::ptr::addr_of!((*r).done).read_volatile(),
+                fail_index: core::ptr::addr_of!((*r).fail_index).read_volatile(),
+            }
         }
+    }
+
+    /// Issues `op` with `args`; returns (status, value).
+    pub fn call(&mut self, op: u32, args: [u64; 4]) -> (i64, u64) {
+        let a = self.raw(op, args);
+        (a.status, a.value)
     }
 
     /// MMU_BATCH of `count` entries at guest-physical `gpa`: (status, done, fail_index).
     pub fn mmu_batch(&mut self, gpa: u64, count: u64) -> (i64, u32, u32) {
-        let (s, _) = self.call(op::MMU_BATCH, [gpa, count, 0, 0]);
-        let r = req_ptr();
-        // SAFETY: our request block.
-        unsafe {
-            (
-                s,
-                core::ptr::addr_of!((*r).done).read_volatile(),
-                core::ptr::addr_of!((*r).fail_index).read_volatile(),
-            )
-        }
-    }
-
-    /// Ends the VM with `code`.
-    pub fn exit_ref(&mut self, code: u8) {
-        self.call(op::EXIT, [u64::from(code), 0, 0, 0]);
+        let a = self.raw(op::MMU_BATCH, [gpa, count, 0, 0]);
+        (a.status, a.done, a.fail_index)
     }
 
     /// Ends the VM with `code`.

@@ -1,20 +1,15 @@
 //! Console on COM1 (the VMM's UART is always ready, so no LSR polling) and reset.
 
-use core::arch::asm;
+use crate::arch::{halt_forever, outb};
 
 const COM1: u16 = 0x3f8;
 
-/// Writes bytes to COM1.
+/// Writes to COM1 (LF becomes CR LF).
 pub struct Console;
 
 impl core::fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                outb(COM1, b'\r');
-            }
-            outb(COM1, b);
-        }
+        write_bytes(s.as_bytes());
         Ok(())
     }
 }
@@ -29,19 +24,8 @@ pub fn write_bytes(b: &[u8]) {
     }
 }
 
-/// `out dx, al`.
-pub fn outb(port: u16, v: u8) {
-    // SAFETY: port I/O has no memory effects.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
-    };
-}
-
 /// Pulses the i8042 reset line; the VMM ends the VM.
 pub fn reset() -> ! {
     outb(0x64, 0xfe);
-    loop {
-        // SAFETY: halting with interrupts off parks the CPU.
-        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
-    }
+    halt_forever()
 }

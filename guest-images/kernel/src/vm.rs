@@ -1,41 +1,89 @@
 //! Address spaces: 4-level tables with a shared kernel half, VMAs, demand-zero and
 //! copy-on-write faults, zap/mprotect/mremap/fork copy/teardown, A/D queries, relocation.
+//!
+//! Every operation takes the caller's `&mut Mmu` (this CPU's MMU state) and a `&mut Space`
+//! (which the caller holds through the process-table lock).
+//!
+//! Shared state: [`KERNEL`], the kernel half every space shares (set once at boot);
+//! per-CPU [`AD_BITMAPS`], the buffer the VMM fills on QUERY_AD.
 
-use crate::arch;
+use crate::arch::{self, KERNEL_VMA, MAX_CPUS};
 use crate::mem::{self, rd};
-use crate::mmu::mmu;
+use crate::mmu::Mmu;
+use crate::sync::{CpuLocal, Once};
 use hypercall::MmuEntry;
 
+/// PTE: present.
 pub const P: u64 = 1;
+/// PTE: writable.
 pub const RW: u64 = 2;
+/// PTE: user.
 pub const US: u64 = 4;
+/// PTE: accessed.
 pub const A: u64 = 0x20;
+/// PTE: dirty.
 pub const D: u64 = 0x40;
+/// PTE: large page (in an L2/L3 entry).
 pub const PS: u64 = 0x80;
 /// Software bit: copy-on-write page.
 pub const COW: u64 = 1 << 9;
+/// PTE: the frame address bits.
 pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-/// Prot bits (mmap/mprotect).
+/// Prot bit (mmap/mprotect): readable.
 pub const PROT_R: u8 = 1;
+/// Prot bit (mmap/mprotect): writable.
 pub const PROT_W: u8 = 2;
 
 /// First mmap address.
 pub const MMAP_BASE: u64 = 0x10_0000_0000;
 /// Top of the user stack.
 pub const STACK_TOP: u64 = 0x7fff_f000_0000;
+/// Size of the user stack VMA.
 pub const STACK_SIZE: u64 = 256 * 1024;
 
-/// The kernel's own L4 (guest-physical).
-pub static mut KERNEL_L4: u64 = 0;
-/// Non-zero kernel-half L4 entries (index, value), copied into every address space.
-pub static mut KHALF: [(usize, u64); 4] = [(0, 0); 4];
-pub static mut NKHALF: usize = 0;
+/// The kernel's address space as every process space shares it.
+pub struct KernelHalf {
+    /// The kernel's own L4 (guest-physical).
+    pub l4: u64,
+    /// Non-zero kernel-half L4 entries (index, value), copied into every address space.
+    entries: [(usize, u64); 4],
+    n: usize,
+}
 
+/// The kernel half, set once by [`set_kernel_half`] at boot.
+static KERNEL: Once<KernelHalf> = Once::new();
+
+/// Records the kernel's L4 (built at boot) and its kernel-half entries.
+pub fn set_kernel_half(l4: u64) {
+    let mut k = KernelHalf {
+        l4,
+        entries: [(0, 0); 4],
+        n: 0,
+    };
+    for i in 256..512 {
+        let v = rd(l4 + 8 * i as u64);
+        if v != 0 {
+            k.entries[k.n] = (i, v);
+            k.n += 1;
+        }
+    }
+    KERNEL.set(k);
+}
+
+/// The kernel's own L4 (guest-physical).
+pub fn kernel_l4() -> u64 {
+    KERNEL.get().l4
+}
+
+/// One mapping range.
 #[derive(Clone, Copy)]
 pub struct Vma {
+    /// First byte.
     pub start: u64,
+    /// End (exclusive).
     pub end: u64,
+    /// PROT_R / PROT_W bits.
     pub prot: u8,
 }
 
@@ -44,9 +92,13 @@ const MAXTAB: usize = 256;
 
 /// One process's address space.
 pub struct Space {
+    /// The L4 (guest-physical).
     pub l4: u64,
+    /// The VMAs (the first `nvma` are in use).
     pub vmas: [Vma; MAXVMA],
+    /// VMAs in use.
     pub nvma: usize,
+    /// Next mmap address.
     pub mmap_next: u64,
     tables: [u32; MAXTAB],
     ntables: usize,
@@ -56,12 +108,8 @@ fn flags_of(prot: u8) -> u64 {
     P | US | if prot & PROT_W != 0 { RW } else { 0 }
 }
 
-fn kl4() -> u64 {
-    // SAFETY: written once at boot.
-    unsafe { KERNEL_L4 }
-}
-
 impl Space {
+    /// An unused space.
     pub const fn empty() -> Space {
         Space {
             l4: 0,
@@ -78,17 +126,15 @@ impl Space {
     }
 
     /// A fresh address space: a zeroed L4 with the kernel half, pinned in PV modes.
-    pub fn create(&mut self) {
+    pub fn create(&mut self, m: &mut Mmu) {
         let l4 = mem::alloc();
         arch::zero_page(mem::va(l4));
-        mmu().c.zero_cpu += 1;
-        // SAFETY: boot-time constants.
-        unsafe {
-            for &(i, v) in &KHALF[..NKHALF] {
-                mem::wr(l4 + 8 * i as u64, v);
-            }
+        m.c.zero_cpu += 1;
+        let k = KERNEL.get();
+        for &(i, v) in &k.entries[..k.n] {
+            mem::wr(l4 + 8 * i as u64, v);
         }
-        mmu().pin_l4(l4);
+        m.pin_l4(l4);
         self.l4 = l4;
         self.nvma = 0;
         self.ntables = 0;
@@ -97,10 +143,12 @@ impl Space {
 
     // ----- VMAs -----
 
+    /// The VMA containing `va`.
     pub fn find(&self, va: u64) -> Option<usize> {
         (0..self.nvma).find(|&i| self.vmas[i].start <= va && va < self.vmas[i].end)
     }
 
+    /// Adds a VMA; false when the table is full.
     pub fn add_vma(&mut self, start: u64, end: u64, prot: u8) -> bool {
         if self.nvma == MAXVMA {
             return false;
@@ -149,6 +197,7 @@ impl Space {
         self.add_vma(start, end, prot);
     }
 
+    /// Picks the address of a new mmap of `len` bytes.
     pub fn alloc_va(&mut self, len: u64) -> u64 {
         let r = self.mmap_next;
         // Keep ranges 2 MiB apart (own page tables; unmapped guard between).
@@ -173,7 +222,7 @@ impl Space {
     // ----- walking -----
 
     /// The L1 table covering `va`, creating missing tables if `create`.
-    pub fn l1_of(&mut self, va: u64, create: bool) -> Option<u64> {
+    pub fn l1_of(&mut self, m: &mut Mmu, va: u64, create: bool) -> Option<u64> {
         let mut t = self.l4;
         for shift in [39u32, 30, 21] {
             let ptr = t + ((va >> shift) & 511) * 8;
@@ -183,7 +232,6 @@ impl Space {
                     return None;
                 }
                 let n = mem::alloc();
-                let m = mmu();
                 m.zero_frame(n, false);
                 m.set_table(ptr, n | P | RW | US);
                 self.track(n);
@@ -196,27 +244,28 @@ impl Space {
     }
 
     /// Guest-physical address of the L1 entry for `va`.
-    pub fn pte_ptr(&mut self, va: u64, create: bool) -> Option<u64> {
-        self.l1_of(va, create).map(|t| t + ((va >> 12) & 511) * 8)
+    pub fn pte_ptr(&mut self, m: &mut Mmu, va: u64, create: bool) -> Option<u64> {
+        self.l1_of(m, va, create).map(|t| t + ((va >> 12) & 511) * 8)
     }
 
-    /// Calls `f(va, pte_ptr)` for every page of [start, end) that has an L1 table
+    /// Calls `f(space, mmu, va, pte_ptr)` for every page of [start, end) that has an L1 table
     /// (creating tables if `create`).
     pub fn each_pte(
         &mut self,
+        m: &mut Mmu,
         start: u64,
         end: u64,
         create: bool,
-        mut f: impl FnMut(&mut Space, u64, u64),
+        mut f: impl FnMut(&mut Space, &mut Mmu, u64, u64),
     ) {
         let mut va = start;
         while va < end {
             let next2m = (va | 0x1f_ffff) + 1;
             let stop = next2m.min(end);
-            match self.l1_of(va, create) {
+            match self.l1_of(m, va, create) {
                 Some(t) => {
                     while va < stop {
-                        f(self, va, t + ((va >> 12) & 511) * 8);
+                        f(self, m, va, t + ((va >> 12) & 511) * 8);
                         va += 4096;
                     }
                 }
@@ -228,9 +277,8 @@ impl Space {
     // ----- mapping -----
 
     /// Maps a fresh zeroed frame at `va` (the entry must be empty).
-    pub fn map_zero(&mut self, ptr: u64, prot: u8, force_cpu: bool) -> u64 {
+    pub fn map_zero(&mut self, m: &mut Mmu, ptr: u64, prot: u8, force_cpu: bool) -> u64 {
         let f = mem::alloc();
-        let m = mmu();
         m.zero_frame(f, force_cpu);
         m.set_pte(ptr, f | flags_of(prot));
         mem::get(f);
@@ -238,19 +286,18 @@ impl Space {
     }
 
     /// MAP_POPULATE: maps every page of [start, end).
-    pub fn populate(&mut self, start: u64, end: u64, prot: u8, force_cpu: bool) {
-        let m = mmu();
+    pub fn populate(&mut self, m: &mut Mmu, start: u64, end: u64, prot: u8, force_cpu: bool) {
         m.enter_lazy();
-        self.each_pte(start, end, true, |s, _va, ptr| {
+        self.each_pte(m, start, end, true, |s, m, _va, ptr| {
             if rd(ptr) & P == 0 {
-                s.map_zero(ptr, prot, force_cpu);
+                s.map_zero(m, ptr, prot, force_cpu);
             }
         });
         m.leave_lazy();
     }
 
     /// Handles a fault at `va`; false if the access is not allowed (kill).
-    pub fn fault(&mut self, va: u64, write: bool) -> bool {
+    pub fn fault(&mut self, m: &mut Mmu, va: u64, write: bool) -> bool {
         let Some(i) = self.find(va) else {
             return false;
         };
@@ -258,13 +305,15 @@ impl Space {
         if (write && prot & PROT_W == 0) || prot == 0 {
             return false;
         }
-        let m = mmu();
         m.c.faults += 1;
         m.enter_lazy();
-        let ptr = self.pte_ptr(va, true).unwrap();
+        let Some(ptr) = self.pte_ptr(m, va, true) else {
+            m.leave_lazy();
+            return false;
+        };
         let e = rd(ptr);
         let ok = if e & P == 0 {
-            self.map_zero(ptr, prot, false);
+            self.map_zero(m, ptr, prot, false);
             true
         } else if write && e & RW == 0 {
             if e & COW == 0 {
@@ -293,11 +342,10 @@ impl Space {
     }
 
     /// Unmaps every page of [start, end) (VMAs untouched).
-    pub fn zap(&mut self, start: u64, end: u64) -> u64 {
-        let m = mmu();
+    pub fn zap(&mut self, m: &mut Mmu, start: u64, end: u64) -> u64 {
         let mut n = 0;
         m.enter_lazy();
-        self.each_pte(start, end, false, |_s, va, ptr| {
+        self.each_pte(m, start, end, false, |_s, m, va, ptr| {
             let e = rd(ptr);
             if e & P != 0 {
                 m.set_pte(ptr, 0);
@@ -313,10 +361,9 @@ impl Space {
     }
 
     /// mprotect's PTE pass.
-    pub fn protect(&mut self, start: u64, end: u64, prot: u8) {
-        let m = mmu();
+    pub fn protect(&mut self, m: &mut Mmu, start: u64, end: u64, prot: u8) {
         m.enter_lazy();
-        self.each_pte(start, end, false, |_s, va, ptr| {
+        self.each_pte(m, start, end, false, |_s, m, va, ptr| {
             let e = rd(ptr);
             if e & P == 0 {
                 return;
@@ -334,8 +381,7 @@ impl Space {
     }
 
     /// mremap: moves the PTEs of [old, old+len) to [new, new+len).
-    pub fn move_ptes(&mut self, old: u64, new: u64, len: u64) {
-        let m = mmu();
+    pub fn move_ptes(&mut self, m: &mut Mmu, old: u64, new: u64, len: u64) {
         if m.is_pv() && len > 0 {
             // Harvest the A/D the VMM recorded into the guest PTEs before moving them.
             m.flush();
@@ -344,10 +390,12 @@ impl Space {
         m.enter_lazy();
         let mut off = 0;
         while off < len {
-            if let Some(src) = self.pte_ptr(old + off, false) {
+            if let Some(src) = self.pte_ptr(m, old + off, false) {
                 let e = rd(src);
                 if e & P != 0 {
-                    let dst = self.pte_ptr(new + off, true).unwrap();
+                    let Some(dst) = self.pte_ptr(m, new + off, true) else {
+                        panic!("mremap: no page table for {:#x}", new + off);
+                    };
                     m.set_pte(dst, e);
                     m.set_pte(src, 0);
                     if e & A != 0 {
@@ -363,15 +411,14 @@ impl Space {
     }
 
     /// fork: shares every mapped page with `child` (writable ones copy-on-write).
-    pub fn fork_into(&mut self, child: &mut Space) {
+    pub fn fork_into(&mut self, m: &mut Mmu, child: &mut Space) {
         child.vmas = self.vmas;
         child.nvma = self.nvma;
         child.mmap_next = self.mmap_next;
-        let m = mmu();
         m.enter_lazy();
         for i in 0..self.nvma {
             let v = self.vmas[i];
-            self.each_pte(v.start, v.end, false, |_s, va, ptr| {
+            self.each_pte(m, v.start, v.end, false, |_s, m, va, ptr| {
                 let e = rd(ptr);
                 if e & P == 0 {
                     return;
@@ -383,7 +430,9 @@ impl Space {
                         m.set_pte_keep_ad(ptr, ce);
                     }
                 }
-                let cp = child.pte_ptr(va, true).unwrap();
+                let Some(cp) = child.pte_ptr(m, va, true) else {
+                    panic!("fork: no page table for {va:#x}");
+                };
                 m.set_pte(cp, ce & !(A | D));
                 mem::get(e & ADDR);
             });
@@ -395,17 +444,16 @@ impl Space {
     /// Tears the address space down. PV: switch away and unpin first (O(1) hypercalls),
     /// then clear and free the now untyped tables with plain writes.
     /// Returns (MMU hypercalls issued, leaf PTEs dropped).
-    pub fn teardown(&mut self) -> (u64, u64) {
-        let m = mmu();
+    pub fn teardown(&mut self, m: &mut Mmu) -> (u64, u64) {
         m.flush();
         let hc0 = m.c.hypercalls;
-        m.retire_l4(self.l4, kl4());
+        m.retire_l4(self.l4, kernel_l4());
         let hcs = m.c.hypercalls - hc0;
         let pv = m.is_pv();
         let mut n = 0;
         for i in 0..self.nvma {
             let v = self.vmas[i];
-            self.each_pte(v.start, v.end, false, |_s, _va, ptr| {
+            self.each_pte(m, v.start, v.end, false, |_s, _m, _va, ptr| {
                 let e = rd(ptr);
                 if e & P != 0 {
                     mem::put(e & ADDR);
@@ -428,43 +476,23 @@ impl Space {
 
     /// A/D query over `pages` pages at `va` into `out` (one bit per page): `bit` is A or
     /// D; `clear` test-and-clears. Returns the number of set bits.
-    pub fn ad_query(&mut self, va: u64, pages: u64, bit: u64, clear: bool, out: &mut [u64]) -> u64 {
+    pub fn ad_query(
+        &mut self,
+        m: &mut Mmu,
+        va: u64,
+        pages: u64,
+        bit: u64,
+        clear: bool,
+        out: &mut [u64],
+    ) -> u64 {
         for w in out.iter_mut() {
             *w = 0;
         }
-        let m = mmu();
-        let mut count = 0;
         if m.is_pv() {
-            m.flush();
-            let g = ad_bitmap_gpa();
-            m.enter_lazy();
-            m.push(MmuEntry::query_ad(va, pages, g));
-            if clear {
-                let f = if bit == A {
-                    hypercall::sync_flags::CLEAR_A
-                } else {
-                    hypercall::sync_flags::CLEAR_D
-                };
-                m.push(MmuEntry::sync_ad(va, pages, f));
-            }
-            m.leave_lazy();
-            let off = if bit == A {
-                0
-            } else {
-                hypercall::ad_bitmap_bytes(pages)
-            };
-            for (k, w) in out.iter_mut().enumerate().take(pages.div_ceil(64) as usize) {
-                // SAFETY: the bitmap static, through the kernel window.
-                *w = unsafe {
-                    core::ptr::read_volatile(
-                        (crate::KERNEL_VMA + g + off + 8 * k as u64) as *const u64,
-                    )
-                };
-                count += u64::from(w.count_ones());
-            }
-            return count;
+            return ad_query_pv(m, va, pages, bit, clear, out);
         }
-        self.each_pte(va, va + pages * 4096, false, |_s, a, ptr| {
+        let mut count = 0;
+        self.each_pte(m, va, va + pages * 4096, false, |_s, m, a, ptr| {
             let e = rd(ptr);
             if e & P != 0 && e & bit != 0 {
                 let k = ((a - va) >> 12) as usize;
@@ -480,8 +508,7 @@ impl Space {
     }
 
     /// Moves the L1, L2 and L3 tables covering `va` to fresh frames.
-    pub fn relocate(&mut self, va: u64) -> u64 {
-        let m = mmu();
+    pub fn relocate(&mut self, m: &mut Mmu, va: u64) -> u64 {
         m.flush();
         let mut moved = 0;
         // Walk down collecting (parent entry ptr, table) pairs.
@@ -527,15 +554,48 @@ impl Space {
     }
 }
 
+/// The A and D bitmaps of one QUERY_AD (the VMM writes them in place).
 #[repr(C, align(4096))]
 struct AdBitmaps([u64; 1024]);
-static mut AD_BITMAPS: AdBitmaps = AdBitmaps([0; 1024]);
+
+/// Each CPU's QUERY_AD buffer.
+static AD_BITMAPS: CpuLocal<AdBitmaps> =
+    CpuLocal::new([const { AdBitmaps([0; 1024]) }; MAX_CPUS]);
+
 /// Most pages one A/D query may cover.
 pub const AD_MAX_PAGES: u64 = 16384;
 
-fn ad_bitmap_gpa() -> u64 {
-    // SAFETY: address of a static.
-    (unsafe { core::ptr::addr_of!(AD_BITMAPS) }) as u64 - crate::KERNEL_VMA
+/// PV: QUERY_AD (then SYNC_AD with a clear) in one batch; the VMM reports into this CPU's
+/// bitmap buffer.
+fn ad_query_pv(m: &mut Mmu, va: u64, pages: u64, bit: u64, clear: bool, out: &mut [u64]) -> u64 {
+    let buf = AD_BITMAPS.borrow_mut();
+    let base: *const u64 = buf.0.as_ptr();
+    let g = base as u64 - KERNEL_VMA;
+    m.flush();
+    m.enter_lazy();
+    m.push(MmuEntry::query_ad(va, pages, g));
+    if clear {
+        let f = if bit == A {
+            hypercall::sync_flags::CLEAR_A
+        } else {
+            hypercall::sync_flags::CLEAR_D
+        };
+        m.push(MmuEntry::sync_ad(va, pages, f));
+    }
+    m.leave_lazy();
+    let off = if bit == A {
+        0
+    } else {
+        hypercall::ad_bitmap_bytes(pages) as usize / 8
+    };
+    let mut count = 0;
+    for (k, w) in out.iter_mut().enumerate().take(pages.div_ceil(64) as usize) {
+        // SAFETY: inside this CPU's (borrowed) buffer: the A and D maps of AD_MAX_PAGES
+        // pages fit its 1024 words; the VMM wrote it during the batch, so read volatile.
+        *w = unsafe { core::ptr::read_volatile(base.add(off + k)) };
+        count += u64::from(w.count_ones());
+    }
+    count
 }
 
 /// Maps [pa_start, pa_end) at `va_base + pa` in the table tree rooted at `l4` with plain
@@ -575,11 +635,11 @@ pub fn boot_map(
 }
 
 /// Copies `src` to user `va` through the direct map (faulting pages in). False on EFAULT.
-pub fn copy_to_user(s: &mut Space, va: u64, src: &[u8]) -> bool {
+pub fn copy_to_user(s: &mut Space, m: &mut Mmu, va: u64, src: &[u8]) -> bool {
     let mut done = 0usize;
     while done < src.len() {
         let a = va + done as u64;
-        let Some(pa) = user_pa(s, a, true) else {
+        let Some(pa) = user_pa(s, m, a, true) else {
             return false;
         };
         let n = (4096 - (a & 0xfff) as usize).min(src.len() - done);
@@ -593,16 +653,16 @@ pub fn copy_to_user(s: &mut Space, va: u64, src: &[u8]) -> bool {
 }
 
 /// Physical address backing user `va` for an access, faulting it in if needed.
-pub fn user_pa(s: &mut Space, va: u64, write: bool) -> Option<u64> {
+pub fn user_pa(s: &mut Space, m: &mut Mmu, va: u64, write: bool) -> Option<u64> {
     for _ in 0..2 {
-        if let Some(ptr) = s.pte_ptr(va, false) {
+        if let Some(ptr) = s.pte_ptr(m, va, false) {
             let e = rd(ptr);
             if e & P != 0 && (!write || e & RW != 0) {
-                mmu().flush();
+                m.flush();
                 return Some((e & ADDR) + (va & 0xfff));
             }
         }
-        if !s.fault(va, write) {
+        if !s.fault(m, va, write) {
             return None;
         }
     }
