@@ -35,6 +35,7 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	cd guest-images && $(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+	cd guest-images && $(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
 test: build lint
 	$(CARGO) test --workspace --release

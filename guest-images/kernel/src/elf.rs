@@ -39,7 +39,9 @@ fn segment(elf: &[u8], ph: usize) -> Option<Option<Segment>> {
         prot: PROT_R | if flags & 2 != 0 { PROT_W } else { 0 },
     };
     let file_end = s.off.checked_add(s.filesz)?;
-    if file_end > elf.len() as u64 || s.filesz > s.memsz || s.vaddr.checked_add(s.memsz)? >= vm::STACK_TOP
+    if file_end > elf.len() as u64
+        || s.filesz > s.memsz
+        || s.vaddr.checked_add(s.memsz)? >= vm::STACK_TOP
     {
         return None;
     }

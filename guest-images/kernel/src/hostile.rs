@@ -196,11 +196,7 @@ fn entry_cases(c: &Chain) -> [(&'static str, MmuEntry, i64); 14] {
 fn writable_table(m: &mut Mmu, c: &Chain) -> bool {
     let va = 0x80_0000_0000u64; // L4 slot 1, L3 0, L2 0, L1 0
     let s = send(m, &[MmuEntry::pt_update(c.l1, c.l2 | vm::P | vm::RW)]);
-    let faulted = if s == 0 {
-        traps::probe_write(va)
-    } else {
-        true
-    };
+    let faulted = if s == 0 { traps::probe_write(va) } else { true };
     let _ = writeln!(
         Console,
         "# hostile: page table mapped writable: {}, store through it {} {}",

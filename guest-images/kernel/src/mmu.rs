@@ -105,25 +105,25 @@ static MMU: CpuLocal<Mmu> = CpuLocal::new([const { Mmu::new() }; MAX_CPUS]);
 impl Mmu {
     const fn new() -> Mmu {
         Mmu {
-    queue: Queue([NO_ENTRY; QMAX]),
-    mode: Mode::Native,
-    pv: None,
-    lazy: 0,
-    qlen: 0,
-    batch: QMAX,
-    c: Counters {
-        pte_updates: 0,
-        hypercalls: 0,
-        entries: 0,
-        flushes: 0,
-        zero_cpu: 0,
-        zero_vmm: 0,
-        switches: 0,
-        faults: 0,
-    },
-    zero_vmm: true,
-    drop_after: 0,
-    cur_l4: 0,
+            queue: Queue([NO_ENTRY; QMAX]),
+            mode: Mode::Native,
+            pv: None,
+            lazy: 0,
+            qlen: 0,
+            batch: QMAX,
+            c: Counters {
+                pte_updates: 0,
+                hypercalls: 0,
+                entries: 0,
+                flushes: 0,
+                zero_cpu: 0,
+                zero_vmm: 0,
+                switches: 0,
+                faults: 0,
+            },
+            zero_vmm: true,
+            drop_after: 0,
+            cur_l4: 0,
         }
     }
 }

@@ -252,7 +252,10 @@ impl fmt::Display for Error<'_> {
                 expected(f, o)
             }
             Error::UnknownTest(t) => {
-                write!(f, "unknown selftest '{t}' in selftest=: expected all, none or")?;
+                write!(
+                    f,
+                    "unknown selftest '{t}' in selftest=: expected all, none or"
+                )?;
                 write!(f, " a comma-separated list of: ")?;
                 test_names(f)
             }
@@ -327,7 +330,11 @@ fn value<'a>(o: &'static Opt, v: Option<&'a str>) -> Result<Val, Error<'a>> {
         (Kind::Flag, None | Some("1")) => Ok(Val::Flag(true)),
         (Kind::Flag, Some("0")) => Ok(Val::Flag(false)),
         (Kind::Flag, Some(_)) | (_, None) => Err(bad()),
-        (Kind::Choice(c), Some(v)) => c.iter().position(|x| *x == v).map(Val::Choice).ok_or_else(bad),
+        (Kind::Choice(c), Some(v)) => c
+            .iter()
+            .position(|x| *x == v)
+            .map(Val::Choice)
+            .ok_or_else(bad),
         (Kind::Number { min, max }, Some(v)) => match parse_u64(v) {
             Some(n) if (*min..=*max).contains(&n) => Ok(Val::Number(n)),
             _ => Err(bad()),
@@ -350,7 +357,9 @@ fn parse_u64(v: &str) -> Option<u64> {
 
 fn tests(v: &str) -> Result<Selection, Error<'_>> {
     match v {
-        "all" => return Ok(Selection::MAX >> (Selection::BITS as usize - selftest::names().count())),
+        "all" => {
+            return Ok(Selection::MAX >> (Selection::BITS as usize - selftest::names().count()))
+        }
         "none" => return Ok(0),
         _ => {}
     }
@@ -501,7 +510,10 @@ fn print_statuses(w: &mut impl Write) -> fmt::Result {
         w,
         "  {NO_MMU_BATCH:<5} mmu=pv or mmu=pv-lazy, but the VMM offers no MMU_BATCH (`Bail out!`)"
     )?;
-    writeln!(w, "  {PANIC:<5} kernel panic (`Bail out! kernel panic: ...`)")
+    writeln!(
+        w,
+        "  {PANIC:<5} kernel panic (`Bail out! kernel panic: ...`)"
+    )
 }
 
 /// `a-b`, padded as one field.
@@ -523,7 +535,10 @@ struct Cursor<'a>(&'a mut [u8], usize);
 impl Write for Cursor<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let end = self.1 + s.len();
-        self.0.get_mut(self.1..end).ok_or(fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.0
+            .get_mut(self.1..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
         self.1 = end;
         Ok(())
     }

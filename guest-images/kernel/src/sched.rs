@@ -246,8 +246,7 @@ pub fn wait(t: &mut ProcTable, c: usize) -> Wait {
         z.state = State::Free;
         return Wait::Reaped((z.status << 32) | z.pid);
     }
-    if t
-        .procs
+    if t.procs
         .iter()
         .any(|q| q.ppid == me && q.state != State::Free)
     {

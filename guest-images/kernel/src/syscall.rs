@@ -57,7 +57,11 @@ static AD_BM: CpuLocal<[u64; (vm::AD_MAX_PAGES / 64) as usize]> =
     CpuLocal::new([[0; (vm::AD_MAX_PAGES / 64) as usize]; MAX_CPUS]);
 
 fn pages_ok(addr: u64, len: u64) -> bool {
-    addr % 4096 == 0 && len > 0 && len % 4096 == 0 && addr < 0x8000_0000_0000 && len < (1 << 40)
+    addr.is_multiple_of(4096)
+        && len > 0
+        && len.is_multiple_of(4096)
+        && addr < 0x8000_0000_0000
+        && len < (1 << 40)
 }
 
 /// True if `rip` of the current process is at a syscall instruction (`ud2` + tag).

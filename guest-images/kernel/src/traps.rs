@@ -52,9 +52,9 @@ pub fn init() {
     let idt = IDT.0.get();
     // SAFETY: boot, before the IDT is loaded (see Idt); exc_table is the stubs' table.
     unsafe {
-        for v in 0..32 {
+        for (v, &h) in exc_table.iter().enumerate() {
             let ist = if v == 8 { 2 } else { 1 };
-            (*idt)[v] = gate(exc_table[v], ist, 0x8e);
+            (*idt)[v] = gate(h, ist, 0x8e);
         }
         // int 0x80: the syscall gate (DPL 3, no IST: the CPU pushes straight into the
         // current process's trap frame through TSS.RSP0).
@@ -156,7 +156,11 @@ fn user_page_fault(f: &TrapFrame, pid: u64) -> ! {
         let p = &mut t.procs[sched::current()];
         p.faults += 1;
         if DEBUG_FAULTS.load(Ordering::Relaxed) {
-            let pte = p.space.pte_ptr(&mut m, addr, false).map(mem::rd).unwrap_or(0);
+            let pte = p
+                .space
+                .pte_ptr(&mut m, addr, false)
+                .map(mem::rd)
+                .unwrap_or(0);
             let _ = writeln!(
                 Console,
                 "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x}",

@@ -245,7 +245,8 @@ impl Space {
 
     /// Guest-physical address of the L1 entry for `va`.
     pub fn pte_ptr(&mut self, m: &mut Mmu, va: u64, create: bool) -> Option<u64> {
-        self.l1_of(m, va, create).map(|t| t + ((va >> 12) & 511) * 8)
+        self.l1_of(m, va, create)
+            .map(|t| t + ((va >> 12) & 511) * 8)
     }
 
     /// Calls `f(space, mmu, va, pte_ptr)` for every page of [start, end) that has an L1 table
@@ -559,8 +560,7 @@ impl Space {
 struct AdBitmaps([u64; 1024]);
 
 /// Each CPU's QUERY_AD buffer.
-static AD_BITMAPS: CpuLocal<AdBitmaps> =
-    CpuLocal::new([const { AdBitmaps([0; 1024]) }; MAX_CPUS]);
+static AD_BITMAPS: CpuLocal<AdBitmaps> = CpuLocal::new([const { AdBitmaps([0; 1024]) }; MAX_CPUS]);
 
 /// Most pages one A/D query may cover.
 pub const AD_MAX_PAGES: u64 = 16384;
@@ -610,7 +610,7 @@ pub fn boot_map(
     let mut pa = pa_start;
     while pa < pa_end {
         let va = va_base + pa;
-        let big = pa % (2 << 20) == 0 && pa + (2 << 20) <= pa_end;
+        let big = pa.is_multiple_of(2 << 20) && pa + (2 << 20) <= pa_end;
         let mut t = l4;
         let levels: &[u32] = if big { &[39, 30] } else { &[39, 30, 21] };
         for &shift in levels {

@@ -41,7 +41,8 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     exit(99)
 }
 
-/// Syscall numbers (see kernel/src/proc.rs).
+/// Syscall numbers (see kernel/src/syscall.rs).
+#[allow(missing_docs)] // the names are the calls
 pub mod nr {
     pub const EXIT: u64 = 0;
     pub const WRITE: u64 = 1;
@@ -60,27 +61,51 @@ pub mod nr {
 
 /// `stat` selectors.
 pub mod st {
+    /// Free frames.
     pub const FREE: u64 = 0;
+    /// Page faults of this process.
     pub const FAULTS: u64 = 1;
+    /// MMU_BATCH hypercalls (since boot).
     pub const HYPERCALLS: u64 = 2;
+    /// PTE writes.
     pub const PTE_UPDATES: u64 = 3;
+    /// TLB flushes done or sent by the kernel.
     pub const FLUSHES: u64 = 4;
+    /// MMU mode (0 native, 1 pv, 2 pv-lazy).
     pub const MODE: u64 = 5;
+    /// MMU hypercalls of the last exit's teardown.
     pub const TEARDOWN_HC: u64 = 6;
+    /// Leaf PTEs of the last exit's teardown.
     pub const TEARDOWN_PTES: u64 = 7;
+    /// Entries sent in MMU_BATCHes.
     pub const ENTRIES: u64 = 8;
+    /// Frames zeroed by the VMM (ZERO_FRAME).
     pub const ZERO_VMM: u64 = 9;
+    /// Frames zeroed by the CPU.
     pub const ZERO_CPU: u64 = 10;
+    /// The TSC.
+    pub const TSC: u64 = 11;
+    /// 1 if new frames are zeroed by the VMM (a PV mode with zero=vmm), else 0.
+    pub const ZERO_BY_VMM: u64 = 12;
 }
 
+/// mmap/mprotect: readable.
 pub const PROT_R: u64 = 1;
+/// mmap/mprotect: writable.
 pub const PROT_W: u64 = 2;
+/// PROT_R | PROT_W.
 pub const RW: u64 = 3;
+/// mmap flag: map every page now.
 pub const MAP_POPULATE: u64 = 1;
+/// mmap flag: with MAP_POPULATE, zero with the CPU even where the VMM would.
 pub const MAP_ZERO_CPU: u64 = 4;
+/// A/D query: accessed bits.
 pub const AD_A: u64 = 1;
+/// A/D query: dirty bits.
 pub const AD_D: u64 = 2;
+/// A/D query: clear the bits queried.
 pub const AD_CLEAR: u64 = 4;
+/// Signal number of a segmentation fault.
 pub const SIGSEGV: u64 = 11;
 
 /// Raw syscall.
@@ -88,37 +113,51 @@ pub const SIGSEGV: u64 = 11;
 pub fn sys(n: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
     let r: u64;
     // SAFETY: the kernel's syscall: `ud2` + tag "PVSC" (this platform's `syscall` does not
-    // switch CS and `int n` raises #UD); every register but rax is preserved (rcx and r11
-    // are declared clobbered for `syscall` parity).
+    // switch CS and `int n` raises #UD). The kernel preserves the general registers but
+    // rax; every caller-saved register is declared clobbered (`clobber_abi`), so no vector
+    // or x87 state is live across a syscall (another process may run in between, and the
+    // kernel does not switch that state).
     unsafe {
         asm!("ud2", ".ascii \"PVSC\"", inlateout("rax") n => r, in("rdi") a0, in("rsi") a1, in("rdx") a2,
-             in("r10") a3, out("rcx") _, out("r11") _, options(nostack))
+             in("r10") a3, clobber_abi("C"), options(nostack))
     };
     r
 }
 
+/// Ends the process with `code`.
 pub fn exit(code: i32) -> ! {
     sys(nr::EXIT, code as u64, 0, 0, 0);
-    loop {}
+    // The kernel never returns from EXIT; if it did, fault rather than spin.
+    loop {
+        // SAFETY: ud2 without the syscall tag: the kernel kills the process (SIGILL).
+        unsafe { asm!("ud2", options(nomem, nostack)) };
+    }
 }
+/// Writes to the console.
 pub fn write(b: &[u8]) {
     sys(nr::WRITE, b.as_ptr() as u64, b.len() as u64, 0, 0);
 }
+/// This process's id.
 pub fn getpid() -> u64 {
     sys(nr::GETPID, 0, 0, 0, 0)
 }
+/// Maps `len` bytes; returns the address (or a negative errno).
 pub fn mmap(len: u64, prot: u64, flags: u64) -> u64 {
     sys(nr::MMAP, len, prot, flags, 0)
 }
+/// Unmaps; returns the number of PTEs dropped.
 pub fn munmap(a: u64, len: u64) -> u64 {
     sys(nr::MUNMAP, a, len, 0, 0)
 }
+/// Changes protection.
 pub fn mprotect(a: u64, len: u64, prot: u64) -> u64 {
     sys(nr::MPROTECT, a, len, prot, 0)
 }
+/// Moves a mapping to a new address of `new` bytes; returns it.
 pub fn mremap(a: u64, old: u64, new: u64) -> u64 {
     sys(nr::MREMAP, a, old, new, 0)
 }
+/// Forks: the child's pid in the parent, 0 in the child.
 pub fn fork() -> u64 {
     sys(nr::FORK, 0, 0, 0, 0)
 }
@@ -127,6 +166,7 @@ pub fn wait() -> (u64, u64) {
     let r = sys(nr::WAIT, 0, 0, 0, 0);
     (r & 0xffff_ffff, r >> 32)
 }
+/// Lets another process run.
 pub fn yield_now() {
     sys(nr::YIELD, 0, 0, 0, 0);
 }
@@ -134,12 +174,15 @@ pub fn yield_now() {
 pub fn ad(a: u64, pages: u64, bm: &mut [u64], flags: u64) -> u64 {
     sys(nr::AD, a, pages, bm.as_mut_ptr() as u64, flags)
 }
+/// Moves the page tables covering `a`; returns how many moved.
 pub fn relocate(a: u64) -> u64 {
     sys(nr::RELOCATE, a, 0, 0, 0)
 }
+/// A kernel statistic (see [`st`]).
 pub fn stat(w: u64) -> u64 {
     sys(nr::STAT, w, 0, 0, 0)
 }
+/// The TSC.
 pub fn rdtsc() -> u64 {
     // SAFETY: no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
@@ -151,8 +194,12 @@ pub struct Out {
     n: usize,
 }
 impl Out {
+    /// An empty buffer.
     pub fn new() -> Out {
-        Out { buf: [0; 200], n: 0 }
+        Out {
+            buf: [0; 200],
+            n: 0,
+        }
     }
 }
 impl Default for Out {
@@ -210,6 +257,8 @@ macro_rules! check {
 /// xorshift64.
 pub struct Rng(pub u64);
 impl Rng {
+    /// The next value.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
@@ -220,11 +269,13 @@ impl Rng {
     }
 }
 
+/// Reads the u64 at `a`.
 #[inline(always)]
 pub fn rd(a: u64) -> u64 {
     // SAFETY: the test reads its own mappings (or expects to be killed).
     unsafe { core::ptr::read_volatile(a as *const u64) }
 }
+/// Writes the u64 at `a`.
 #[inline(always)]
 pub fn wr(a: u64, v: u64) {
     // SAFETY: as rd.
@@ -279,12 +330,13 @@ pub fn subset(rng: &mut Rng, pages: u64, k: u64, bm: &mut [u64]) {
         *w = 0;
     }
     for i in 0..pages {
-        if rng.next() % k == 0 {
+        if rng.next().is_multiple_of(k) {
             bm[(i / 64) as usize] |= 1 << (i % 64);
         }
     }
 }
 
+/// Bit `i` of a bitmap.
 pub fn bit(bm: &[u64], i: u64) -> bool {
     bm[(i / 64) as usize] & (1 << (i % 64)) != 0
 }
@@ -294,40 +346,79 @@ pub fn first_diff(a: &[u64], b: &[u64], pages: u64) -> Option<u64> {
     (0..pages).find(|&i| bit(a, i) != bit(b, i))
 }
 
+/// Set bits of a bitmap.
 pub fn popcount(bm: &[u64]) -> u64 {
     bm.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
 /// Most pages the A/D tests handle.
 pub const MAXP: usize = 16384;
+/// Bitmap words for MAXP pages.
 pub const MAXW: usize = MAXP / 64;
 
 // The compiler's memory intrinsics (no libc here).
+
+/// `memcpy`.
+///
+/// # Safety
+/// `d` and `s` are valid for `n` bytes and do not overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack));
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!("rep movsb", inout("rdi") d => _, inout("rsi") s => _, inout("rcx") n => _, options(nostack));
+    }
     d
 }
+
+/// `memmove`.
+///
+/// # Safety
+/// `d` and `s` are valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
-        memcpy(d, s, n)
+        // SAFETY: a forward copy is correct when the destination starts below the source
+        // or past its end.
+        unsafe { memcpy(d, s, n) }
     } else {
-        asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _, inout("rsi") s.add(n - 1) => _,
-             inout("rcx") n => _, options(nostack));
+        // SAFETY: the caller's contract; a backward copy for an overlapping destination.
+        unsafe {
+            asm!("std", "rep movsb", "cld", inout("rdi") d.add(n - 1) => _, inout("rsi") s.add(n - 1) => _,
+                 inout("rcx") n => _, options(nostack));
+        }
         d
     }
 }
+
+/// `memset`.
+///
+/// # Safety
+/// `d` is valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
-    asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8, options(nostack));
+    // SAFETY: the caller's contract.
+    unsafe {
+        asm!("rep stosb", inout("rdi") d => _, inout("rcx") n => _, in("al") c as u8, options(nostack));
+    }
     d
 }
+
+/// `memcmp`.
+///
+/// # Safety
+/// `a` and `b` are valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
-        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        // SAFETY: i < n, inside both buffers (the caller's contract).
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(a.add(i)),
+                core::ptr::read_volatile(b.add(i)),
+            )
+        };
         if x != y {
             return i32::from(x) - i32::from(y);
         }
@@ -335,7 +426,13 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     }
     0
 }
+
+/// `bcmp`.
+///
+/// # Safety
+/// As [`memcmp`].
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    memcmp(a, b, n)
+    // SAFETY: the same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
 }

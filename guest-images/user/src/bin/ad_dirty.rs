@@ -12,6 +12,7 @@ fn write_set(x: u64, n: u64, s: &[u64], v: u64) {
     }
 }
 
+/// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(a: Args) -> i32 {
     let n = a.pages.clamp(1, MAXP as u64);
@@ -30,18 +31,38 @@ pub fn test_main(a: Args) -> i32 {
         let c = ad(x, n, &mut got, AD_D | AD_CLEAR);
         let (h1, t1) = (stat(st::HYPERCALLS), rdtsc());
         if let Some(i) = first_diff(&s1, &got, n) {
-            check!(false, "round {} query+clear: page {} dirty={} expected {}", round, i, bit(&got, i), bit(&s1, i));
+            check!(
+                false,
+                "round {} query+clear: page {} dirty={} expected {}",
+                round,
+                i,
+                bit(&got, i),
+                bit(&s1, i)
+            );
         }
         check!(c == popcount(&s1), "count");
         if round == 0 {
-            diag!("dirty query+clear of {} pages ({} dirty): {} MMU hypercalls, {} cycles", n, c, h1 - h0, t1 - t0);
+            diag!(
+                "dirty query+clear of {} pages ({} dirty): {} MMU hypercalls, {} cycles",
+                n,
+                c,
+                h1 - h0,
+                t1 - t0
+            );
         }
         // Write, query without clearing, write more, then query+clear: the union.
         subset(&mut rng, n, 5, &mut s2);
         write_set(x, n, &s2, round + 100);
         ad(x, n, &mut got, AD_D);
         if let Some(i) = first_diff(&s2, &got, n) {
-            check!(false, "round {} query: page {} dirty={} expected {}", round, i, bit(&got, i), bit(&s2, i));
+            check!(
+                false,
+                "round {} query: page {} dirty={} expected {}",
+                round,
+                i,
+                bit(&got, i),
+                bit(&s2, i)
+            );
         }
         subset(&mut rng, n, 5, &mut s1);
         write_set(x, n, &s1, round + 200);
@@ -50,9 +71,20 @@ pub fn test_main(a: Args) -> i32 {
         }
         ad(x, n, &mut got, AD_D | AD_CLEAR);
         if let Some(i) = first_diff(&s1, &got, n) {
-            check!(false, "round {} union: page {} dirty={} expected {}", round, i, bit(&got, i), bit(&s1, i));
+            check!(
+                false,
+                "round {} union: page {} dirty={} expected {}",
+                round,
+                i,
+                bit(&got, i),
+                bit(&s1, i)
+            );
         }
-        check!(ad(x, n, &mut got, AD_D) == 0, "round {}: dirty bits invented after clear", round);
+        check!(
+            ad(x, n, &mut got, AD_D) == 0,
+            "round {}: dirty bits invented after clear",
+            round
+        );
     }
     check!(munmap(x, n * 4096) == n, "munmap");
     0

@@ -4,6 +4,7 @@
 #![no_main]
 use utest::*;
 
+/// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(a: Args) -> i32 {
     let n = a.pages.max(1);
@@ -12,7 +13,11 @@ pub fn test_main(a: Args) -> i32 {
     let x = mmap(len, RW, MAP_POPULATE);
     check!(munmap(x, len) == n, "munmap");
     let fl1 = stat(st::FLUSHES);
-    diag!("{} untouched pages mapped+unmapped: {} guest TLB flushes", n, fl1 - fl0);
+    diag!(
+        "{} untouched pages mapped+unmapped: {} guest TLB flushes",
+        n,
+        fl1 - fl0
+    );
     check!(fl1 == fl0, "{} flushes for never-touched pages", fl1 - fl0);
     if a.mode != 0 {
         // PV: the VMM's flush counters for this run must show only avoided flushes (the
@@ -24,6 +29,10 @@ pub fn test_main(a: Args) -> i32 {
     fill(x, n, 1);
     check!(munmap(x, len) == n, "munmap");
     let fl2 = stat(st::FLUSHES);
-    diag!("{} touched pages mapped+unmapped: {} guest TLB flushes (native INVLPG)", n, fl2 - fl1);
+    diag!(
+        "{} touched pages mapped+unmapped: {} guest TLB flushes (native INVLPG)",
+        n,
+        fl2 - fl1
+    );
     0
 }

@@ -3,6 +3,7 @@
 #![no_main]
 use utest::*;
 
+/// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(a: Args) -> i32 {
     let n = a.pages.max(2);
@@ -14,14 +15,23 @@ pub fn test_main(a: Args) -> i32 {
     let y = mremap(x, len, len);
     let (h1, p1) = (stat(st::HYPERCALLS), stat(st::PTE_UPDATES));
     check!((y as i64) > 0 && y != x, "mremap returned {:#x}", y);
-    diag!("mremap of {} pages: {} PTE updates, {} MMU hypercalls", n, p1 - p0, h1 - h0);
+    diag!(
+        "mremap of {} pages: {} PTE updates, {} MMU hypercalls",
+        n,
+        p1 - p0,
+        h1 - h0
+    );
     let f0 = stat(st::FAULTS);
     if let Some(i) = verify(y, n, 0x6666) {
         check!(false, "page {} lost its data in the move", i);
     }
     check!(stat(st::FAULTS) == f0, "moved pages faulted");
     let used = free0 - stat(st::FREE);
-    check!(used <= 3, "mremap used {} frames: pages were copied, not moved (at most 3 new page tables expected)", used);
+    check!(
+        used <= 3,
+        "mremap used {} frames: pages were copied, not moved (at most 3 new page tables expected)",
+        used
+    );
     let s = in_child(|| {
         let _ = rd(x);
         1

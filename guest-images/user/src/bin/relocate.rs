@@ -4,6 +4,7 @@
 #![no_main]
 use utest::*;
 
+/// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(a: Args) -> i32 {
     let n = a.pages.clamp(1, MAXP as u64);
@@ -27,14 +28,33 @@ pub fn test_main(a: Args) -> i32 {
         check!(moved == 3, "relocated {} tables, expected 3", moved);
         check!(stat(st::FREE) == free0, "relocation leaked frames");
         if round == 0 {
-            diag!("relocated L1/L2/L3: {} MMU hypercalls, {} cycles", h1 - h0, t1 - t0);
+            diag!(
+                "relocated L1/L2/L3: {} MMU hypercalls, {} cycles",
+                h1 - h0,
+                t1 - t0
+            );
         }
         let f0 = stat(st::FAULTS);
-        check!(verify(x, n, 0x9999).is_none(), "round {}: data lost after relocation", round);
-        check!(stat(st::FAULTS) == f0, "round {}: translations lost (faults)", round);
+        check!(
+            verify(x, n, 0x9999).is_none(),
+            "round {}: data lost after relocation",
+            round
+        );
+        check!(
+            stat(st::FAULTS) == f0,
+            "round {}: translations lost (faults)",
+            round
+        );
         ad(x, n, &mut got, AD_D | AD_CLEAR);
         if let Some(i) = first_diff(&want, &got, n) {
-            check!(false, "round {}: page {} dirty={} expected {}", round, i, bit(&got, i), bit(&want, i));
+            check!(
+                false,
+                "round {}: page {} dirty={} expected {}",
+                round,
+                i,
+                bit(&got, i),
+                bit(&want, i)
+            );
         }
     }
     fill(x, n, 0x1234);
