@@ -233,9 +233,19 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
         return Err(HcError::Einval);
     }
     match k {
+        kind::INVLPG | kind::FLUSH_TLB | kind::SYNC_AD | kind::QUERY_AD => {
+            decode_tlb_ad(k, flags, a0, a1, a2)
+        }
+        _ => decode_table_op(k, a0, a1, a2),
+    }
+}
+
+/// Entries that change tables or frames: updates, pins, root loads, relocation, zeroing.
+fn decode_table_op(k: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> {
+    match k {
         kind::PT_UPDATE | kind::PT_UPDATE_PRESERVE_AD => {
             zero(a2)?;
-            if a0 % 8 != 0 {
+            if !a0.is_multiple_of(8) {
                 return Err(HcError::Einval);
             }
             Ok(MmuOp::PtUpdate {
@@ -263,6 +273,27 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
                 frame: page_aligned(a0)?,
             })
         }
+        kind::RELOCATE_TABLE => {
+            zero(a2)?;
+            let (old, new) = (page_aligned(a0)?, page_aligned(a1)?);
+            if old == new {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::RelocateTable { old, new })
+        }
+        kind::ZERO_FRAME => {
+            zero(a1 | a2)?;
+            Ok(MmuOp::ZeroFrame {
+                frame: page_aligned(a0)?,
+            })
+        }
+        _ => Err(HcError::Enosys),
+    }
+}
+
+/// Entries about translations: INVLPG, FLUSH_TLB, SYNC_AD, QUERY_AD.
+fn decode_tlb_ad(k: u16, flags: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> {
+    match k {
         kind::INVLPG => {
             zero(a1 | a2)?;
             if !is_canonical(a0) {
@@ -289,27 +320,13 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
         }
         kind::QUERY_AD => {
             ad_range(a0, a1)?;
-            if a2 % abi::ENTRY_ALIGN != 0 {
+            if !a2.is_multiple_of(abi::ENTRY_ALIGN) {
                 return Err(HcError::Einval);
             }
             Ok(MmuOp::QueryAd {
                 va: a0,
                 pages: a1,
                 bitmap_gpa: a2,
-            })
-        }
-        kind::RELOCATE_TABLE => {
-            zero(a2)?;
-            let (old, new) = (page_aligned(a0)?, page_aligned(a1)?);
-            if old == new {
-                return Err(HcError::Einval);
-            }
-            Ok(MmuOp::RelocateTable { old, new })
-        }
-        kind::ZERO_FRAME => {
-            zero(a1 | a2)?;
-            Ok(MmuOp::ZeroFrame {
-                frame: page_aligned(a0)?,
             })
         }
         _ => Err(HcError::Enosys),

@@ -1,11 +1,11 @@
-//! Bad command-line input: one clear line, exit code 2, no panic or backtrace.
+//! Bad command-line input: one clear line, exit code 200, no panic or backtrace.
 
 use pvmm_e2e::*;
 use std::process::Command;
 
 fn check(out: std::process::Output, expect: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(out.status.code(), Some(200), "stderr: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(err.contains(expect), "expected '{expect}' in: {err}");
     assert!(
@@ -39,14 +39,14 @@ fn mem_too_small_for_the_kernel() {
     if !kvm_available("mem_too_small_for_the_kernel") {
         return;
     }
-    let f = temp("elf16m");
-    std::fs::write(&f, tiny_elf(0x100_0000, &[0; 16])).unwrap();
-    let out = run(&["--kernel", f.to_str().unwrap(), "--mem", "8M"]);
+    let f = temp("elf32m");
+    std::fs::write(&f, tiny_elf(0x200_0000, &[0; 16])).unwrap();
+    let out = run(&["--kernel", f.to_str().unwrap(), "--mem", "16M"]);
     let _ = std::fs::remove_file(&f);
     check(out, "too small for the kernel");
     check(
         run(&["--kernel", guest().to_str().unwrap(), "--mem", "1M"]),
-        "too small",
+        "--mem must be between 16M and 1024G",
     );
 }
 
@@ -73,7 +73,12 @@ fn unparsable_sizes_and_counts() {
         run(&["--kernel", "k", "--stats", "xml"]),
         "invalid value 'xml'",
     );
-    check(run(&["--mem", "1G"]), "--kernel");
+    let out = Command::new(pvmm_bin())
+        .args(["run", "--mem", "1G"])
+        .env("PVMM_GUEST", "/nonexistent/default-guest")
+        .output()
+        .unwrap();
+    check(out, "cannot read kernel '/nonexistent/default-guest'");
 }
 
 #[test]

@@ -53,7 +53,9 @@ fn boots_with_json_stats_and_plausible_values() {
         "{console}"
     );
     assert!(console.contains("usable"), "e820 printed: {console}");
-    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["schema_version"], 2);
+    assert_eq!(v["kind"], "final");
+    assert_eq!(v["vm"]["guest_status"], 0);
     assert_eq!(v["vm"]["end_reason"], "guest-exit");
     assert_eq!(v["vm"]["exit_code"], 0);
     assert_eq!(v["vm"]["hypercall_transport"], "pio");
@@ -214,7 +216,7 @@ fn timeout_ends_a_runaway_guest() {
     let _ = std::fs::remove_file(&f);
     assert_eq!(
         out.status.code(),
-        Some(104),
+        Some(205),
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -244,7 +246,7 @@ fn stats_interval_writes_delta_lines_then_the_report() {
         "--hypercall",
         "pio",
     ]);
-    assert_eq!(out.status.code(), Some(104));
+    assert_eq!(out.status.code(), Some(205));
     let text = std::fs::read_to_string(&f).unwrap();
     let _ = std::fs::remove_file(&f);
     let _ = std::fs::remove_file(&k);
@@ -254,13 +256,23 @@ fn stats_interval_writes_delta_lines_then_the_report() {
         .collect();
     assert!(lines.len() >= 4, "{} lines", lines.len());
     let (ticks, last) = lines.split_at(lines.len() - 1);
-    assert_eq!(
-        last[0]["schema_version"], 1,
-        "final report is the last line"
-    );
+    assert_eq!(last[0]["kind"], "final", "final report is the last line");
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    for l in &lines {
+        assert_eq!(l["schema_version"], 2, "one schema for every line: {l}");
+        assert_eq!(keys(l), keys(&last[0]), "same fields on every line");
+        assert!(
+            l["merged"]["exits"].is_array(),
+            "exits is a list everywhere"
+        );
+    }
     let total: u64 = ticks
         .iter()
-        .map(|l| l["exits_total"].as_u64().unwrap())
+        .map(|l| l["merged"]["exits_total"].as_u64().unwrap())
         .sum();
     let final_total = last[0]["merged"]["exits_total"].as_u64().unwrap();
     assert!(
@@ -268,10 +280,14 @@ fn stats_interval_writes_delta_lines_then_the_report() {
         "deltas {total} vs final {final_total}"
     );
     for l in ticks {
+        assert_eq!(l["kind"], "interval");
         assert!(l["interval_ns"].as_u64().unwrap() >= 50_000_000, "{l}");
-        assert!(
-            l["exits"]["io"]["count"].as_u64().unwrap() > 0,
-            "every interval saw POST writes: {l}"
-        );
+        let io = l["merged"]["exits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "io")
+            .map_or(0, |e| e["count"].as_u64().unwrap());
+        assert!(io > 0, "every interval saw POST writes: {l}");
     }
 }

@@ -1,11 +1,23 @@
 //! Command-line interface: `pvmm run ...`, parsed with clap, plus the value parsers it uses.
 
+use crate::error::exit_code;
+use crate::layout::{MAX_MEM, MAX_POOL, MIN_MEM, MIN_POOL};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// Where `make` puts the bundled PV guest, relative to the workspace root.
+pub const BUNDLED_GUEST: &str = "guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest";
+
 /// pvmm: a rust-vmm style VMM with a shadow-paging paravirtual MMU and exit statistics.
 #[derive(Parser, Debug)]
-#[command(name = "pvmm", version, about, long_about = None)]
+#[command(
+    name = "pvmm",
+    version,
+    about,
+    long_about = None,
+    arg_required_else_help = true,
+    after_help = epilogue()
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -16,6 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest kernel and run it until it exits.
+    #[command(after_help = epilogue())]
     Run(RunArgs),
     /// Measure the raw exit floor (bare port writes) against NULL hypercalls, in one run.
     BenchExits {
@@ -67,8 +80,9 @@ pub enum HypercallMode {
 /// Arguments of `pvmm run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Guest kernel: a 64-bit ELF (vmlinux or the bundled PV kernel) or a bzImage.
-    #[arg(long, value_name = "PATH")]
+    /// Guest kernel: a 64-bit ELF (vmlinux or the bundled PV kernel) or a bzImage
+    /// [default: $PVMM_GUEST, else the bundled guest built by `make`]
+    #[arg(long, value_name = "PATH", default_value_os_t = default_kernel(), hide_default_value = true)]
     pub kernel: PathBuf,
     /// Initial ramdisk, placed at the top of low RAM.
     #[arg(long, value_name = "PATH")]
@@ -76,8 +90,8 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
     pub cmdline: String,
-    /// Guest RAM size; accepts K, M, G suffixes (e.g. 256M).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    /// Guest RAM size, 16M..1024G; accepts K, M, G suffixes (e.g. 256M).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
     /// Number of vCPUs (1..=64).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
@@ -88,24 +102,50 @@ pub struct RunArgs {
     /// Exit statistics report printed when the VM ends.
     #[arg(long, value_enum, default_value = "table")]
     pub stats: StatsMode,
-    /// Write the statistics report to this file instead of stderr.
+    /// Write the statistics report to this file (created before the VM starts) instead of
+    /// stderr (table) or stdout (json).
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
-    /// Also write one JSON line of deltas every SECS seconds to --stats-file (or stderr).
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    /// Also write one JSON report of deltas every SECS seconds (JSON Lines, to --stats-file
+    /// or stdout).
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     pub stats_interval: Option<f64>,
-    /// End the VM after this many seconds (exit code 104).
+    /// End the VM after this many seconds (exit code 205).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<f64>,
     /// Hypercall transport advertised to the guest.
     #[arg(long, value_enum, default_value = "auto")]
     pub hypercall: HypercallMode,
-    /// Shadow page-table pool size (guest-physical memory owned by the VMM); K/M/G suffixes.
-    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    /// Shadow page-table pool size (guest-physical memory owned by the VMM), 2M..64G;
+    /// K/M/G suffixes.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_pool)]
     pub shadow_pool: u64,
-    /// Verbose: log to stderr (repeat for more) and dump registers when the VM ends.
+    /// Verbose: -v logs set-up steps and dumps registers when the VM ends, -vv adds every
+    /// hypercall, -vvv every exit (stderr).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+impl RunArgs {
+    /// Checks combinations of flags that each parse alone; one line on error.
+    pub fn validate(&self) -> Result<(), String> {
+        let json_on_stdout = self.stats_file.is_none()
+            && (self.stats == StatsMode::Json || self.stats_interval.is_some());
+        if json_on_stdout && self.serial == SerialMode::Stdio {
+            return Err(
+                "JSON statistics go to stdout, where the guest console also goes: \
+                 add --stats-file PATH, or move the console with --serial file=PATH|none"
+                    .into(),
+            );
+        }
+        if self.kernel.is_dir() {
+            return Err(format!(
+                "cannot read kernel '{}': it is a directory",
+                self.kernel.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Parses a size with an optional K/M/G (binary) suffix; a bare number is bytes.
@@ -135,6 +175,85 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size '{s}': must be between 1 byte and 16 EiB"))
 }
 
+/// The kernel used when `--kernel` is not given: `$PVMM_GUEST`, else the bundled guest
+/// next to the binary's workspace (`target/release/pvmm` → `guest-images/...`), else the
+/// bundled guest's path relative to the current directory.
+pub fn default_kernel() -> PathBuf {
+    if let Some(p) = std::env::var_os("PVMM_GUEST") {
+        return PathBuf::from(p);
+    }
+    let beside_binary = std::env::current_exe().ok().and_then(|exe| {
+        let root = exe.parent()?.parent()?.parent()?;
+        Some(root.join(BUNDLED_GUEST))
+    });
+    match beside_binary {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from(BUNDLED_GUEST),
+    }
+}
+
+/// `--help`'s closing sections: exit status, environment, examples, console keys.
+pub fn epilogue() -> String {
+    format!(
+        "{}\n\n{}",
+        exit_code::TABLE,
+        "\
+CONSOLE:
+  With --serial stdio on a terminal, keys go to the guest. Ctrl-a x ends the VM (with the
+  report, exit 130); Ctrl-a Ctrl-a sends one Ctrl-a. SIGINT, SIGTERM and SIGHUP also end
+  the VM cleanly: the report is printed and the terminal restored.
+
+ENVIRONMENT:
+  PVMM_GUEST        default for --kernel (make exports it)
+  PVMM_LOG          log filter, env_logger syntax (e.g. PVMM_LOG=vmm=debug)
+  PVMM_CACHE_DIR    where the --hypercall auto probe's verdict is cached
+                    (default $XDG_CACHE_HOME/pvmm or ~/.cache/pvmm; 'off' disables)
+  PVMM_KVM_DEVICE   KVM device node (default /dev/kvm)
+
+EXAMPLES:
+  pvmm run                                   boot the bundled guest (its selftests need
+                                             --cmdline \"console=ttyS0 selftest=all\")
+  pvmm run --cmdline \"console=ttyS0 selftest=all mmu=pv-lazy\" --stats table
+  pvmm run --kernel bzImage --initrd initrd.cpio --cmdline \"console=ttyS0\" --mem 1G
+  pvmm run --serial none --stats json | jq .merged.exits_total
+  pvmm run --stats-interval 1 --stats-file stats.jsonl --cmdline \"selftest=all\"
+  pvmm run --cmdline help                    list the bundled guest's options
+  pvmm bench-exits --iterations 20000 --repeat 5"
+    )
+}
+
+/// Parses `--mem`: a size between [`MIN_MEM`] and [`MAX_MEM`], a multiple of 4 KiB.
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    parse_bounded(s, "--mem", MIN_MEM, MAX_MEM)
+}
+
+/// Parses `--shadow-pool`: a size between [`MIN_POOL`] and [`MAX_POOL`], a multiple of 4 KiB.
+pub fn parse_pool(s: &str) -> Result<u64, String> {
+    parse_bounded(s, "--shadow-pool", MIN_POOL, MAX_POOL)
+}
+
+fn parse_bounded(s: &str, flag: &str, min: u64, max: u64) -> Result<u64, String> {
+    let range = format!("{flag} must be between {} and {}", human(min), human(max));
+    let v = parse_size(s).map_err(|e| format!("{e}; {range}"))?;
+    if v < min || v > max {
+        return Err(format!("invalid size '{s}': {range}"));
+    }
+    if !v.is_multiple_of(4096) {
+        return Err(format!(
+            "invalid size '{s}': {flag} must be a multiple of 4K"
+        ));
+    }
+    Ok(v)
+}
+
+fn human(v: u64) -> String {
+    match v {
+        v if v >= 1 << 30 && v.is_multiple_of(1 << 30) => format!("{}G", v >> 30),
+        v if v >= 1 << 20 && v.is_multiple_of(1 << 20) => format!("{}M", v >> 20),
+        v => format!("{}K", v >> 10),
+    }
+}
+
 /// Parses `--vcpus`: 1..=64.
 pub fn parse_vcpus(s: &str) -> Result<u8, String> {
     match s.trim().parse::<u8>() {
@@ -159,6 +278,16 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, String> {
     }
 }
 
+/// Parses `--stats-interval SECS`: a positive number of seconds.
+pub fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "invalid statistics interval '{s}': expected a positive number of seconds"
+        )),
+    }
+}
+
 /// Parses `--timeout SECS`: a positive number of seconds.
 pub fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
@@ -172,6 +301,21 @@ pub fn parse_timeout(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_sizes_name_one_range() {
+        assert_eq!(parse_mem("16M"), Ok(16 << 20));
+        for bad in ["0", "1K", "2M", "2T", "abc"] {
+            let e = parse_mem(bad).unwrap_err();
+            assert!(
+                e.contains("--mem must be between 16M and 1024G"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(parse_mem("16390K").unwrap_err().contains("multiple of 4K"));
+        assert!(parse_pool("4K").unwrap_err().contains("between 2M and 64G"));
+        assert_eq!(parse_pool("2M"), Ok(2 << 20));
+    }
 
     #[test]
     fn sizes() {
@@ -199,6 +343,8 @@ mod tests {
         assert_eq!(parse_serial("none"), Ok(SerialMode::None));
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp").is_err());
+        assert_eq!(parse_interval("0.5"), Ok(0.5));
+        assert!(parse_interval("0").unwrap_err().contains("interval"));
         assert_eq!(parse_timeout("1.5"), Ok(1.5));
         assert!(parse_timeout("0").is_err());
         assert!(parse_timeout("nan").is_err());
@@ -239,7 +385,15 @@ mod tests {
         assert_eq!(a.verbose, 2);
         assert_eq!(a.timeout, Some(5.0));
         assert!(Cli::try_parse_from(["pvmm", "run", "--kernel", "k", "--vcpus", "0"]).is_err());
-        assert!(Cli::try_parse_from(["pvmm", "run"]).is_err());
+        let bare = Cli::try_parse_from(["pvmm", "run"]).unwrap();
+        let Command::Run(bare) = bare.command else {
+            panic!("run")
+        };
+        assert!(bare.kernel.ends_with("pvmm-guest"), "{:?}", bare.kernel);
+        assert!(
+            Cli::try_parse_from(["pvmm"]).is_err(),
+            "no subcommand: usage"
+        );
         let d = Cli::try_parse_from(["pvmm", "run", "--kernel", "k"]).unwrap();
         let Command::Run(d) = d.command else {
             panic!("run")

@@ -11,12 +11,14 @@ use vmm_sys_util::terminal::Terminal;
 /// True if stdin is a terminal or a FIFO (the only inputs wired to the guest).
 pub fn stdin_is_interactive() -> bool {
     let fd = std::io::stdin().as_raw_fd();
-    // SAFETY: fstat on our own stdin fd with a valid out pointer.
+    // SAFETY: `stat` is plain old data; all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on our own stdin fd with a valid, writable out pointer.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return false;
     }
     let fmt = st.st_mode & libc::S_IFMT;
+    // SAFETY: isatty only inspects the descriptor.
     fmt == libc::S_IFIFO || (fmt == libc::S_IFCHR && unsafe { libc::isatty(fd) } == 1)
 }
 

@@ -2,22 +2,82 @@
 
 use std::path::PathBuf;
 
-/// Exit codes of `pvmm run` (also documented in the README).
+/// Exit codes of `pvmm` (the table is in `--help` and README). Three ranges that never
+/// collide: the guest's own EXIT status (0–127), a signal that ended the VM (128 + signal
+/// number), and the VMM's own conditions (200 and up).
 pub mod exit_code {
+    /// Highest guest status passed through as is; higher statuses are reported as this.
+    pub const GUEST_MAX: i32 = 127;
+    /// A VM ended by signal N exits with `SIGNAL_BASE + N` (130 for SIGINT, 143 for SIGTERM).
+    pub const SIGNAL_BASE: i32 = 128;
     /// Bad command-line input or a VM that could not be set up.
-    pub const SETUP: i32 = 2;
+    pub const SETUP: i32 = 200;
     /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
-    pub const TRIPLE_FAULT: i32 = 100;
+    pub const TRIPLE_FAULT: i32 = 201;
     /// KVM could not enter the guest (`KVM_EXIT_FAIL_ENTRY`).
-    pub const FAIL_ENTRY: i32 = 101;
+    pub const FAIL_ENTRY: i32 = 202;
     /// KVM reported an internal error (`KVM_EXIT_INTERNAL_ERROR`, e.g. emulation failure).
-    pub const INTERNAL_ERROR: i32 = 102;
+    pub const INTERNAL_ERROR: i32 = 203;
     /// An exit the VMM does not handle.
-    pub const UNHANDLED_EXIT: i32 = 103;
+    pub const UNHANDLED_EXIT: i32 = 204;
     /// `--timeout` expired.
-    pub const TIMEOUT: i32 = 104;
+    pub const TIMEOUT: i32 = 205;
     /// A KVM ioctl failed while the VM was running.
-    pub const VMM_FAILURE: i32 = 105;
+    pub const VMM_FAILURE: i32 = 206;
+    /// `--check-shadow` found a violated shadow-engine invariant.
+    pub const SHADOW_INVARIANT: i32 = 207;
+    /// A VMM thread made a system call outside its seccomp filter (`--seccomp kill`).
+    pub const SECCOMP: i32 = 208;
+
+    /// The process exit code for a guest EXIT status.
+    pub fn for_guest(status: u8) -> i32 {
+        i32::from(status).min(GUEST_MAX)
+    }
+
+    /// The table shown in `--help` and the README.
+    pub const TABLE: &str = "\
+EXIT STATUS:
+  0-127    the guest's EXIT status (a status above 127 is reported as 127; the real
+           value is in the message and in the JSON report as vm.guest_status)
+  0        also: the guest reset or powered off (i8042, ACPI/PSCI system event)
+  128+N    ended by signal N: 129 SIGHUP, 130 SIGINT, 143 SIGTERM, or the console escape
+           (Ctrl-a x, reported as 130)
+  200      bad command-line input, or the VM could not be set up
+  201      the guest triple-faulted
+  202      KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY)
+  203      KVM internal error (e.g. an instruction the host cannot emulate)
+  204      a vCPU exit the VMM does not handle
+  205      --timeout expired
+  206      a KVM call failed while the VM ran
+  207      --check-shadow found a shadow-engine invariant violated
+  208      a VMM thread broke its seccomp filter (--seccomp kill)";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_code::*;
+
+    #[test]
+    fn exit_code_ranges_do_not_collide() {
+        assert_eq!(for_guest(0), 0);
+        assert_eq!(for_guest(127), 127);
+        assert_eq!(for_guest(255), GUEST_MAX);
+        let vmm = [
+            SETUP,
+            TRIPLE_FAULT,
+            FAIL_ENTRY,
+            INTERNAL_ERROR,
+            UNHANDLED_EXIT,
+            TIMEOUT,
+            VMM_FAILURE,
+            SHADOW_INVARIANT,
+            SECCOMP,
+        ];
+        for c in vmm {
+            assert!(c > SIGNAL_BASE + 64 && c <= 255, "{c}");
+            assert!(TABLE.contains(&format!("  {c} ")), "{c} documented");
+        }
+    }
 }
 
 /// Setting up the VM failed; every variant is one clear line for the user.

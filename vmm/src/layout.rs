@@ -20,6 +20,10 @@ pub const CMDLINE: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// Start of the legacy hole (EBDA, VGA, ROMs), reserved in e820.
 pub const LEGACY_HOLE_START: u64 = 0x9f000;
+/// MP configuration table ("PCMP", see `mptable`), at the start of the legacy hole.
+pub const MPTABLE_CONFIG: u64 = 0x9f000;
+/// MP floating pointer ("_MP_"), in the last KiB below 640 KiB where Linux scans for it.
+pub const MPTABLE_FLOATING: u64 = 0x9fc00;
 /// End of the legacy hole: high memory starts here.
 pub const HIGH_MEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: RAM beyond this continues at 4 GiB.
@@ -27,7 +31,14 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Smallest guest RAM accepted.
-pub const MIN_MEM: u64 = 2 << 20;
+pub const MIN_MEM: u64 = 16 << 20;
+/// Largest guest RAM accepted (1 TiB).
+pub const MAX_MEM: u64 = 1 << 40;
+/// Smallest shadow pool accepted: 512 frames, enough for the bundled guest's largest
+/// working set; a guest that outgrows its pool gets ENOMEM from MMU_BATCH.
+pub const MIN_POOL: u64 = 2 << 20;
+/// Largest shadow pool accepted (64 GiB).
+pub const MAX_POOL: u64 = 64 << 30;
 
 /// e820 entry type: usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -233,7 +244,7 @@ mod tests {
             Err(SetupError::MemTooSmall { .. })
         ));
         assert!(matches!(
-            Layout::new((4 << 20) + 1, 1 << 20),
+            Layout::new((16 << 20) + 1, 1 << 20),
             Err(SetupError::Unaligned { .. })
         ));
     }

@@ -5,9 +5,9 @@ use anyhow::Context;
 use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
-use vmm::cli::{Cli, Command, StatsMode};
+use vmm::cli::{Cli, Command, RunArgs, StatsMode};
 use vmm::error::exit_code;
-use vmm::stats::report;
+use vmm::stats::{report, table};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -17,6 +17,11 @@ fn main() -> ExitCode {
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                // `pvmm` alone: the usage, on stderr, as a usage error.
+                eprint!("{}", e.render());
+                return ExitCode::from(exit_code::SETUP as u8);
             }
             // One line: clap's text up to its usage hint, joined.
             let msg = e.render().to_string();
@@ -73,7 +78,40 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-fn run(args: &vmm::cli::RunArgs) -> anyhow::Result<i32> {
+/// Where the final report goes, opened (and validated) before the VM starts.
+enum StatsOut {
+    File(std::fs::File, std::path::PathBuf),
+    Stdout,
+    Stderr,
+}
+
+impl StatsOut {
+    fn open(args: &RunArgs) -> anyhow::Result<StatsOut> {
+        if let Some(p) = &args.stats_file {
+            let f = std::fs::File::create(p)
+                .with_context(|| format!("cannot create stats file '{}'", p.display()))?;
+            return Ok(StatsOut::File(f, p.clone()));
+        }
+        Ok(match args.stats {
+            StatsMode::Json => StatsOut::Stdout,
+            _ => StatsOut::Stderr,
+        })
+    }
+
+    fn write(self, text: &str) -> anyhow::Result<()> {
+        match self {
+            StatsOut::File(mut f, p) => f
+                .write_all(text.as_bytes())
+                .with_context(|| format!("writing stats file '{}'", p.display())),
+            StatsOut::Stdout => Ok(std::io::stdout().write_all(text.as_bytes())?),
+            StatsOut::Stderr => Ok(std::io::stderr().write_all(text.as_bytes())?),
+        }
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<i32> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let sink = StatsOut::open(args)?;
     let out = vmm::vm::run(args, &vmm::hcall::mmu_batch::factory)?;
     if let Some(m) = &out.message {
         eprintln!("pvmm: {m}");
@@ -81,30 +119,26 @@ fn run(args: &vmm::cli::RunArgs) -> anyhow::Result<i32> {
     for r in &out.regs {
         eprint!("{r}");
     }
-    let text = match args.stats {
-        StatsMode::None => None,
-        StatsMode::Table => Some(report::to_table(&out.report)),
-        StatsMode::Json => Some(report::to_json(&out.report) + "\n"),
+    let text = match (args.stats, args.stats_interval.is_some()) {
+        (StatsMode::None, _) => None,
+        // With --stats-interval the output is JSON Lines: the final report is the last line.
+        (_, true) => Some(report::to_json_line(&out.report) + "\n"),
+        (StatsMode::Table, false) => Some(table::to_table(&out.report)),
+        (StatsMode::Json, false) => Some(report::to_json(&out.report) + "\n"),
     };
     if let Some(t) = text {
-        match &args.stats_file {
-            // With --stats-interval the file is JSON Lines: the final report is the last line.
-            Some(p) if args.stats_interval.is_some() => {
-                let line = serde_json::to_string(&out.report).unwrap_or_default();
-                let mut f = std::fs::OpenOptions::new()
+        // With --stats-interval the file already holds the interval lines: append.
+        let sink = match sink {
+            StatsOut::File(_, p) if args.stats_interval.is_some() => {
+                let f = std::fs::OpenOptions::new()
                     .append(true)
-                    .create(true)
-                    .open(p)
+                    .open(&p)
                     .with_context(|| format!("opening stats file '{}'", p.display()))?;
-                writeln!(f, "{line}")
-                    .with_context(|| format!("writing stats file '{}'", p.display()))?;
+                StatsOut::File(f, p)
             }
-            Some(p) => std::fs::write(p, t)
-                .with_context(|| format!("writing stats file '{}'", p.display()))?,
-            None => {
-                let _ = std::io::stderr().write_all(t.as_bytes());
-            }
-        }
+            other => other,
+        };
+        sink.write(&t)?;
     }
     Ok(out.exit_code)
 }

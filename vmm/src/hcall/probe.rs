@@ -49,8 +49,10 @@ pub struct TransportChoice {
     pub transport: Transport,
     /// "forced" or "auto".
     pub how: &'static str,
-    /// Time the probe took, ns (0 when forced).
+    /// Time the probe took, ns (0 when forced or cached).
     pub probe_ns: u64,
+    /// The verdict came from the per-host cache.
+    pub cached: bool,
 }
 
 /// Chooses the hypercall transport for `mode`, probing when it is `auto`.
@@ -59,6 +61,7 @@ pub fn choose_transport(kvm: &Kvm, mode: HypercallMode) -> TransportChoice {
         transport,
         how: "forced",
         probe_ns: 0,
+        cached: false,
     };
     match mode {
         HypercallMode::Pio => forced(Transport::Pio),
@@ -83,6 +86,7 @@ pub fn choose_transport(kvm: &Kvm, mode: HypercallMode) -> TransportChoice {
                 transport,
                 how: "auto",
                 probe_ns,
+                cached: false,
             }
         }
     }

@@ -45,6 +45,26 @@ impl Latency {
         self.max = self.max.max(o.max);
     }
 
+    /// What was recorded after `earlier` (a snapshot of this same distribution). Min and
+    /// max of the interval come from the histogram (within its 1% precision).
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let mut hist = self.hist.clone();
+        if hist.subtract(&earlier.hist).is_err() {
+            return self.clone();
+        }
+        let empty = hist.is_empty();
+        Latency {
+            total: self.total.saturating_sub(earlier.total),
+            min: if empty {
+                u64::MAX
+            } else {
+                hist.min().max(self.min)
+            },
+            max: if empty { 0 } else { hist.max().min(self.max) },
+            hist,
+        }
+    }
+
     /// Number of values.
     pub fn count(&self) -> u64 {
         self.hist.len()

@@ -1,12 +1,13 @@
 //! Exit statistics: what every userspace exit was, what it cost, and KVM's own counters.
 //!
 //! Each vCPU thread owns a [`VcpuStats`] (no locks on the exit path); at the end they are
-//! merged and rendered by [`report`].
+//! merged into a [`report`] and rendered as JSON or a [`table`].
 
 pub mod interval;
 pub mod kvm_stats;
 pub mod latency;
 pub mod report;
+pub mod table;
 
 pub use latency::Latency;
 use std::collections::BTreeMap;
@@ -149,6 +150,83 @@ impl VcpuStats {
     }
 }
 
+impl VcpuStats {
+    /// What happened after `earlier` (a snapshot of the same vCPU): every distribution and
+    /// counter is the difference; KVM counters start where `earlier` ended.
+    pub fn since(&self, earlier: &VcpuStats) -> VcpuStats {
+        fn diff<K: Ord + Clone>(
+            now: &BTreeMap<K, Latency>,
+            then: &BTreeMap<K, Latency>,
+        ) -> BTreeMap<K, Latency> {
+            now.iter()
+                .map(|(k, l)| {
+                    (
+                        k.clone(),
+                        then.get(k).map_or_else(|| l.clone(), |p| l.since(p)),
+                    )
+                })
+                .filter(|(_, l)| l.count() > 0)
+                .collect()
+        }
+        let pio = self
+            .pio
+            .iter()
+            .map(|(k, (dev, l))| {
+                let d = earlier
+                    .pio
+                    .get(k)
+                    .map_or_else(|| l.clone(), |(_, p)| l.since(p));
+                (*k, (*dev, d))
+            })
+            .filter(|(_, (_, l))| l.count() > 0)
+            .collect();
+        let hypercalls = self
+            .hypercalls
+            .iter()
+            .map(|(k, o)| (*k, o.since(earlier.hypercalls.get(k))))
+            .filter(|(_, o)| o.latency.count() > 0)
+            .collect();
+        let kvm_start = self
+            .kvm_end
+            .keys()
+            .map(|k| {
+                let start = earlier.kvm_end.get(k).or(self.kvm_start.get(k));
+                (k.clone(), start.copied().unwrap_or(0))
+            })
+            .collect();
+        VcpuStats {
+            exits: diff(&self.exits, &earlier.exits),
+            pio,
+            mmio: diff(&self.mmio, &earlier.mmio),
+            hypercalls,
+            effects: diff(&self.effects, &earlier.effects),
+            kvm_run_ns: self.kvm_run_ns.saturating_sub(earlier.kvm_run_ns),
+            vmm_ns: self.vmm_ns.saturating_sub(earlier.vmm_ns),
+            kvm_start,
+            kvm_end: self.kvm_end.clone(),
+        }
+    }
+}
+
+impl OpStats {
+    /// What happened after `earlier` (a snapshot of the same op).
+    pub fn since(&self, earlier: Option<&OpStats>) -> OpStats {
+        let Some(p) = earlier else {
+            return self.clone();
+        };
+        OpStats {
+            latency: self.latency.since(&p.latency),
+            errors: self
+                .errors
+                .iter()
+                .map(|(k, n)| (*k, n.saturating_sub(p.errors.get(k).copied().unwrap_or(0))))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            entries: self.entries.since(&p.entries),
+        }
+    }
+}
+
 /// Merges per-vCPU statistics into one.
 pub fn merge_all(per_vcpu: &[VcpuStats]) -> VcpuStats {
     let mut m = VcpuStats::default();
@@ -196,5 +274,33 @@ mod tests {
         assert_eq!(m.hypercalls["MMU_BATCH"].entries.total(), 10);
         assert_eq!(m.kvm_run_ns, 1500);
         assert_eq!(m.kvm_end["exits"], 13);
+    }
+
+    #[test]
+    fn since_is_the_difference_of_two_snapshots() {
+        let mut s = VcpuStats::default();
+        s.exit("io", 100);
+        s.hypercall("MMU_BATCH", 10, Some("EINVAL"), Some(7));
+        s.kvm_start.insert("exits".into(), 5);
+        s.kvm_end.insert("exits".into(), 9);
+        s.vmm_ns = 100;
+        let first = s.clone();
+        s.exit("io", 300);
+        s.exit("hlt", 5);
+        s.hypercall("MMU_BATCH", 30, None, Some(3));
+        s.kvm_end.insert("exits".into(), 20);
+        s.vmm_ns = 430;
+        let d = s.since(&first);
+        assert_eq!((d.exits["io"].count(), d.exits["io"].total()), (1, 300));
+        assert_eq!(d.exits["io"].max(), 300);
+        assert_eq!(d.exits["hlt"].count(), 1);
+        let mb = &d.hypercalls["MMU_BATCH"];
+        assert_eq!((mb.latency.count(), mb.entries.total()), (1, 3));
+        assert!(mb.errors.is_empty(), "no new errors");
+        assert_eq!((d.kvm_start["exits"], d.kvm_end["exits"]), (9, 20));
+        assert_eq!(d.vmm_ns, 330);
+        let none = s.since(&s);
+        assert_eq!(none.total_exits(), 0);
+        assert!(none.hypercalls.is_empty());
     }
 }

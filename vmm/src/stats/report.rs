@@ -1,15 +1,14 @@
-//! Renders statistics as a `perf kvm stat report`-like table or as one JSON object.
-//!
-//! The JSON schema is documented in `docs/stats-json.md`; bump [`SCHEMA_VERSION`] on any
-//! breaking change (removing or renaming a field, changing a unit).
+//! The serialisable statistics report: one schema for the final report and for every
+//! `--stats-interval` line (documented in `docs/stats-json.md`; bump [`SCHEMA_VERSION`] on
+//! any breaking change: removing or renaming a field, changing a unit). The table is in
+//! [`super::table`].
 
 use super::{Latency, VcpuStats};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 /// Version of the JSON schema.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Facts about the whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -28,8 +27,12 @@ pub struct VmInfo {
     pub hypercall_transport: String,
     /// How the transport was chosen: "auto" or "forced".
     pub transport_choice: String,
-    /// Time the `auto` probe took, ns (0 when forced).
+    /// Time the `auto` probe took, ns (0 when forced or cached).
     pub transport_probe_ns: u64,
+    /// The `auto` verdict came from the per-host cache (no probe ran).
+    pub transport_probe_cached: bool,
+    /// The guest's EXIT status, when it exited that way (the exit code caps it at 127).
+    pub guest_status: Option<u8>,
 }
 
 /// One distribution, flattened for JSON.
@@ -65,6 +68,52 @@ impl From<&Latency> for Dist {
     }
 }
 
+/// A distribution of counts (not times), flattened for JSON.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Counts {
+    /// Number of samples.
+    pub count: u64,
+    /// Sum.
+    pub total: u64,
+    /// Minimum.
+    pub min: u64,
+    /// Mean.
+    pub mean: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+impl From<&Latency> for Counts {
+    fn from(l: &Latency) -> Counts {
+        Counts {
+            count: l.count(),
+            total: l.total(),
+            min: l.min(),
+            mean: l.mean(),
+            p50: l.quantile(0.5),
+            p99: l.quantile(0.99),
+            max: l.max(),
+        }
+    }
+}
+
+/// One row of the VMM-time breakdown: the rows of a report add up to `vmm_ns`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TimeShare {
+    /// "devices", "hypercalls", "effects" or "other".
+    pub section: &'static str,
+    /// Device name (with port), hypercall op, effect name, or what "other" holds.
+    pub name: String,
+    /// Occurrences (0 for "other").
+    pub count: u64,
+    /// Time, ns.
+    pub total_ns: u64,
+}
+
 /// A KVM counter over the run.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct KvmCounter {
@@ -97,6 +146,8 @@ pub struct VcpuReport {
     pub hypercalls: Vec<HypercallRow>,
     /// VMM work on the vCPU after hypercalls (part of the exits' handling time).
     pub effects: Vec<Named<Dist>>,
+    /// Where `vmm_ns` went: devices, hypercalls by op, effects, other; adds up to `vmm_ns`.
+    pub vmm_breakdown: Vec<TimeShare>,
     /// KVM in-kernel counters (`KVM_GET_STATS_FD`).
     pub kvm: BTreeMap<String, KvmCounter>,
 }
@@ -147,8 +198,8 @@ pub struct HypercallRow {
     pub dist: Dist,
     /// Errors by code name.
     pub errors: BTreeMap<&'static str, u64>,
-    /// Entries per call (MMU_BATCH only; the `_ns` fields hold entry counts).
-    pub entries_per_call: Option<Dist>,
+    /// Entries per call (MMU_BATCH only).
+    pub entries_per_call: Option<Counts>,
 }
 
 /// The whole report.
@@ -156,6 +207,13 @@ pub struct HypercallRow {
 pub struct Report {
     /// [`SCHEMA_VERSION`].
     pub schema_version: u32,
+    /// "final" (when the VM ended) or "interval" (a `--stats-interval` line).
+    pub kind: &'static str,
+    /// Time since the VM was created, ns.
+    pub t_ns: u64,
+    /// Time this report covers, ns: the whole run for "final" (`t_ns`), the interval since
+    /// the previous line for "interval" (its figures are deltas over that interval).
+    pub interval_ns: u64,
     /// Run facts.
     pub vm: VmInfo,
     /// All vCPUs merged.
@@ -168,20 +226,52 @@ pub struct Report {
 
 /// Builds the serialisable view of one vCPU's statistics.
 pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
-    let mut exits: Vec<_> = s
-        .exits
-        .iter()
+    VcpuReport {
+        vcpu,
+        vmm_breakdown: breakdown(s),
+        effects: named(&s.effects),
+        exits_total: s.total_exits(),
+        kvm_run_ns: s.kvm_run_ns,
+        vmm_ns: s.vmm_ns,
+        exits: exit_rows(s),
+        pio: pio_rows(s),
+        mmio: s
+            .mmio
+            .iter()
+            .map(|(&(device, dir), l)| MmioRow {
+                device,
+                dir: dir.name(),
+                dist: Dist::from(l),
+            })
+            .collect(),
+        hypercalls: hypercall_rows(s),
+        kvm: kvm_counters(s),
+    }
+}
+
+fn named(m: &BTreeMap<&'static str, Latency>) -> Vec<Named<Dist>> {
+    m.iter()
         .map(|(k, v)| Named {
             name: (*k).to_string(),
             value: Dist::from(v),
         })
-        .collect();
+        .collect()
+}
+
+/// Exit reasons, the most expensive first.
+fn exit_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
+    let mut exits = named(&s.exits);
     exits.sort_by(|a, b| {
         b.value
             .total_ns
             .cmp(&a.value.total_ns)
             .then(a.name.cmp(&b.name))
     });
+    exits
+}
+
+/// Ports, the most expensive first.
+fn pio_rows(s: &VcpuStats) -> Vec<PioRow> {
     let mut pio: Vec<_> = s
         .pio
         .iter()
@@ -198,15 +288,11 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             .cmp(&a.dist.total_ns)
             .then(a.port.cmp(&b.port))
     });
-    let mmio = s
-        .mmio
-        .iter()
-        .map(|(&(device, dir), l)| MmioRow {
-            device,
-            dir: dir.name(),
-            dist: Dist::from(l),
-        })
-        .collect();
+    pio
+}
+
+/// Hypercall ops, the most expensive first.
+fn hypercall_rows(s: &VcpuStats) -> Vec<HypercallRow> {
     let mut hypercalls: Vec<_> = s
         .hypercalls
         .iter()
@@ -214,52 +300,86 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             op,
             dist: Dist::from(&o.latency),
             errors: o.errors.clone(),
-            entries_per_call: (o.entries.count() > 0).then(|| Dist::from(&o.entries)),
+            entries_per_call: (o.entries.count() > 0).then(|| Counts::from(&o.entries)),
         })
         .collect();
     hypercalls.sort_by_key(|h| std::cmp::Reverse(h.dist.total_ns));
-    let kvm = s
-        .kvm_end
+    hypercalls
+}
+
+fn kvm_counters(s: &VcpuStats) -> BTreeMap<String, KvmCounter> {
+    s.kvm_end
         .iter()
         .map(|(k, &end)| {
             let start = s.kvm_start.get(k).copied().unwrap_or(0);
-            (
-                k.clone(),
-                KvmCounter {
-                    start,
-                    end,
-                    delta: end.saturating_sub(start),
-                },
-            )
+            let delta = end.saturating_sub(start);
+            (k.clone(), KvmCounter { start, end, delta })
         })
-        .collect();
-    let effects = s
-        .effects
-        .iter()
-        .map(|(k, v)| Named {
-            name: (*k).to_string(),
-            value: Dist::from(v),
-        })
-        .collect();
-    VcpuReport {
-        vcpu,
-        effects,
-        exits_total: s.total_exits(),
-        kvm_run_ns: s.kvm_run_ns,
-        vmm_ns: s.vmm_ns,
-        exits,
-        pio,
-        mmio,
-        hypercalls,
-        kvm,
+        .collect()
+}
+
+/// Splits a vCPU's VMM time into devices (by device and port, the doorbell excluded: its
+/// time is the hypercall's), hypercalls by op, effects by name, and the rest.
+fn breakdown(s: &VcpuStats) -> Vec<TimeShare> {
+    let mut rows = Vec::new();
+    for (&(port, dir), (dev, l)) in &s.pio {
+        if *dev != crate::hcall::doorbell::DOORBELL_NAME {
+            rows.push(share(
+                "devices",
+                format!("{dev} {port:#x} {}", dir.name()),
+                l,
+            ));
+        }
+    }
+    for (&(dev, dir), l) in &s.mmio {
+        rows.push(share("devices", format!("{dev} mmio {}", dir.name()), l));
+    }
+    for (op, o) in &s.hypercalls {
+        rows.push(share("hypercalls", (*op).to_string(), &o.latency));
+    }
+    for (name, l) in &s.effects {
+        rows.push(share("effects", (*name).to_string(), l));
+    }
+    let accounted: u64 = rows.iter().map(|r| r.total_ns).sum();
+    rows.push(TimeShare {
+        section: "other",
+        name: "exit decode, transport, statistics, signals".into(),
+        count: 0,
+        total_ns: s.vmm_ns.saturating_sub(accounted),
+    });
+    rows
+}
+
+fn share(section: &'static str, name: String, l: &Latency) -> TimeShare {
+    TimeShare {
+        section,
+        name,
+        count: l.count(),
+        total_ns: l.total(),
     }
 }
 
-/// Builds the report from per-vCPU statistics.
+/// The final report from per-vCPU statistics.
 pub fn build(vm: VmInfo, per_vcpu: &[VcpuStats], mmu: Option<serde_json::Value>) -> Report {
+    let t = vm.wall_ns;
+    build_kind("final", t, t, vm, per_vcpu, mmu)
+}
+
+/// A report of `kind` at `t_ns` covering `interval_ns`, from per-vCPU statistics.
+pub fn build_kind(
+    kind: &'static str,
+    t_ns: u64,
+    interval_ns: u64,
+    vm: VmInfo,
+    per_vcpu: &[VcpuStats],
+    mmu: Option<serde_json::Value>,
+) -> Report {
     let merged = super::merge_all(per_vcpu);
     Report {
         schema_version: SCHEMA_VERSION,
+        kind,
+        t_ns,
+        interval_ns,
         vm,
         merged: vcpu_report(None, &merged),
         vcpus: per_vcpu
@@ -276,205 +396,9 @@ pub fn to_json(r: &Report) -> String {
     serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-fn us(ns: u64) -> String {
-    format!("{:.2}", ns as f64 / 1000.0)
-}
-
-fn pct(part: u64, whole: u64) -> String {
-    if whole == 0 {
-        "0.00%".into()
-    } else {
-        format!("{:.2}%", part as f64 * 100.0 / whole as f64)
-    }
-}
-
-/// KVM counters shown in the table (all are in the JSON).
-const KVM_TABLE: [&str; 12] = [
-    "exits",
-    "io_exits",
-    "mmio_exits",
-    "halt_exits",
-    "irq_exits",
-    "pf_taken",
-    "pf_guest",
-    "pf_fixed",
-    "tlb_flush",
-    "invlpg",
-    "insn_emulation",
-    "hypercalls",
-];
-
-/// The human-readable table.
-pub fn to_table(r: &Report) -> String {
-    let m = &r.merged;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "\n=== pvmm exit statistics (all {} vCPU(s)) ===",
-        r.vm.vcpus
-    );
-    let _ = writeln!(
-        o,
-        "end: {} (exit code {})   wall: {} ms   in KVM_RUN: {} ms ({})   in VMM: {} ms ({})   hypercalls via: {} ({})",
-        r.vm.end_reason,
-        r.vm.exit_code,
-        us(r.vm.wall_ns / 1000),
-        us(m.kvm_run_ns / 1000),
-        pct(m.kvm_run_ns, m.kvm_run_ns + m.vmm_ns),
-        us(m.vmm_ns / 1000),
-        pct(m.vmm_ns, m.kvm_run_ns + m.vmm_ns),
-        r.vm.hypercall_transport,
-        r.vm.transport_choice,
-    );
-    let total_exits: u64 = m.exits.iter().map(|e| e.value.count).sum();
-    let total_ns: u64 = m.exits.iter().map(|e| e.value.total_ns).sum();
-    let _ = writeln!(
-        o,
-        "\nUserspace exits, by VMM handling time (latencies in µs):"
-    );
-    let _ = writeln!(
-        o,
-        "{:<16} {:>10} {:>8} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "reason", "samples", "samples%", "time(µs)", "time%", "min", "mean", "p50", "p99", "max"
-    );
-    for e in &m.exits {
-        let d = &e.value;
-        let _ = writeln!(
-            o,
-            "{:<16} {:>10} {:>8} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            e.name,
-            d.count,
-            pct(d.count, total_exits),
-            us(d.total_ns),
-            pct(d.total_ns, total_ns),
-            us(d.min_ns),
-            us(d.mean_ns),
-            us(d.p50_ns),
-            us(d.p99_ns),
-            us(d.max_ns)
-        );
-    }
-    let _ = writeln!(o, "{:<16} {:>10}", "total", total_exits);
-    if !m.pio.is_empty() {
-        let _ = writeln!(o, "\nPort I/O, by VMM handling time:");
-        let _ = writeln!(
-            o,
-            "{:<8} {:<4} {:<10} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9}",
-            "port", "dir", "device", "samples", "time(µs)", "time%", "mean", "p99", "max"
-        );
-        let pio_ns: u64 = m.pio.iter().map(|p| p.dist.total_ns).sum();
-        for p in &m.pio {
-            let _ = writeln!(
-                o,
-                "{:<8} {:<4} {:<10} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9}",
-                format!("{:#x}", p.port),
-                p.dir,
-                p.device,
-                p.dist.count,
-                us(p.dist.total_ns),
-                pct(p.dist.total_ns, pio_ns),
-                us(p.dist.mean_ns),
-                us(p.dist.p99_ns),
-                us(p.dist.max_ns)
-            );
-        }
-    }
-    if !m.mmio.is_empty() {
-        let _ = writeln!(o, "\nMMIO:");
-        for x in &m.mmio {
-            let _ = writeln!(
-                o,
-                "{:<12} {:<4} {:>10} {:>12}",
-                x.device,
-                x.dir,
-                x.dist.count,
-                us(x.dist.total_ns)
-            );
-        }
-    }
-    if !m.hypercalls.is_empty() {
-        let _ = writeln!(o, "\nHypercalls, by handling time:");
-        let _ = writeln!(
-            o,
-            "{:<12} {:>10} {:>12} {:>9} {:>9} {:>9} {:>14}  errors",
-            "op", "calls", "time(µs)", "mean", "p99", "max", "entries/call"
-        );
-        for h in &m.hypercalls {
-            let errs: Vec<String> = h.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let entries = h
-                .entries_per_call
-                .as_ref()
-                .map(|d| format!("{:.1}", d.total_ns as f64 / d.count.max(1) as f64))
-                .unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                o,
-                "{:<12} {:>10} {:>12} {:>9} {:>9} {:>9} {:>14}  {}",
-                h.op,
-                h.dist.count,
-                us(h.dist.total_ns),
-                us(h.dist.mean_ns),
-                us(h.dist.p99_ns),
-                us(h.dist.max_ns),
-                entries,
-                if errs.is_empty() {
-                    "-".into()
-                } else {
-                    errs.join(" ")
-                }
-            );
-        }
-    }
-    if !m.effects.is_empty() {
-        let _ = writeln!(
-            o,
-            "\nVMM effects after hypercalls (included in the io exit time):"
-        );
-        for e in &m.effects {
-            let _ = writeln!(
-                o,
-                "  {:<16} {:>8} x  total {:>12} µs  mean {:>9} µs  p99 {:>9} µs",
-                e.name,
-                e.value.count,
-                us(e.value.total_ns),
-                us(e.value.mean_ns),
-                us(e.value.p99_ns)
-            );
-        }
-    }
-    if let Some(mmu) = &r.mmu {
-        let _ = writeln!(o, "\nShadow MMU:");
-        render_mmu(&mut o, mmu);
-    }
-    if !m.kvm.is_empty() {
-        let _ = writeln!(
-            o,
-            "\nKVM in-kernel counters (KVM_GET_STATS_FD, delta over the run):"
-        );
-        for k in KVM_TABLE {
-            if let Some(c) = m.kvm.get(k) {
-                let _ = writeln!(o, "  {:<18} {:>12}", k, c.delta);
-            }
-        }
-    }
-    o
-}
-
-fn render_mmu(o: &mut String, v: &serde_json::Value) {
-    if let serde_json::Value::Object(map) = v {
-        for (k, val) in map {
-            match val {
-                serde_json::Value::Object(inner) if !inner.is_empty() => {
-                    let parts: Vec<String> =
-                        inner.iter().map(|(a, b)| format!("{a}={b}")).collect();
-                    let _ = writeln!(o, "  {:<26} {}", k, parts.join(" "));
-                }
-                serde_json::Value::Object(_) => {}
-                _ => {
-                    let _ = writeln!(o, "  {:<26} {}", k, val);
-                }
-            }
-        }
-    }
+/// The JSON Lines form (one compact object).
+pub fn to_json_line(r: &Report) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 #[cfg(test)]
@@ -492,6 +416,8 @@ mod tests {
             hypercall_transport: "pio".into(),
             transport_choice: "auto".into(),
             transport_probe_ns: 1,
+            transport_probe_cached: false,
+            guest_status: Some(0),
         }
     }
 
@@ -501,10 +427,10 @@ mod tests {
         k
     }
 
-    /// Guards schema version 1 (docs/stats-json.md): removing or renaming any of these keys
+    /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys
     /// is a breaking change and needs a new SCHEMA_VERSION.
     #[test]
-    fn schema_v1_keys_are_stable() {
+    fn schema_v2_keys_are_stable() {
         let mut s = VcpuStats::default();
         s.exit("io", 10);
         s.pio(0x3f8, Dir::Out, "serial", 10);
@@ -513,16 +439,31 @@ mod tests {
         s.kvm_end.insert("exits".into(), 3);
         let v: serde_json::Value =
             serde_json::from_str(&to_json(&build(info(), &[s], None))).unwrap();
-        assert_eq!(SCHEMA_VERSION, 1);
-        assert_eq!(keys(&v), ["merged", "mmu", "schema_version", "vcpus", "vm"]);
+        assert_eq!(SCHEMA_VERSION, 2);
+        assert_eq!(
+            keys(&v),
+            [
+                "interval_ns",
+                "kind",
+                "merged",
+                "mmu",
+                "schema_version",
+                "t_ns",
+                "vcpus",
+                "vm"
+            ]
+        );
+        assert_eq!(v["kind"], "final");
         assert_eq!(
             keys(&v["vm"]),
             [
                 "end_reason",
                 "exit_code",
+                "guest_status",
                 "hypercall_transport",
                 "mem_bytes",
                 "transport_choice",
+                "transport_probe_cached",
                 "transport_probe_ns",
                 "vcpus",
                 "wall_ns"
@@ -541,6 +482,7 @@ mod tests {
                 "mmio",
                 "pio",
                 "vcpu",
+                "vmm_breakdown",
                 "vmm_ns"
             ]
         );
@@ -559,7 +501,14 @@ mod tests {
             keys(&m["hypercalls"][0]),
             with(&["entries_per_call", "errors", "op"])
         );
-        assert_eq!(keys(&m["hypercalls"][0]["entries_per_call"]), with(&[]));
+        assert_eq!(
+            keys(&m["hypercalls"][0]["entries_per_call"]),
+            ["count", "max", "mean", "min", "p50", "p99", "total"]
+        );
+        assert_eq!(
+            keys(&m["vmm_breakdown"][0]),
+            ["count", "name", "section", "total_ns"]
+        );
         assert_eq!(keys(&m["kvm"]["exits"]), ["delta", "end", "start"]);
     }
 
@@ -574,14 +523,14 @@ mod tests {
         s.kvm_end.insert("exits".into(), 3);
         let r = build(info(), &[s], None);
         let v: serde_json::Value = serde_json::from_str(&to_json(&r)).unwrap();
-        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["schema_version"], 2);
         assert_eq!(v["vm"]["exit_code"], 0);
         assert_eq!(v["merged"]["exits_total"], 3);
         assert_eq!(v["merged"]["exits"][0]["name"], "hlt", "sorted by cost");
         assert_eq!(v["merged"]["pio"][0]["port"], 0x3f8);
         assert_eq!(v["merged"]["kvm"]["exits"]["delta"], 3);
         assert_eq!(v["vcpus"][0]["vcpu"], 0);
-        let t = to_table(&r);
+        let t = crate::stats::table::to_table(&r);
         assert!(
             t.contains("hlt") && t.contains("0x3f8") && t.contains("NULL"),
             "{t}"

@@ -13,8 +13,9 @@ pub enum VcpuEnd {
     TripleFault,
     /// KVM_EXIT_FAIL_ENTRY with the hardware reason.
     FailEntry(u64),
-    /// KVM_EXIT_INTERNAL_ERROR with its suberror.
-    InternalError(u32),
+    /// KVM_EXIT_INTERNAL_ERROR with its suberror and, where the VMM could read the code at
+    /// RIP, a one-line diagnosis of the instruction (see `vcpu::diagnose`).
+    InternalError(u32, Option<String>),
     /// An exit the VMM does not handle.
     Unhandled(&'static str),
     /// Another vCPU (or the timeout) ended the VM.
@@ -35,7 +36,16 @@ impl VcpuEnd {
     /// (exit code, reason name, one-line message) of a VM that ended this way.
     pub fn describe(&self) -> (i32, &'static str, Option<String>) {
         match self {
-            VcpuEnd::GuestExit(c) => (i32::from(*c), "guest-exit", None),
+            VcpuEnd::GuestExit(c) => (
+                exit_code::for_guest(*c),
+                "guest-exit",
+                (i32::from(*c) > exit_code::GUEST_MAX).then(|| {
+                    format!(
+                        "guest exit status {c} (reported as {})",
+                        exit_code::GUEST_MAX
+                    )
+                }),
+            ),
             VcpuEnd::Reset => (0, "reset", None),
             VcpuEnd::TripleFault => (
                 exit_code::TRIPLE_FAULT,
@@ -49,12 +59,15 @@ impl VcpuEnd {
                     "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {r:#x})"
                 )),
             ),
-            VcpuEnd::InternalError(s) => (
+            VcpuEnd::InternalError(s, insn) => (
                 exit_code::INTERNAL_ERROR,
                 "internal-error",
-                Some(format!(
-                    "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {s})"
-                )),
+                Some(match insn {
+                    Some(d) => format!(
+                        "KVM could not run the guest's instruction (KVM_EXIT_INTERNAL_ERROR, suberror {s}): {d}"
+                    ),
+                    None => format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {s})"),
+                }),
             ),
             VcpuEnd::Unhandled(n) => (
                 exit_code::UNHANDLED_EXIT,
@@ -72,13 +85,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_emulation_failure_names_the_instruction_in_one_line() {
+        let d = "instruction at rip 0x1000: bytes 0f ae 2e (xrstor)".to_string();
+        let (code, reason, msg) = VcpuEnd::InternalError(1, Some(d)).describe();
+        assert_eq!(
+            (code, reason),
+            (exit_code::INTERNAL_ERROR, "internal-error")
+        );
+        let msg = msg.unwrap();
+        assert!(
+            msg.ends_with("bytes 0f ae 2e (xrstor)") && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn every_end_has_a_code_and_a_reason() {
-        assert_eq!(VcpuEnd::GuestExit(3).describe().0, 3);
+        assert_eq!(VcpuEnd::GuestExit(3).describe(), (3, "guest-exit", None));
+        let (code, _, msg) = VcpuEnd::GuestExit(255).describe();
+        assert_eq!(code, exit_code::GUEST_MAX);
+        assert!(msg.unwrap().contains("255"));
         assert_eq!(VcpuEnd::Reset.describe(), (0, "reset", None));
         assert_eq!(VcpuEnd::TripleFault.describe().0, exit_code::TRIPLE_FAULT);
         assert_eq!(VcpuEnd::FailEntry(7).describe().0, exit_code::FAIL_ENTRY);
         assert_eq!(
-            VcpuEnd::InternalError(1).describe().0,
+            VcpuEnd::InternalError(1, None).describe().0,
             exit_code::INTERNAL_ERROR
         );
         assert_eq!(

@@ -12,6 +12,7 @@ use crate::hcall::probe::TransportChoice;
 use crate::hcall::OpHandler;
 use crate::layout::Layout;
 use crate::stats::report::{self, Report, VmInfo};
+use crate::vcpu::VcpuEnd;
 use std::time::Instant;
 use supervisor::Ended;
 
@@ -48,7 +49,8 @@ pub fn run_with_devices(
     let vm = build::build(args, mmu, extra)?;
     let transport = vm.transport;
     let dispatcher = vm.dispatcher.clone();
-    let ended = supervisor::supervise(vm, args, started)?;
+    let running = vm_info(args, transport, "running", 0);
+    let ended = supervisor::supervise(vm, args, started, running)?;
     Ok(finish(
         ended,
         args,
@@ -78,6 +80,27 @@ fn end_of(ended: &Ended, args: &RunArgs) -> (i32, &'static str, Option<String>) 
     }
 }
 
+/// The report's facts about the VM (wall time and guest status still to be filled in).
+pub fn vm_info(
+    args: &RunArgs,
+    transport: TransportChoice,
+    end_reason: &str,
+    exit_code: i32,
+) -> VmInfo {
+    VmInfo {
+        end_reason: end_reason.into(),
+        exit_code,
+        wall_ns: 0,
+        vcpus: usize::from(args.vcpus),
+        mem_bytes: args.mem,
+        hypercall_transport: transport.transport.name().into(),
+        transport_choice: transport.how.into(),
+        transport_probe_ns: transport.probe_ns,
+        transport_probe_cached: transport.cached,
+        guest_status: None,
+    }
+}
+
 /// The run's outcome: exit code, message, register dumps and the statistics report.
 fn finish(
     ended: Ended,
@@ -87,21 +110,18 @@ fn finish(
     mmu: Option<serde_json::Value>,
 ) -> RunOutcome {
     let (code, reason, message) = end_of(&ended, args);
+    let regs_and_stats = ended.results;
     let mut regs = Vec::new();
     let mut per_vcpu = Vec::new();
-    for r in ended.results.into_iter().flatten() {
+    for r in regs_and_stats.into_iter().flatten() {
         regs.extend(r.regs);
         per_vcpu.push(r.stats);
     }
-    let info = VmInfo {
-        end_reason: reason.into(),
-        exit_code: code,
-        wall_ns: started.elapsed().as_nanos() as u64,
-        vcpus: usize::from(args.vcpus),
-        mem_bytes: args.mem,
-        hypercall_transport: transport.transport.name().into(),
-        transport_choice: transport.how.into(),
-        transport_probe_ns: transport.probe_ns,
+    let mut info = vm_info(args, transport, reason, code);
+    info.wall_ns = started.elapsed().as_nanos() as u64;
+    info.guest_status = match ended.first_end {
+        Some(VcpuEnd::GuestExit(s)) if !ended.timed_out => Some(s),
+        _ => None,
     };
     RunOutcome {
         exit_code: code,

@@ -8,6 +8,7 @@ use crate::error::SetupError;
 use crate::hcall::Dispatcher;
 use crate::kick;
 use crate::stats::interval::IntervalWriter;
+use crate::stats::report::VmInfo;
 use crate::stats::VcpuStats;
 use crate::vcpu::{VcpuEnd, VcpuResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,9 +37,14 @@ struct Interval {
 }
 
 /// Runs `vm` to its end.
-pub fn supervise(vm: BuiltVm, args: &RunArgs, started: Instant) -> Result<Ended, SetupError> {
+pub fn supervise(
+    vm: BuiltVm,
+    args: &RunArgs,
+    started: Instant,
+    running: VmInfo,
+) -> Result<Ended, SetupError> {
     let count = vm.vcpus.len();
-    let mut interval = interval(args, vm.snapshots, count)?;
+    let mut interval = interval(args, vm.snapshots, count, running)?;
     // Stdin reaches the guest only when it is a terminal (in raw mode) or a FIFO.
     let interactive = args.serial == SerialMode::Stdio && console::stdin_is_interactive();
     let raw = interactive.then(RawModeGuard::enter).flatten();
@@ -86,6 +92,7 @@ fn interval(
     args: &RunArgs,
     snapshots: Option<SnapshotReplies>,
     count: usize,
+    running: VmInfo,
 ) -> Result<Option<Interval>, SetupError> {
     let (Some(secs), Some((epoch, replies))) = (args.stats_interval, snapshots) else {
         return Ok(None);
@@ -94,7 +101,7 @@ fn interval(
     Ok(Some(Interval {
         every,
         next: Instant::now() + every,
-        out: IntervalWriter::new(interval_sink(args)?),
+        out: IntervalWriter::new(interval_sink(args)?, running),
         epoch,
         replies,
         last: vec![VcpuStats::default(); count],
@@ -203,15 +210,20 @@ impl Interval {
     }
 }
 
-/// Where interval lines go: the stats file (created anew) or stderr.
+/// Where interval lines go: the stats file (which `pvmm` created before the VM started;
+/// appended to) or stdout (never shared with the console: see `RunArgs::validate`).
 fn interval_sink(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>, SetupError> {
     Ok(match &args.stats_file {
         Some(p) => Box::new(
-            std::fs::File::create(p).map_err(|source| SetupError::OutputFile {
-                path: p.clone(),
-                source,
-            })?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| SetupError::OutputFile {
+                    path: p.clone(),
+                    source,
+                })?,
         ),
-        None => Box::new(std::io::stderr()),
+        None => Box::new(std::io::stdout()),
     })
 }

@@ -1,0 +1,391 @@
+//! The `perf kvm stat report`-like table. Every `time%` column is a share of one total, the
+//! VMM time summed over vCPUs, and the breakdown section adds up to it; per-vCPU and summed
+//! figures are labelled as such.
+
+use super::report::{Dist, Report, VcpuReport};
+use std::fmt::Write as _;
+
+/// KVM counters shown in the table (all are in the JSON).
+const KVM_TABLE: [&str; 12] = [
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "pf_taken",
+    "pf_guest",
+    "pf_fixed",
+    "tlb_flush",
+    "invlpg",
+    "insn_emulation",
+    "hypercalls",
+];
+
+fn us(ns: u64) -> String {
+    format!("{:.2}", ns as f64 / 1000.0)
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.1}", ns as f64 / 1e6)
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "0.00%".into()
+    } else {
+        format!("{:.2}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// The human-readable table.
+pub fn to_table(r: &Report) -> String {
+    let mut o = String::new();
+    header(&mut o, r);
+    exits(&mut o, &r.merged);
+    breakdown(&mut o, &r.merged);
+    ports(&mut o, &r.merged);
+    hypercalls(&mut o, &r.merged);
+    if r.vcpus.len() > 1 {
+        per_vcpu(&mut o, r);
+    }
+    if let Some(mmu) = &r.mmu {
+        let _ = writeln!(o, "\nShadow MMU (whole VM):");
+        render_mmu(&mut o, mmu);
+    }
+    kvm_counters(&mut o, &r.merged);
+    o
+}
+
+fn header(o: &mut String, r: &Report) {
+    let m = &r.merged;
+    let n = r.vm.vcpus;
+    let probe = match (r.vm.transport_choice.as_str(), r.vm.transport_probe_cached) {
+        ("auto", true) => "auto, cached probe verdict".to_string(),
+        ("auto", false) => format!("auto, probe {} ms", ms(r.vm.transport_probe_ns)),
+        (how, _) => how.to_string(),
+    };
+    let _ = writeln!(o, "\n=== pvmm exit statistics: {n} vCPU(s) ===");
+    let _ = writeln!(
+        o,
+        "end: {} (exit code {})   wall: {} ms   hypercalls via: {} ({probe})",
+        r.vm.end_reason,
+        r.vm.exit_code,
+        ms(r.vm.wall_ns),
+        r.vm.hypercall_transport,
+    );
+    let cpu = m.kvm_run_ns + m.vmm_ns;
+    let _ = writeln!(
+        o,
+        "vCPU time, summed over {n} vCPU(s): {} ms = in KVM_RUN {} ms ({}) + in the VMM {} ms ({})",
+        ms(cpu),
+        ms(m.kvm_run_ns),
+        pct(m.kvm_run_ns, cpu),
+        ms(m.vmm_ns),
+        pct(m.vmm_ns, cpu),
+    );
+    let _ = writeln!(
+        o,
+        "time% below: share of the VMM time ({} ms); latencies in µs",
+        ms(m.vmm_ns)
+    );
+}
+
+fn dist_cols(d: &Dist) -> String {
+    format!(
+        "{:>9} {:>9} {:>9} {:>9} {:>9}",
+        us(d.min_ns),
+        us(d.mean_ns),
+        us(d.p50_ns),
+        us(d.p99_ns),
+        us(d.max_ns)
+    )
+}
+
+fn exits(o: &mut String, m: &VcpuReport) {
+    let total_exits: u64 = m.exits.iter().map(|e| e.value.count).sum();
+    let _ = writeln!(o, "\nUserspace exits, by VMM handling time (all vCPUs):");
+    let _ = writeln!(
+        o,
+        "{:<16} {:>10} {:>8} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "reason", "samples", "samples%", "time(µs)", "time%", "min", "mean", "p50", "p99", "max"
+    );
+    for e in &m.exits {
+        let d = &e.value;
+        let _ = writeln!(
+            o,
+            "{:<16} {:>10} {:>8} {:>12} {:>8} {}",
+            e.name,
+            d.count,
+            pct(d.count, total_exits),
+            us(d.total_ns),
+            pct(d.total_ns, m.vmm_ns),
+            dist_cols(d)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{:<16} {:>10} {:>8} {:>12} {:>8}",
+        "total",
+        total_exits,
+        "100.00%",
+        us(m.vmm_ns),
+        pct(m.vmm_ns, m.vmm_ns)
+    );
+}
+
+fn breakdown(o: &mut String, m: &VcpuReport) {
+    let _ = writeln!(
+        o,
+        "\nWhere the VMM time went (all vCPUs; rows add up to the total):"
+    );
+    let _ = writeln!(
+        o,
+        "{:<11} {:<44} {:>10} {:>12} {:>8}",
+        "section", "item", "count", "time(µs)", "time%"
+    );
+    let mut sum = 0;
+    for r in &m.vmm_breakdown {
+        sum += r.total_ns;
+        let count = if r.section == "other" {
+            "-".to_string()
+        } else {
+            r.count.to_string()
+        };
+        let _ = writeln!(
+            o,
+            "{:<11} {:<44} {:>10} {:>12} {:>8}",
+            r.section,
+            r.name,
+            count,
+            us(r.total_ns),
+            pct(r.total_ns, m.vmm_ns)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{:<11} {:<44} {:>10} {:>12} {:>8}",
+        "total",
+        "",
+        "",
+        us(sum),
+        pct(sum, m.vmm_ns)
+    );
+}
+
+fn ports(o: &mut String, m: &VcpuReport) {
+    if !m.pio.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nPort I/O exits (all vCPUs; the doorbell's time includes its hypercalls):"
+        );
+        let _ = writeln!(
+            o,
+            "{:<8} {:<4} {:<14} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9}",
+            "port", "dir", "device", "samples", "time(µs)", "time%", "mean", "p99", "max"
+        );
+        for p in &m.pio {
+            let _ = writeln!(
+                o,
+                "{:<8} {:<4} {:<14} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9}",
+                format!("{:#x}", p.port),
+                p.dir,
+                p.device,
+                p.dist.count,
+                us(p.dist.total_ns),
+                pct(p.dist.total_ns, m.vmm_ns),
+                us(p.dist.mean_ns),
+                us(p.dist.p99_ns),
+                us(p.dist.max_ns)
+            );
+        }
+    }
+    for x in &m.mmio {
+        let _ = writeln!(
+            o,
+            "mmio {:<12} {:<4} {:>10} {:>12} {:>8}",
+            x.device,
+            x.dir,
+            x.dist.count,
+            us(x.dist.total_ns),
+            pct(x.dist.total_ns, m.vmm_ns)
+        );
+    }
+}
+
+fn hypercalls(o: &mut String, m: &VcpuReport) {
+    if m.hypercalls.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\nHypercalls, by handling time (all vCPUs):");
+    let _ = writeln!(
+        o,
+        "{:<12} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14}  errors",
+        "op", "calls", "time(µs)", "time%", "mean", "p99", "max", "entries/call"
+    );
+    for h in &m.hypercalls {
+        let errs: Vec<String> = h.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let entries = h
+            .entries_per_call
+            .as_ref()
+            .map(|d| format!("{:.1}", d.total as f64 / d.count.max(1) as f64))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            o,
+            "{:<12} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14}  {}",
+            h.op,
+            h.dist.count,
+            us(h.dist.total_ns),
+            pct(h.dist.total_ns, m.vmm_ns),
+            us(h.dist.mean_ns),
+            us(h.dist.p99_ns),
+            us(h.dist.max_ns),
+            entries,
+            if errs.is_empty() {
+                "-".into()
+            } else {
+                errs.join(" ")
+            }
+        );
+    }
+    for e in &m.effects {
+        let _ = writeln!(
+            o,
+            "  then {:<16} {:>8} x  total {:>12} µs ({})  mean {:>9} µs  p99 {:>9} µs",
+            e.name,
+            e.value.count,
+            us(e.value.total_ns),
+            pct(e.value.total_ns, m.vmm_ns),
+            us(e.value.mean_ns),
+            us(e.value.p99_ns)
+        );
+    }
+}
+
+fn per_vcpu(o: &mut String, r: &Report) {
+    let _ = writeln!(o, "\nPer vCPU:");
+    let _ = writeln!(
+        o,
+        "{:<6} {:>10} {:>14} {:>14}",
+        "vcpu", "exits", "KVM_RUN(ms)", "VMM(ms)"
+    );
+    for v in &r.vcpus {
+        let _ = writeln!(
+            o,
+            "{:<6} {:>10} {:>14} {:>14}",
+            v.vcpu.unwrap_or(0),
+            v.exits_total,
+            ms(v.kvm_run_ns),
+            ms(v.vmm_ns)
+        );
+    }
+}
+
+fn kvm_counters(o: &mut String, m: &VcpuReport) {
+    if m.kvm.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nKVM in-kernel counters (KVM_GET_STATS_FD, delta over the run, summed over vCPUs;\n\
+         kept by the host's KVM, which counts exits it sees, handled in the kernel or not):"
+    );
+    for k in KVM_TABLE {
+        if let Some(c) = m.kvm.get(k) {
+            let _ = writeln!(o, "  {:<18} {:>12}", k, c.delta);
+        }
+    }
+    let userspace_io: u64 = m.pio.iter().map(|p| p.dist.count).sum();
+    let kvm_io = m.kvm.get("io_exits").map_or(0, |c| c.delta);
+    if kvm_io == 0 && userspace_io > 0 {
+        let _ = writeln!(
+            o,
+            "  note: io_exits is 0 although pvmm handled {userspace_io} port-I/O exits: this host's \
+             KVM does not maintain that counter (a software KVM without VMX/SVM exit handlers)"
+        );
+    }
+}
+
+fn render_mmu(o: &mut String, v: &serde_json::Value) {
+    if let serde_json::Value::Object(map) = v {
+        for (k, val) in map {
+            match val {
+                serde_json::Value::Object(inner) if !inner.is_empty() => {
+                    let parts: Vec<String> =
+                        inner.iter().map(|(a, b)| format!("{a}={b}")).collect();
+                    let _ = writeln!(o, "  {:<26} {}", k, parts.join(" "));
+                }
+                serde_json::Value::Object(_) => {}
+                _ => {
+                    let _ = writeln!(o, "  {:<26} {}", k, val);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::report::{build, VmInfo};
+    use crate::stats::{Dir, VcpuStats};
+
+    fn info(vcpus: usize) -> VmInfo {
+        VmInfo {
+            end_reason: "guest-exit".into(),
+            exit_code: 0,
+            wall_ns: 5_000_000,
+            vcpus,
+            mem_bytes: 1 << 28,
+            hypercall_transport: "pio".into(),
+            transport_choice: "auto".into(),
+            transport_probe_ns: 1,
+            transport_probe_cached: false,
+            guest_status: Some(0),
+        }
+    }
+
+    fn vcpu() -> VcpuStats {
+        let mut s = VcpuStats::default();
+        s.exit("io", 1000);
+        s.exit("io", 5000);
+        s.pio(0x3f8, Dir::Out, "serial", 900);
+        s.pio(hypercall::DOORBELL_PORT, Dir::Out, "pvmm-doorbell", 4800);
+        s.hypercall("MMU_BATCH", 4000, None, Some(10));
+        s.effect("host_resync", 500);
+        s.vmm_ns = 6000;
+        s.kvm_run_ns = 20_000;
+        s
+    }
+
+    #[test]
+    fn the_breakdown_adds_up_to_the_vmm_time() {
+        let r = build(info(2), &[vcpu(), vcpu()], None);
+        let m = &r.merged;
+        let sum: u64 = m.vmm_breakdown.iter().map(|s| s.total_ns).sum();
+        assert_eq!(sum, m.vmm_ns);
+        let names: Vec<&str> = m.vmm_breakdown.iter().map(|s| s.section).collect();
+        assert_eq!(names, ["devices", "hypercalls", "effects", "other"]);
+        // devices 1800 + hypercalls 8000 + effects 1000 = 10800 of 12000 ns.
+        assert_eq!(m.vmm_breakdown[3].total_ns, 1200);
+        let t = to_table(&r);
+        assert!(t.contains("summed over 2 vCPU(s)"), "{t}");
+        assert!(t.contains("Per vCPU:"), "{t}");
+        let total = t.lines().find(|l| l.starts_with("total ")).unwrap_or("");
+        assert!(total.contains("100.00%"), "{t}");
+        let bd = t.split("Where the VMM time went").nth(1).unwrap_or("");
+        let last = bd.lines().find(|l| l.starts_with("total")).unwrap_or("");
+        assert!(last.contains("12.00") && last.contains("100.00%"), "{t}");
+    }
+
+    #[test]
+    fn a_counter_the_host_does_not_keep_is_explained() {
+        let mut s = vcpu();
+        s.kvm_end.insert("io_exits".into(), 0);
+        s.kvm_end.insert("exits".into(), 9);
+        let t = to_table(&build(info(1), &[s], None));
+        assert!(
+            t.contains("note: io_exits is 0 although pvmm handled 2"),
+            "{t}"
+        );
+    }
+}
