@@ -35,14 +35,20 @@ const GDT: [u64; 4] = [
     0x0000_8b00_0000_0067,
 ];
 
+/// Where KVM's own hypervisor leaves (signature, PV features such as kvm-clock) go: pvmm's
+/// leaves take 0x4000_0000, and Linux finds KVM's by scanning in steps of 0x100.
+pub const KVM_LEAVES_BASE: u32 = 0x4000_0100;
+
 /// Builds the CPUID table for `vcpu`: KVM's supported leaves, APIC id, the hypervisor bit,
-/// and pvmm's hypervisor leaves in place of KVM's.
+/// pvmm's hypervisor leaves at 0x4000_0000 and KVM's moved to [`KVM_LEAVES_BASE`] (so a
+/// stock Linux still finds kvm-clock and takes the TSC frequency from it, without PIT
+/// calibration).
 pub fn cpuid_for(supported: &CpuId, vcpu: u8, pv: &CpuidLeaves) -> Result<CpuId, SetupError> {
     let mut entries: Vec<_> = supported
         .as_slice()
         .iter()
-        .filter(|e| !(0x4000_0000..0x4000_0100).contains(&e.function))
         .copied()
+        .map(relocate_kvm_leaf)
         .collect();
     for e in entries.iter_mut() {
         match e.function {
@@ -65,6 +71,54 @@ pub fn cpuid_for(supported: &CpuId, vcpu: u8, pv: &CpuidLeaves) -> Result<CpuId,
     entries.push(leaf(hypercall::CPUID_LEAF_SIGNATURE, pv.signature));
     entries.push(leaf(hypercall::CPUID_LEAF_FEATURES, pv.features));
     CpuId::from_entries(&entries).map_err(|e| SetupError::other("building CPUID", format!("{e:?}")))
+}
+
+/// Moves one of KVM's hypervisor leaves (0x4000_0000..0x4000_0100) up to
+/// [`KVM_LEAVES_BASE`]; the signature leaf's EAX (highest leaf) moves with it.
+fn relocate_kvm_leaf(mut e: kvm_bindings::kvm_cpuid_entry2) -> kvm_bindings::kvm_cpuid_entry2 {
+    const RANGE: std::ops::Range<u32> = 0x4000_0000..0x4000_0100;
+    if RANGE.contains(&e.function) {
+        let shift = KVM_LEAVES_BASE - RANGE.start;
+        if e.function == RANGE.start && RANGE.contains(&e.eax) {
+            e.eax += shift;
+        }
+        e.function += shift;
+    }
+    e
+}
+
+/// Local APIC register offsets of LVT LINT0 and LINT1.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+/// LVT delivery modes (bits 8..=10).
+const APIC_MODE_NMI: u32 = 0b100;
+const APIC_MODE_EXTINT: u32 = 0b111;
+
+/// Sets the delivery mode of the LVT register at `offset` in a `KVM_GET_LAPIC` page.
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let Some(r) = regs.get_mut(offset..offset + 4) else {
+        return;
+    };
+    let mut b = [0u8; 4];
+    for (d, s) in b.iter_mut().zip(r.iter()) {
+        *d = *s as u8;
+    }
+    let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+    for (d, s) in r.iter_mut().zip(v.to_le_bytes()) {
+        *d = s as std::os::raw::c_char;
+    }
+}
+
+/// Wires the local APIC as firmware leaves it for a PC: LINT0 takes the 8259's interrupts
+/// (ExtINT) and LINT1 is the NMI line. Needs the in-kernel irqchip.
+pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), SetupError> {
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| SetupError::kvm("KVM_GET_LAPIC", e))?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| SetupError::kvm("KVM_SET_LAPIC", e))
 }
 
 /// Writes the boot GDT and identity page tables (first 4 GiB with 2 MiB pages, plus the
@@ -192,4 +246,66 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), SetupError> {
         log::warn!("KVM accepted {n} of {} boot MSRs", entries.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn lint0_is_extint_and_lint1_is_nmi() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        // Masked, level-triggered LINT0 with mode fixed; a vector in LINT1.
+        regs[APIC_LVT_LINT0 + 1] = 0x80u8 as std::os::raw::c_char; // bit 15 (level)
+        regs[APIC_LVT_LINT0 + 2] = 0x01; // bit 16 (masked)
+        regs[APIC_LVT_LINT1] = 0x20;
+        set_lvt_mode(&mut regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+        let word = |o: usize| u32::from_le_bytes([0, 1, 2, 3].map(|i| regs[o + i] as u8));
+        assert_eq!(word(APIC_LVT_LINT0), 0x0001_8700, "ExtINT, other bits kept");
+        assert_eq!(word(APIC_LVT_LINT1), 0x0000_0420, "NMI, vector kept");
+        // An offset past the page is ignored, not a panic.
+        set_lvt_mode(&mut regs, 1022, APIC_MODE_NMI);
+    }
+
+    #[test]
+    fn kvm_leaves_move_above_pvmm_leaves() {
+        let e = |function, eax| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        let sig = relocate_kvm_leaf(e(0x4000_0000, 0x4000_0001));
+        assert_eq!((sig.function, sig.eax), (0x4000_0100, 0x4000_0101));
+        let feat = relocate_kvm_leaf(e(0x4000_0001, 0x1234));
+        assert_eq!((feat.function, feat.eax), (0x4000_0101, 0x1234));
+        let std = relocate_kvm_leaf(e(1, 7));
+        assert_eq!((std.function, std.eax), (1, 7));
+        let pv = CpuidLeaves::new(0, hypercall::Transport::Pio, 0x510);
+        let supported = CpuId::from_entries(&[
+            e(0, 0xd),
+            e(1, 0),
+            e(0x4000_0000, 0x4000_0001),
+            e(0x4000_0001, 0x1234),
+        ])
+        .unwrap();
+        let c = cpuid_for(&supported, 1, &pv).unwrap();
+        let f: Vec<u32> = c.as_slice().iter().map(|e| e.function).collect();
+        assert_eq!(
+            f.iter().filter(|&&x| x == 0x4000_0000).count(),
+            1,
+            "only pvmm's signature at the base"
+        );
+        assert!(f.contains(&0x4000_0100) && f.contains(&0x4000_0101));
+        let base = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x4000_0000)
+            .unwrap();
+        assert_eq!(
+            [base.ebx, base.ecx, base.edx],
+            [pv.signature[1], pv.signature[2], pv.signature[3]]
+        );
+    }
 }

@@ -19,6 +19,7 @@ pub mod hcall;
 pub mod kick;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,7 @@ use crate::devices::trigger::FlagTrigger;
 use crate::devices::Bus;
 use crate::hcall::{Dispatcher, Outcome};
 use std::sync::Arc;
+use vm_memory::GuestMemoryMmap;
 
 /// Services a vCPU's exits need from the VM.
 pub trait VmOps: Send + Sync {
@@ -21,6 +22,10 @@ pub trait VmOps: Send + Sync {
     fn hypercall(&self, vcpu: usize, gpa: u64) -> Outcome;
     /// True once after a device raised the VM's reset line.
     fn take_reset(&self) -> bool;
+    /// Guest memory, for diagnostics (reading the code at RIP after an emulation failure).
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
+        None
+    }
 }
 
 /// The VM's devices as the vCPUs see them.
@@ -33,6 +38,8 @@ pub struct VmBuses {
     pub hcalls: Arc<Dispatcher>,
     /// The reset line (raised by the i8042).
     pub reset: FlagTrigger,
+    /// Guest memory (diagnostics only).
+    pub mem: GuestMemoryMmap,
 }
 
 impl VmOps for VmBuses {
@@ -53,5 +60,8 @@ impl VmOps for VmBuses {
     }
     fn take_reset(&self) -> bool {
         self.reset.take()
+    }
+    fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
+        Some(&self.mem)
     }
 }

@@ -422,7 +422,7 @@ fn test_names(f: &mut fmt::Formatter<'_>) -> fmt::Result {
 /// What values an option takes, in words.
 fn expected(f: &mut fmt::Formatter<'_>, o: &Opt) -> fmt::Result {
     match &o.kind {
-        Kind::Flag => write!(f, "no value, or 1 or 0"),
+        Kind::Flag => write!(f, "none (the bare word turns it on), or =1 / =0"),
         Kind::Choice(c) => write!(f, "one of {}", Joined(c, ", ")),
         Kind::Number { min, max } => write!(f, "a number from {min} to {max}"),
         Kind::Tests => {

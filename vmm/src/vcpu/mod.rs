@@ -2,6 +2,7 @@
 //! function tested without KVM), [`effects::apply`] (CR3 loads, flushes, host resync), the
 //! stop flag, periodic statistics snapshots and the final register dump.
 
+pub mod diagnose;
 pub mod effects;
 pub mod end;
 pub mod exit;
@@ -110,10 +111,28 @@ impl Vcpu {
             }
             // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the valid
             // member of the exit union.
-            Next::InternalError => Some(VcpuEnd::InternalError(unsafe {
-                self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror
-            })),
+            Next::InternalError => Some(VcpuEnd::InternalError(
+                unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror },
+                self.code_at_rip(),
+            )),
         }
+    }
+
+    /// The instruction at RIP, read through the guest's page tables, as a one-line
+    /// diagnosis (`None` if the registers cannot be read).
+    fn code_at_rip(&self) -> Option<String> {
+        let regs = self.fd.get_regs().ok()?;
+        let sregs = self.fd.get_sregs().ok()?;
+        let mem = self.vm.guest_memory()?;
+        let paging = diagnose::Paging {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        };
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        let (code, short) = diagnose::read_code(mem, &paging, linear);
+        Some(diagnose::describe(regs.rip, &code, short, sregs.cs.l == 1))
     }
 
     fn read_kvm_stats(&self) -> Option<std::collections::BTreeMap<String, u64>> {

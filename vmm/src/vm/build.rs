@@ -20,7 +20,7 @@ use crate::stats::kvm_stats::KvmStats;
 use crate::stats::VcpuStats;
 use crate::vcpu::{SnapshotLink, Vcpu};
 use crate::vm_ops::VmBuses;
-use crate::{boot, cpu, kick};
+use crate::{boot, cpu, kick, mptable};
 use hypercall::{CpuidLeaves, Transport, DOORBELL_PORT};
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_HYPERCALL, KVM_MAX_CPUID_ENTRIES,
@@ -93,7 +93,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         vcpus,
         mmu(&ram, &layout, vcpus),
     ));
-    let (buses, serial) = build_buses(&vm, out, dispatcher.clone(), extra)?;
+    let (buses, serial) = build_buses(&vm, &mem, out, dispatcher.clone(), extra)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (link, snapshots) = snapshot_channel(args);
     let shared = VcpuShared {
@@ -143,7 +143,8 @@ fn create_vm(kvm: &Kvm, transport: Transport) -> Result<Arc<VmFd>, SetupError> {
     Ok(Arc::new(vm))
 }
 
-/// Loads the kernel, initrd and command line and the boot page tables; returns the entry.
+/// Loads the kernel, initrd and command line, the boot page tables and the MP table;
+/// returns the entry.
 fn load_kernel(args: &RunArgs, mem: &GuestMemoryMmap, layout: &Layout) -> Result<u64, SetupError> {
     let loaded = boot::load(
         mem,
@@ -153,6 +154,7 @@ fn load_kernel(args: &RunArgs, mem: &GuestMemoryMmap, layout: &Layout) -> Result
         &args.cmdline,
     )?;
     cpu::write_boot_tables(mem)?;
+    mptable::write(mem, args.vcpus).map_err(|e| SetupError::other("writing the MP table", e))?;
     log::info!(
         "loaded {:?} kernel, entry {:#x}, end {:#x}",
         loaded.format,
@@ -165,6 +167,7 @@ fn load_kernel(args: &RunArgs, mem: &GuestMemoryMmap, layout: &Layout) -> Result
 /// The port and MMIO buses with every device on them.
 fn build_buses(
     vm: &VmFd,
+    mem: &GuestMemoryMmap,
     out: SerialOut,
     dispatcher: Arc<Dispatcher>,
     extra: ExtraDevices,
@@ -202,6 +205,7 @@ fn build_buses(
         mmio: Bus::new(),
         hcalls: dispatcher,
         reset,
+        mem: mem.clone(),
     };
     Ok((buses, serial))
 }
@@ -245,6 +249,7 @@ fn create_vcpus(
         fd.set_cpuid2(&cpu::cpuid_for(&supported, i as u8, leaves)?)
             .map_err(|e| SetupError::kvm("KVM_SET_CPUID2", e))?;
         cpu::setup_msrs(&fd)?;
+        cpu::setup_lapic(&fd)?;
         if i == 0 {
             cpu::setup_long_mode(&fd, entry)?;
         }
