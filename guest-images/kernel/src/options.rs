@@ -424,7 +424,7 @@ fn expected(f: &mut fmt::Formatter<'_>, o: &Opt) -> fmt::Result {
     match &o.kind {
         Kind::Flag => write!(f, "none (the bare word turns it on), or =1 / =0"),
         Kind::Choice(c) => write!(f, "one of {}", Joined(c, ", ")),
-        Kind::Number { min, max } => write!(f, "a number from {min} to {max}"),
+        Kind::Number { min, max } => write!(f, "a number from {min} to {max} (decimal or 0x hex)"),
         Kind::Tests => {
             write!(f, "all, none or a comma-separated list of: ")?;
             test_names(f)
@@ -456,8 +456,17 @@ pub fn print_help(w: &mut impl Write) -> fmt::Result {
             Some(d) => writeln!(w, "  (default: {d})")?,
             None => writeln!(w, "  (default: {})", o.unset)?,
         }
-        writeln!(w, "    values: {}", Expected(o))?;
-        wrap(w, o.help)?;
+        let mut buf = [0u8; 512];
+        let mut c = Cursor(&mut buf, 0);
+        write!(c, "{}", Expected(o))?;
+        let n = c.1;
+        wrap(
+            w,
+            "    values: ",
+            "      ",
+            core::str::from_utf8(&buf[..n]).unwrap_or(""),
+        )?;
+        wrap(w, "    ", "    ", o.help)?;
     }
     print_statuses(w)?;
     writeln!(w, "{HELP_LAST_LINE}")
@@ -471,20 +480,26 @@ impl fmt::Display for Expected<'_> {
     }
 }
 
-/// Writes `text` indented by 4, wrapped at 92 columns.
-fn wrap(w: &mut impl Write, text: &str) -> fmt::Result {
-    let mut col = 0;
+/// Writes `text` after `first`, continued on lines starting with `rest`, wrapped at 92
+/// columns.
+fn wrap(w: &mut impl Write, first: &str, rest: &str, text: &str) -> fmt::Result {
+    w.write_str(first)?;
+    let mut col = first.len();
+    let mut empty = true;
     for word in text.split_ascii_whitespace() {
-        if col > 0 && col + 1 + word.len() > 88 {
+        if !empty && col + 1 + word.len() > 92 {
             writeln!(w)?;
-            col = 0;
+            w.write_str(rest)?;
+            col = rest.len();
+            empty = true;
         }
-        if col == 0 {
-            write!(w, "    {word}")?;
-        } else {
-            write!(w, " {word}")?;
+        if !empty {
+            w.write_str(" ")?;
+            col += 1;
         }
-        col += word.len() + usize::from(col > 0);
+        w.write_str(word)?;
+        col += word.len();
+        empty = false;
     }
     writeln!(w)
 }
