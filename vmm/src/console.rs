@@ -57,9 +57,47 @@ impl Drop for RawModeGuard {
     }
 }
 
-/// Feeds stdin bytes into the UART's receive FIFO.
+/// The console escape key (Ctrl-a), as in QEMU's `-nographic` console.
+pub const ESCAPE: u8 = 0x01;
+
+/// What one input byte means after escape processing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// Nothing to send yet (the escape key, waiting for the next byte).
+    Pending,
+    /// Send these bytes to the guest (one or two).
+    Send([u8; 2], usize),
+    /// End the VM (Ctrl-a x).
+    Quit,
+}
+
+/// The escape-sequence state machine: Ctrl-a x quits, Ctrl-a Ctrl-a sends one Ctrl-a, and
+/// Ctrl-a followed by anything else sends both bytes.
+#[derive(Default)]
+pub struct Escape {
+    armed: bool,
+}
+
+impl Escape {
+    /// Feeds one byte typed at the console.
+    pub fn feed(&mut self, b: u8) -> Key {
+        match (std::mem::take(&mut self.armed), b) {
+            (false, ESCAPE) => {
+                self.armed = true;
+                Key::Pending
+            }
+            (false, b) => Key::Send([b, 0], 1),
+            (true, b'x') | (true, b'X') => Key::Quit,
+            (true, ESCAPE) => Key::Send([ESCAPE, 0], 1),
+            (true, b) => Key::Send([ESCAPE, b], 2),
+        }
+    }
+}
+
+/// Feeds stdin bytes into the UART's receive FIFO, after escape processing.
 struct StdinInput {
     serial: Arc<Mutex<SerialDevice>>,
+    escape: Escape,
 }
 
 impl MutEventSubscriber for StdinInput {
@@ -76,8 +114,18 @@ impl MutEventSubscriber for StdinInput {
                 let _ = ops.remove(events);
             }
             Ok(n) => {
+                let mut out = Vec::with_capacity(n + 1);
+                for &b in buf.get(..n).unwrap_or_default() {
+                    match self.escape.feed(b) {
+                        Key::Pending => {}
+                        Key::Send(bytes, len) => {
+                            out.extend_from_slice(bytes.get(..len).unwrap_or_default())
+                        }
+                        Key::Quit => crate::signals::request_from_console(),
+                    }
+                }
                 if let Ok(mut s) = self.serial.lock() {
-                    let _ = s.uart.enqueue_raw_bytes(&buf[..n]);
+                    let _ = s.uart.enqueue_raw_bytes(&out);
                 }
             }
         }
@@ -100,11 +148,37 @@ pub fn spawn_stdin(
             else {
                 return;
             };
-            em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial })));
+            em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+                serial,
+                escape: Escape::default(),
+            })));
             while !stop.load(Ordering::Acquire) {
                 if em.run_with_timeout(100).is_err() {
                     break;
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequence() {
+        let mut e = Escape::default();
+        assert_eq!(e.feed(b'a'), Key::Send([b'a', 0], 1));
+        assert_eq!(e.feed(ESCAPE), Key::Pending);
+        assert_eq!(e.feed(b'x'), Key::Quit);
+        assert_eq!(e.feed(b'x'), Key::Send([b'x', 0], 1), "disarmed after use");
+        assert_eq!(e.feed(ESCAPE), Key::Pending);
+        assert_eq!(e.feed(ESCAPE), Key::Send([ESCAPE, 0], 1));
+        assert_eq!(e.feed(ESCAPE), Key::Pending);
+        assert_eq!(e.feed(b'q'), Key::Send([ESCAPE, b'q'], 2));
+        assert_eq!(
+            e.feed(0x03),
+            Key::Send([0x03, 0], 1),
+            "Ctrl-C goes to the guest"
+        );
+    }
 }

@@ -62,6 +62,13 @@ pub fn run_with_devices(
 
 /// Exit code, reason and message of a VM that ended this way.
 fn end_of(ended: &Ended, args: &RunArgs) -> (i32, &'static str, Option<String>) {
+    if let Some(sig) = ended.signal {
+        return (
+            exit_code::SIGNAL_BASE + sig,
+            "signal",
+            Some(crate::signals::describe(sig)),
+        );
+    }
     match (&ended.first_end, ended.timed_out) {
         (_, true) => (
             exit_code::TIMEOUT,

@@ -6,11 +6,11 @@ use crate::cli::{RunArgs, SerialMode};
 use crate::console::{self, RawModeGuard};
 use crate::error::SetupError;
 use crate::hcall::Dispatcher;
-use crate::kick;
 use crate::stats::interval::IntervalWriter;
 use crate::stats::report::VmInfo;
 use crate::stats::VcpuStats;
 use crate::vcpu::{VcpuEnd, VcpuResult};
+use crate::{kick, signals};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -22,6 +22,8 @@ pub struct Ended {
     pub first_end: Option<VcpuEnd>,
     /// The timeout expired first.
     pub timed_out: bool,
+    /// A stop signal (or the console escape) ended the VM: its number.
+    pub signal: Option<i32>,
     /// Every vCPU's result, in index order (missing if its thread died).
     pub results: Vec<Option<VcpuResult>>,
 }
@@ -44,6 +46,7 @@ pub fn supervise(
     running: VmInfo,
 ) -> Result<Ended, SetupError> {
     let count = vm.vcpus.len();
+    signals::install().map_err(|e| SetupError::other("installing signal handlers", e))?;
     let mut interval = interval(args, vm.snapshots, count, running)?;
     // Stdin reaches the guest only when it is a terminal (in raw mode) or a FIFO.
     let interactive = args.serial == SerialMode::Stdio && console::stdin_is_interactive();
@@ -122,25 +125,29 @@ fn wait(
     let mut ended = Ended {
         first_end: None,
         timed_out: false,
+        signal: None,
         results: (0..count).map(|_| None).collect(),
     };
     let mut received = 0;
     while received < count {
-        let ending = ended.first_end.is_some() || ended.timed_out;
+        let ending = ended.first_end.is_some() || ended.timed_out || ended.signal.is_some();
+        let now = Instant::now();
         let wake = if ending {
-            Some(Instant::now() + Duration::from_millis(10))
+            now + Duration::from_millis(10)
         } else {
+            // Wake at least every SIGNAL_POLL to notice a stop signal.
             [deadline, interval.as_ref().map(|i| i.next)]
                 .into_iter()
                 .flatten()
-                .min()
+                .fold(now + SIGNAL_POLL, Instant::min)
         };
-        let msg = match receive(rx, wake) {
+        let msg = match receive(rx, Some(wake)) {
             Ok(m) => m,
             Err(()) => break,
         };
         match msg {
             None if ending => {}
+            None if signals::pending().is_some() => ended.signal = signals::pending(),
             None if deadline.is_some_and(|d| Instant::now() >= d) => ended.timed_out = true,
             None => {
                 if let Some(i) = interval.as_deref_mut() {
@@ -148,7 +155,8 @@ fn wait(
                 }
             }
             Some((idx, r)) => {
-                if ended.first_end.is_none() && r.end != VcpuEnd::Stopped && !ended.timed_out {
+                let outside = ended.timed_out || ended.signal.is_some();
+                if ended.first_end.is_none() && r.end != VcpuEnd::Stopped && !outside {
                     ended.first_end = Some(r.end.clone());
                 }
                 if let Some(slot) = ended.results.get_mut(idx) {
@@ -157,13 +165,16 @@ fn wait(
                 received += 1;
             }
         }
-        if ended.first_end.is_some() || ended.timed_out {
+        if ended.first_end.is_some() || ended.timed_out || ended.signal.is_some() {
             stop.store(true, Ordering::Release);
             threads.iter().for_each(kick::kick);
         }
     }
     ended
 }
+
+/// How often the supervisor looks for a stop signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// The next result, `None` at `wake`; `Err` when every sender is gone.
 fn receive<T>(rx: &mpsc::Receiver<T>, wake: Option<Instant>) -> Result<Option<T>, ()> {
