@@ -20,6 +20,7 @@ pub mod kick;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod signals;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
