@@ -25,6 +25,7 @@ suite '1..2\nok 1 a\nnot ok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall F
 suite 'ok 1 a\nok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a missing plan fails"
 suite '1..3\nok 1 a\nok 2 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a missing result fails"
 suite '1..2\nok 1 a\nok 3 b\n' 0 'vmcall (forced)' | judge suite:pv:vmcall FAIL "out-of-order numbers fail"
+suite "$good" 0 'vmcall (auto, probe 75.5 ms)' | judge suite:pv:vmcall PASS "the v2 stats header with the probe time is read"
 suite "$good" 0 'pio (auto)' | judge suite:pv:vmcall FAIL "a pio stats header fails a vmcall step"
 suite "$good" 104 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a non-zero pvmm status fails"
 suite "$good" 0 'vmcall (forced)' | head -6 | judge suite:pv:vmcall FAIL "a step cut off before BED-END fails"

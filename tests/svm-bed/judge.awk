@@ -85,14 +85,17 @@ cur == "" { next }
 /^BED-STATS-BEGIN/ { in_stats = 1; next }
 /^BED-STATS-END/ { in_stats = 0; next }
 
+# The stats table: "hypercalls via: vmcall (auto...)", the first "total" row (userspace
+# exits), the hypercall rows under "op calls ...", and the host_resync count.
 in_stats {
-    if (match($0, /hypercalls via: [a-z]+ \([a-z]+\)/))
-        via = substr($0, RSTART + 16, RLENGTH - 16)
-    if ($1 == "total" && NF == 2) exits = $2
+    if (match($0, /hypercalls via: [a-z]+ \([^)]*\)/))
+        { via = substr($0, RSTART + 16, RLENGTH - 16); sub(/,[^)]*/, "", via) }
+    if ($1 == "total" && exits == "-" && $2 ~ /^[0-9]+$/) exits = $2
     if ($1 == "op" && $2 == "calls") { in_hc = 1; next }
     if (in_hc && NF == 0) in_hc = 0
-    if (in_hc && $2 ~ /^[0-9]+$/) hcalls += $2
-    if ($1 == "host_resync") resyncs = $2
+    if (in_hc && $1 ~ /^[A-Za-z_]+$/ && $2 ~ /^[0-9]+$/) hcalls += $2
+    for (i = 1; i < NF && !resyncs; i++)
+        if ($i == "host_resync" && $(i + 1) ~ /^[0-9]+$/) resyncs = $(i + 1)
     next
 }
 
