@@ -15,13 +15,14 @@ pub mod status {
     /// Every selected test passed, or `help` printed the reference.
     pub const PASS: u8 = 0;
     /// Failure counts are capped here (there are fewer tests than this).
+    /// Every status stays within 0-127, the range `pvmm` passes through unchanged.
     pub const MAX_FAILURES: u8 = 63;
     /// An unknown option or a bad value (sysexits' EX_USAGE).
     pub const BAD_CMDLINE: u8 = 64;
     /// mmu=pv or pv-lazy, but the VMM does not offer MMU_BATCH (sysexits' EX_UNAVAILABLE).
     pub const NO_MMU_BATCH: u8 = 69;
-    /// A kernel panic.
-    pub const PANIC: u8 = 255;
+    /// A kernel panic: the highest status `pvmm` passes through as is (0-127).
+    pub const PANIC: u8 = 127;
 }
 
 /// The parsed options.
