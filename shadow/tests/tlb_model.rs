@@ -1,0 +1,1426 @@
+//! Model-based property test with TLBs: several vCPUs run a simulated CPU over the shadows
+//! the engine builds, while batches of valid and hostile MMU entries change the guest's
+//! page tables.
+//!
+//! The simulated CPU has one TLB per vCPU. An access walks the shadow from the vCPU's CR3
+//! like hardware: it sets A in every entry it uses (upper levels too) and D in the leaf on
+//! a write, and caches the translation (rights ANDed over the walk, NX ORed, the leaf's G).
+//! A write hitting a cached entry whose D was not yet set walks again to set D; a hit
+//! with D set touches no memory, as on hardware. A CR3 load (`new_cr3`) drops the non-global
+//! entries of that vCPU, a flush outcome (`end_batch` for the caller, `take_flush` for every
+//! other vCPU) drops all of them.
+//!
+//! The guest side is read from guest memory itself, so hostile entries that the engine
+//! accepts are followed exactly. The model tracks, for every leaf slot of every typed L1/L2
+//! table, the A/D the CPU owes the guest (`must`: an access or write happened through a
+//! translation made from that slot since the guest last cleared the bit) and the A/D the
+//! guest may see (`may`: CPU accesses plus bits the guest wrote itself). This is the write
+//! history: every write the CPU made is attributed to the frame it wrote and to the guest PTE
+//! it went through, and it must show up as D in that PTE (after a sync, in a `QUERY_AD`
+//! bitmap, in the value a `PT_UPDATE_PRESERVE_AD` or a same-frame update writes, and in the
+//! PTE left behind when the table is unpinned, torn down, relocated or reclaimed), unless the
+//! guest overwrote the PTE with a plain update (documented discard). Checks, after every
+//! batch: no cached translation maps another frame than the guest's current tables, grants
+//! RW/US the guest does not, lacks an NX the guest has, is writable onto a page table, or maps
+//! the pool or non-RAM; the engine's types equal the closure of the guest's pins; and the
+//! engine's own invariant checker passes. A dirty bit that is lost or invented fails at the
+//! op that shows it.
+//!
+//! Model restriction (a bare-metal guest obligation, not an engine rule): global leaves only
+//! live in the kernel half, which every address space shares, so a G translation that
+//! survives a CR3 load is still the guest's translation in the new address space.
+#![allow(clippy::single_range_in_vec_init)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use hypercall::{HcError, MmuOp};
+use proptest::prelude::*;
+use shadow::pte::{A, AD, ADDR, ADDR_2M, D, G, NX, P, PS, RW, US};
+use shadow::{Layout, ShadowMmu};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const RAM_END: u64 = 0x80_0000;
+const POOL: u64 = 0x100_0000;
+const RESERVED: u64 = 0x9f;
+/// Kernel half: L4 index 256, shared by every address space.
+const KVA: u64 = 0xffff_8000_0000_0000;
+/// Non-leaf entry flags.
+const T: u64 = P | RW | US | A | D;
+/// Initial frames: kernel L3, L2, L1.
+const KERN: [u64; 3] = [0x20, 0x21, 0x22];
+/// Address spaces: L4, L3 and L2 of root r are `0x30 + 4r ..`.
+const ROOTS: usize = 3;
+/// User L1 tables (linked, unlinked, pinned, relocated); [3] is shared by every root.
+const L1S: [u64; 6] = [0x50, 0x51, 0x52, 0x53, 0x54, 0x55];
+/// Relocation targets; two lie inside the user 2 MiB leaf (frames 0x200..0x400).
+const SPARES: [u64; 5] = [0x3f0, 0x3f1, 0x60, 0x61, 0x62];
+/// QUERY_AD bitmaps.
+const BITMAP: u64 = 0x70_000;
+/// Leaf targets: data, page tables, spares in the 2 MiB range, and illegal frames.
+const TARGETS: [u64; 11] = [
+    0x100, 0x101, 0x102, 0x103, 0x50, 0x53, 0x31, 0x22, 0x3f0, RESERVED, 0x1000,
+];
+const SLOTS: usize = 8;
+/// 2 MiB leaf bases (user, kernel).
+const BIG: [u64; 2] = [0x20_0000, 0x40_0000];
+/// L2 entries of the modelled regions: user L1, L1, 2 MiB; kernel L1, 2 MiB.
+const USER_L2: u64 = 3;
+const KERN_L2: u64 = 2;
+
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    L4(usize),
+    L3(usize),
+    L2(usize),
+    L1(usize),
+    Kern(usize),
+    Spare(usize),
+    Frame(u64),
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Leaf {
+        kern: bool,
+        root: usize,
+        l2i: usize,
+        idx: usize,
+        target: usize,
+        flags: u64,
+        preserve: bool,
+    },
+    Big {
+        kern: bool,
+        root: usize,
+        on: bool,
+        rw: bool,
+        preserve: bool,
+    },
+    Link {
+        root: usize,
+        l2i: usize,
+        l1: Option<usize>,
+        accessed: bool,
+    },
+    PinL1(usize),
+    UnpinL1(usize),
+    Zero(usize),
+    Relocate(Role, usize),
+    Baseptr(usize),
+    Teardown(usize),
+    Rebuild(usize),
+    Sync {
+        kern: bool,
+        clear_a: bool,
+        clear_d: bool,
+    },
+    Query(bool),
+    Flush(bool),
+    Hostile {
+        table: Role,
+        idx: usize,
+        val: u64,
+        preserve: bool,
+    },
+    Raw {
+        kind: u8,
+        a: Role,
+        b: Role,
+        level: u8,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Access {
+    vcpu: usize,
+    va: usize,
+    write: bool,
+    user: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    vcpu: usize,
+    ops: Vec<Op>,
+    accesses: Vec<Access>,
+}
+
+/// The VAs the CPU touches: user L1 slots, user 2 MiB pages, kernel L1 slots, kernel 2 MiB.
+fn va_of(sel: usize) -> u64 {
+    const BIG_OFF: [u64; 4] = [0, 0x3_1000, 0x1f_0000, 0x1f_1000];
+    match sel {
+        0..16 => ((sel / SLOTS) as u64) << 21 | ((sel % SLOTS) as u64) << 12,
+        16..20 => (2 << 21) + BIG_OFF[sel - 16],
+        20..28 => KVA | ((sel - 20) as u64) << 12,
+        _ => KVA + (1 << 21) + BIG_OFF[(sel - 28) % 4],
+    }
+}
+const VAS: usize = 32;
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        (0..ROOTS).prop_map(Role::L4),
+        (0..ROOTS).prop_map(Role::L3),
+        (0..ROOTS).prop_map(Role::L2),
+        (0..L1S.len()).prop_map(Role::L1),
+        (0..3usize).prop_map(Role::Kern),
+        (0..SPARES.len()).prop_map(Role::Spare),
+        prop::sample::select(vec![0x100u64, 0x3f2, 0x9f, 0x1000, 0x900, 0x7ff])
+            .prop_map(Role::Frame),
+    ]
+}
+
+fn hostile_val() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        (
+            prop::sample::select(vec![
+                0x100u64, 0x3f0, 0x50, 0x53, 0x31, 0x32, 0x22, 0x9f, 0x1000, 0x900, 0
+            ]),
+            any::<u16>()
+        )
+            .prop_map(|(f, fl)| (f << 12) | u64::from(fl & 0x1ff) | (u64::from(fl >> 15) << 63)),
+    ]
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let uflags = prop::sample::select(vec![
+        P,
+        P | RW,
+        P | US,
+        P | RW | US,
+        P | NX,
+        P | RW | US | NX,
+        0,
+        P | RW | US | A | D,
+        P | RW | US | D,
+        P | US | A,
+    ]);
+    let kflags = prop::sample::select(vec![
+        P | RW | G,
+        P | G,
+        P | RW | G | NX,
+        P | RW,
+        P | RW | US | G,
+        0,
+        P | RW | G | A | D,
+    ]);
+    prop_oneof![
+        8 => (0..ROOTS, 0..2usize, 0..SLOTS, 0..TARGETS.len(), uflags, any::<bool>())
+            .prop_map(|(root, l2i, idx, target, flags, preserve)| Op::Leaf { kern: false, root, l2i, idx, target, flags, preserve }),
+        3 => (0..SLOTS, 0..TARGETS.len(), kflags, any::<bool>())
+            .prop_map(|(idx, target, flags, preserve)| Op::Leaf { kern: true, root: 0, l2i: 0, idx, target, flags, preserve }),
+        2 => (any::<bool>(), 0..ROOTS, any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(kern, root, on, rw, preserve)| Op::Big { kern, root, on, rw, preserve }),
+        2 => (0..ROOTS, 0..2usize, prop::option::of(0..L1S.len()), any::<bool>())
+            .prop_map(|(root, l2i, l1, accessed)| Op::Link { root, l2i, l1, accessed }),
+        1 => (0..L1S.len()).prop_map(Op::PinL1),
+        1 => (0..L1S.len()).prop_map(Op::UnpinL1),
+        1 => (0..L1S.len()).prop_map(Op::Zero),
+        2 => (role(), 0..SPARES.len()).prop_map(|(r, to)| Op::Relocate(r, to)),
+        3 => (0..ROOTS).prop_map(Op::Baseptr),
+        1 => (0..ROOTS).prop_map(Op::Teardown),
+        1 => (0..ROOTS).prop_map(Op::Rebuild),
+        3 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(kern, clear_a, clear_d)| Op::Sync { kern, clear_a, clear_d }),
+        2 => any::<bool>().prop_map(Op::Query),
+        1 => any::<bool>().prop_map(Op::Flush),
+        2 => (role(), 0..512usize, hostile_val(), any::<bool>())
+            .prop_map(|(table, idx, val, preserve)| Op::Hostile { table, idx, val, preserve }),
+        1 => (0..5u8, role(), role(), 1..5u8).prop_map(|(kind, a, b, level)| Op::Raw { kind, a, b, level }),
+    ]
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    let access =
+        (0..4usize, 0..VAS, any::<bool>(), any::<bool>()).prop_map(|(vcpu, va, write, user)| {
+            Access {
+                vcpu,
+                va,
+                write,
+                user,
+            }
+        });
+    (
+        0..4usize,
+        prop::collection::vec(op_strategy(), 1..4),
+        prop::collection::vec(access, 0..8),
+    )
+        .prop_map(|(vcpu, ops, accesses)| Step {
+            vcpu,
+            ops,
+            accesses,
+        })
+}
+
+/// One cached translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tlb {
+    pfn: u64,
+    rw: bool,
+    us: bool,
+    nx: bool,
+    g: bool,
+    dirty: bool,
+    /// Guest PTE the translation was made from.
+    slot: u64,
+}
+
+/// A/D obligations of one guest leaf slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rec {
+    /// Bits the CPU set through this slot since the guest last cleared them.
+    must: u64,
+    /// Bits the guest may see (CPU bits plus bits it wrote itself).
+    may: u64,
+    /// `must` bits a reclaim may have moved out of the shadow into the guest PTE (a plain
+    /// update of the PTE may then overwrite them with the guest's consent).
+    gone: u64,
+}
+
+/// A guest translation.
+#[derive(Clone, Copy, Debug)]
+struct GWalk {
+    slot: u64,
+    pfn: u64,
+    rw: bool,
+    us: bool,
+    nx: bool,
+    g: bool,
+}
+
+struct World {
+    mem: GuestMemoryMmap,
+    mmu: ShadowMmu,
+    vcpus: usize,
+    roots: [[u64; 3]; ROOTS],
+    l1s: [u64; L1S.len()],
+    kern: [u64; 3],
+    spares: [u64; SPARES.len()],
+    pinned: BTreeMap<u64, u8>,
+    vroot: Vec<Option<u64>>,
+    cr3: Vec<Option<u64>>,
+    tlb: Vec<HashMap<u64, Tlb>>,
+    recs: HashMap<u64, Box<[Rec; 512]>>,
+    typed: HashMap<u64, u8>,
+    reclaimed: u64,
+    ops: u64,
+    accesses: u64,
+    writes: HashMap<u64, u64>,
+}
+
+type Res = Result<(), String>;
+
+/// What the runs exercised, summed over every case (a cover item that never happened would
+/// make its checks vacuous, so the default run asserts each one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cov {
+    TlbFill,
+    TlbHit,
+    DirtyRewalk,
+    CpuWrite,
+    GlobalFill,
+    GlobalKeptOverCr3Load,
+    BigPageFill,
+    NonLeafASet,
+    RemoteFlush,
+    Reclaim,
+    Enomem,
+    TeardownOwedD,
+    PreserveOwedD,
+    SyncOwedD,
+    QueryOwedD,
+    QueryOwedA,
+    Relocated,
+    HostileAccepted,
+    SharedRoot,
+    DistinctRoots,
+}
+
+const COV_N: usize = Cov::DistinctRoots as usize + 1;
+static COV: [std::sync::atomic::AtomicU64; COV_N] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; COV_N];
+
+fn cov(c: Cov) {
+    COV[c as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn coverage() -> Vec<(Cov, u64)> {
+    use Cov::*;
+    [
+        TlbFill,
+        TlbHit,
+        DirtyRewalk,
+        CpuWrite,
+        GlobalFill,
+        GlobalKeptOverCr3Load,
+        BigPageFill,
+        NonLeafASet,
+        RemoteFlush,
+        Reclaim,
+        Enomem,
+        TeardownOwedD,
+        PreserveOwedD,
+        SyncOwedD,
+        QueryOwedD,
+        QueryOwedA,
+        Relocated,
+        HostileAccepted,
+        SharedRoot,
+        DistinctRoots,
+    ]
+    .into_iter()
+    .map(|c| {
+        (
+            c,
+            COV[c as usize].load(std::sync::atomic::Ordering::Relaxed),
+        )
+    })
+    .collect()
+}
+
+fn leaf_at(level: u8, e: u64) -> bool {
+    e & P != 0 && (level == 1 || (level == 2 && e & PS != 0))
+}
+
+fn leaf_frame(level: u8, e: u64) -> u64 {
+    if level == 2 {
+        (e & ADDR_2M) >> 12
+    } else {
+        (e & ADDR) >> 12
+    }
+}
+
+fn ram(pfn: u64) -> bool {
+    pfn < RAM_END >> 12 && pfn != RESERVED
+}
+
+impl World {
+    fn new(vcpus: usize, pool: u64) -> World {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), RAM_END as usize),
+            (GuestAddress(POOL), (pool * 4096) as usize),
+        ])
+        .unwrap();
+        let layout = Layout {
+            ram: vec![0..RAM_END],
+            reserved: vec![RESERVED << 12..(RESERVED + 1) << 12],
+            pool_base: POOL,
+            pool_frames: pool,
+        };
+        let roots = std::array::from_fn(|r| {
+            let b = 0x30 + 4 * r as u64;
+            [b, b + 1, b + 2]
+        });
+        let w = World {
+            mem,
+            mmu: ShadowMmu::new(layout, vcpus).unwrap(),
+            vcpus,
+            roots,
+            l1s: L1S,
+            kern: KERN,
+            spares: SPARES,
+            pinned: BTreeMap::new(),
+            vroot: vec![None; vcpus],
+            cr3: vec![None; vcpus],
+            tlb: vec![HashMap::new(); vcpus],
+            recs: HashMap::new(),
+            typed: HashMap::new(),
+            reclaimed: 0,
+            ops: 0,
+            accesses: 0,
+            writes: HashMap::new(),
+        };
+        w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
+        w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
+        w.wr((KERN[1] << 12) + 8, BIG[1] | P | RW | PS | G);
+        for i in 0..4 {
+            w.wr((KERN[2] << 12) + 8 * i, ((0x104 + i) << 12) | P | RW | G);
+            for l in &L1S[..4] {
+                w.wr((l << 12) + 8 * i, ((0x100 + i) << 12) | P | RW | US);
+            }
+        }
+        w
+    }
+
+    /// Builds and pins the address spaces and loads one on each vCPU.
+    fn boot(&mut self) -> Res {
+        for r in 0..ROOTS {
+            self.step(&Step {
+                vcpu: r % self.vcpus,
+                ops: vec![Op::Rebuild(r)],
+                accesses: vec![],
+            })?;
+        }
+        for v in 0..self.vcpus {
+            self.batch(v, &[Op::Baseptr(v % ROOTS)])?;
+        }
+        Ok(())
+    }
+
+    fn wr(&self, gpa: u64, v: u64) {
+        self.mem.write_obj(v, GuestAddress(gpa)).unwrap()
+    }
+    fn rd(&self, gpa: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(gpa)).unwrap()
+    }
+    fn table(&self, pfn: u64) -> [u64; 512] {
+        let mut b = [0u8; 4096];
+        self.mem
+            .read_slice(&mut b, GuestAddress(pfn << 12))
+            .unwrap();
+        std::array::from_fn(|i| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()))
+    }
+
+    fn frame(&self, r: Role) -> u64 {
+        match r {
+            Role::L4(i) => self.roots[i][0],
+            Role::L3(i) => self.roots[i][1],
+            Role::L2(i) => self.roots[i][2],
+            Role::L1(i) => self.l1s[i],
+            Role::Kern(i) => self.kern[i],
+            Role::Spare(i) => self.spares[i],
+            Role::Frame(f) => f,
+        }
+    }
+
+    fn is_kern_frame(&self, pfn: u64) -> bool {
+        self.kern.contains(&pfn)
+    }
+
+    /// The L2 of a modelled region, walking the guest tables of root `root`.
+    fn region_l2(&self, root: u64, kern: bool) -> Option<u64> {
+        let mut t = root;
+        for idx in [if kern { 256 } else { 0 }, 0] {
+            let e = self.rd((t << 12) + 8 * idx);
+            if e & P == 0 || e & PS != 0 {
+                return None;
+            }
+            t = (e & ADDR) >> 12;
+        }
+        Some(t)
+    }
+
+    /// The L1 behind entry `l2i` of a modelled region of address space `root`.
+    fn region_l1(&self, kern: bool, root: usize, l2i: usize) -> Option<u64> {
+        let l2 = self.region_l2(self.roots[root][0], kern)?;
+        let e = self.rd((l2 << 12) + 8 * l2i as u64);
+        (e & P != 0 && e & PS == 0).then_some((e & ADDR) >> 12)
+    }
+
+    /// Walks `va` through the guest tables of L4 `root`.
+    fn guest_walk(&self, root: u64, va: u64) -> Option<GWalk> {
+        let (mut t, mut rw, mut us, mut nx) = (root, true, true, false);
+        for level in (1..=4u8).rev() {
+            let idx = (va >> (12 + 9 * (u32::from(level) - 1))) & 511;
+            let slot = (t << 12) + 8 * idx;
+            let e = self.rd(slot);
+            if e & P == 0 {
+                return None;
+            }
+            rw &= e & RW != 0;
+            us &= e & US != 0;
+            nx |= e & NX != 0;
+            if leaf_at(level, e) {
+                let off = if level == 2 { (va >> 12) & 511 } else { 0 };
+                let g = e & G != 0;
+                let pfn = leaf_frame(level, e) + off;
+                return Some(GWalk {
+                    slot,
+                    pfn,
+                    rw,
+                    us,
+                    nx,
+                    g,
+                });
+            }
+            if level == 1 {
+                return None;
+            }
+            t = (e & ADDR) >> 12;
+        }
+        None
+    }
+
+    fn rec(&mut self, slot: u64) -> Result<&mut Rec, String> {
+        self.recs
+            .get_mut(&(slot >> 12))
+            .map(|t| &mut t[((slot & 0xfff) >> 3) as usize])
+            .ok_or_else(|| format!("slot {slot:#x} is not in a typed L1/L2"))
+    }
+
+    // ----- the simulated CPU -----
+
+    /// One access of `vcpu` to `va`; faults are silently dropped (the guest retries).
+    fn access(&mut self, a: &Access) -> Res {
+        let v = a.vcpu % self.vcpus;
+        let va = va_of(a.va);
+        let vpn = va >> 12;
+        if self.cr3[v].is_none() {
+            return Ok(());
+        }
+        self.accesses += 1;
+        if let Some(t) = self.tlb[v].get(&vpn).copied() {
+            let allowed = (!a.write || t.rw) && (!a.user || t.us);
+            if allowed && (!a.write || t.dirty) {
+                cov(Cov::TlbHit);
+                return self.touch(t, a.write);
+            }
+            if allowed {
+                cov(Cov::DirtyRewalk);
+            }
+            // A write without D walks again; a refused access drops the entry and walks.
+            self.tlb[v].remove(&vpn);
+        }
+        let Some(t) = self.walk(v, va, a.write, a.user)? else {
+            return Ok(());
+        };
+        self.tlb[v].insert(vpn, t);
+        cov(Cov::TlbFill);
+        if t.g {
+            cov(Cov::GlobalFill);
+        }
+        if matches!(a.va, 16..20 | 28..) {
+            cov(Cov::BigPageFill);
+        }
+        self.touch(t, a.write)
+    }
+
+    /// Records an access through translation `t`.
+    fn touch(&mut self, t: Tlb, write: bool) -> Res {
+        if write {
+            if !ram(t.pfn) || self.typed.contains_key(&t.pfn) {
+                return Err(format!(
+                    "CPU wrote frame {:#x} (page table or not RAM) via {t:?}",
+                    t.pfn
+                ));
+            }
+            *self.writes.entry(t.pfn).or_default() += 1;
+            cov(Cov::CpuWrite);
+        }
+        let bits = A | if write { D } else { 0 };
+        let r = self.rec(t.slot)?;
+        r.must |= bits;
+        r.may |= bits;
+        Ok(())
+    }
+
+    /// A hardware page walk through the shadow of `vcpu`, setting A (and D) as it goes.
+    fn walk(&mut self, v: usize, va: u64, write: bool, user: bool) -> Result<Option<Tlb>, String> {
+        let mut t = self.cr3[v].unwrap_or(0) >> 12;
+        let (mut rw, mut us, mut nx) = (true, true, false);
+        for level in (1..=4u8).rev() {
+            if !(POOL >> 12..(POOL >> 12) + self.mmu.counters().pool_frames_total).contains(&t) {
+                return Err(format!(
+                    "vcpu {v} va {va:#x}: shadow walk left the pool at L{level} ({t:#x})"
+                ));
+            }
+            let slot = (t << 12) + 8 * ((va >> (12 + 9 * (u32::from(level) - 1))) & 511);
+            let e = self.rd(slot);
+            if e & P == 0 {
+                return Ok(None);
+            }
+            if level > 1 && e & PS != 0 {
+                return Err(format!("shadow L{level} entry {e:#x} has PS"));
+            }
+            rw &= e & RW != 0;
+            us &= e & US != 0;
+            nx |= e & NX != 0;
+            if level > 1 {
+                if e & A == 0 {
+                    cov(Cov::NonLeafASet);
+                }
+                self.wr(slot, e | A);
+                t = (e & ADDR) >> 12;
+                continue;
+            }
+            if (write && !rw) || (user && !us) {
+                return Ok(None);
+            }
+            let e = e | A | if write { D } else { 0 };
+            self.wr(slot, e);
+            let pfn = (e & ADDR) >> 12;
+            let g = e & G != 0;
+            let dirty = e & D != 0;
+            let root = self.vroot[v].ok_or("a vCPU with CR3 but no root")?;
+            let gw = self.guest_walk(root, va).ok_or_else(|| {
+                format!("vcpu {v} va {va:#x}: shadow maps {pfn:#x}, guest nothing")
+            })?;
+            let t = Tlb {
+                pfn,
+                rw,
+                us,
+                nx,
+                g,
+                dirty,
+                slot: gw.slot,
+            };
+            self.permitted(v, va, &t, &gw)?;
+            return Ok(Some(t));
+        }
+        Ok(None)
+    }
+
+    /// Translation `t` is no more permissive than guest translation `g`.
+    fn permitted(&self, v: usize, va: u64, t: &Tlb, g: &GWalk) -> Res {
+        let bad = if !ram(t.pfn) {
+            "maps the pool or non-RAM"
+        } else if t.pfn != g.pfn {
+            "maps another frame"
+        } else if t.rw && (!g.rw || self.typed.contains_key(&t.pfn)) {
+            "writable where the guest is read-only or onto a page table"
+        } else if t.us && !g.us {
+            "user where the guest is supervisor"
+        } else if g.nx && !t.nx {
+            "executable where the guest says NX"
+        } else if t.g && !g.g {
+            "global where the guest is not"
+        } else if t.slot != g.slot {
+            "made from another guest PTE"
+        } else {
+            return Ok(());
+        };
+        Err(format!(
+            "vcpu {v} va {va:#x}: translation {t:?} {bad}; guest {g:?}"
+        ))
+    }
+
+    /// After a batch: every cached translation is still allowed by the guest's tables.
+    fn check_tlbs(&self) -> Res {
+        for v in 0..self.vcpus {
+            let Some(root) = self.vroot[v] else {
+                if !self.tlb[v].is_empty() {
+                    return Err(format!("vcpu {v} caches translations without a root"));
+                }
+                continue;
+            };
+            for (&vpn, t) in &self.tlb[v] {
+                let va = vpn << 12;
+                let g = self.guest_walk(root, va).ok_or_else(|| {
+                    format!("vcpu {v} va {va:#x}: {t:?} cached, guest maps nothing")
+                })?;
+                self.permitted(v, va, t, &g)?;
+            }
+            let want = self.mmu.loaded_root(v).map(|r| r.shadow_root);
+            if self.cr3[v] != want
+                || self.mmu.loaded_root(v).map(|r| r.guest_l4 >> 12) != self.vroot[v]
+            {
+                return Err(format!(
+                    "vcpu {v}: cr3 {:?} root {:?}, engine {:?}",
+                    self.cr3[v],
+                    self.vroot[v],
+                    self.mmu.loaded_root(v)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- batches -----
+
+    fn step(&mut self, s: &Step) -> Res {
+        self.batch(s.vcpu % self.vcpus, &s.ops)?;
+        for a in &s.accesses {
+            self.access(a)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one batch like the VMM (stops at the first error), applies its flushes to every
+    /// vCPU, and checks.
+    fn batch(&mut self, v: usize, ops: &[Op]) -> Res {
+        for op in ops {
+            let Some(e) = self.entry(v, op) else { continue };
+            let r = self.exec(v, &e)?;
+            if r == Err(HcError::Enomem) {
+                cov(Cov::Enomem);
+            }
+            if r.is_ok() && matches!(op, Op::Hostile { .. } | Op::Raw { .. }) {
+                cov(Cov::HostileAccepted);
+            }
+            if r.is_err() {
+                break;
+            }
+        }
+        let out = self.mmu.end_batch(v);
+        if let Some(c) = out.new_cr3 {
+            self.cr3[v] = Some(c);
+            self.tlb[v].retain(|_, t| t.g);
+            if !self.tlb[v].is_empty() {
+                cov(Cov::GlobalKeptOverCr3Load);
+            }
+        }
+        if out.flush.is_some() {
+            self.tlb[v].clear();
+        }
+        for w in 0..self.vcpus {
+            if w != v && self.mmu.take_flush(w).is_some() {
+                if !self.tlb[w].is_empty() {
+                    cov(Cov::RemoteFlush);
+                }
+                self.tlb[w].clear();
+            }
+        }
+        if !self.mmu.vcpus_needing_flush().is_empty() {
+            return Err("flushes left pending after every vCPU took its own".into());
+        }
+        if self.mmu.take_host_resync_needed() {
+            self.mmu.host_resynced();
+        }
+        let loaded: Vec<u64> = self.vroot.iter().flatten().copied().collect();
+        let mut distinct = loaded.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() >= 2 {
+            cov(Cov::DistinctRoots);
+        }
+        if distinct.len() < loaded.len() {
+            cov(Cov::SharedRoot);
+        }
+        self.check_tlbs()?;
+        self.mmu.check_invariants(&self.mem).map_err(String::from)
+    }
+
+    /// The MMU entry for model op `op` (None: nothing to do).
+    fn entry(&mut self, v: usize, op: &Op) -> Option<MmuOp> {
+        let upd = |ptr, val, preserve_ad| MmuOp::PtUpdate {
+            ptr,
+            val,
+            preserve_ad,
+        };
+        Some(match *op {
+            Op::Leaf {
+                kern,
+                root,
+                l2i,
+                idx,
+                target,
+                flags,
+                preserve,
+            } => {
+                let l1 = self.region_l1(kern, root, l2i)?;
+                upd(
+                    (l1 << 12) + 8 * idx as u64,
+                    (TARGETS[target] << 12) | flags,
+                    preserve,
+                )
+            }
+            Op::Big {
+                kern,
+                root,
+                on,
+                rw,
+                preserve,
+            } => {
+                let l2 = self.region_l2(self.roots[root][0], kern)?;
+                let i = if kern { 1 } else { 2 };
+                let val = if on {
+                    BIG[usize::from(kern)]
+                        | P
+                        | PS
+                        | if rw { RW } else { 0 }
+                        | if kern { G } else { US }
+                } else {
+                    0
+                };
+                upd((l2 << 12) + 8 * i, val, preserve)
+            }
+            Op::Link {
+                root,
+                l2i,
+                l1,
+                accessed,
+            } => {
+                let l2 = self.region_l2(self.roots[root][0], false)?;
+                let fl = if accessed { T } else { P | RW | US };
+                upd(
+                    (l2 << 12) + 8 * l2i as u64,
+                    l1.map_or(0, |i| (self.l1s[i] << 12) | fl),
+                    false,
+                )
+            }
+            Op::PinL1(i) => MmuOp::Pin {
+                level: 1,
+                frame: self.l1s[i] << 12,
+            },
+            Op::UnpinL1(i) => MmuOp::Unpin {
+                frame: self.l1s[i] << 12,
+            },
+            Op::Zero(i) => MmuOp::ZeroFrame {
+                frame: self.l1s[i] << 12,
+            },
+            Op::Relocate(r, to) => MmuOp::RelocateTable {
+                old: self.frame(r) << 12,
+                new: self.spares[to] << 12,
+            },
+            Op::Baseptr(r) => MmuOp::NewBaseptr {
+                frame: self.roots[r][0] << 12,
+            },
+            Op::Teardown(r) => MmuOp::Unpin {
+                frame: self.roots[r][0] << 12,
+            },
+            Op::Rebuild(r) => return self.rebuild(r),
+            Op::Sync {
+                kern,
+                clear_a,
+                clear_d,
+            } => {
+                let (va, pages) = if kern {
+                    (KVA, KERN_L2 * 512)
+                } else {
+                    (0, USER_L2 * 512)
+                };
+                MmuOp::SyncAd {
+                    va,
+                    pages,
+                    clear_a,
+                    clear_d,
+                }
+            }
+            Op::Query(kern) => {
+                let (va, pages) = if kern {
+                    (KVA, KERN_L2 * 512)
+                } else {
+                    (0, USER_L2 * 512)
+                };
+                MmuOp::QueryAd {
+                    va,
+                    pages,
+                    bitmap_gpa: BITMAP,
+                }
+            }
+            Op::Flush(all) => {
+                if all {
+                    MmuOp::FlushTlb
+                } else {
+                    MmuOp::Invlpg { va: va_of(v) }
+                }
+            }
+            Op::Hostile {
+                table,
+                idx,
+                val,
+                preserve,
+            } => return self.hostile(table, idx, val, preserve),
+            Op::Raw { kind, a, b, level } => {
+                let (fa, fb) = (self.frame(a) << 12, self.frame(b) << 12);
+                match kind {
+                    0 => MmuOp::Pin { level, frame: fa },
+                    1 => MmuOp::Unpin { frame: fa },
+                    2 => MmuOp::RelocateTable { old: fa, new: fb },
+                    3 => MmuOp::ZeroFrame { frame: fa },
+                    _ => return self.hostile(a, usize::from(level), fb | T, false),
+                }
+            }
+        })
+    }
+
+    /// A hostile `PT_UPDATE`, kept within the model's one restriction: no global leaf and
+    /// no link to a kernel table outside the kernel half, and every L4 keeps its kernel half.
+    fn hostile(&self, table: Role, idx: usize, val: u64, preserve: bool) -> Option<MmuOp> {
+        let f = self.frame(table);
+        let kern_table = self.is_kern_frame(f);
+        if !kern_table && self.is_kern_frame((val & ADDR) >> 12) {
+            return None;
+        }
+        if self.roots.iter().any(|r| r[0] == f) && idx == 256 {
+            return None;
+        }
+        let val = if kern_table { val } else { val & !G };
+        Some(MmuOp::PtUpdate {
+            ptr: (f << 12) + 8 * idx as u64,
+            val,
+            preserve_ad: preserve,
+        })
+    }
+
+    /// Rewrites the (untyped) frames of address space `r` with plain stores and pins it.
+    fn rebuild(&mut self, r: usize) -> Option<MmuOp> {
+        let [l4, l3, l2] = self.roots[r];
+        if [l4, l3, l2].iter().any(|f| self.typed.contains_key(f)) {
+            return None;
+        }
+        for f in [l4, l3, l2] {
+            self.mem
+                .write_slice(&[0u8; 4096], GuestAddress(f << 12))
+                .unwrap();
+        }
+        self.wr(l4 << 12, (l3 << 12) | T);
+        self.wr((l4 << 12) + 8 * 256, (self.kern[0] << 12) | T);
+        self.wr(l3 << 12, (l2 << 12) | T);
+        self.wr(l2 << 12, (self.l1s[r] << 12) | T);
+        self.wr((l2 << 12) + 8, (self.l1s[3] << 12) | T);
+        self.wr((l2 << 12) + 16, BIG[0] | P | RW | US | PS);
+        Some(MmuOp::Pin {
+            level: 4,
+            frame: l4 << 12,
+        })
+    }
+}
+
+// ----- following the engine: one entry at a time -----
+
+impl World {
+    /// Applies `e` for vCPU `v` and checks everything it must have done.
+    fn exec(&mut self, v: usize, e: &MmuOp) -> Result<Result<(), HcError>, String> {
+        self.ops += 1;
+        let pre = match *e {
+            MmuOp::PtUpdate { ptr, .. } => self.mem.read_obj::<u64>(GuestAddress(ptr)).ok(),
+            _ => None,
+        };
+        let r = self.mmu.apply(&self.mem, v, e);
+        let here = |m: String| format!("{e:?} on vcpu {v} -> {r:?}: {m}");
+        match (*e, r) {
+            (
+                MmuOp::PtUpdate {
+                    ptr,
+                    val,
+                    preserve_ad,
+                },
+                Ok(()),
+            ) => self
+                .updated(ptr, pre.unwrap_or(0), val, preserve_ad)
+                .map_err(here)?,
+            (MmuOp::PtUpdate { ptr, .. }, Err(_))
+                if pre.is_some() && self.mem.read_obj::<u64>(GuestAddress(ptr)).ok() != pre =>
+            {
+                return Err(here("refused update changed the PTE".into()));
+            }
+            (MmuOp::Pin { level, frame }, Ok(())) => {
+                self.pinned.insert(frame >> 12, level);
+            }
+            (MmuOp::Unpin { frame }, Ok(())) => {
+                self.pinned.remove(&(frame >> 12));
+            }
+            (MmuOp::NewBaseptr { frame }, Ok(())) => self.vroot[v] = Some(frame >> 12),
+            (MmuOp::RelocateTable { old, new }, Ok(())) => self.rename(old >> 12, new >> 12),
+            (
+                MmuOp::SyncAd {
+                    va,
+                    pages,
+                    clear_a,
+                    clear_d,
+                },
+                Ok(()),
+            ) => {
+                let clear = if clear_a { A } else { 0 } | if clear_d { D } else { 0 };
+                self.synced(v, va, pages, clear).map_err(here)?
+            }
+            (MmuOp::QueryAd { va, pages, .. }, Ok(())) => {
+                self.queried(v, va, pages).map_err(here)?
+            }
+            (MmuOp::SyncAd { .. } | MmuOp::QueryAd { .. }, Err(er)) if self.vroot[v].is_some() => {
+                return Err(here(format!("A/D op refused: {er}")));
+            }
+            (MmuOp::Invlpg { .. } | MmuOp::FlushTlb, Err(_)) => return Err(here("refused".into())),
+            _ => {}
+        }
+        let reclaimed = self.mmu.counters().reclaimed_tables;
+        if reclaimed != self.reclaimed {
+            self.reclaimed = reclaimed;
+            cov(Cov::Reclaim);
+            for t in self.recs.values_mut() {
+                for r in t.iter_mut() {
+                    r.gone |= r.must;
+                }
+            }
+        }
+        self.retype().map_err(here)?;
+        Ok(r)
+    }
+
+    /// Checks the PTE a successful `PT_UPDATE` wrote and moves the slot's obligations.
+    fn updated(&mut self, ptr: u64, o: u64, val: u64, p: bool) -> Res {
+        let level = *self
+            .typed
+            .get(&(ptr >> 12))
+            .ok_or("update of an untyped table accepted")?;
+        let v = self.rd(ptr);
+        let kept = if p { o & AD } else { 0 };
+        let Ok(rec) = self.rec(ptr).copied() else {
+            // L3/L4: the value as given (PRESERVE_AD: old A/D ORed in).
+            return if v == val | kept {
+                Ok(())
+            } else {
+                Err(format!("PTE {v:#x}, want {:#x}", val | kept))
+            };
+        };
+        let same_mod_ad = o & P != 0 && val & P != 0 && (o ^ val) & !AD == 0;
+        let same_frame = leaf_at(level, o)
+            && leaf_at(level, val)
+            && leaf_frame(level, o) == leaf_frame(level, val);
+        let new = if same_mod_ad || same_frame {
+            if v & !AD != val & !AD || v & (val | kept) & AD != (val | kept) & AD {
+                return Err(format!("same-frame PTE {v:#x}, val {val:#x}, old {o:#x}"));
+            }
+            if v & AD & !(rec.may | val) != 0 {
+                return Err(format!("invented A/D: PTE {v:#x}, {rec:?}"));
+            }
+            let must = if p {
+                rec.must
+            } else {
+                (rec.must & !rec.gone) | (rec.must & val & AD)
+            };
+            if same_mod_ad && v != val | kept {
+                return Err(format!(
+                    "identical-mod-A/D PTE {v:#x}, want {:#x}",
+                    val | kept
+                ));
+            }
+            Rec {
+                must,
+                may: rec.may | (val & AD),
+                // Same frame, not identical: the harvest moved the shadow's bits into the
+                // written PTE (only a 4 KiB upgrade leaves them in the shadow).
+                gone: if same_mod_ad { rec.gone & must } else { must },
+            }
+        } else {
+            if !p && v != val {
+                return Err(format!("plain replace wrote {v:#x}, not {val:#x}"));
+            }
+            if p && leaf_at(level, o) && rec.must & D != 0 {
+                cov(Cov::PreserveOwedD);
+            }
+            let want = if p && leaf_at(level, o) {
+                (o | rec.must) & AD
+            } else {
+                kept
+            };
+            if v & !AD != val & !AD || v & AD & (want | val) != (want | val) & AD {
+                return Err(format!(
+                    "lost A/D on replace: PTE {v:#x}, val {val:#x}, old {o:#x}, {rec:?}"
+                ));
+            }
+            let allowed = val | if p { rec.may | o } else { 0 };
+            if v & AD & !allowed != 0 {
+                return Err(format!("invented A/D on replace: PTE {v:#x}, {rec:?}"));
+            }
+            Rec {
+                must: 0,
+                may: v & AD,
+                gone: 0,
+            }
+        };
+        *self.rec(ptr)? = new;
+        Ok(())
+    }
+
+    /// The guest leaf slots covering `va .. va + pages` in `vcpu`'s address space, with the
+    /// first page each covers and the number of pages.
+    fn leaves(&self, v: usize, va: u64) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let kern = va == KVA;
+        let Some(l2) = self.vroot[v].and_then(|r| self.region_l2(r, kern)) else {
+            return out;
+        };
+        for i in 0..if kern { KERN_L2 } else { USER_L2 } {
+            let e = self.rd((l2 << 12) + 8 * i);
+            if leaf_at(2, e) {
+                out.push(((l2 << 12) + 8 * i, i * 512, 512));
+            } else if e & P != 0 {
+                let l1 = (e & ADDR) >> 12;
+                for (j, x) in self.table(l1).iter().enumerate() {
+                    if x & P != 0 {
+                        out.push(((l1 << 12) + 8 * j as u64, i * 512 + j as u64, 1));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// After `SYNC_AD`: every leaf of the range shows exactly what it owes (minus cleared).
+    fn synced(&mut self, v: usize, va: u64, _pages: u64, clear: u64) -> Res {
+        for (slot, _, _) in self.leaves(v, va) {
+            let g = self.rd(slot) & AD;
+            let r = *self.rec(slot)?;
+            let keep = AD & !clear;
+            if r.must & keep & D != 0 {
+                cov(Cov::SyncOwedD);
+            }
+            if g & clear != 0 {
+                return Err(format!("{slot:#x}: {g:#x} after clearing {clear:#x}"));
+            }
+            if r.must & keep & !g != 0 {
+                return Err(format!("lost A/D at {slot:#x}: guest {g:#x}, {r:?}"));
+            }
+            if g & !r.may != 0 {
+                return Err(format!("invented A/D at {slot:#x}: guest {g:#x}, {r:?}"));
+            }
+            let r = self.rec(slot)?;
+            r.must &= !clear;
+            r.may &= !clear;
+            r.gone &= !clear;
+        }
+        Ok(())
+    }
+
+    /// After `QUERY_AD`: each page's accessed and dirty bits are what its leaf owes, at
+    /// most what it may show, and 0 where nothing is mapped.
+    fn queried(&mut self, v: usize, va: u64, pages: u64) -> Res {
+        let b = hypercall::ad_bitmap_bytes(pages);
+        let mut bits = vec![0u8; 2 * b as usize];
+        self.mem
+            .read_slice(&mut bits, GuestAddress(BITMAP))
+            .unwrap();
+        let bit = |base: usize, p: u64| bits[base + (p / 8) as usize] >> (p % 8) & 1 != 0;
+        let mut mapped = vec![false; pages as usize];
+        for (slot, first, n) in self.leaves(v, va) {
+            let r = *self.rec(slot)?;
+            for p in first..first + n {
+                mapped[p as usize] = true;
+                for (base, m) in [(0, A), (b as usize, D)] {
+                    let got = bit(base, p);
+                    if r.must & m != 0 {
+                        cov(if m == D {
+                            Cov::QueryOwedD
+                        } else {
+                            Cov::QueryOwedA
+                        });
+                    }
+                    if (r.must & m != 0 && !got) || (got && r.may & m == 0) {
+                        return Err(format!(
+                            "page {p} bit {m:#x}: {got}, {r:?} (slot {slot:#x})"
+                        ));
+                    }
+                }
+            }
+        }
+        for p in 0..pages {
+            if !mapped[p as usize] && (bit(0, p) || bit(b as usize, p)) {
+                return Err(format!("unmapped page {p} reported"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A relocation moved table `old` to `new`.
+    fn rename(&mut self, old: u64, new: u64) {
+        cov(Cov::Relocated);
+        let mv = |f: &mut u64| {
+            if *f == old {
+                *f = new;
+            }
+        };
+        self.roots.iter_mut().flatten().for_each(mv);
+        self.l1s.iter_mut().for_each(mv);
+        self.kern.iter_mut().for_each(mv);
+        self.vroot.iter_mut().flatten().for_each(mv);
+        if let Some(s) = self.spares.iter_mut().find(|s| **s == new) {
+            *s = old;
+        }
+        if let Some(l) = self.pinned.remove(&old) {
+            self.pinned.insert(new, l);
+        }
+        if let Some(l) = self.typed.remove(&old) {
+            self.typed.insert(new, l);
+        }
+        if let Some(r) = self.recs.remove(&old) {
+            self.recs.insert(new, r);
+        }
+        for t in self.tlb.iter_mut().flat_map(|t| t.values_mut()) {
+            if t.slot >> 12 == old {
+                t.slot = (new << 12) | (t.slot & 0xfff);
+            }
+        }
+    }
+
+    /// The page-table types implied by the pins and the guest tables.
+    fn closure(&self) -> Result<HashMap<u64, u8>, String> {
+        let mut typed = HashMap::new();
+        let mut stack: Vec<(u64, u8)> = self.pinned.iter().map(|(&f, &l)| (f, l)).collect();
+        while let Some((f, l)) = stack.pop() {
+            match typed.insert(f, l) {
+                Some(x) if x != l => return Err(format!("frame {f:#x} typed L{x} and L{l}")),
+                Some(_) => continue,
+                None => {}
+            }
+            if l == 1 {
+                continue;
+            }
+            for e in self.table(f) {
+                if e & P != 0 && !leaf_at(l, e) {
+                    stack.push(((e & ADDR) >> 12, l - 1));
+                }
+            }
+        }
+        Ok(typed)
+    }
+
+    /// Types follow pins and references, exactly as the engine has them; a table that lost
+    /// its type holds every A/D the CPU owed it; a new one starts owing nothing.
+    fn retype(&mut self) -> Res {
+        let now = self.closure()?;
+        for pfn in 0..RAM_END >> 12 {
+            let e = self.mmu.frame_type(pfn << 12);
+            if e != now.get(&pfn).copied() {
+                return Err(format!(
+                    "frame {pfn:#x}: engine type {e:?}, model {:?}",
+                    now.get(&pfn)
+                ));
+            }
+        }
+        let gone: Vec<u64> = self
+            .typed
+            .keys()
+            .filter(|f| !now.contains_key(f))
+            .copied()
+            .collect();
+        for f in gone {
+            if let Some(recs) = self.recs.remove(&f) {
+                let g = self.table(f);
+                for (i, r) in recs.iter().enumerate() {
+                    let ad = g[i] & AD;
+                    if r.must & D != 0 {
+                        cov(Cov::TeardownOwedD);
+                    }
+                    if r.must & !ad != 0 || (g[i] & P != 0 && ad & !r.may != 0) {
+                        return Err(format!("table {f:#x} untyped: [{i}] = {:#x}, {r:?}", g[i]));
+                    }
+                }
+            }
+        }
+        for (&f, &l) in &now {
+            if l <= 2 && !self.recs.contains_key(&f) {
+                let g = self.table(f);
+                let recs = std::array::from_fn(|i| Rec {
+                    must: 0,
+                    may: g[i] & AD,
+                    gone: 0,
+                });
+                self.recs.insert(f, Box::new(recs));
+            }
+        }
+        self.typed = now;
+        Ok(())
+    }
+}
+
+fn run(vcpus: usize, pool: u64, steps: &[Step]) -> Result<(u64, u64), TestCaseError> {
+    let mut w = World::new(vcpus, pool);
+    w.boot()
+        .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
+    for (i, s) in steps.iter().enumerate() {
+        w.step(s)
+            .map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
+    }
+    // A final sweep: every vCPU syncs both regions of its address space.
+    for v in 0..vcpus {
+        for kern in [false, true] {
+            let sync = Op::Sync {
+                kern,
+                clear_a: false,
+                clear_d: false,
+            };
+            w.batch(v, &[sync])
+                .map_err(|e| TestCaseError::fail(format!("final sync: {e}")))?;
+        }
+    }
+    Ok((w.ops, w.accesses))
+}
+
+fn case() -> impl Strategy<Value = (usize, u64, Vec<Step>)> {
+    (
+        prop::sample::select(vec![2usize, 4]),
+        prop::sample::select(vec![11u64, 16, 64]),
+        prop::collection::vec(step_strategy(), 1..120),
+    )
+}
+
+/// The default run (a few seconds in release): 48 cases of up to 120 steps, then every
+/// cover item must have happened at least once.
+#[test]
+fn tlb_model_matches() {
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&case(), |(vcpus, pool, steps)| {
+            run(vcpus, pool, &steps).map(|_| ())
+        })
+        .unwrap();
+    eprintln!("coverage: {:?}", coverage());
+    for (c, n) in coverage() {
+        assert!(n > 0, "never exercised: {c:?} ({:?})", coverage());
+    }
+}
+
+/// The long run: at least 1,000,000 engine ops with TLBs on 2 and 4 vCPUs
+/// (`cargo test -p shadow --release --test tlb_model -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn tlb_model_1m_ops() {
+    use proptest::test_runner::{Config, TestRunner};
+    let start = std::time::Instant::now();
+    let (ops, acc) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let long = (
+        prop::sample::select(vec![2usize, 4]),
+        prop::sample::select(vec![11u64, 16, 64]),
+        prop::collection::vec(step_strategy(), 250..300),
+    );
+    runner
+        .run(&long, |(vcpus, pool, steps)| {
+            let (o, a) = run(vcpus, pool, &steps)?;
+            ops.set(ops.get() + o);
+            acc.set(acc.get() + a);
+            Ok(())
+        })
+        .unwrap();
+    let n = ops.get();
+    eprintln!(
+        "tlb model: {n} engine ops, {} CPU accesses in {:?}",
+        acc.get(),
+        start.elapsed()
+    );
+    eprintln!("coverage: {:?}", coverage());
+    assert!(n >= 1_000_000, "only {n} ops");
+}
+
+#[test]
+fn the_model_sees_writes_and_flushes() {
+    // A fixed scenario: a write through vCPU 1, a clearing sync, another write: the second
+    // write must re-walk (the clear flushed) and set D again.
+    let mut w = World::new(2, 64);
+    w.boot().unwrap();
+    let write = |w: &mut World, vcpu| {
+        w.access(&Access {
+            vcpu,
+            va: 1,
+            write: true,
+            user: true,
+        })
+        .unwrap()
+    };
+    write(&mut w, 1);
+    assert_eq!(w.tlb[1].len(), 1);
+    w.batch(
+        1,
+        &[Op::Sync {
+            kern: false,
+            clear_a: true,
+            clear_d: true,
+        }],
+    )
+    .unwrap();
+    assert!(w.tlb[1].is_empty(), "the clear flushed");
+    write(&mut w, 1);
+    w.batch(
+        1,
+        &[Op::Sync {
+            kern: false,
+            clear_a: false,
+            clear_d: false,
+        }],
+    )
+    .unwrap();
+    let slot = w.tlb[1].values().next().unwrap().slot;
+    assert_eq!(w.rd(slot) & AD, AD);
+    assert!(w.writes.values().sum::<u64>() >= 2);
+}
