@@ -2,7 +2,7 @@
 //! against NULL hypercalls on the pio doorbell, measured in one run by a tiny hand-assembled
 //! guest whose two loops execute the same number of instructions.
 
-use crate::cli::{HypercallMode, RunArgs, SerialMode, StatsMode};
+use crate::cli::{HypercallMode, RunArgs, SeccompMode, SerialMode, StatsMode};
 use crate::devices::BusDevice;
 use crate::error::SetupError;
 use hypercall::{op, RequestHeader, DOORBELL_PORT};
@@ -121,8 +121,8 @@ pub struct ExitBench {
     pub null_ns: f64,
 }
 
-/// Runs the benchmark guest once.
-pub fn run_once(n: u32) -> Result<ExitBench, SetupError> {
+/// Runs the benchmark guest once, its vCPU thread under `seccomp`.
+pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
     let path = std::env::temp_dir().join(format!("pvmm-bench-exits-{}.elf", std::process::id()));
     std::fs::write(&path, tiny_elf(LOAD, &guest_image(n))).map_err(|source| {
         SetupError::OutputFile {
@@ -144,6 +144,12 @@ pub fn run_once(n: u32) -> Result<ExitBench, SetupError> {
         hypercall: HypercallMode::Pio,
         shadow_pool: 1 << 20,
         verbose: 0,
+        seccomp,
+        uid: None,
+        gid: None,
+        debug_seccomp_violation: false,
+        // This thread runs one VM after another: only the VM's own threads are filtered.
+        seccomp_supervisor: false,
     };
     let marks = Arc::new(Mutex::new(Marker::default()));
     let out = crate::vm::run_with_devices(
@@ -179,51 +185,110 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs `repeat` measurements; returns a report of floor, NULL cost, their ratio, median and
-/// spread (text, or one JSON object with `json`).
-pub fn run(n: u32, repeat: u32, json: bool) -> Result<String, SetupError> {
-    let mut floor = Vec::new();
-    let mut null = Vec::new();
-    let mut ratio = Vec::new();
+/// The measurements of one configuration.
+#[derive(Clone, Debug, Default)]
+struct Series {
+    floor: Vec<f64>,
+    null: Vec<f64>,
+    ratio: Vec<f64>,
+}
+
+/// Runs `repeat` rounds; each round measures every mode once, in turn (so slow drift in the
+/// host affects all modes alike).
+fn collect(n: u32, repeat: u32, modes: &[SeccompMode]) -> Result<Vec<Series>, SetupError> {
+    let mut out = vec![Series::default(); modes.len()];
     for _ in 0..repeat {
-        let r = run_once(n)?;
-        floor.push(r.floor_ns);
-        null.push(r.null_ns);
-        ratio.push(r.null_ns / r.floor_ns);
+        for (s, &mode) in out.iter_mut().zip(modes) {
+            let r = run_once(n, mode)?;
+            s.floor.push(r.floor_ns);
+            s.null.push(r.null_ns);
+            s.ratio.push(r.null_ns / r.floor_ns);
+        }
     }
-    let spread = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(0.0, f64::max);
-        (lo, hi)
-    };
-    let (fl, fh) = spread(&floor);
-    let (nl, nh) = spread(&null);
-    let (rl, rh) = spread(&ratio);
-    if json {
-        return Ok(serde_json::json!({
-            "iterations": n, "repeat": repeat,
-            "floor_ns": median(&mut floor), "floor_min_ns": fl, "floor_max_ns": fh,
-            "null_ns": median(&mut null), "null_min_ns": nl, "null_max_ns": nh,
-            "ratio": median(&mut ratio), "ratio_min": rl, "ratio_max": rh,
-        })
-        .to_string()
-            + "\n");
+    Ok(out)
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    (lo, hi)
+}
+
+fn mode_name(m: SeccompMode) -> &'static str {
+    match m {
+        SeccompMode::Kill => "kill",
+        SeccompMode::Log => "log",
+        SeccompMode::Off => "off",
     }
-    Ok(format!(
-        "exit floor vs NULL hypercall ({n} iterations x {repeat} runs, pio transport, same 5-instruction CPL0 loop)\n\
+}
+
+fn to_json(n: u32, repeat: u32, mode: SeccompMode, s: &Series) -> serde_json::Value {
+    let (mut floor, mut null, mut ratio) = (s.floor.clone(), s.null.clone(), s.ratio.clone());
+    let ((fl, fh), (nl, nh), (rl, rh)) = (spread(&floor), spread(&null), spread(&ratio));
+    serde_json::json!({
+        "iterations": n, "repeat": repeat, "seccomp": mode_name(mode),
+        "floor_ns": median(&mut floor), "floor_min_ns": fl, "floor_max_ns": fh,
+        "null_ns": median(&mut null), "null_min_ns": nl, "null_max_ns": nh,
+        "ratio": median(&mut ratio), "ratio_min": rl, "ratio_max": rh,
+    })
+}
+
+fn to_text(n: u32, repeat: u32, mode: SeccompMode, s: &Series) -> String {
+    let (mut floor, mut null, mut ratio) = (s.floor.clone(), s.null.clone(), s.ratio.clone());
+    let ((fl, fh), (nl, nh), (rl, rh)) = (spread(&floor), spread(&null), spread(&ratio));
+    let r = median(&mut ratio);
+    format!(
+        "exit floor vs NULL hypercall ({n} iterations x {repeat} runs, pio transport, same 5-instruction CPL0 loop, seccomp {})\n\
          raw port write (unassigned port {FLOOR_PORT:#x}): median {:.0} ns/exit   [min {:.0}, max {:.0}]\n\
          NULL hypercall (doorbell {DOORBELL_PORT:#x}):      median {:.0} ns/call   [min {:.0}, max {:.0}]\n\
-         ratio NULL/floor: median {:.3} ({:+.1}% overhead)  [min {:.3}, max {:.3}]   target <= 1.10\n",
+         ratio NULL/floor: median {r:.3} ({:+.1}% overhead)  [min {rl:.3}, max {rh:.3}]   target <= 1.10\n",
+        mode_name(mode),
         median(&mut floor),
         fl,
         fh,
         median(&mut null),
         nl,
         nh,
-        median(&mut ratio.clone()),
-        (median(&mut ratio) - 1.0) * 100.0,
-        rl,
-        rh
+        (r - 1.0) * 100.0,
+    )
+}
+
+/// Runs `repeat` measurements with the vCPU threads under `seccomp`; returns a report of
+/// floor, NULL cost, their ratio, median and spread (text, or one JSON object with `json`).
+pub fn run(n: u32, repeat: u32, json: bool, seccomp: SeccompMode) -> Result<String, SetupError> {
+    let s = collect(n, repeat, &[seccomp])?;
+    let s = s.first().cloned().unwrap_or_default();
+    Ok(if json {
+        to_json(n, repeat, seccomp, &s).to_string() + "\n"
+    } else {
+        to_text(n, repeat, seccomp, &s)
+    })
+}
+
+/// The same measurement without and with seccomp filters (`kill`), interleaved in one run:
+/// both reports and the ratio of their NULL/floor medians (JSON: `{"off": .., "kill": ..,
+/// "ratio_kill_over_off": ..}`).
+pub fn compare_seccomp(n: u32, repeat: u32, json: bool) -> Result<String, SetupError> {
+    let modes = [SeccompMode::Off, SeccompMode::Kill];
+    let s = collect(n, repeat, &modes)?;
+    let (off, kill) = match s.as_slice() {
+        [a, b] => (a, b),
+        _ => return Err(SetupError::other("bench", "missing series")),
+    };
+    let rel = median(&mut kill.ratio.clone()) / median(&mut off.ratio.clone());
+    if json {
+        let v = serde_json::json!({
+            "off": to_json(n, repeat, SeccompMode::Off, off),
+            "kill": to_json(n, repeat, SeccompMode::Kill, kill),
+            "ratio_kill_over_off": rel,
+        });
+        return Ok(v.to_string() + "\n");
+    }
+    Ok(format!(
+        "{}{}NULL/floor ratio with filters / without: {rel:.3} ({:+.1}%)\n",
+        to_text(n, repeat, SeccompMode::Off, off),
+        to_text(n, repeat, SeccompMode::Kill, kill),
+        (rel - 1.0) * 100.0
     ))
 }
 

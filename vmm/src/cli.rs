@@ -2,6 +2,7 @@
 
 use crate::error::exit_code;
 use crate::layout::{MAX_MEM, MAX_POOL, MIN_MEM, MIN_POOL};
+pub use crate::seccomp::SeccompMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -41,6 +42,12 @@ pub enum Command {
         /// Print one JSON object (floor_ns, null_ns, ratio medians) instead of text.
         #[arg(long)]
         json: bool,
+        /// Seccomp filters on the benchmark's vCPU threads: kill, log or off.
+        #[arg(long, value_enum, default_value = "kill")]
+        seccomp: SeccompMode,
+        /// Measure without and with seccomp filters, interleaved in one run, and report both.
+        #[arg(long, conflicts_with = "seccomp")]
+        compare_seccomp: bool,
     },
 }
 
@@ -124,6 +131,24 @@ pub struct RunArgs {
     /// hypercall, -vvv every exit (stderr).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Per-thread seccomp filters: kill (a syscall outside a thread's allow-list ends the
+    /// VM: one line, exit code 208), log (it is refused with EPERM and the first one
+    /// reported; the VM goes on) or off.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub seccomp: SeccompMode,
+    /// Become this user before opening anything (pvmm must start as root; with --gid).
+    #[arg(long, value_name = "UID", requires = "gid")]
+    pub uid: Option<u32>,
+    /// Become this group before opening anything (with --uid).
+    #[arg(long, value_name = "GID", requires = "uid")]
+    pub gid: Option<u32>,
+    /// Test only: vCPU 0 makes a syscall outside its allow-list at its first exit.
+    #[arg(long, hide = true)]
+    pub debug_seccomp_violation: bool,
+    /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
+    /// several VMs in turn, filters only the VM's own threads.
+    #[arg(skip = true)]
+    pub seccomp_supervisor: bool,
 }
 
 impl RunArgs {

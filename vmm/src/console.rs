@@ -1,6 +1,7 @@
 //! Stdin → serial input through event-manager, and the terminal raw-mode guard.
 
 use crate::devices::serial::SerialDevice;
+use crate::seccomp::{Filters, ThreadKind};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -136,10 +137,12 @@ impl MutEventSubscriber for StdinInput {
     }
 }
 
-/// Spawns the input thread; it runs until `stop` is set.
+/// Spawns the input thread; it installs its seccomp filter once its epoll set is ready and
+/// runs until `stop` is set.
 pub fn spawn_stdin(
     serial: Arc<Mutex<SerialDevice>>,
     stop: Arc<AtomicBool>,
+    filters: Arc<Filters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("pvmm-stdin".into())
@@ -152,6 +155,12 @@ pub fn spawn_stdin(
                 serial,
                 escape: Escape::default(),
             })));
+            // Before the first byte of input is handled.
+            if let Err(e) = filters.install(ThreadKind::Stdin, 0) {
+                log::error!("{e}; ending the VM");
+                stop.store(true, Ordering::Release);
+                return;
+            }
             while !stop.load(Ordering::Acquire) {
                 if em.run_with_timeout(100).is_err() {
                     break;

@@ -20,6 +20,8 @@ pub mod kick;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod privilege;
+pub mod seccomp;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;

@@ -41,9 +41,16 @@ fn main() -> ExitCode {
             iterations,
             repeat,
             json,
+            seccomp,
+            compare_seccomp,
         } => {
             init_logging(0);
-            return match vmm::bench::run(iterations, repeat, json) {
+            let r = if compare_seccomp {
+                vmm::bench::compare_seccomp(iterations, repeat, json)
+            } else {
+                vmm::bench::run(iterations, repeat, json, seccomp)
+            };
+            return match r {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
@@ -78,7 +85,8 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-/// Where the final report goes, opened (and validated) before the VM starts.
+/// Where the final report goes, opened (and validated) before the VM starts: once the
+/// seccomp filters are on, nothing can be opened any more.
 enum StatsOut {
     File(std::fs::File, std::path::PathBuf),
     Stdout,
@@ -88,8 +96,14 @@ enum StatsOut {
 impl StatsOut {
     fn open(args: &RunArgs) -> anyhow::Result<StatsOut> {
         if let Some(p) = &args.stats_file {
-            let f = std::fs::File::create(p)
+            // Emptied, then held open in append mode: with --stats-interval the interval lines
+            // (written through their own descriptor) come first, the final report after them.
+            std::fs::File::create(p)
                 .with_context(|| format!("cannot create stats file '{}'", p.display()))?;
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open stats file '{}'", p.display()))?;
             return Ok(StatsOut::File(f, p.clone()));
         }
         Ok(match args.stats {
@@ -111,11 +125,16 @@ impl StatsOut {
 
 fn run(args: &RunArgs) -> anyhow::Result<i32> {
     args.validate().map_err(anyhow::Error::msg)?;
+    // Before anything is opened: every file and the KVM device are opened as that user.
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
+        vmm::privilege::drop_to(uid, gid, &vmm::vm::build::kvm_device())?;
+    }
     let sink = StatsOut::open(args)?;
     let out = vmm::vm::run(args, &vmm::hcall::mmu_batch::factory)?;
     if let Some(m) = &out.message {
         eprintln!("pvmm: {m}");
     }
+    report_seccomp_refusals();
     for r in &out.regs {
         eprint!("{r}");
     }
@@ -127,18 +146,19 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
         (StatsMode::Json, false) => Some(report::to_json(&out.report) + "\n"),
     };
     if let Some(t) = text {
-        // With --stats-interval the file already holds the interval lines: append.
-        let sink = match sink {
-            StatsOut::File(_, p) if args.stats_interval.is_some() => {
-                let f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&p)
-                    .with_context(|| format!("opening stats file '{}'", p.display()))?;
-                StatsOut::File(f, p)
-            }
-            other => other,
-        };
         sink.write(&t)?;
     }
     Ok(out.exit_code)
+}
+
+/// With `--seccomp log`: how many syscalls the filters refused, and the first (the thread
+/// that made it reported it by name when it happened).
+fn report_seccomp_refusals() {
+    if let Some(v) = vmm::seccomp::sigsys::violation() {
+        let name = vmm::seccomp::names::name(v.nr).unwrap_or("unknown");
+        eprintln!(
+            "pvmm: seccomp: {} syscall(s) outside the allow-lists were refused (--seccomp log); the first: {name} in {}",
+            v.count, v.thread
+        );
+    }
 }

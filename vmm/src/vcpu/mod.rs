@@ -11,6 +11,7 @@ pub use effects::CR3_FLUSH_TOGGLE;
 pub use end::VcpuEnd;
 
 use crate::memory::PoolSlot;
+use crate::seccomp::{self, Filters, ThreadKind};
 use crate::stats::kvm_stats::KvmStats;
 use crate::stats::VcpuStats;
 use crate::vm_ops::VmOps;
@@ -46,6 +47,10 @@ pub struct Vcpu {
     pub snapshots: Option<SnapshotLink>,
     /// Last snapshot epoch answered.
     pub seen_epoch: u64,
+    /// The seccomp filters; the thread installs the vCPU one before its first `KVM_RUN`.
+    pub filters: Arc<Filters>,
+    /// Test only: make a syscall outside the allow-list at the first exit.
+    pub provoke_violation: bool,
 }
 
 /// What the loop returns.
@@ -61,6 +66,13 @@ pub struct VcpuResult {
 impl Vcpu {
     /// Runs until the guest exits, fails, or the VM is stopped.
     pub fn run(mut self) -> VcpuResult {
+        if let Err(e) = self.filters.install(ThreadKind::Vcpu, self.index) {
+            return VcpuResult {
+                end: VcpuEnd::VmmFailure(e.to_string()),
+                stats: self.stats,
+                regs: None,
+            };
+        }
         let end = self.run_loop();
         if let Some(v) = self.read_kvm_stats() {
             self.stats.kvm_end = v;
@@ -90,6 +102,9 @@ impl Vcpu {
                 Err(e) => return VcpuEnd::VmmFailure(format!("KVM_RUN: {e}")),
                 Ok(exit) => exit::handle_exit(exit, &*self.vm, self.index, &mut self.stats, t1),
             };
+            if std::mem::take(&mut self.provoke_violation) {
+                seccomp::sigsys::provoke_violation();
+            }
             let end = self.finish(next);
             let handled = t1.elapsed().as_nanos() as u64;
             self.stats.vmm_ns += handled;

@@ -16,6 +16,7 @@ use crate::hcall::probe::{self, TransportChoice};
 use crate::hcall::Dispatcher;
 use crate::layout::Layout;
 use crate::memory::{self, PoolSlot};
+use crate::seccomp::Filters;
 use crate::stats::kvm_stats::KvmStats;
 use crate::stats::VcpuStats;
 use crate::vcpu::{SnapshotLink, Vcpu};
@@ -53,12 +54,14 @@ pub struct BuiltVm {
     pub vm: Arc<VmFd>,
     /// Guest memory, kept alive for as long as the vCPUs run.
     pub mem: GuestMemoryMmap,
+    /// The compiled per-thread seccomp filters (each thread installs its own).
+    pub filters: Arc<Filters>,
 }
 
 /// Opens `/dev/kvm`, or the device named by `PVMM_KVM_DEVICE` (used by tests to simulate a
 /// missing device).
 pub fn open_kvm() -> Result<Kvm, SetupError> {
-    let path = std::env::var("PVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let path = kvm_device();
     let c = std::ffi::CString::new(path.clone()).map_err(|_| {
         SetupError::NoKvm(
             std::io::Error::from(std::io::ErrorKind::InvalidInput),
@@ -69,10 +72,17 @@ pub fn open_kvm() -> Result<Kvm, SetupError> {
         .map_err(|e| SetupError::NoKvm(std::io::Error::from_raw_os_error(e.errno()), path))
 }
 
+/// The KVM device node: `$PVMM_KVM_DEVICE`, else `/dev/kvm`.
+pub fn kvm_device() -> String {
+    std::env::var("PVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
 /// Builds everything `args` describes; `mmu` makes the MMU_BATCH handler, `extra` adds
 /// port devices.
 pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<BuiltVm, SetupError> {
     kick::install().map_err(|e| SetupError::other("installing the vCPU kick signal", e))?;
+    let filters = Filters::compile(args.seccomp).map_err(|e| SetupError::other("seccomp", e))?;
+    let filters = Arc::new(filters);
     let kvm = open_kvm()?;
     let layout = Layout::new(args.mem, args.shadow_pool)?;
     // Fail fast on unreadable files before doing anything expensive.
@@ -102,6 +112,8 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         stop: stop.clone(),
         snapshots: link,
         dump_regs: args.verbose > 0,
+        filters: filters.clone(),
+        provoke_violation: args.debug_seccomp_violation,
     };
     let leaves = CpuidLeaves::new(dispatcher.features(), transport.transport, DOORBELL_PORT);
     let vcpus = create_vcpus(&kvm, &vm, vcpus, entry, &leaves, &shared)?;
@@ -114,6 +126,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         transport,
         vm,
         mem,
+        filters,
     })
 }
 
@@ -227,6 +240,8 @@ struct VcpuShared {
     stop: Arc<AtomicBool>,
     snapshots: Option<SnapshotLink>,
     dump_regs: bool,
+    filters: Arc<Filters>,
+    provoke_violation: bool,
 }
 
 /// Creates `count` vCPUs with CPUID, MSRs and (vCPU 0) long mode at `entry`.
@@ -271,6 +286,8 @@ fn create_vcpus(
             dump_regs: shared.dump_regs,
             snapshots: shared.snapshots.clone(),
             seen_epoch: 0,
+            filters: shared.filters.clone(),
+            provoke_violation: shared.provoke_violation && i == 0,
         });
     }
     Ok(built)

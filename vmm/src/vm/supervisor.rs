@@ -6,6 +6,7 @@ use crate::cli::{RunArgs, SerialMode};
 use crate::console::{self, RawModeGuard};
 use crate::error::SetupError;
 use crate::hcall::Dispatcher;
+use crate::seccomp::ThreadKind;
 use crate::stats::interval::IntervalWriter;
 use crate::stats::report::VmInfo;
 use crate::stats::VcpuStats;
@@ -52,7 +53,7 @@ pub fn supervise(
     let interactive = args.serial == SerialMode::Stdio && console::stdin_is_interactive();
     let raw = interactive.then(RawModeGuard::enter).flatten();
     let stdin_thread = interactive
-        .then(|| console::spawn_stdin(vm.serial.clone(), vm.stop.clone()).ok())
+        .then(|| console::spawn_stdin(vm.serial.clone(), vm.stop.clone(), vm.filters.clone()).ok())
         .flatten();
     let (tx, rx) = mpsc::channel::<(usize, VcpuResult)>();
     let mut threads = Vec::with_capacity(count);
@@ -68,6 +69,15 @@ pub fn supervise(
         threads.push(t);
     }
     drop(tx);
+    if args.seccomp_supervisor {
+        if let Err(e) = vm.filters.install(ThreadKind::Supervisor, 0) {
+            // Nothing guest-fed has been handled yet: stop the vCPUs and give up.
+            vm.stop.store(true, Ordering::Release);
+            threads.iter().for_each(kick::kick);
+            threads.into_iter().for_each(|t| drop(t.join()));
+            return Err(SetupError::other("seccomp", e));
+        }
+    }
     let deadline = args
         .timeout
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
