@@ -57,7 +57,7 @@ clean:
 
 # Mutation testing of the shadow engine with cargo-mutants (crates.io); slow: hours on 2
 # cores (MUTANTS_ARGS="-f shadow/src/ad.rs" narrows it). Survivors are listed in
-# mutants.out/missed.txt; equivalent ones are explained in shadow/README.md.
+# target/mutants.out/missed.txt; equivalent ones are explained in shadow/README.md.
 mutants:
 	@command -v cargo-mutants >/dev/null || $(CARGO) install cargo-mutants --locked
-	$(CARGO) mutants -p shadow -e shadow/src/debug.rs --timeout-multiplier 3 -j 1 $(MUTANTS_ARGS)
+	$(CARGO) mutants -p shadow -e shadow/src/debug.rs --timeout-multiplier 3 -j 1 -o target $(MUTANTS_ARGS)
