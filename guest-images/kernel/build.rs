@@ -1,5 +1,6 @@
 //! Links the kernel at its fixed address and builds the ring-3 selftest programs (the
-//! `user` crate, its own workspace) so that main.rs can embed them with include_bytes!.
+//! `user` member of this workspace, with its own link flags and target directory) so that
+//! selftest.rs can embed them with include_bytes!.
 use std::path::PathBuf;
 use std::process::Command;
 
