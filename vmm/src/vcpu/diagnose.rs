@@ -197,6 +197,9 @@ pub fn mnemonic(code: &[u8], long: bool) -> Option<&'static str> {
         (0xa2, ..) => "cpuid",
         (0x78, ..) => "vmread",
         (0x79, ..) => "vmwrite",
+        (0x10..=0x17 | 0x28..=0x2f | 0x50..=0x7f | 0xc2..=0xc6 | 0xd0..=0xff, ..) => {
+            "an SSE/MMX instruction"
+        }
         _ => return None,
     })
 }
@@ -277,6 +280,10 @@ mod tests {
         assert_eq!(
             mnemonic(&[0xc5, 0xf8, 0x77], true),
             Some("a VEX-encoded (AVX) instruction")
+        );
+        assert_eq!(
+            mnemonic(&[0x0f, 0x57, 0xc0], true),
+            Some("an SSE/MMX instruction")
         );
         assert_eq!(mnemonic(&[0x90], true), None);
         assert_eq!(mnemonic(&[0x0f], true), None, "truncated code");
