@@ -30,16 +30,21 @@ function judge_suite(transport,    why) {
     return why
 }
 
+# Five checks; nok/nnot count them for the summary's passed/failed columns.
+function check(ok, what) {
+    if (ok) { nok++; return "" }
+    nnot++
+    return what "; "
+}
+
 function judge_linux(    why, d) {
-    why = ""
-    if (!lx_marker) why = why "no userspace marker; "
-    if (lx_before == "" || num(lx_after) <= num(lx_before))
-        why = why "timer did not tick (" lx_before " -> " lx_after "); "
+    nok = 0; nnot = 0
     d = num(lx_up1) - num(lx_up0)
-    if (lx_up0 == "" || lx_up1 == "" || d < 1.0)
-        why = why "sleep 1 did not take 1 s of uptime (" lx_up0 " -> " lx_up1 "); "
-    if (lx_echo != token) why = why "serial input not echoed (got '" lx_echo "'); "
-    if (rc != 0) why = why "pvmm exit status " rc "; "
+    why = check(lx_marker, "no userspace marker") \
+        check(lx_before != "" && num(lx_after) > num(lx_before), "timer did not tick (" lx_before " -> " lx_after ")") \
+        check(lx_up0 != "" && lx_up1 != "" && d >= 1.0, "sleep 1 did not take 1 s of uptime (" lx_up0 " -> " lx_up1 ")") \
+        check(lx_echo == token, "serial input not echoed (got '" lx_echo "')") \
+        check(rc == 0, "pvmm exit status " rc " (reboot -f must end the VM with 0)")
     return why
 }
 

@@ -15,6 +15,7 @@
 #   SVM_BED_TIMEOUT    seconds per QEMU boot (default 2400)
 #   SVM_BED_VERBOSE=1  stream the whole serial console (default: step progress only)
 #   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
+#   SVM_BED_QEMU       the QEMU binary (default qemu-system-x86_64)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,6 +28,7 @@ SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:au
 DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto"
 BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
 PACKAGES="qemu-system-x86 busybox-static cpio"
+QEMU=${SVM_BED_QEMU:-qemu-system-x86_64}
 
 log() { echo "svm-bed: $*"; }
 
@@ -56,14 +58,14 @@ static_busybox() {
 }
 
 install_tools() {
-    command -v qemu-system-x86_64 >/dev/null && command -v cpio >/dev/null && static_busybox && return 0
+    command -v "$QEMU" >/dev/null && command -v cpio >/dev/null && static_busybox && return 0
     command -v apt-get >/dev/null || skip "QEMU/busybox-static/cpio missing and no apt-get to install them"
     apt_update || skip "cannot reach Debian's archive (apt-get update failed, see $BED/apt-update.log)"
     log "installing $PACKAGES"
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends $PACKAGES \
         >"$BED/apt-install.log" 2>&1 || skip "cannot install $PACKAGES (see $BED/apt-install.log)"
-    command -v qemu-system-x86_64 >/dev/null && static_busybox ||
-        skip "installed $PACKAGES but qemu-system-x86_64 or a static /bin/busybox is still missing"
+    command -v "$QEMU" >/dev/null && static_busybox ||
+        skip "installed $PACKAGES but $QEMU or a static /bin/busybox is still missing"
 }
 
 # Sets KVER and KDIR: the stock kernel linux-image-amd64 depends on, unpacked under $BED.
@@ -149,7 +151,7 @@ boot() {
     local cpus=$1 steps=$2 out=$3 accel=tcg
     [ "$cpus" -gt 1 ] && accel=tcg,thread=multi
     log "boot: QEMU TCG, $cpus CPU(s), steps $steps"
-    timeout -k 10 "$TIMEOUT" qemu-system-x86_64 -accel "$accel" -cpu qemu64,+svm,+npt -m 2G \
+    timeout -k 10 "$TIMEOUT" "$QEMU" -accel "$accel" -cpu qemu64,+svm,+npt -m 2G \
         -smp "$cpus" -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$BED/initrd.gz" \
         -append "console=ttyS0 panic=-1 quiet loglevel=3 bed.steps=$steps bed.token=$TOKEN" \
         -display none -serial stdio -monitor none -no-reboot </dev/null 2>"$out.qemu-stderr" |
