@@ -8,6 +8,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use std::fs::File;
+use std::io::Seek;
 use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -70,6 +71,12 @@ pub fn load(
     if len < 64 {
         return Err(SetupError::NotAKernel(path.to_path_buf()));
     }
+    crate::kernel_check::check(path, &mut file, len)?;
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|source| SetupError::KernelFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut params = boot_params::default();
     let loaded = match Elf::load(
         mem,

@@ -154,6 +154,13 @@ pub enum SetupError {
         /// Why.
         source: std::io::Error,
     },
+    /// `--hypercall vmcall` on a host where `vmcall` never reaches userspace.
+    #[error(
+        "--hypercall vmcall cannot work here: vmcall does not exit to userspace on this host \
+         (no hardware virtualization; the probe's vmcall got no KVM_EXIT_HYPERCALL within 200 ms); \
+         use --hypercall pio or auto"
+    )]
+    VmcallUnavailable,
     /// A KVM ioctl failed during setup.
     #[error("VM setup failed: {what}: {source}")]
     Kvm {

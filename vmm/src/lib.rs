@@ -16,6 +16,7 @@ pub mod devices;
 pub mod error;
 pub mod guest_ram;
 pub mod hcall;
+pub mod kernel_check;
 pub mod kick;
 pub mod layout;
 pub mod memory;

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("pvmm: {e}");
+                    eprintln!("pvmm: {e:#}");
                     ExitCode::from(exit_code::SETUP as u8)
                 }
             };
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("pvmm: {e}");
+            eprintln!("pvmm: {e:#}");
             ExitCode::from(exit_code::SETUP as u8)
         }
     }

@@ -2,9 +2,7 @@
 //! `vmcall` of `KVM_HC_MAP_GPA_RANGE`, and picks `vmcall` only if a real
 //! `KVM_EXIT_HYPERCALL` reaches userspace within a bounded time.
 
-use crate::cli::HypercallMode;
 use crate::{cpu, kick};
-use hypercall::Transport;
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_EXIT_HYPERCALL};
 use kvm_ioctls::{Kvm, VcpuExit};
 use std::sync::mpsc;
@@ -39,56 +37,6 @@ fn fail<E: Into<crate::error::BoxError>>(what: &'static str) -> impl FnOnce(E) -
     move |e| ProbeError {
         what,
         source: e.into(),
-    }
-}
-
-/// The transport a run uses, and how it was chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TransportChoice {
-    /// The transport.
-    pub transport: Transport,
-    /// "forced" or "auto".
-    pub how: &'static str,
-    /// Time the probe took, ns (0 when forced or cached).
-    pub probe_ns: u64,
-    /// The verdict came from the per-host cache.
-    pub cached: bool,
-}
-
-/// Chooses the hypercall transport for `mode`, probing when it is `auto`.
-pub fn choose_transport(kvm: &Kvm, mode: HypercallMode) -> TransportChoice {
-    let forced = |transport| TransportChoice {
-        transport,
-        how: "forced",
-        probe_ns: 0,
-        cached: false,
-    };
-    match mode {
-        HypercallMode::Pio => forced(Transport::Pio),
-        HypercallMode::Vmcall => forced(Transport::Vmcall),
-        HypercallMode::Auto => {
-            let (transport, probe_ns) = match probe(kvm) {
-                Ok(r) => {
-                    let t = if r.vmcall_exits {
-                        Transport::Vmcall
-                    } else {
-                        Transport::Pio
-                    };
-                    log::info!("hypercall probe: {r:?}; using {}", t.name());
-                    (t, r.elapsed.as_nanos() as u64)
-                }
-                Err(e) => {
-                    log::warn!("{e}; using pio");
-                    (Transport::Pio, 0)
-                }
-            };
-            TransportChoice {
-                transport,
-                how: "auto",
-                probe_ns,
-                cached: false,
-            }
-        }
     }
 }
 

@@ -35,6 +35,7 @@ pub fn handle_exit(
     since: Instant,
 ) -> (&'static str, Next) {
     let name = exit_name(&exit);
+    log::trace!("vCPU {vcpu}: {name} exit");
     let next = match exit {
         VcpuExit::IoOut(port, data) => port_write(vm, vcpu, stats, since, port, data),
         VcpuExit::IoIn(port, data) => {
@@ -115,6 +116,13 @@ fn hypercall(vm: &dyn VmOps, stats: &mut VcpuStats, vcpu: usize, gpa: u64) -> Ou
     let err =
         (o.status < 0).then(|| HcError::from_status(o.status).map_or("unknown", |e| e.name()));
     stats.hypercall(o.op, elapsed(t), err, o.entries);
+    log::debug!(
+        "vCPU {vcpu}: {} at {gpa:#x}: status {} ({} entries) {:?}",
+        o.op,
+        o.status,
+        o.entries.unwrap_or(0),
+        o.effects
+    );
     o
 }
 

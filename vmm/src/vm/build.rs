@@ -12,7 +12,7 @@ use crate::devices::Bus;
 use crate::error::SetupError;
 use crate::guest_ram::GuestRam;
 use crate::hcall::doorbell::{Doorbell, DOORBELL_LEN};
-use crate::hcall::probe::{self, TransportChoice};
+use crate::hcall::transport::{self, TransportChoice};
 use crate::hcall::Dispatcher;
 use crate::layout::Layout;
 use crate::memory::{self, PoolSlot};
@@ -58,6 +58,11 @@ pub struct BuiltVm {
     pub filters: Arc<Filters>,
 }
 
+/// The KVM device node: `$PVMM_KVM_DEVICE`, else `/dev/kvm`.
+pub fn kvm_device() -> String {
+    std::env::var("PVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
 /// Opens `/dev/kvm`, or the device named by `PVMM_KVM_DEVICE` (used by tests to simulate a
 /// missing device).
 pub fn open_kvm() -> Result<Kvm, SetupError> {
@@ -70,11 +75,6 @@ pub fn open_kvm() -> Result<Kvm, SetupError> {
     })?;
     Kvm::new_with_path(c.as_c_str())
         .map_err(|e| SetupError::NoKvm(std::io::Error::from_raw_os_error(e.errno()), path))
-}
-
-/// The KVM device node: `$PVMM_KVM_DEVICE`, else `/dev/kvm`.
-pub fn kvm_device() -> String {
-    std::env::var("PVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
 }
 
 /// Builds everything `args` describes; `mmu` makes the MMU_BATCH handler, `extra` adds
@@ -91,10 +91,16 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         source,
     })?;
     let out = SerialOut::open(&args.serial)?;
-    let transport = probe::choose_transport(&kvm, args.hypercall);
+    let transport = transport::choose(&kvm, args.hypercall, &kvm_device())?;
     let mem = memory::allocate(&layout)?;
     let vm = create_vm(&kvm, transport.transport)?;
     let pool_slot = memory::register(&vm, &mem)?.map(Arc::new);
+    log::debug!(
+        "memory: RAM {:?}, shadow pool {:#x}+{:#x}",
+        layout.ram_regions,
+        layout.pool_base,
+        layout.pool_size
+    );
     let entry = load_kernel(args, &mem, &layout)?;
     let ram = GuestRam::new(mem.clone(), layout.usable().collect());
     let vcpus = usize::from(args.vcpus);

@@ -8,7 +8,7 @@ pub mod supervisor;
 use crate::cli::RunArgs;
 use crate::error::{exit_code, SetupError};
 use crate::guest_ram::GuestRam;
-use crate::hcall::probe::TransportChoice;
+use crate::hcall::transport::TransportChoice;
 use crate::hcall::OpHandler;
 use crate::layout::Layout;
 use crate::stats::report::{self, Report, VmInfo};

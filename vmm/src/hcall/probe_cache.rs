@@ -1,0 +1,107 @@
+//! The probe's verdict, cached per host: the `auto` probe costs about 200 ms on a host where
+//! `vmcall` never exits, so its answer is kept in a small file keyed by everything that could
+//! change it (kernel build, KVM API version, CPU model, the KVM device), and reused.
+
+use std::path::PathBuf;
+
+/// Bumped when the probe itself changes meaning.
+const FORMAT: &str = "pvmm-probe-v1";
+
+/// The cache directory: `$PVMM_CACHE_DIR` (`off` disables caching), else
+/// `$XDG_CACHE_HOME/pvmm`, else `$HOME/.cache/pvmm`.
+pub fn dir() -> Option<PathBuf> {
+    match std::env::var_os("PVMM_CACHE_DIR") {
+        Some(d) if d == "off" => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(|x| PathBuf::from(x).join("pvmm"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pvmm"))),
+    }
+}
+
+/// What identifies this host's answer: kernel release and build, KVM API version, CPU
+/// signature, and the KVM device node.
+pub fn host_key(kvm_api_version: i32, device: &str) -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer.
+    let (release, version) = if unsafe { libc::uname(&mut u) } == 0 {
+        (field(&u.release), field(&u.version))
+    } else {
+        (String::new(), String::new())
+    };
+    let id = std::arch::x86_64::__cpuid(1).eax;
+    let vendor = std::arch::x86_64::__cpuid(0);
+    format!(
+        "{FORMAT}|{release}|{version}|api{kvm_api_version}|{:08x}{:08x}{:08x}|{id:08x}|{device}",
+        vendor.ebx, vendor.edx, vendor.ecx
+    )
+}
+
+fn field(f: &[libc::c_char]) -> String {
+    let bytes: Vec<u8> = f
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// File name for `key` (an FNV-1a hash: the key itself is stored inside and compared).
+fn file_for(dir: &std::path::Path, key: &str) -> PathBuf {
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    dir.join(format!("probe-{h:016x}"))
+}
+
+/// The cached verdict for `key` ("does vmcall exit?"), if any.
+pub fn load(key: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(file_for(&dir()?, key)).ok()?;
+    let (stored, verdict) = text.trim_end().rsplit_once('\n')?;
+    if stored != key {
+        return None;
+    }
+    match verdict {
+        "vmcall_exits=true" => Some(true),
+        "vmcall_exits=false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Stores `vmcall_exits` for `key`; failures only cost the next run a probe.
+pub fn store(key: &str, vmcall_exits: bool) {
+    let Some(d) = dir() else { return };
+    let write = std::fs::create_dir_all(&d).and_then(|()| {
+        std::fs::write(
+            file_for(&d, key),
+            format!("{key}\nvmcall_exits={vmcall_exits}\n"),
+        )
+    });
+    if let Err(e) = write {
+        log::info!("cannot cache the transport probe in {}: {e}", d.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_round_trips_and_other_hosts_miss() {
+        let d = std::env::temp_dir().join(format!("pvmm-probe-cache-{}", std::process::id()));
+        std::env::set_var("PVMM_CACHE_DIR", &d);
+        let key = host_key(12, "/dev/kvm");
+        assert!(key.contains("api12") && key.contains("/dev/kvm"));
+        assert_eq!(load(&key), None);
+        store(&key, false);
+        assert_eq!(load(&key), Some(false));
+        store(&key, true);
+        assert_eq!(load(&key), Some(true));
+        assert_eq!(load(&host_key(13, "/dev/kvm")), None);
+        std::env::set_var("PVMM_CACHE_DIR", "off");
+        assert_eq!(load(&key), None, "off disables the cache");
+        std::env::remove_var("PVMM_CACHE_DIR");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
