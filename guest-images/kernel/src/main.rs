@@ -5,7 +5,7 @@
 //! Module map (an arrow is "uses"; there are no cycles):
 //! - `arch`: CPU plumbing, the leaf: layout constants, GDT/TSS, registers, context switch.
 //! - `sync`: SpinLock, PerCpu, CpuLocal, Once (-> arch).
-//! - `serial`, `bootinfo`, `intrinsics`: console, zero page, memcpy & co (-> arch).
+//! - `serial`, `bootinfo`: console, zero page (-> arch); `intrinsics`: memcpy & co.
 //! - `mem`: direct map and frame allocator (-> arch, bootinfo, sync).
 //! - `pv`: the PV ABI's guest side (-> arch, sync).
 //! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync).
@@ -15,7 +15,8 @@
 //! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, vm).
 //! - `traps`: IDT, entry stubs, exception dispatch (-> arch, mem, mmu, sched, serial, sync,
 //!   syscall).
-//! - `hostile`, `selftest`: the selftests (-> arch, mem, mmu, sched, serial, sync, traps, vm).
+//! - `hostile`: the hostile selftest (-> arch, mem, mmu, serial, sync, traps, vm).
+//! - `selftest`: the TAP runner (-> arch, hostile, mem, mmu, sched, serial).
 //! - `options`: the command-line table, parser and `help` (-> mmu, selftest).
 //! - this file: boot, the kernel address space, exit and panic.
 #![no_std]
