@@ -684,6 +684,30 @@ impl World {
         ))
     }
 
+    /// A global translation that survived a CR3 load into an address space that maps its
+    /// VA differently is still allowed by the guest PTE it was made from: that PTE is in a
+    /// typed table and still grants at least as much, and it is not writable onto a page
+    /// table, the pool or non-RAM.
+    fn stale_global_allowed(&self, v: usize, va: u64, t: &Tlb) -> Res {
+        let level = self.typed.get(&(t.slot >> 12)).copied();
+        let e = self.rd(t.slot);
+        let Some(level) = level.filter(|&l| leaf_at(l, e)) else {
+            return Err(format!(
+                "vcpu {v} va {va:#x}: stale global {t:?}, its PTE {e:#x} is gone"
+            ));
+        };
+        let off = if level == 2 { (va >> 12) & 511 } else { 0 };
+        let g = GWalk {
+            slot: t.slot,
+            pfn: leaf_frame(level, e) + off,
+            rw: e & RW != 0,
+            us: e & US != 0,
+            nx: e & NX != 0,
+            g: e & G != 0,
+        };
+        self.permitted(v, va, t, &g)
+    }
+
     /// After a batch: every cached translation is still allowed by the guest's tables.
     fn check_tlbs(&self) -> Res {
         for v in 0..self.vcpus {
@@ -695,7 +719,14 @@ impl World {
             };
             for (&vpn, t) in &self.tlb[v] {
                 let va = vpn << 12;
-                let g = self.guest_walk(root, va).ok_or_else(|| {
+                let g = self.guest_walk(root, va);
+                if t.g && va < KVA && g.is_none_or(|g| g.slot != t.slot) {
+                    // A user-half global page the guest maps differently in this address
+                    // space (only hostile cross-links make one): stale on bare metal too.
+                    self.stale_global_allowed(v, va, t)?;
+                    continue;
+                }
+                let g = g.ok_or_else(|| {
                     format!("vcpu {v} va {va:#x}: {t:?} cached, guest maps nothing")
                 })?;
                 self.permitted(v, va, t, &g)?;
