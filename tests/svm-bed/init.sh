@@ -13,7 +13,7 @@
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
-#        linux                          a stock Linux bzImage under pvmm (see linux-init.sh)
+#        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -92,11 +92,11 @@ npt0() {
 # The stock-Linux step: pvmm boots /bed/vmlinuz with /bed/linux-initrd.gz. Its console is
 # piped through a reader that answers the guest's input prompt through a FIFO on pvmm's
 # stdin, so the guest's serial tty is checked in both directions.
-linux() {
+linux() { # step name, vCPUs
     mkfifo /tmp/linux-in
     exec 3<>/tmp/linux-in
-    run_pvmm linux --kernel /bed/vmlinuz --initrd /bed/linux-initrd.gz \
-        --cmdline "console=ttyS0 panic=-1 reboot=k" --mem 512M --hypercall auto \
+    run_pvmm "$1" --kernel /bed/vmlinuz --initrd /bed/linux-initrd.gz \
+        --cmdline "console=ttyS0 panic=-1 reboot=k" --mem 512M --hypercall auto --vcpus "$2" \
         </tmp/linux-in | while IFS= read -r line; do
         printf '%s\n' "$line"
         case "$line" in
@@ -118,7 +118,7 @@ EOF
     suite) suite "$s" "$mode" "$transport" 1 ;;
     smp) suite "$s" "$mode" "$transport" 2 ;;
     npt0) npt0 ;;
-    linux) linux ;;
+    linux) linux "$s" "${mode:-1}" ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;
     esac
 done

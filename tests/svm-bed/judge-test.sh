@@ -43,5 +43,9 @@ linux 10 6.05 tok-1 0 | judge linux FAIL "a timer that does not tick fails"
 linux 20 5.50 tok-1 0 | judge linux FAIL "a sleep shorter than 1 s of uptime fails"
 linux 20 6.05 other 0 | judge linux FAIL "a wrong echoed line fails"
 linux 20 6.05 tok-1 104 | judge linux FAIL "a Linux that does not reboot (timeout) fails"
+linux 20 6.05 tok-1 0 | sed 's/BED-BEGIN linux/&:2/; s/BED-END linux/&:2/; s/^LINUX-MARKER.*/&\nLINUX-CPUS 2/' |
+    judge linux:2 PASS "a 2-vCPU Linux that sees 2 CPUs passes"
+linux 20 6.05 tok-1 0 | sed 's/BED-BEGIN linux/&:2/; s/BED-END linux/&:2/; s/^LINUX-MARKER.*/&\nLINUX-CPUS 1/' |
+    judge linux:2 FAIL "a 2-vCPU Linux that brought up only 1 CPU fails"
 
 [ "$fails" = 0 ] && echo "judge-test: all passed" || { echo "judge-test: $fails failed"; exit 1; }

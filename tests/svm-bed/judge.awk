@@ -10,7 +10,7 @@
 function reset_step() {
     tap = 0; plan = -1; npts = 0; nok = 0; nnot = 0; order_ok = 1; skips = 0
     via = "-"; exits = "-"; hcalls = 0; resyncs = 0; in_stats = 0; in_hc = 0
-    lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""
+    lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""; lx_cpus = ""
     kvm_line = ""
 }
 
@@ -37,7 +37,7 @@ function check(ok, what) {
     return what "; "
 }
 
-function judge_linux(    why, d) {
+function judge_linux(want_cpus,    why, d) {
     nok = 0; nnot = 0
     d = num(lx_up1) - num(lx_up0)
     why = check(lx_marker, "no userspace marker") \
@@ -45,6 +45,8 @@ function judge_linux(    why, d) {
         check(lx_up0 != "" && lx_up1 != "" && d >= 1.0, "sleep 1 did not take 1 s of uptime (" lx_up0 " -> " lx_up1 ")") \
         check(lx_echo == token, "serial input not echoed (got '" lx_echo "')") \
         check(rc == 0, "pvmm exit status " rc " (reboot -f must end the VM with 0)")
+    if (want_cpus > 1)
+        why = why check(num(lx_cpus) == want_cpus, "guest saw " lx_cpus " CPUs, want " want_cpus)
     return why
 }
 
@@ -56,7 +58,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base) {
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
     if (kind == "suite" || kind == "smp") why = judge_suite(transport)
-    else if (kind == "linux") why = judge_linux()
+    else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
     verdict = (why == "") ? "PASS" : "FAIL"
@@ -115,6 +117,7 @@ tap && /^(not )?ok [0-9]+/ {
 }
 /^npt=/ { kvm_line = $0 }
 /^LINUX-MARKER / { lx_marker = 1 }
+/^LINUX-CPUS / { lx_cpus = $2 }
 /^LINUX-TIMER / {
     for (i = 2; i <= NF; i++) {
         if ($i ~ /^before=/) lx_before = substr($i, 8)

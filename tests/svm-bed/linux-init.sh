@@ -10,6 +10,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
 echo "LINUX-MARKER userspace reached: $(uname -r)"
+echo "LINUX-CPUS $(grep -c '^processor' /proc/cpuinfo)"
 
 timer_ticks() { # sum of the timer interrupt lines (LAPIC timer and the legacy timer)
     awk '/LOC:|timer/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' \

@@ -25,7 +25,7 @@ PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
 GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
 TIMEOUT=${SVM_BED_TIMEOUT:-2400}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,linux:2"
 BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
 PACKAGES="qemu-system-x86 busybox-static cpio"
 QEMU=${SVM_BED_QEMU:-qemu-system-x86_64}
