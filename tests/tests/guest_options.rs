@@ -108,6 +108,13 @@ fn help_prints_the_reference_of_every_option_and_exits_0() {
         !text.contains("TAP version 13"),
         "help ran the selftests:\n{text}"
     );
+    // `help` alone, and `help` beside a bad option: the same reference, status 0.
+    for cmdline in ["help", "console=ttyS0 mmu=bogus help"] {
+        let out = boot(cmdline);
+        let t = console(&out);
+        assert_eq!(out.status.code(), Some(0), "{cmdline}: {t}");
+        assert!(t.contains(reference), "{cmdline}: another reference:\n{t}");
+    }
     // docs/guest.md carries the same reference, so the two cannot drift.
     let doc = std::fs::read_to_string(root().join("docs/guest.md")).expect("docs/guest.md");
     assert!(
