@@ -13,8 +13,9 @@ use crate::vm;
 use core::fmt::Write;
 use hypercall::{HcError, MmuEntry};
 
-/// One batch more than the ABI allows (for the oversized-batch case).
-#[repr(C, align(4096))]
+/// One batch more than the ABI allows (for the oversized-batch case). Entries need 8-byte
+/// alignment only.
+#[repr(C, align(8))]
 struct Scratch([MmuEntry; 1025]);
 
 /// The attacks' batch buffer.

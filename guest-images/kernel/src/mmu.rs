@@ -71,14 +71,14 @@ const NO_ENTRY: MmuEntry = MmuEntry {
     a2: 0,
 };
 
-/// The lazy queue: the VMM reads it in place during MMU_BATCH.
-#[repr(C, align(4096))]
+/// The lazy queue: the VMM reads it in place during MMU_BATCH (entries need 8-byte
+/// alignment only).
+#[repr(C, align(8))]
 struct Queue([MmuEntry; QMAX]);
 
 /// The MMU state of one CPU.
-#[repr(C)]
 pub struct Mmu {
-    /// The lazy queue (first: page-aligned inside the page-aligned struct).
+    /// The lazy queue.
     queue: Queue,
     /// The backend.
     pub mode: Mode,

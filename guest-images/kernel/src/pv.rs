@@ -1,19 +1,27 @@
 //! The guest side of the PV ABI: discovery, the VERSION handshake, and hypercalls through a
 //! page-aligned per-CPU request block.
 //!
-//! Per-CPU state: [`REQ`], the request block, borrowed for the length of one hypercall.
+//! Per-CPU state: [`REQ`], each CPU's request block.
 
 use crate::arch::{KERNEL_VMA, MAX_CPUS};
-use crate::sync::CpuLocal;
+use crate::sync::PerCpu;
+use core::cell::UnsafeCell;
 use hypercall::guest::{discover, Hypercall};
 use hypercall::{op, RequestHeader, ABI_MAJOR};
 
+/// A request block: page-aligned (the vmcall transport needs it), written by its CPU and by
+/// the VMM during that CPU's hypercall.
 #[repr(C, align(4096))]
-struct ReqPage(RequestHeader);
+struct ReqPage(UnsafeCell<RequestHeader>);
 
-/// Each CPU's request block (the VMM reads and writes it during a hypercall).
-static REQ: CpuLocal<ReqPage> =
-    CpuLocal::new([const { ReqPage(RequestHeader::new(0, [0; 4])) }; MAX_CPUS]);
+// SAFETY: each CPU uses only its own block (PerCpu), for one synchronous hypercall at a
+// time; hypercalls are not re-entered (the kernel runs with interrupts off). A block costs
+// exactly one page, so it carries no borrow flag.
+unsafe impl Sync for ReqPage {}
+
+/// Each CPU's request block.
+static REQ: PerCpu<ReqPage> =
+    PerCpu::new([const { ReqPage(UnsafeCell::new(RequestHeader::new(0, [0; 4]))) }; MAX_CPUS]);
 
 /// A negotiated PV interface.
 pub struct Pv {
@@ -50,9 +58,8 @@ impl Pv {
     }
 
     fn raw(&mut self, op: u32, args: [u64; 4]) -> Answer {
-        let mut page = REQ.borrow_mut();
-        let r: *mut RequestHeader = &mut page.0;
-        // SAFETY: the block is this CPU's (borrowed) and mapped at KERNEL_VMA + its gpa; the
+        let r: *mut RequestHeader = REQ.this().0.get();
+        // SAFETY: the block is this CPU's (ReqPage) and mapped at KERNEL_VMA + its gpa; the
         // VMM writes it during the call, hence the volatile accesses.
         unsafe {
             r.write_volatile(RequestHeader::new(op, args));

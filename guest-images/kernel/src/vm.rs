@@ -555,8 +555,8 @@ impl Space {
     }
 }
 
-/// The A and D bitmaps of one QUERY_AD (the VMM writes them in place).
-#[repr(C, align(4096))]
+/// The A and D bitmaps of one QUERY_AD (the VMM writes them in place; 8-byte aligned).
+#[repr(C, align(8))]
 struct AdBitmaps([u64; 1024]);
 
 /// Each CPU's QUERY_AD buffer.
