@@ -32,7 +32,12 @@ fn a_forced_vmcall_that_cannot_work_fails_within_a_second() {
     let t = Instant::now();
     let out = Command::new(pvmm_bin())
         .args(["run", "--kernel", guest().to_str().unwrap()])
-        .args(["--cmdline", "console=ttyS0 selftest=none", "--hypercall", "vmcall"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 selftest=none",
+            "--hypercall",
+            "vmcall",
+        ])
         .args(["--serial", "none", "--stats", "json", "--timeout", "60"])
         .env("PVMM_CACHE_DIR", "off")
         .output()
@@ -127,7 +132,16 @@ fn the_table_adds_up_and_labels_summed_figures() {
     }
     let out = run_guest(
         "console=ttyS0 selftest=all mmu=pv-lazy pages=16",
-        &["--serial", "none", "--stats", "table", "--vcpus", "2", "--hypercall", "pio"],
+        &[
+            "--serial",
+            "none",
+            "--stats",
+            "table",
+            "--vcpus",
+            "2",
+            "--hypercall",
+            "pio",
+        ],
     );
     let t = stderr(&out);
     assert!(t.contains("vCPU time, summed over 2 vCPU(s)"), "{t}");
@@ -147,13 +161,22 @@ fn the_table_adds_up_and_labels_summed_figures() {
     let rows: Vec<&str> = section.lines().skip(2).collect();
     let (total, items) = rows.split_last().expect("rows");
     let sum: f64 = items.iter().map(|l| us(l)).sum();
-    assert!(total.starts_with("total") && total.ends_with("100.00%"), "{section}");
-    assert!((sum - us(total)).abs() < 0.05 * items.len() as f64, "{section}");
+    assert!(
+        total.starts_with("total") && total.ends_with("100.00%"),
+        "{section}"
+    );
+    assert!(
+        (sum - us(total)).abs() < 0.05 * items.len() as f64,
+        "{section}"
+    );
     for s in ["hypercalls  MMU_BATCH", "devices     serial", "other"] {
         assert!(section.contains(s), "{s} in {section}");
     }
     if t.contains("io_exits                      0") {
-        assert!(t.contains("note: io_exits is 0 although pvmm handled"), "{t}");
+        assert!(
+            t.contains("note: io_exits is 0 although pvmm handled"),
+            "{t}"
+        );
     }
 }
 
@@ -164,15 +187,27 @@ fn bad_input_is_found_before_the_vm_starts() {
         "console=ttyS0 selftest=all",
         &["--stats-file", "/nonexistent/dir/stats.json"],
     );
-    setup_error(&out, "cannot create stats file '/nonexistent/dir/stats.json'");
-    assert!(stderr(&out).contains("No such file or directory"), "OS reason");
+    setup_error(
+        &out,
+        "cannot create stats file '/nonexistent/dir/stats.json'",
+    );
+    assert!(
+        stderr(&out).contains("No such file or directory"),
+        "OS reason"
+    );
     assert!(stdout(&out).is_empty(), "the guest never ran");
     assert!(t.elapsed() < Duration::from_secs(5));
-    setup_error(&run(&["--shadow-pool", "4K"]), "--shadow-pool must be between 2M and 64G");
+    setup_error(
+        &run(&["--shadow-pool", "4K"]),
+        "--shadow-pool must be between 2M and 64G",
+    );
     for m in ["0", "1K", "2M"] {
         setup_error(&run(&["--mem", m]), "--mem must be between 16M and 1024G");
     }
-    setup_error(&run(&["--stats-interval", "0"]), "invalid statistics interval '0'");
+    setup_error(
+        &run(&["--stats-interval", "0"]),
+        "invalid statistics interval '0'",
+    );
 }
 
 #[test]
@@ -180,11 +215,23 @@ fn pvmm_alone_prints_usage_and_help_has_the_sections_a_user_needs() {
     let out = Command::new(pvmm_bin()).output().unwrap();
     assert_eq!(out.status.code(), Some(200));
     let e = stderr(&out);
-    assert!(e.contains("Usage: pvmm <COMMAND>") && e.contains("run"), "{e}");
+    assert!(
+        e.contains("Usage: pvmm <COMMAND>") && e.contains("run"),
+        "{e}"
+    );
     assert!(!e.contains("pvmm: pvmm:"), "{e}");
-    let h = Command::new(pvmm_bin()).args(["run", "--help"]).output().unwrap();
+    let h = Command::new(pvmm_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
     let h = stdout(&h);
-    for s in ["EXIT STATUS:", "CONSOLE:", "ENVIRONMENT:", "EXAMPLES:", "Ctrl-a x"] {
+    for s in [
+        "EXIT STATUS:",
+        "CONSOLE:",
+        "ENVIRONMENT:",
+        "EXAMPLES:",
+        "Ctrl-a x",
+    ] {
         assert!(h.contains(s), "{s} in run --help");
     }
 }
@@ -199,7 +246,15 @@ fn each_v_adds_detail() {
         .map(|v| {
             let out = run_guest(
                 "console=ttyS0 selftest=none",
-                &[v, "--serial", "none", "--stats", "none", "--hypercall", "pio"],
+                &[
+                    v,
+                    "--serial",
+                    "none",
+                    "--stats",
+                    "none",
+                    "--hypercall",
+                    "pio",
+                ],
             );
             stderr(&out).lines().filter(|l| l.starts_with('[')).count()
         })
@@ -215,7 +270,13 @@ fn the_bundled_guest_is_the_default_and_the_probe_verdict_is_cached() {
     let cache = temp("probe-cache");
     let go = || {
         Command::new(pvmm_bin())
-            .args(["run", "--cmdline", "console=ttyS0 selftest=none", "--serial", "none"])
+            .args([
+                "run",
+                "--cmdline",
+                "console=ttyS0 selftest=none",
+                "--serial",
+                "none",
+            ])
             .args(["--stats", "json"])
             .env("PVMM_GUEST", guest())
             .env("PVMM_CACHE_DIR", &cache)

@@ -148,6 +148,8 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         uid: None,
         gid: None,
         debug_seccomp_violation: false,
+        check_shadow: false,
+        debug_unguarded_response: false,
         // This thread runs one VM after another: only the VM's own threads are filtered.
         seccomp_supervisor: false,
     };

@@ -142,6 +142,14 @@ pub struct RunArgs {
     /// Become this group before opening anything (with --uid).
     #[arg(long, value_name = "GID", requires = "uid")]
     pub gid: Option<u32>,
+    /// Run the shadow engine's invariant checker after every MMU batch; the first violation
+    /// ends the VM (exit code 207). Slow: for debugging and the test suite.
+    #[arg(long)]
+    pub check_shadow: bool,
+    /// Test only: write hypercall responses without the page-table guard (re-opens the hole
+    /// --check-shadow must catch).
+    #[arg(long, hide = true)]
+    pub debug_unguarded_response: bool,
     /// Test only: vCPU 0 makes a syscall outside its allow-list at its first exit.
     #[arg(long, hide = true)]
     pub debug_seccomp_violation: bool,

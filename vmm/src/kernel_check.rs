@@ -124,7 +124,9 @@ mod tests {
     #[test]
     fn kernels_pass_programs_and_truncated_files_do_not() {
         assert_eq!(run(elf(16, &[], 2), 0x1010), Ok(()));
-        assert!(run(elf(0x4000, &[], 2), 0x1010).unwrap_err().contains("truncated"));
+        assert!(run(elf(0x4000, &[], 2), 0x1010)
+            .unwrap_err()
+            .contains("truncated"));
         assert!(run(elf(16, &[PT_INTERP], 2), 0x1010)
             .unwrap_err()
             .contains("user-space program"));
@@ -134,9 +136,17 @@ mod tests {
         assert!(run(elf(16, &[], ET_DYN), 0x1010)
             .unwrap_err()
             .contains("ET_DYN"));
-        assert_eq!(run(vec![0x42; 4096], 4096), Ok(()), "not ELF: the bzImage path decides");
+        assert_eq!(
+            run(vec![0x42; 4096], 4096),
+            Ok(()),
+            "not ELF: the bzImage path decides"
+        );
         let mut huge = elf(16, &[], 2);
         huge[56..58].copy_from_slice(&u16::MAX.to_le_bytes());
-        assert_eq!(run(huge, 0x1010), Ok(()), "absurd phnum: left to the loader");
+        assert_eq!(
+            run(huge, 0x1010),
+            Ok(()),
+            "absurd phnum: left to the loader"
+        );
     }
 }

@@ -130,7 +130,14 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
         vmm::privilege::drop_to(uid, gid, &vmm::vm::build::kvm_device())?;
     }
     let sink = StatsOut::open(args)?;
-    let out = vmm::vm::run(args, &vmm::hcall::mmu_batch::factory)?;
+    let options = vmm::hcall::mmu_batch::MmuOptions {
+        check_shadow: args.check_shadow,
+        unguarded_response: args.debug_unguarded_response,
+    };
+    let mmu = move |ram: &vmm::guest_ram::GuestRam, layout: &vmm::layout::Layout, vcpus| {
+        vmm::hcall::mmu_batch::factory_with(ram, layout, vcpus, options)
+    };
+    let out = vmm::vm::run(args, &mmu)?;
     if let Some(m) = &out.message {
         eprintln!("pvmm: {m}");
     }

@@ -3,10 +3,10 @@
 //! the vCPU to do ([`Effects`], [`Outcome`]). Implementations live in the sibling modules.
 
 use crate::guest_ram::GuestRam;
-use hypercall::{Request, Response};
+use hypercall::{HcError, Request, Response};
 
 /// What the vCPU loop must do after a hypercall, besides resuming the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
     /// End the VM with this status.
     pub exit: Option<u8>,
@@ -16,10 +16,12 @@ pub struct Effects {
     pub flush: bool,
     /// Make KVM drop what it cached from the shadow pool (re-register its memslot).
     pub host_resync: bool,
+    /// `--check-shadow` found this engine invariant violated: end the VM.
+    pub violation: Option<String>,
 }
 
 /// The result of one hypercall, for the statistics and the vCPU loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// Op name (or "invalid" when the request could not be read/decoded).
     pub op: &'static str,
@@ -60,4 +62,11 @@ pub trait OpHandler: Send + Sync {
     }
     /// Handles a decoded request of this handler's op.
     fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response;
+    /// Writes `bytes` at `gpa` (a hypercall response) on behalf of the dispatcher. The
+    /// handler that owns page-table frames refuses (EPERM) a write into one, checking the
+    /// frame's type under the same lock as the write, so no call can type the frame in
+    /// between.
+    fn write_guarded(&self, ram: &GuestRam, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {
+        ram.write(gpa, bytes)
+    }
 }

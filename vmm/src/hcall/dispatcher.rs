@@ -87,13 +87,12 @@ impl Dispatcher {
                 }
             }
         };
-        if writable
-            && self
-                .ram
-                .write(gpa + RESPONSE_OFFSET as u64, &resp.to_bytes())
-                .is_err()
-        {
-            log::debug!("hypercall response at {gpa:#x} could not be written");
+        if writable {
+            if let Err(e) = self.write_response(gpa + RESPONSE_OFFSET as u64, &resp.to_bytes()) {
+                // The block is left untouched; the status register (pio) or rax (vmcall)
+                // still carries the call's status.
+                log::debug!("hypercall response at {gpa:#x} not written: {}", e.name());
+            }
         }
         if let Some(s) = self.last_status.get(vcpu) {
             s.store(resp.status, Ordering::Relaxed);
@@ -103,6 +102,15 @@ impl Dispatcher {
             status: resp.status,
             entries: ctx.entries,
             effects: ctx.effects,
+        }
+    }
+
+    /// Writes a response through the MMU handler's guard when there is one (it refuses a
+    /// frame that became a page table, under the engine lock), else directly.
+    fn write_response(&self, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {
+        match self.handlers.get(&op::MMU_BATCH) {
+            Some(h) => h.write_guarded(&self.ram, gpa, bytes),
+            None => self.ram.write(gpa, bytes),
         }
     }
 

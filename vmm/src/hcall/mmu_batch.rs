@@ -11,9 +11,22 @@ use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu};
 use std::cell::RefCell;
 use std::sync::Mutex;
 
+/// Debug and checking switches of the MMU handler (`pvmm run` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuOptions {
+    /// Run the engine's invariant checker after every batch (`--check-shadow`).
+    pub check_shadow: bool,
+    /// Test-only: write hypercall responses without the page-table guard, re-opening the
+    /// hole where a batch that types its own request block gets unvalidated words into a
+    /// page table (`--debug-unguarded-response`; the e2e suite expects `--check-shadow` to
+    /// catch it).
+    pub unguarded_response: bool,
+}
+
 /// The MMU_BATCH handler of one VM.
 pub struct MmuBatch {
     engine: Mutex<ShadowMmu>,
+    options: MmuOptions,
 }
 
 thread_local! {
@@ -22,7 +35,17 @@ thread_local! {
 }
 
 /// Builds the MMU_BATCH handler for a VM; `None` (ENOSYS) if the layout is refused.
-pub fn factory(_ram: &GuestRam, layout: &Layout, vcpus: usize) -> Option<Box<dyn OpHandler>> {
+pub fn factory(ram: &GuestRam, layout: &Layout, vcpus: usize) -> Option<Box<dyn OpHandler>> {
+    factory_with(ram, layout, vcpus, MmuOptions::default())
+}
+
+/// As [`factory`], with debug and checking switches.
+pub fn factory_with(
+    _ram: &GuestRam,
+    layout: &Layout,
+    vcpus: usize,
+    options: MmuOptions,
+) -> Option<Box<dyn OpHandler>> {
     let l = shadow::Layout {
         ram: layout.usable().collect(),
         reserved: layout.reserved().collect(),
@@ -32,12 +55,32 @@ pub fn factory(_ram: &GuestRam, layout: &Layout, vcpus: usize) -> Option<Box<dyn
     match ShadowMmu::new(l, vcpus) {
         Ok(engine) => Some(Box::new(MmuBatch {
             engine: Mutex::new(engine),
+            options,
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
             None
         }
     }
+}
+
+/// Applies `count` entries from `buf` in order; returns how many were done and the first
+/// failure (its index and error).
+fn apply_entries(
+    engine: &mut ShadowMmu,
+    ctx: &CallCtx<'_>,
+    buf: &[u8],
+    count: u32,
+) -> (u32, Option<(u32, HcError)>) {
+    let mem = ctx.ram.memory();
+    let mut done = 0u32;
+    for (i, entry) in batch_entries(buf, count).enumerate() {
+        if let Err(e) = entry.and_then(|op| engine.apply(mem, ctx.vcpu, &op)) {
+            return (done, Some((i as u32, e)));
+        }
+        done += 1;
+    }
+    (done, None)
 }
 
 impl MmuBatch {
@@ -57,45 +100,39 @@ impl MmuBatch {
             let Ok(mut engine) = self.engine.lock() else {
                 return Response::err(HcError::Ebusy);
             };
-            let mem = ctx.ram.memory();
-            let mut done = 0u32;
-            let mut failure = None;
-            for (i, entry) in batch_entries(&buf, count).enumerate() {
-                match entry.and_then(|op| engine.apply(mem, ctx.vcpu, &op)) {
-                    Ok(()) => done += 1,
-                    Err(e) => {
-                        failure = Some((i as u32, e));
-                        break;
-                    }
-                }
-            }
-            let out = engine.end_batch(ctx.vcpu);
-            ctx.effects.new_cr3 = out.new_cr3;
-            // This host's KVM caches translations from the pool's tables and cannot see the
-            // VMM's writes to them: a changed cached entry (a needed flush) or a reused pool
-            // frame means KVM must drop them (the pool memslot is re-registered, which also
-            // flushes the TLB).
-            let resync = out.flush.is_some() || engine.take_host_resync_needed();
-            if resync {
-                engine.host_resynced();
-            }
-            ctx.effects.flush = out.flush.is_some();
-            ctx.effects.host_resync = resync;
-            match failure {
-                None => Response {
-                    status: 0,
-                    value: u64::from(done),
-                    done,
-                    fail_index: u32::MAX,
-                },
-                Some((i, e)) => Response {
-                    status: e.status(),
-                    value: u64::from(done),
-                    done,
-                    fail_index: i,
-                },
+            let (done, failure) = apply_entries(&mut engine, ctx, &buf, count);
+            self.finish_batch(&mut engine, ctx);
+            let (status, fail_index) = failure.map_or((0, u32::MAX), |(i, e)| (e.status(), i));
+            Response {
+                status,
+                value: u64::from(done),
+                done,
+                fail_index,
             }
         })
+    }
+
+    /// Turns the batch outcome into effects (CR3 load, flush, host resync) and, with
+    /// `--check-shadow`, checks the engine's invariants.
+    fn finish_batch(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) {
+        let out = engine.end_batch(ctx.vcpu);
+        ctx.effects.new_cr3 = out.new_cr3;
+        // This host's KVM caches translations from the pool's tables and cannot see the
+        // VMM's writes to them: a changed cached entry (a needed flush) or a reused pool
+        // frame means KVM must drop them (the pool memslot is re-registered, which also
+        // flushes the TLB).
+        let resync = out.flush.is_some() || engine.take_host_resync_needed();
+        if resync {
+            engine.host_resynced();
+        }
+        ctx.effects.flush = out.flush.is_some();
+        ctx.effects.host_resync = resync;
+        if self.options.check_shadow {
+            if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
+                log::error!("shadow invariant violated: {v}");
+                ctx.effects.violation = Some(v.to_string());
+            }
+        }
     }
 }
 
@@ -134,6 +171,18 @@ impl OpHandler for MmuBatch {
             Request::MmuBatch { entries_gpa, count } => self.run(ctx, entries_gpa, count),
             _ => Response::err(HcError::Einval),
         }
+    }
+
+    fn write_guarded(&self, ram: &GuestRam, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {
+        if self.options.unguarded_response {
+            return ram.write(gpa, bytes);
+        }
+        // Checked and written under the engine lock: no batch can type the frame between.
+        let engine = self.engine.lock().map_err(|_| HcError::Ebusy)?;
+        if engine.range_has_table(gpa, bytes.len() as u64) {
+            return Err(HcError::Eperm);
+        }
+        ram.write(gpa, bytes)
     }
 
     fn owns_frame(&self, gpa: u64) -> bool {
@@ -180,6 +229,10 @@ mod tests {
     const ENTRIES: u64 = 0x2000;
 
     fn vm() -> (Dispatcher, GuestRam) {
+        vm_with(MmuOptions::default())
+    }
+
+    fn vm_with(options: MmuOptions) -> (Dispatcher, GuestRam) {
         let layout = Layout::new(16 << 20, 1 << 20).unwrap();
         let mut r: Vec<(GuestAddress, usize)> = layout
             .ram_regions
@@ -189,7 +242,7 @@ mod tests {
         r.push((GuestAddress(layout.pool_base), layout.pool_size as usize));
         let mem = GuestMemoryMmap::from_ranges(&r).unwrap();
         let ram = GuestRam::new(mem, layout.usable().collect());
-        let d = Dispatcher::new(ram.clone(), 1, factory(&ram, &layout, 1));
+        let d = Dispatcher::new(ram.clone(), 1, factory_with(&ram, &layout, 1, options));
         ram.write(
             REQ,
             &RequestHeader::new(op::VERSION, [1, 0, 0, 0]).to_bytes(),
@@ -308,6 +361,60 @@ mod tests {
             d.last_status()[0].load(std::sync::atomic::Ordering::Relaxed),
             HcError::Eperm.status()
         );
+    }
+
+    /// A batch that pins its own request block's frame: the response must not land in the
+    /// new page table (an unvalidated word in a typed table), and the engine's invariants
+    /// must hold afterwards. With the guard switched off, `--check-shadow` catches it.
+    fn pin_own_block(options: MmuOptions) -> (Option<String>, [u8; 24]) {
+        let (d, ram) = vm_with(options);
+        ram.write(ENTRIES, &MmuEntry::pin(1, REQ).to_bytes())
+            .unwrap();
+        ram.write(
+            REQ,
+            &RequestHeader::new(op::MMU_BATCH, [ENTRIES, 1, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        // The block's response area starts zeroed, so the frame is a valid (empty) L1.
+        ram.write(REQ + RESPONSE_OFFSET as u64, &[0u8; 24]).unwrap();
+        let o = d.handle(0, REQ);
+        assert_eq!(o.status, 0, "the pin itself is valid");
+        assert_eq!(
+            d.last_status()[0].load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        let mut resp = [0u8; 24];
+        ram.read(REQ + RESPONSE_OFFSET as u64, &mut resp).unwrap();
+        // A second batch, from a block elsewhere, runs the checker.
+        let other = 0x4000;
+        ram.write(ENTRIES, &MmuEntry::flush_tlb().to_bytes())
+            .unwrap();
+        ram.write(
+            other,
+            &RequestHeader::new(op::MMU_BATCH, [ENTRIES, 1, 0, 0]).to_bytes(),
+        )
+        .unwrap();
+        (d.handle(0, other).effects.violation, resp)
+    }
+
+    #[test]
+    fn a_batch_that_types_its_own_block_gets_no_response_written_there() {
+        let check = MmuOptions {
+            check_shadow: true,
+            ..MmuOptions::default()
+        };
+        let (violation, resp) = pin_own_block(check);
+        assert_eq!(resp, [0u8; 24], "page table untouched by the response");
+        assert_eq!(violation, None);
+        let (violation, resp) = pin_own_block(MmuOptions {
+            unguarded_response: true,
+            ..check
+        });
+        assert_ne!(
+            resp, [0u8; 24],
+            "without the guard the response lands in the table"
+        );
+        assert!(violation.is_some(), "and --check-shadow catches it");
     }
 
     fn layout_pool() -> u64 {

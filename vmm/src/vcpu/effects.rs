@@ -49,6 +49,9 @@ pub fn apply(
     fx: Effects,
     stats: &mut VcpuStats,
 ) -> Result<Option<VcpuEnd>, EffectError> {
+    if let Some(v) = fx.violation {
+        return Ok(Some(VcpuEnd::ShadowInvariant(v)));
+    }
     if let Some(code) = fx.exit {
         return Ok(Some(VcpuEnd::GuestExit(code)));
     }

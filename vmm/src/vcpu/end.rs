@@ -22,6 +22,8 @@ pub enum VcpuEnd {
     Stopped,
     /// A KVM ioctl failed.
     VmmFailure(String),
+    /// `--check-shadow` found an engine invariant violated after an MMU batch.
+    ShadowInvariant(String),
 }
 
 impl VcpuEnd {
@@ -76,6 +78,11 @@ impl VcpuEnd {
             ),
             VcpuEnd::Stopped => (exit_code::VMM_FAILURE, "stopped", Some("VM stopped".into())),
             VcpuEnd::VmmFailure(m) => (exit_code::VMM_FAILURE, "vmm-failure", Some(m.clone())),
+            VcpuEnd::ShadowInvariant(v) => (
+                exit_code::SHADOW_INVARIANT,
+                "shadow-invariant",
+                Some(format!("shadow invariant violated after an MMU batch: {v}")),
+            ),
         }
     }
 }
