@@ -256,7 +256,7 @@ fn uid_without_access_to_kvm_is_a_clear_one_line_error() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
         err.contains(&format!(
-            "cannot open {node} as uid 65534 gid 65534: Permission denied"
+            "cannot open {node} as uid 65534 gid 65534 (that user needs read-write access to it): Permission denied"
         )),
         "{err}"
     );

@@ -8,7 +8,7 @@ use std::ffi::CString;
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     /// A set*id call failed.
-    #[error("cannot drop privileges to uid {uid} gid {gid}: {call}: {source} (--uid/--gid need pvmm to start as root)")]
+    #[error("cannot drop privileges to uid {uid} gid {gid} (--uid/--gid need pvmm to start as root): {call}")]
     Switch {
         /// Target user.
         uid: u32,
@@ -29,7 +29,7 @@ pub enum PrivilegeError {
         gid: u32,
     },
     /// The new user cannot open the KVM device.
-    #[error("cannot open {path} as uid {uid} gid {gid}: {source} (that user needs read-write access to it)")]
+    #[error("cannot open {path} as uid {uid} gid {gid} (that user needs read-write access to it)")]
     NoKvm {
         /// The device.
         path: String,

@@ -54,7 +54,7 @@ impl ThreadKind {
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     /// seccompiler refused the rules.
-    #[error("compiling the {kind:?} seccomp filter: {source}")]
+    #[error("compiling the {kind:?} seccomp filter")]
     Compile {
         /// Which filter.
         kind: ThreadKind,
@@ -63,10 +63,10 @@ pub enum SeccompError {
         source: seccompiler::Error,
     },
     /// The SIGSYS handler could not be installed.
-    #[error("installing the SIGSYS handler: {0}")]
+    #[error("installing the SIGSYS handler")]
     Handler(#[source] std::io::Error),
     /// The kernel refused the filter.
-    #[error("installing the {kind:?} seccomp filter: {source}")]
+    #[error("installing the {kind:?} seccomp filter")]
     Install {
         /// Which filter.
         kind: ThreadKind,
