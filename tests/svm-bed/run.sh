@@ -62,7 +62,7 @@ install_tools() {
     command -v apt-get >/dev/null || skip "QEMU/busybox-static/cpio missing and no apt-get to install them"
     apt_update || skip "cannot reach Debian's archive (apt-get update failed, see $BED/apt-update.log)"
     log "installing $PACKAGES"
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends $PACKAGES \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $PACKAGES \
         >"$BED/apt-install.log" 2>&1 || skip "cannot install $PACKAGES (see $BED/apt-install.log)"
     command -v "$QEMU" >/dev/null && static_busybox ||
         skip "installed $PACKAGES but $QEMU or a static /bin/busybox is still missing"
@@ -182,7 +182,11 @@ main() {
         qrc=$?
         log "boot $i ended (status $qrc) after $((SECONDS - t0)) s; log: $out"
         [ "$qrc" = 124 ] && log "boot $i hit the ${TIMEOUT}s timeout"
-        grep -q '^BED-DONE' "$out" || log "boot $i did not reach BED-DONE"
+        if ! grep -q '^BED-DONE' "$out"; then
+            log "boot $i did not reach BED-DONE; last console lines and QEMU's stderr:"
+            tail -n 15 "$out" | sed 's/^/    /'
+            sed 's/^/    qemu: /' "$out.qemu-stderr"
+        fi
         all_steps="$all_steps${all_steps:+,}$steps"
         logs+=("$out")
     done
