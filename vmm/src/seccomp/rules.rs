@@ -198,11 +198,13 @@ fn stdin() -> Vec<Allowed> {
 
 /// The full allow-list of a thread kind.
 pub fn allowed(kind: ThreadKind, ctx: &Context) -> Vec<Allowed> {
-    let mut v = common();
-    v.extend(match kind {
+    // Kind-specific entries first: among one syscall's rules the filter tries them in this
+    // order, so `KVM_RUN`, the hot one, is the first `ioctl` request compared.
+    let mut v = match kind {
         ThreadKind::Vcpu => vcpu(),
         ThreadKind::Supervisor => supervisor(ctx),
         ThreadKind::Stdin => stdin(),
-    });
+    };
+    v.extend(common());
     v
 }
