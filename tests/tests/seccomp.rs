@@ -270,3 +270,34 @@ fn uid_needs_gid() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("--gid"), "{err}");
 }
+
+#[test]
+fn uid_from_a_non_root_process_is_a_clear_one_line_error() {
+    if !root_and_kvm("uid_from_a_non_root_process_is_a_clear_one_line_error") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (dir, node) = jail("uid-unprivileged", (65534, 65534), 0o600);
+    // The binary, where the unprivileged user can run it (the checkout may be private).
+    let bin = dir.join("pvmm");
+    std::fs::copy(pvmm_bin(), &bin).unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("run")
+        .args(["--kernel", dir.join("guest").to_str().unwrap()])
+        .args(["--uid", "1234", "--gid", "1234"])
+        .env("PVMM_KVM_DEVICE", &node)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("spawning pvmm as nobody");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(200), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "cannot drop privileges to uid 1234 gid 1234 (--uid/--gid need pvmm to start as root): setgroups: Operation not permitted"
+        ),
+        "{err}"
+    );
+}
