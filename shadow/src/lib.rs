@@ -46,4 +46,6 @@ pub use rules::Rule;
 #[cfg(test)]
 mod integrity_tests;
 #[cfg(test)]
+mod mutant_tests;
+#[cfg(test)]
 mod tests;

@@ -1387,7 +1387,7 @@ fn tlb_model_1m_ops() {
     let start = std::time::Instant::now();
     let (ops, acc) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let mut runner = TestRunner::new(Config {
-        cases: 2000,
+        cases: 2700,
         failure_persistence: None,
         ..Config::default()
     });

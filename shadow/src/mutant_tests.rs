@@ -1,0 +1,88 @@
+//! Tests that pin down behaviour cargo-mutants found unchecked by the other tests.
+
+use hypercall::MmuOp;
+
+use crate::pte::*;
+use crate::tests::{vm_with_pool, Vm, L2, L3, T, VA1};
+
+impl Vm {
+    /// `QUERY_AD` of `pages` from `va` into `bm`; the accessed bitmap as bytes.
+    fn query(&mut self, va: u64, pages: u64, bm: u64) -> Vec<u8> {
+        self.op(MmuOp::QueryAd {
+            va,
+            pages,
+            bitmap_gpa: bm,
+        })
+        .unwrap();
+        let mut b = vec![0u8; hypercall::ad_bitmap_bytes(pages) as usize];
+        vm_memory::Bytes::read_slice(&self.mem, &mut b, vm_memory::GuestAddress(bm)).unwrap();
+        b
+    }
+}
+
+#[test]
+fn ad_walks_skip_unmapped_entries_exactly_to_the_next_boundary() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    // L2[0] is empty, L2[1] maps VA1 = 0x20_0000: a range starting one page into L2[0]
+    // reaches VA1 at its page 511.
+    v.cpu_sets(VA1, A);
+    let b = v.query(0x1000, 512, 0x60_000);
+    assert_eq!(
+        b[511 / 8] >> (511 % 8) & 1,
+        1,
+        "first page after an empty L2 entry"
+    );
+    // L3[1] is empty, L3[2] maps 0x8000_0000: from one page into L3[1], 2^18 pages end
+    // exactly there.
+    v.w(0x30_000, 0x31_000 | T);
+    v.w(0x31_000, 0x10_0000 | P | RW);
+    v.upd(L3 + 16, 0x30_000 | T).unwrap();
+    v.cpu_sets(0x8000_0000, A);
+    let b = v.query(0x4000_1000, 1 << 18, 0x60_000);
+    let last = (1usize << 18) - 1;
+    assert_eq!(
+        b[last / 8] >> (last % 8) & 1,
+        1,
+        "first page after an empty L3 entry"
+    );
+    assert_eq!(b.iter().map(|x| x.count_ones()).sum::<u32>(), 1);
+    // The same walk for SYNC_AD.
+    v.op(MmuOp::SyncAd {
+        va: 0x1000,
+        pages: 512,
+        clear_a: false,
+        clear_d: false,
+    })
+    .unwrap();
+    assert_eq!(v.r(0x13_000) & A, A);
+    v.check();
+}
+
+#[test]
+fn engine_getters_and_host_resync() {
+    // Two frames: a load needs 5, so use a pool of 6 and force reuse of freed frames.
+    let mut v = vm_with_pool(6);
+    assert_eq!(v.mmu.layout().pool_frames, 6);
+    assert_eq!(v.mmu.layout().pool_base, crate::tests::POOL);
+    v.load();
+    assert!(
+        !v.mmu.take_host_resync_needed(),
+        "only never-used frames so far"
+    );
+    // Unlink and relink the L1: its shadow is freed, then rebuilt from a dirty frame.
+    v.upd(L2 + 8, 0).unwrap();
+    v.w(0x30_000, 0x10_0000 | P);
+    v.upd(L2 + 8, 0x30_000 | T).unwrap(); // the one clean frame
+    v.upd(L2 + 24, 0x13_000 | T).unwrap(); // needs a freed (dirty) frame
+    assert!(v.mmu.take_host_resync_needed());
+    assert!(!v.mmu.take_host_resync_needed(), "reported once");
+    v.upd(L2 + 24, 0).unwrap(); // freed: dirty until the next resync
+    v.mmu.host_resynced();
+    v.upd(L2 + 24, 0x13_000 | T).unwrap();
+    assert!(
+        !v.mmu.take_host_resync_needed(),
+        "clean again after a resync"
+    );
+    v.check();
+}
