@@ -167,9 +167,8 @@ pub fn decode_request(b: &[u8]) -> Result<Request, HcError> {
         return Err(HcError::Einval);
     }
     let op = u32_at(b, 0)?;
-    if !matches!(op, op::VERSION | op::EXIT | op::NULL | op::MMU_BATCH) {
-        return Err(HcError::Enosys);
-    }
+    // docs/pv-abi.md 4.3: flags first (also for unknown ops), then the op's arguments,
+    // then the op number.
     if u32_at(b, 4)? != 0 {
         return Err(HcError::Einval);
     }
@@ -223,9 +222,8 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
     let flags = u16_at(b, 2)?;
     let reserved = u32_at(b, 4)?;
     let (a0, a1, a2) = (u64_at(b, 8)?, u64_at(b, 16)?, u64_at(b, 24)?);
-    if !(kind::PT_UPDATE..=kind::ZERO_FRAME).contains(&k) {
-        return Err(HcError::Enosys);
-    }
+    // docs/pv-abi.md 6.1: reserved, then flags (also for unknown kinds), then the kind's
+    // arguments, then the kind number.
     if reserved != 0 {
         return Err(HcError::Einval);
     }
@@ -387,6 +385,45 @@ mod tests {
         );
     }
 
+    /// docs/pv-abi.md 4.3, one case per step: each input passes every earlier step and
+    /// fails exactly at its own.
+    #[test]
+    fn request_decoding_follows_the_documented_order() {
+        let mut flags = req(99, [7; 4]);
+        flags[4] = 1;
+        assert_eq!(decode_request(&flags), Err(HcError::Einval), "1: flags");
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1000, 0, 0, 0])),
+            Err(HcError::Einval),
+            "2: arguments (count 0)"
+        );
+        assert_eq!(
+            decode_request(&req(op::MMU_BATCH, [0x1000, 5000, 0, 0])),
+            Err(HcError::E2big),
+            "2: arguments (count > 1024)"
+        );
+        assert_eq!(decode_request(&req(99, [7; 4])), Err(HcError::Enosys), "3: op");
+    }
+
+    /// docs/pv-abi.md 6.1, one case per step.
+    #[test]
+    fn entry_decoding_follows_the_documented_order() {
+        let e = |kind, flags, reserved, a0| MmuEntry {
+            kind,
+            flags,
+            reserved,
+            a0,
+            ..Default::default()
+        };
+        let d = |m: MmuEntry| decode_entry(&m.to_bytes());
+        assert_eq!(d(e(99, 1, 1, 3)), Err(HcError::Einval), "1: reserved");
+        assert_eq!(d(e(99, 1, 0, 3)), Err(HcError::Einval), "2: flags, unknown kind");
+        assert_eq!(d(e(kind::UNPIN, 1, 0, 0)), Err(HcError::Einval), "2: flags");
+        assert_eq!(d(e(kind::UNPIN, 0, 0, 3)), Err(HcError::Einval), "3: arguments");
+        assert_eq!(d(e(99, 0, 0, 3)), Err(HcError::Enosys), "4: kind");
+        assert_eq!(d(e(0, 0, 0, 0)), Err(HcError::Enosys), "4: kind 0");
+    }
+
     #[test]
     fn refuses_bad_requests() {
         assert_eq!(decode_request(&req(0, [0; 4])), Err(HcError::Enosys));
@@ -395,8 +432,8 @@ mod tests {
         unknown_flagged[4] = 1;
         assert_eq!(
             decode_request(&unknown_flagged),
-            Err(HcError::Enosys),
-            "ENOSYS wins over EINVAL"
+            Err(HcError::Einval),
+            "flags are checked before the op number (pv-abi 4.3 step 1)"
         );
         assert_eq!(
             decode_request(&req(op::NULL, [1, 0, 0, 0])),
@@ -527,7 +564,7 @@ mod tests {
                     reserved: 1,
                     ..Default::default()
                 },
-                HcError::Enosys,
+                HcError::Einval,
             ),
             (
                 MmuEntry {

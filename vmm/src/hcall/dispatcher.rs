@@ -69,23 +69,22 @@ impl Dispatcher {
         };
         let (name, resp, writable) = match self.read_request(gpa) {
             Err(e) => ("invalid", Response::err(e), false),
-            Ok(bytes) => {
-                let raw_op = bytes
-                    .get(0..4)
-                    .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
-                if !self.negotiated.load(Ordering::Relaxed)
-                    && raw_op != op::VERSION
-                    && raw_op != op::EXIT
-                {
-                    // Before the handshake nothing else is even decoded.
-                    (op_name(&bytes), Response::err(HcError::Eproto), true)
-                } else {
-                    match decode_request(&bytes) {
-                        Err(e) => (op_name(&bytes), Response::err(e), true),
-                        Ok(req) => (op::name(op_of(&req)), self.dispatch(&mut ctx, &req), true),
-                    }
+            Ok(bytes) => match decode_request(&bytes) {
+                // docs/pv-abi.md 3.1: decoding first, then the handshake gate.
+                Err(e) => (op_name(&bytes), Response::err(e), true),
+                Ok(req) => {
+                    let op = op_of(&req);
+                    let gated = !self.negotiated.load(Ordering::Relaxed)
+                        && op != op::VERSION
+                        && op != op::EXIT;
+                    let resp = if gated {
+                        Response::err(HcError::Eproto)
+                    } else {
+                        self.dispatch(&mut ctx, &req)
+                    };
+                    (op::name(op), resp, true)
                 }
-            }
+            },
         };
         if writable {
             if let Err(e) = self.write_response(gpa + RESPONSE_OFFSET as u64, &resp.to_bytes()) {
@@ -241,6 +240,37 @@ mod tests {
             "zeroed block: op 0"
         );
         assert_eq!(d.handle(0, u64::MAX - 63).status, HcError::Efault.status());
+    }
+
+    /// docs/pv-abi.md 3.1: the block checks (1-3), then decoding (4), then the handshake
+    /// gate (5), then the handler (6-7); one case per step, before any VERSION.
+    #[test]
+    fn dispatch_follows_the_documented_order() {
+        let (d, ram) = setup();
+        assert_eq!(d.handle(0, 0x1008).status, HcError::Einval.status(), "1");
+        assert_eq!(d.handle(0, 1 << 20).status, HcError::Efault.status(), "2");
+        assert_eq!(
+            call(&d, &ram, 0x1000, 77, [0; 4]).1,
+            HcError::Enosys.status(),
+            "4: unknown op, even before VERSION"
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::MMU_BATCH, [0x2000, 0, 0, 0]).1,
+            HcError::Einval.status(),
+            "4: bad arguments, even before VERSION"
+        );
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::NULL, [0; 4]).1,
+            HcError::Eproto.status(),
+            "5: a valid op before VERSION"
+        );
+        call(&d, &ram, 0x1000, op::VERSION, [1, 0, 0, 0]);
+        assert_eq!(
+            call(&d, &ram, 0x1000, op::MMU_BATCH, [0x2000, 1, 0, 0]).1,
+            HcError::Enosys.status(),
+            "6: no MMU handler"
+        );
+        assert_eq!(call(&d, &ram, 0x1000, op::NULL, [0; 4]).1, 0, "7");
     }
 
     #[test]
