@@ -33,7 +33,10 @@ run: build
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	cd guest-images && $(CARGO) fmt --all -- --check
+	cd guest-images && $(CARGO) fmt -p pvmm-guest -p pvmm-user -- --check
+	python3 scripts/check-module-cycles.py --self-test
+	python3 scripts/check-module-cycles.py vmm/src shadow/src hypercall/src tests/src \
+		guest-images/kernel/src guest-images/user/src
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 	cd guest-images && $(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
@@ -47,7 +50,7 @@ test-svm: build
 	REQUIRE_SVM=$(REQUIRE_SVM) tests/svm-bed/run.sh
 
 bench: build
-	$(CARGO) bench -p shadow -- --warm-up-time 1 --measurement-time 3
+	$(CARGO) bench -p shadow --bench engine -- --warm-up-time 1 --measurement-time 3
 	$(PVMM) bench-exits --iterations 20000 --repeat 5
 	$(CARGO) run --release -p pvmm-e2e --bin bench-matrix -- --pages=$(BENCH_PAGES) --repeat=$(BENCH_REPEAT) --out=bench
 
