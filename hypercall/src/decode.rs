@@ -402,7 +402,11 @@ mod tests {
             Err(HcError::E2big),
             "2: arguments (count > 1024)"
         );
-        assert_eq!(decode_request(&req(99, [7; 4])), Err(HcError::Enosys), "3: op");
+        assert_eq!(
+            decode_request(&req(99, [7; 4])),
+            Err(HcError::Enosys),
+            "3: op"
+        );
     }
 
     /// docs/pv-abi.md 6.1, one case per step.
@@ -417,9 +421,17 @@ mod tests {
         };
         let d = |m: MmuEntry| decode_entry(&m.to_bytes());
         assert_eq!(d(e(99, 1, 1, 3)), Err(HcError::Einval), "1: reserved");
-        assert_eq!(d(e(99, 1, 0, 3)), Err(HcError::Einval), "2: flags, unknown kind");
+        assert_eq!(
+            d(e(99, 1, 0, 3)),
+            Err(HcError::Einval),
+            "2: flags, unknown kind"
+        );
         assert_eq!(d(e(kind::UNPIN, 1, 0, 0)), Err(HcError::Einval), "2: flags");
-        assert_eq!(d(e(kind::UNPIN, 0, 0, 3)), Err(HcError::Einval), "3: arguments");
+        assert_eq!(
+            d(e(kind::UNPIN, 0, 0, 3)),
+            Err(HcError::Einval),
+            "3: arguments"
+        );
         assert_eq!(d(e(99, 0, 0, 3)), Err(HcError::Enosys), "4: kind");
         assert_eq!(d(e(0, 0, 0, 0)), Err(HcError::Enosys), "4: kind 0");
     }

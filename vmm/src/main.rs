@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("pvmm: {e:#}");
+                    eprintln!("pvmm: {}", one_line(&e));
                     ExitCode::from(exit_code::SETUP as u8)
                 }
             };
@@ -66,10 +66,28 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("pvmm: {e:#}");
+            eprintln!("pvmm: {}", one_line(e.as_ref()));
             ExitCode::from(exit_code::SETUP as u8)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: an error whose message already
+/// names its source does not repeat it.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        next = cause.source();
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn init_logging(verbose: u8) {
