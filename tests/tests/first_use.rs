@@ -71,6 +71,11 @@ fn kernel_files_that_are_not_kernels_are_named_as_such() {
     let out = run(&["--kernel", p.to_str().unwrap()]);
     let _ = std::fs::remove_file(&p);
     setup_error(&out, "is a user-space program, not a kernel");
+    let low = temp("low-entry.elf");
+    std::fs::write(&low, tiny_elf(0x1000, &[0xf4])).unwrap();
+    let out = run(&["--kernel", low.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&low);
+    setup_error(&out, "its entry point is below 1 MiB");
     let dir = std::env::temp_dir();
     setup_error(
         &run(&["--kernel", dir.to_str().unwrap()]),

@@ -102,6 +102,7 @@ pub fn load(
         )) => {
             return Err(too_big(layout, path));
         }
+        Err(linux_loader::loader::Error::Elf(e)) => return Err(load_err(path, elf_reason(e))),
         Err(e) => return Err(load_err(path, e)),
     };
     write_cmdline(mem, cmdline, &mut params)?;
@@ -115,6 +116,24 @@ pub fn load(
     )
     .map_err(|e| SetupError::other("writing boot_params", e))?;
     Ok(loaded)
+}
+
+/// What a linux-loader ELF error means for the user.
+fn elf_reason(e: linux_loader::loader::elf::Error) -> String {
+    use linux_loader::loader::elf::Error as E;
+    match e {
+        E::InvalidEntryAddress => "its entry point is below 1 MiB; pvmm loads ELF kernels at \
+            their physical addresses, at or above 1 MiB (is it a user-space program or a \
+            32-bit/real-mode image?)"
+            .into(),
+        E::ReadElfHeader | E::ReadProgramHeader | E::SeekProgramHeader => {
+            "the file ends inside its ELF headers (truncated?)".into()
+        }
+        E::InvalidProgramHeaderSize | E::InvalidProgramHeaderOffset | E::BigEndianElfOnLittle => {
+            format!("{e} (not an x86-64 little-endian kernel ELF)")
+        }
+        other => other.to_string(),
+    }
 }
 
 fn too_big(layout: &Layout, path: &Path) -> SetupError {
