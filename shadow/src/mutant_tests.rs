@@ -86,3 +86,45 @@ fn engine_getters_and_host_resync() {
     );
     v.check();
 }
+
+#[test]
+fn ad_walks_skip_from_any_offset_inside_an_empty_entry() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.cpu_sets(VA1, A);
+    // From page 0x104 of the empty L2[0]: VA1 is page 0xfc of the range.
+    let b = v.query(0x10_4000, 0x100, 0x60_000);
+    assert_eq!(b[0xfc / 8] >> (0xfc % 8) & 1, 1);
+    assert_eq!(b.iter().map(|x| x.count_ones()).sum::<u32>(), 1);
+}
+
+#[test]
+fn ad_ranges_end_at_their_last_page() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    // Pages VA1 .. VA1 + 64 and the page right after them, all accessed and dirty but the
+    // first (only accessed).
+    v.upd(0x13_000 + 8 * 64, 0x10_9000 | P | RW).unwrap();
+    v.cpu_sets(VA1 + (64 << 12), A | D);
+    v.cpu_sets(VA1, A);
+    v.op(MmuOp::QueryAd {
+        va: VA1,
+        pages: 64,
+        bitmap_gpa: 0x60_000,
+    })
+    .unwrap();
+    assert_eq!(v.r(0x60_000), 1, "accessed: page 0 only");
+    assert_eq!(v.r(0x60_008), 0, "dirty: none (page 64 is outside)");
+    // SYNC_AD of one page leaves the next one alone.
+    v.cpu_sets(VA1 + 0x1000, A);
+    v.op(MmuOp::SyncAd {
+        va: VA1,
+        pages: 1,
+        clear_a: true,
+        clear_d: true,
+    })
+    .unwrap();
+    assert_eq!(v.leaf(VA1 + 0x1000).unwrap().value & A, A);
+    assert_eq!(v.r(0x13_008) & A, 0);
+    v.check();
+}
