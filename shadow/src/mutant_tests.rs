@@ -128,3 +128,46 @@ fn ad_ranges_end_at_their_last_page() {
     assert_eq!(v.r(0x13_008) & A, 0);
     v.check();
 }
+
+#[test]
+fn a_range_entering_a_table_late_is_clipped_at_its_end() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    for i in 0..3 {
+        v.cpu_sets(VA1 + (i << 12), A);
+    }
+    // Two pages: the last of the empty L2[0] and VA1. Padding bits stay 0.
+    let b = v.query(VA1 - 0x1000, 2, 0x60_000);
+    assert_eq!(b, vec![0b10, 0, 0, 0, 0, 0, 0, 0]);
+    v.op(MmuOp::SyncAd {
+        va: VA1 - 0x1000,
+        pages: 2,
+        clear_a: true,
+        clear_d: false,
+    })
+    .unwrap();
+    assert_eq!(
+        v.leaf(VA1 + 0x1000).unwrap().value & A,
+        A,
+        "outside the range"
+    );
+    assert_eq!(v.leaf(VA1).unwrap().value & A, 0);
+}
+
+#[test]
+fn repeated_syncs_keep_what_the_guest_already_has() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.cpu_sets(VA1, A | D);
+    for _ in 0..2 {
+        v.op(MmuOp::SyncAd {
+            va: VA1,
+            pages: 1,
+            clear_a: false,
+            clear_d: false,
+        })
+        .unwrap();
+        assert_eq!(v.r(0x13_000) & AD, AD);
+    }
+    assert_eq!(v.mmu.counters().a_bits_propagated, 1, "counted once");
+}

@@ -306,6 +306,8 @@ struct World {
     ops: u64,
     accesses: u64,
     writes: HashMap<u64, u64>,
+    /// The last entries applied (for failure reports).
+    history: Vec<String>,
 }
 
 type Res = Result<(), String>;
@@ -429,6 +431,7 @@ impl World {
             ops: 0,
             accesses: 0,
             writes: HashMap::new(),
+            history: Vec::new(),
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -749,11 +752,9 @@ impl World {
     // ----- batches -----
 
     fn step(&mut self, s: &Step) -> Res {
-        self.batch(s.vcpu % self.vcpus, &s.ops)?;
-        for a in &s.accesses {
-            self.access(a)?;
-        }
-        Ok(())
+        let r = self.batch(s.vcpu % self.vcpus, &s.ops);
+        let r = r.and_then(|()| s.accesses.iter().try_for_each(|a| self.access(a)));
+        r.map_err(|e| format!("{e}\nlast entries:\n{}", self.history.join("\n")))
     }
 
     /// Runs one batch like the VMM (stops at the first error), applies its flushes to every
@@ -883,9 +884,18 @@ impl World {
                 old: self.frame(r) << 12,
                 new: self.spares[to] << 12,
             },
-            Op::Baseptr(r) => MmuOp::NewBaseptr {
-                frame: self.roots[r][0] << 12,
-            },
+            Op::Baseptr(r) => {
+                // Every loaded address space shares the kernel half (the model's guest keeps
+                // global pages consistent): a root a hostile pin typed with a stale kernel
+                // half is not loaded.
+                let k = self.rd((self.roots[r][0] << 12) + 8 * 256);
+                if k & P == 0 || (k & ADDR) >> 12 != self.kern[0] {
+                    return None;
+                }
+                MmuOp::NewBaseptr {
+                    frame: self.roots[r][0] << 12,
+                }
+            }
             Op::Teardown(r) => MmuOp::Unpin {
                 frame: self.roots[r][0] << 12,
             },
@@ -999,6 +1009,10 @@ impl World {
             _ => None,
         };
         let r = self.mmu.apply(&self.mem, v, e);
+        if self.history.len() == 24 {
+            self.history.remove(0);
+        }
+        self.history.push(format!("vcpu {v}: {e:x?} -> {r:?}"));
         let here = |m: String| format!("{e:?} on vcpu {v} -> {r:?}: {m}");
         match (*e, r) {
             (
@@ -1389,6 +1403,8 @@ fn tlb_model_1m_ops() {
     let mut runner = TestRunner::new(Config {
         cases: 2700,
         failure_persistence: None,
+        // A failure reports its case (with the last entries applied) without shrinking.
+        max_shrink_iters: 0,
         ..Config::default()
     });
     let long = (
