@@ -16,6 +16,7 @@ const PROGRAMS: &[&str] = &[
     "ad_dirty",
     "relocate",
     "flush_avoid",
+    "fault_around",
 ];
 
 fn main() {

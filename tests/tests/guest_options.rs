@@ -169,8 +169,8 @@ fn zero_cpu_suite(mode: &str) {
     let out = boot(&cmdline);
     let text = console(&out);
     let tap = Tap::parse(&text).unwrap_or_else(|e| panic!("{mode}: bad TAP ({e}):\n{text}"));
-    assert_eq!(tap.plan, Some(11), "{text}");
-    assert_eq!(tap.points.len(), 11, "{text}");
+    assert_eq!(tap.plan, Some(12), "{text}");
+    assert_eq!(tap.points.len(), 12, "{text}");
     for p in &tap.points {
         assert!(
             p.ok && p.skip.is_none(),

@@ -102,6 +102,13 @@ extern "C" fn kmain(zero_page: u64) -> ! {
     let kend = core::ptr::addr_of!(__kernel_end) as u64 - KERNEL_VMA;
     mem::init(&info, kend.max(2 << 20));
     build_kernel_space(&info);
+    {
+        // PV: the reserve of zeroed page-table frames, zeroed in one batch.
+        let mut m = mmu::this_cpu();
+        m.enter_lazy();
+        m.refill_reserve();
+        m.leave_lazy();
+    }
     print_config(&opts, arch::rdtsc() - t_boot);
     let failures = selftest::run(opts.tests, opts.pages, opts.seed);
     let p = mmu::this_cpu().pv.take();
@@ -164,6 +171,7 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
     m.mode = opts.mode;
     m.batch = opts.lazy_batch;
     m.zero_vmm = opts.zero_vmm;
+    m.fault_around = opts.fault_around;
     m.pv = pv;
     if opts.drop_update {
         m.drop_after = 1 + opts.drop_at;
@@ -181,11 +189,12 @@ fn print_config(opts: &Opts, boot_cycles: u64) {
     };
     let _ = writeln!(
         Console,
-        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles}",
+        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles} fault_around={}",
         opts.mode.name(),
         opts.lazy_batch,
         mem::ram_end(),
         mem::free_count(),
+        opts.fault_around,
     );
     if opts.drop_update {
         let _ = writeln!(

@@ -54,6 +54,8 @@ pub struct Counters {
     pub switches: u64,
     /// Page faults handled.
     pub faults: u64,
+    /// Pages mapped by demand faults (the faulting page and its fault-around neighbours).
+    pub fault_mapped: u64,
 }
 
 /// `debug_faults`: log every user page fault.
@@ -70,6 +72,11 @@ const NO_ENTRY: MmuEntry = MmuEntry {
     a1: 0,
     a2: 0,
 };
+
+/// Pre-zeroed frames kept for new page tables (PV modes).
+const RESERVE: usize = 16;
+/// Table links queued in the current batch that the kernel's walks must already see.
+const LINKS: usize = 16;
 
 /// The lazy queue: the VMM reads it in place during MMU_BATCH (entries need 8-byte
 /// alignment only).
@@ -97,6 +104,15 @@ pub struct Mmu {
     pub drop_after: u64,
     /// The L4 (guest-physical) currently loaded.
     pub cur_l4: u64,
+    /// `fault_around=`: pages a demand fault maps (0 or 1: only the faulting page).
+    pub fault_around: u64,
+    /// PV: frames for new page tables, zeroed in an earlier batch (or by the CPU), so that
+    /// a table taken from here needs no batch of its own before the kernel walks it.
+    reserve: [(u64, u64); RESERVE],
+    nreserve: usize,
+    /// Non-leaf entries queued in the current batch: (entry address, value).
+    links: [(u64, u64); LINKS],
+    nlinks: usize,
 }
 
 /// Each CPU's MMU state.
@@ -120,10 +136,16 @@ impl Mmu {
                 zero_vmm: 0,
                 switches: 0,
                 faults: 0,
+                fault_mapped: 0,
             },
             zero_vmm: true,
             drop_after: 0,
             cur_l4: 0,
+            fault_around: 0,
+            reserve: [(0, 0); RESERVE],
+            nreserve: 0,
+            links: [(0, 0); LINKS],
+            nlinks: 0,
         }
     }
 }
@@ -164,6 +186,7 @@ impl Mmu {
         }
         let n = self.qlen;
         self.qlen = 0;
+        self.nlinks = 0;
         let g = gpa(self.queue.0.as_ptr());
         let (s, done, fail) = self.batch_raw(g, n as u64);
         if s != 0 {
@@ -235,6 +258,58 @@ impl Mmu {
         self.flush();
     }
 
+    /// A fresh zeroed frame for a new page table and whether it is zero already (a PV
+    /// reserve frame whose ZERO_FRAME batch has gone out, or any frame natively). A frame
+    /// that is not may be linked only after its queued zeroing ([`Mmu::set_table`]).
+    pub fn new_table(&mut self) -> (u64, bool) {
+        let hc = self.c.hypercalls;
+        if let Some(k) = (0..self.nreserve).find(|&k| self.reserve[k].1 <= hc) {
+            let (f, _) = self.reserve[k];
+            self.nreserve -= 1;
+            self.reserve[k] = self.reserve[self.nreserve];
+            self.refill_reserve();
+            return (f, true);
+        }
+        let f = mem::alloc();
+        self.zero_frame(f, false);
+        (f, !self.is_pv())
+    }
+
+    /// PV: fills the table reserve (at boot, and after each table taken from it).
+    pub fn refill_reserve(&mut self) {
+        while self.is_pv() && self.nreserve < RESERVE {
+            let f = mem::alloc();
+            let queued = self.zero_vmm;
+            self.zero_frame(f, false);
+            // Zero once the batch holding its ZERO_FRAME has been sent.
+            let ready = if queued { self.c.hypercalls + 1 } else { 0 };
+            self.reserve[self.nreserve] = (f, ready);
+            self.nreserve += 1;
+        }
+    }
+
+    /// Links a new page table (`val`) at the non-leaf entry `ptr`. A table that is zero
+    /// already joins the current batch (the kernel's walks see the link through
+    /// [`Mmu::table_entry`] until the batch goes); otherwise the batch goes now.
+    pub fn link_table(&mut self, ptr: u64, val: u64, zeroed: bool) {
+        if !self.is_pv() || !zeroed || self.lazy == 0 || self.nlinks == LINKS {
+            self.set_table(ptr, val);
+            return;
+        }
+        self.c.pte_updates += 1;
+        self.links[self.nlinks] = (ptr, val);
+        self.nlinks += 1;
+        self.push(MmuEntry::pt_update(ptr, val));
+    }
+
+    /// A non-leaf entry as the kernel must see it: queued links first, else the table.
+    pub fn table_entry(&self, ptr: u64) -> u64 {
+        match self.links[..self.nlinks].iter().rev().find(|l| l.0 == ptr) {
+            Some(&(_, v)) => v,
+            None => mem::rd(ptr),
+        }
+    }
+
     /// A leaf of the loaded address space at `va` changed and the CPU may cache it.
     /// Native: INVLPG. PV: nothing (coherence of shadowed changes is the VMM's job).
     pub fn invlpg(&mut self, va: u64) {
@@ -263,11 +338,14 @@ impl Mmu {
         }
     }
 
-    /// Pins a fully built L4 (PV) — no-op natively.
+    /// Pins a fully built L4 (PV) — no-op natively. Inside a lazy section the pin joins
+    /// the batch (entries queued after it see the pinned table, in order).
     pub fn pin_l4(&mut self, pa: u64) {
         if self.is_pv() {
             self.push(MmuEntry::pin(4, pa));
-            self.flush();
+            if self.lazy == 0 {
+                self.flush();
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 
 use crate::mmu::{Mode, QMAX};
 use crate::selftest::{self, Selection};
+use crate::vm::FAULT_AROUND_MAX;
 use core::fmt::{self, Write};
 
 /// The guest's exit statuses (the VMM's exit code passes them on).
@@ -50,6 +51,8 @@ pub struct Opts {
     pub drop_update: bool,
     /// `drop_at=`.
     pub drop_at: u64,
+    /// `fault_around=`: pages a demand fault maps (0: only the faulting one).
+    pub fault_around: u64,
 }
 
 /// What values an option takes.
@@ -175,6 +178,21 @@ const OPTIONS: &[Opt] = &[
         set: |o, v| o.zero_vmm = choice(v) == 0,
     },
     Opt {
+        name: "fault_around",
+        kind: Kind::Number {
+            min: 0,
+            max: FAULT_AROUND_MAX,
+        },
+        default: Some("16"),
+        unset: "",
+        help: "Demand faults map up to N pages of the faulting VMA in one lazy section: the \
+               aligned N-page window around the address, inside its 2 MiB page table, every \
+               empty page zero-filled and installed old (A=0), so reclaim can find the \
+               never-touched ones with QUERY_AD (PV) or the A bits (native). 0 or 1: only \
+               the faulting page.",
+        set: |o, v| o.fault_around = number(v),
+    },
+    Opt {
         name: "exit",
         kind: Kind::Number { min: 0, max: 255 },
         default: None,
@@ -289,6 +307,7 @@ fn defaults() -> Opts {
         debug_faults: false,
         drop_update: false,
         drop_at: 0,
+        fault_around: 0,
     };
     for opt in OPTIONS {
         if let Some(d) = opt.default {

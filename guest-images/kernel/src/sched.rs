@@ -267,8 +267,11 @@ pub fn fork(t: &mut ProcTable, m: &mut Mmu, c: usize) -> Option<u64> {
         let (a, b) = t.procs.split_at_mut(c);
         (&mut b[0], &mut a[slot])
     };
+    // One lazy section: the child's pin, its tables and the copied PTEs go as one batch.
+    m.enter_lazy();
     child.space.create(m);
     parent.space.fork_into(m, &mut child.space);
+    m.leave_lazy();
     child.pid = pid;
     child.ppid = parent.pid;
     child.frame = parent.frame;

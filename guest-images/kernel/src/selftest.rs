@@ -73,6 +73,11 @@ const TESTS: &[Test] = &[
         pv_only: false,
     },
     Test {
+        name: "fault_around",
+        elf: prog!("fault_around"),
+        pv_only: false,
+    },
+    Test {
         name: "hostile",
         elf: &[],
         pv_only: true,
@@ -106,7 +111,7 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
     let en = b.entries - a.entries;
     let _ = writeln!(
         Console,
-        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} switches={} cycles={}",
+        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={}",
         b.pte_updates - a.pte_updates,
         hc,
         en,
@@ -116,6 +121,7 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
         b.zero_cpu - a.zero_cpu,
         b.zero_vmm - a.zero_vmm,
         b.faults - a.faults,
+        b.fault_mapped - a.fault_mapped,
         b.switches - a.switches,
         cycles
     );

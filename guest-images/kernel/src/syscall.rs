@@ -228,6 +228,8 @@ fn stat(t: &ProcTable, m: &Mmu, c: usize, what: u64) -> u64 {
         10 => m.c.zero_cpu,
         11 => arch::rdtsc(),
         12 => u64::from(m.zero_vmm && m.is_pv()),
+        13 => m.fault_around,
+        14 => m.c.fault_mapped,
         _ => 0,
     }
 }

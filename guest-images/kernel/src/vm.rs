@@ -226,14 +226,13 @@ impl Space {
         let mut t = self.l4;
         for shift in [39u32, 30, 21] {
             let ptr = t + ((va >> shift) & 511) * 8;
-            let e = rd(ptr);
+            let e = m.table_entry(ptr);
             if e & P == 0 {
                 if !create {
                     return None;
                 }
-                let n = mem::alloc();
-                m.zero_frame(n, false);
-                m.set_table(ptr, n | P | RW | US);
+                let (n, zeroed) = m.new_table();
+                m.link_table(ptr, n | P | RW | US, zeroed);
                 self.track(n);
                 t = n;
             } else {
@@ -314,7 +313,8 @@ impl Space {
         };
         let e = rd(ptr);
         let ok = if e & P == 0 {
-            self.map_zero(m, ptr, prot, false);
+            let vma = self.vmas[i];
+            m.c.fault_mapped += self.map_around(m, ptr, va, vma);
             true
         } else if write && e & RW == 0 {
             if e & COW == 0 {
@@ -340,6 +340,28 @@ impl Space {
         };
         m.leave_lazy();
         ok
+    }
+
+    /// A demand fault at `va` (its empty PTE at `ptr`): maps it and, with fault-around, every
+    /// empty page of its window ([`around_window`]) with fresh zeroed frames, in the caller's
+    /// lazy section (one batch in pv-lazy). Every PTE is installed old (A=0): the CPU (native)
+    /// or the VMM's shadow (PV) records which ones the program really touches. Returns the
+    /// pages mapped.
+    fn map_around(&mut self, m: &mut Mmu, ptr: u64, va: u64, vma: Vma) -> u64 {
+        let (lo, hi) = around_window(va, m.fault_around, vma.start, vma.end);
+        // The L1 table exists (the caller found `ptr`); the window stays inside it.
+        let l1 = ptr - ((va >> 12) & 511) * 8;
+        let mut n = 0;
+        let mut a = lo;
+        while a < hi {
+            let p = l1 + ((a >> 12) & 511) * 8;
+            if rd(p) & P == 0 {
+                self.map_zero(m, p, vma.prot, false);
+                n += 1;
+            }
+            a += 4096;
+        }
+        n
     }
 
     /// Unmaps every page of [start, end) (VMAs untouched).
@@ -553,6 +575,24 @@ impl Space {
         }
         moved
     }
+}
+
+/// Largest `fault_around=` (one L1 table).
+pub const FAULT_AROUND_MAX: u64 = 512;
+
+/// The fault-around window of a fault at `va` with `n` pages around, inside the VMA
+/// [`start`, `end`): the `n`-page window aligned to `n` pages from the start of `va`'s 2 MiB
+/// page table, cut at that table's end and at the VMA's bounds. `n` of 0 or 1: `va`'s page.
+pub fn around_window(va: u64, n: u64, start: u64, end: u64) -> (u64, u64) {
+    let page = va & !0xfff;
+    if n <= 1 {
+        return (page, page + 4096);
+    }
+    let table = va & !0x1f_ffff;
+    let idx = (page - table) >> 12;
+    let lo = table + (idx - idx % n) * 4096;
+    let hi = (lo + n * 4096).min(table + (2 << 20));
+    (lo.max(start), hi.min(end))
 }
 
 /// The A and D bitmaps of one QUERY_AD (the VMM writes them in place; 8-byte aligned).

@@ -87,6 +87,10 @@ pub mod st {
     pub const TSC: u64 = 11;
     /// 1 if new frames are zeroed by the VMM (a PV mode with zero=vmm), else 0.
     pub const ZERO_BY_VMM: u64 = 12;
+    /// `fault_around=`: pages a demand fault maps (0 or 1: only the faulting one).
+    pub const FAULT_AROUND: u64 = 13;
+    /// Pages mapped by demand faults since boot (faulting pages and their neighbours).
+    pub const FAULT_MAPPED: u64 = 14;
 }
 
 /// mmap/mprotect: readable.
@@ -349,6 +353,25 @@ pub fn first_diff(a: &[u64], b: &[u64], pages: u64) -> Option<u64> {
 /// Set bits of a bitmap.
 pub fn popcount(bm: &[u64]) -> u64 {
     bm.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// The kernel's fault-around window (page indices `[lo, hi)` of a mapping of `pages`
+/// pages starting 2 MiB-aligned) for a fault on page `i` with `n` pages around: the
+/// `n`-page window aligned inside its 2 MiB page table, cut at the table and the mapping.
+pub fn around_window(i: u64, n: u64, pages: u64) -> (u64, u64) {
+    if n <= 1 {
+        return (i, i + 1);
+    }
+    let table = i - i % 512;
+    let lo = table + (i - table) / n * n;
+    (lo, (lo + n).min(table + 512).min(pages))
+}
+
+/// Sets bits `[lo, hi)` of a bitmap.
+pub fn set_range(bm: &mut [u64], lo: u64, hi: u64) {
+    for i in lo..hi {
+        bm[(i / 64) as usize] |= 1 << (i % 64);
+    }
 }
 
 /// Most pages the A/D tests handle.
