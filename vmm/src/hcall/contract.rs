@@ -4,6 +4,7 @@
 
 use crate::guest_ram::GuestRam;
 use hypercall::{HcError, Request, Response};
+use std::time::Instant;
 
 /// What the vCPU loop must do after a hypercall, besides resuming the guest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,6 +21,39 @@ pub struct Effects {
     pub violation: Option<String>,
 }
 
+/// Where one MMU_BATCH's VMM time went, in ns: the phases in the order they run. Their sum
+/// is the call's handling time less the few clock reads between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuPhases {
+    /// Dispatcher: block checks, the copy of the request and its decoding.
+    pub request: u64,
+    /// Copying the entry array out of guest memory.
+    pub copy_in: u64,
+    /// Taking the engine lock, decoding and applying the entries except ZERO_FRAME.
+    pub apply: u64,
+    /// ZERO_FRAME entries (zeroing the frames).
+    pub zero_frame: u64,
+    /// End of batch: the engine's flush decision, the host-resync decision, and the
+    /// `--check-shadow` checker when enabled.
+    pub end_batch: u64,
+    /// Dispatcher: the guarded response write.
+    pub response: u64,
+}
+
+impl MmuPhases {
+    /// Each phase with its statistics name, in order.
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("request", self.request),
+            ("copy_in", self.copy_in),
+            ("apply", self.apply),
+            ("zero_frame", self.zero_frame),
+            ("end_batch", self.end_batch),
+            ("response", self.response),
+        ]
+    }
+}
+
 /// The result of one hypercall, for the statistics and the vCPU loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -31,6 +65,8 @@ pub struct Outcome {
     pub entries: Option<u64>,
     /// Side effects to apply.
     pub effects: Effects,
+    /// Per-phase timing (MMU_BATCH).
+    pub phases: Option<MmuPhases>,
 }
 
 /// Per-call context handed to op handlers.
@@ -43,6 +79,21 @@ pub struct CallCtx<'a> {
     pub effects: Effects,
     /// Entries processed (MMU_BATCH).
     pub entries: Option<u64>,
+    /// Per-phase timing the MMU handler records (the dispatcher adds its own phases).
+    pub phases: Option<MmuPhases>,
+    /// The end of the last timed phase (see [`CallCtx::lap_ns`]).
+    pub lap: Instant,
+}
+
+impl CallCtx<'_> {
+    /// Nanoseconds since the end of the previous phase, which ends now: one clock read per
+    /// phase, each phase starting where the previous one stopped.
+    pub fn lap_ns(&mut self) -> u64 {
+        let now = Instant::now();
+        let ns = now.saturating_duration_since(self.lap).as_nanos() as u64;
+        self.lap = now;
+        ns
+    }
 }
 
 /// A handler for one op.

@@ -10,6 +10,7 @@ use hypercall::{
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Routes requests to op handlers. Shared by all vCPU threads.
 pub struct Dispatcher {
@@ -66,7 +67,10 @@ impl Dispatcher {
             ram: &self.ram,
             effects: Effects::default(),
             entries: None,
+            phases: None,
+            lap: Instant::now(),
         };
+        let mut request_ns = 0;
         let (name, resp, writable) = match self.read_request(gpa) {
             Err(e) => ("invalid", Response::err(e), false),
             Ok(bytes) => match decode_request(&bytes) {
@@ -80,6 +84,9 @@ impl Dispatcher {
                     let resp = if gated {
                         Response::err(HcError::Eproto)
                     } else {
+                        if op == op::MMU_BATCH {
+                            request_ns = ctx.lap_ns();
+                        }
                         self.dispatch(&mut ctx, &req)
                     };
                     (op::name(op), resp, true)
@@ -92,6 +99,13 @@ impl Dispatcher {
                 // still carries the call's status.
                 log::debug!("hypercall response at {gpa:#x} not written: {}", e.name());
             }
+            if ctx.phases.is_some() {
+                let response = ctx.lap_ns();
+                if let Some(p) = ctx.phases.as_mut() {
+                    p.request = request_ns;
+                    p.response = response;
+                }
+            }
         }
         if let Some(s) = self.last_status.get(vcpu) {
             s.store(resp.status, Ordering::Relaxed);
@@ -101,6 +115,7 @@ impl Dispatcher {
             status: resp.status,
             entries: ctx.entries,
             effects: ctx.effects,
+            phases: ctx.phases,
         }
     }
 

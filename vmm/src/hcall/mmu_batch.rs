@@ -2,14 +2,15 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
-use super::contract::{CallCtx, OpHandler};
+use super::contract::{CallCtx, MmuPhases, OpHandler};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
-use hypercall::{batch_bytes, batch_entries, features, HcError, Request, Response};
+use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, Response};
 use serde_json::{json, Map, Value};
 use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu};
 use std::cell::RefCell;
 use std::sync::Mutex;
+use std::time::Instant;
 
 /// Debug and checking switches of the MMU handler (`pvmm run` flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,22 +66,37 @@ pub fn factory_with(
 }
 
 /// Applies `count` entries from `buf` in order; returns how many were done and the first
-/// failure (its index and error).
+/// failure (its index and error). Time spent in ZERO_FRAME entries is added to `zero_ns`.
 fn apply_entries(
     engine: &mut ShadowMmu,
     ctx: &CallCtx<'_>,
     buf: &[u8],
     count: u32,
+    zero_ns: &mut u64,
 ) -> (u32, Option<(u32, HcError)>) {
     let mem = ctx.ram.memory();
     let mut done = 0u32;
     for (i, entry) in batch_entries(buf, count).enumerate() {
-        if let Err(e) = entry.and_then(|op| engine.apply(mem, ctx.vcpu, &op)) {
+        let r = entry.and_then(|op| {
+            if !matches!(op, MmuOp::ZeroFrame { .. }) {
+                return engine.apply(mem, ctx.vcpu, &op);
+            }
+            let t = Instant::now();
+            let r = engine.apply(mem, ctx.vcpu, &op);
+            *zero_ns += elapsed_ns(t);
+            r
+        });
+        if let Err(e) = r {
             return (done, Some((i as u32, e)));
         }
         done += 1;
     }
     (done, None)
+}
+
+/// Nanoseconds since `t`.
+fn elapsed_ns(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
 }
 
 impl MmuBatch {
@@ -91,17 +107,31 @@ impl MmuBatch {
         };
         ENTRY_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            buf.resize(len, 0);
+            // The buffer only grows (to the largest batch seen): no zeroing per call.
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let Some(buf) = buf.get_mut(..len) else {
+                return Response::err(HcError::Einval);
+            };
             // One copy out of guest memory; entries are decoded from this copy only.
-            if let Err(e) = ctx.ram.read(entries_gpa, &mut buf) {
+            if let Err(e) = ctx.ram.read(entries_gpa, buf) {
                 return Response::err(e);
             }
             ctx.entries = Some(u64::from(count));
+            let mut phases = MmuPhases {
+                copy_in: ctx.lap_ns(),
+                ..MmuPhases::default()
+            };
             let Ok(mut engine) = self.engine.lock() else {
                 return Response::err(HcError::Ebusy);
             };
-            let (done, failure) = apply_entries(&mut engine, ctx, &buf, count);
+            let (done, failure) =
+                apply_entries(&mut engine, ctx, buf, count, &mut phases.zero_frame);
+            phases.apply = ctx.lap_ns().saturating_sub(phases.zero_frame);
             self.finish_batch(&mut engine, ctx);
+            phases.end_batch = ctx.lap_ns();
+            ctx.phases = Some(phases);
             let (status, fail_index) = failure.map_or((0, u32::MAX), |(i, e)| (e.status(), i));
             Response {
                 status,

@@ -55,6 +55,9 @@ pub struct VcpuStats {
     pub hypercalls: BTreeMap<&'static str, OpStats>,
     /// Work the VMM did on the vCPU after a hypercall (CR3 load, TLB flush, host resync).
     pub effects: BTreeMap<&'static str, Latency>,
+    /// Where MMU_BATCH handling time went, by phase (`request`, `copy_in`, `apply`,
+    /// `zero_frame`, `end_batch`, `response`): one sample per batch and phase.
+    pub mmu_phases: BTreeMap<&'static str, Latency>,
     /// Time spent inside `KVM_RUN` (guest + in-kernel exits), ns.
     pub kvm_run_ns: u64,
     /// Time spent in the VMM between `KVM_RUN`s, ns.
@@ -108,6 +111,13 @@ impl VcpuStats {
         }
     }
 
+    /// Records the phases of one MMU_BATCH (name, ns).
+    pub fn mmu_phases(&mut self, phases: &[(&'static str, u64)]) {
+        for &(name, ns) in phases {
+            self.mmu_phases.entry(name).or_default().record(ns);
+        }
+    }
+
     /// Total userspace exits.
     pub fn total_exits(&self) -> u64 {
         self.exits.values().map(|l| l.count()).sum()
@@ -130,6 +140,9 @@ impl VcpuStats {
         }
         for (k, v) in &other.effects {
             self.effects.entry(k).or_default().merge(v);
+        }
+        for (k, v) in &other.mmu_phases {
+            self.mmu_phases.entry(k).or_default().merge(v);
         }
         for (k, v) in &other.hypercalls {
             let s = self.hypercalls.entry(k).or_default();
@@ -200,6 +213,7 @@ impl VcpuStats {
             mmio: diff(&self.mmio, &earlier.mmio),
             hypercalls,
             effects: diff(&self.effects, &earlier.effects),
+            mmu_phases: diff(&self.mmu_phases, &earlier.mmu_phases),
             kvm_run_ns: self.kvm_run_ns.saturating_sub(earlier.kvm_run_ns),
             vmm_ns: self.vmm_ns.saturating_sub(earlier.vmm_ns),
             kvm_start,
@@ -250,6 +264,7 @@ mod tests {
         a.pio(0x3f8, Dir::Out, "serial", 300);
         a.hypercall("NULL", 10, None, None);
         a.hypercall("MMU_BATCH", 10, Some("EINVAL"), Some(7));
+        a.mmu_phases(&[("apply", 4), ("copy_in", 1)]);
         a.kvm_run_ns = 1000;
         a.kvm_start.insert("exits".into(), 5);
         a.kvm_end.insert("exits".into(), 9);
@@ -258,6 +273,7 @@ mod tests {
         b.pio(0x3f8, Dir::Out, "serial", 200);
         b.pio(0x80, Dir::Out, "post", 1);
         b.hypercall("MMU_BATCH", 30, Some("EINVAL"), Some(3));
+        b.mmu_phases(&[("apply", 20), ("copy_in", 5)]);
         b.kvm_run_ns = 500;
         b.kvm_end.insert("exits".into(), 4);
         let m = merge_all(&[a, b]);
@@ -273,6 +289,9 @@ mod tests {
         assert_eq!(m.hypercalls["MMU_BATCH"].errors["EINVAL"], 2);
         assert_eq!(m.hypercalls["MMU_BATCH"].entries.total(), 10);
         assert_eq!(m.kvm_run_ns, 1500);
+        let ap = &m.mmu_phases["apply"];
+        assert_eq!((ap.count(), ap.total()), (2, 24));
+        assert_eq!(m.mmu_phases["copy_in"].total(), 6);
         assert_eq!(m.kvm_end["exits"], 13);
     }
 
@@ -288,6 +307,7 @@ mod tests {
         s.exit("io", 300);
         s.exit("hlt", 5);
         s.hypercall("MMU_BATCH", 30, None, Some(3));
+        s.mmu_phases(&[("apply", 25)]);
         s.kvm_end.insert("exits".into(), 20);
         s.vmm_ns = 430;
         let d = s.since(&first);
@@ -299,6 +319,8 @@ mod tests {
         assert!(mb.errors.is_empty(), "no new errors");
         assert_eq!((d.kvm_start["exits"], d.kvm_end["exits"]), (9, 20));
         assert_eq!(d.vmm_ns, 330);
+        let ap = &d.mmu_phases["apply"];
+        assert_eq!((ap.count(), ap.total()), (1, 25));
         let none = s.since(&s);
         assert_eq!(none.total_exits(), 0);
         assert!(none.hypercalls.is_empty());

@@ -148,6 +148,9 @@ pub struct VcpuReport {
     pub effects: Vec<Named<Dist>>,
     /// Where `vmm_ns` went: devices, hypercalls by op, effects, other; adds up to `vmm_ns`.
     pub vmm_breakdown: Vec<TimeShare>,
+    /// Where MMU_BATCH handling time went, by phase in the order they run (one sample per
+    /// batch and phase; the phases add up to the MMU_BATCH time less a few clock reads).
+    pub mmu_batch_phases: Vec<Named<Dist>>,
     /// KVM in-kernel counters (`KVM_GET_STATS_FD`).
     pub kvm: BTreeMap<String, KvmCounter>,
 }
@@ -230,6 +233,7 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
         vcpu,
         vmm_breakdown: breakdown(s),
         effects: named(&s.effects),
+        mmu_batch_phases: phase_rows(s),
         exits_total: s.total_exits(),
         kvm_run_ns: s.kvm_run_ns,
         vmm_ns: s.vmm_ns,
@@ -257,6 +261,29 @@ fn named(m: &BTreeMap<&'static str, Latency>) -> Vec<Named<Dist>> {
         })
         .collect()
 }
+
+/// The MMU_BATCH phases in the order they run (names outside [`PHASE_ORDER`] last).
+fn phase_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
+    let mut rows = named(&s.mmu_phases);
+    let rank = |n: &str| {
+        PHASE_ORDER
+            .iter()
+            .position(|p| *p == n)
+            .unwrap_or(usize::MAX)
+    };
+    rows.sort_by_key(|r| rank(&r.name));
+    rows
+}
+
+/// The MMU_BATCH phases, in the order one batch runs them.
+pub const PHASE_ORDER: [&str; 6] = [
+    "request",
+    "copy_in",
+    "apply",
+    "zero_frame",
+    "end_batch",
+    "response",
+];
 
 /// Exit reasons, the most expensive first.
 fn exit_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
@@ -480,6 +507,7 @@ mod tests {
                 "kvm",
                 "kvm_run_ns",
                 "mmio",
+                "mmu_batch_phases",
                 "pio",
                 "vcpu",
                 "vmm_breakdown",
@@ -510,6 +538,28 @@ mod tests {
             ["count", "name", "section", "total_ns"]
         );
         assert_eq!(keys(&m["kvm"]["exits"]), ["delta", "end", "start"]);
+    }
+
+    #[test]
+    fn mmu_batch_phases_are_in_run_order() {
+        let mut s = VcpuStats::default();
+        s.mmu_phases(&[("response", 1), ("apply", 3), ("request", 1)]);
+        s.mmu_phases(&[("response", 2), ("apply", 5), ("request", 1)]);
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&build(info(), &[s], None))).unwrap();
+        let rows = v["merged"]["mmu_batch_phases"].as_array().unwrap().clone();
+        let order: Vec<&str> = rows.iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(order, ["request", "apply", "response"], "run order");
+        let mut k = keys(&rows[0]);
+        k.retain(|k| k != "name");
+        assert_eq!(
+            k,
+            ["count", "max_ns", "mean_ns", "min_ns", "p50_ns", "p99_ns", "total_ns"]
+        );
+        assert_eq!(
+            (rows[1]["count"].as_u64(), rows[1]["total_ns"].as_u64()),
+            (Some(2), Some(8))
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub fn to_table(r: &Report) -> String {
     breakdown(&mut o, &r.merged);
     ports(&mut o, &r.merged);
     hypercalls(&mut o, &r.merged);
+    mmu_phases(&mut o, r);
     if r.vcpus.len() > 1 {
         per_vcpu(&mut o, r);
     }
@@ -261,6 +262,61 @@ fn hypercalls(o: &mut String, m: &VcpuReport) {
     }
 }
 
+/// Where MMU_BATCH time went, by phase, and the VMM's cost per PTE update without the
+/// zeroing of ZERO_FRAME entries (host resyncs are effects, outside MMU_BATCH time).
+fn mmu_phases(o: &mut String, r: &Report) {
+    let m = &r.merged;
+    if m.mmu_batch_phases.is_empty() {
+        return;
+    }
+    let batch_ns = m
+        .hypercalls
+        .iter()
+        .find(|h| h.op == "MMU_BATCH")
+        .map_or(0, |h| h.dist.total_ns);
+    let _ = writeln!(
+        o,
+        "\nMMU_BATCH phases (all vCPUs; share of MMU_BATCH time {} µs; latencies in µs):",
+        us(batch_ns)
+    );
+    let _ = writeln!(
+        o,
+        "{:<12} {:>10} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "phase", "batches", "time(µs)", "share", "min", "mean", "p50", "p99", "max"
+    );
+    for p in &m.mmu_batch_phases {
+        let _ = writeln!(
+            o,
+            "{:<12} {:>10} {:>12} {:>8} {}",
+            p.name,
+            p.value.count,
+            us(p.value.total_ns),
+            pct(p.value.total_ns, batch_ns),
+            dist_cols(&p.value)
+        );
+    }
+    let updates = r
+        .mmu
+        .as_ref()
+        .and_then(|v| v["pte_updates"].as_u64())
+        .unwrap_or(0);
+    let zero: u64 = m
+        .mmu_batch_phases
+        .iter()
+        .filter(|p| p.name == "zero_frame")
+        .map(|p| p.value.total_ns)
+        .sum();
+    if updates > 0 {
+        let _ = writeln!(
+            o,
+            "per PTE update: {:.0} ns (MMU_BATCH time without zero_frame, {} µs, / {} PT_UPDATEs)",
+            batch_ns.saturating_sub(zero) as f64 / updates as f64,
+            us(batch_ns.saturating_sub(zero)),
+            updates
+        );
+    }
+}
+
 fn per_vcpu(o: &mut String, r: &Report) {
     let _ = writeln!(o, "\nPer vCPU:");
     let _ = writeln!(
@@ -352,6 +408,7 @@ mod tests {
         s.pio(hypercall::DOORBELL_PORT, Dir::Out, "pvmm-doorbell", 4800);
         s.hypercall("MMU_BATCH", 4000, None, Some(10));
         s.effect("host_resync", 500);
+        s.mmu_phases(&[("copy_in", 1000), ("apply", 2000), ("zero_frame", 500)]);
         s.vmm_ns = 6000;
         s.kvm_run_ns = 20_000;
         s
@@ -375,6 +432,25 @@ mod tests {
         let bd = t.split("Where the VMM time went").nth(1).unwrap_or("");
         let last = bd.lines().find(|l| l.starts_with("total")).unwrap_or("");
         assert!(last.contains("12.00") && last.contains("100.00%"), "{t}");
+    }
+
+    #[test]
+    fn mmu_batch_phases_are_a_section_with_the_cost_per_update() {
+        let mmu = serde_json::json!({"pte_updates": 35});
+        let t = to_table(&build(info(1), &[vcpu()], Some(mmu)));
+        let sec = t.split("MMU_BATCH phases").nth(1).unwrap_or("");
+        let rows: Vec<&str> = sec.lines().skip(2).take(3).collect();
+        assert!(
+            rows[0].starts_with("copy_in") && rows[0].contains("25.00%"),
+            "{t}"
+        );
+        assert!(
+            rows[1].starts_with("apply") && rows[1].contains("50.00%"),
+            "{t}"
+        );
+        assert!(rows[2].starts_with("zero_frame"), "{t}");
+        // (4000 - 500) ns / 35 updates.
+        assert!(sec.contains("per PTE update: 100 ns"), "{t}");
     }
 
     #[test]

@@ -116,6 +116,9 @@ fn hypercall(vm: &dyn VmOps, stats: &mut VcpuStats, vcpu: usize, gpa: u64) -> Ou
     let err =
         (o.status < 0).then(|| HcError::from_status(o.status).map_or("unknown", |e| e.name()));
     stats.hypercall(o.op, elapsed(t), err, o.entries);
+    if let Some(p) = &o.phases {
+        stats.mmu_phases(&p.named());
+    }
     log::debug!(
         "vCPU {vcpu}: {} at {gpa:#x}: status {} ({} entries) {:?}",
         o.op,
@@ -215,6 +218,7 @@ mod tests {
                 op: "NULL",
                 status: HcError::Eperm.status(),
                 entries: None,
+                phases: None,
                 effects: Effects {
                     flush: true,
                     ..Effects::default()
