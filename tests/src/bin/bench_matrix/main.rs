@@ -1,20 +1,27 @@
-//! `make bench`: runs the guest selftest workloads as benchmarks across MMU modes and
-//! lazy-batch sizes, with the exit floor and the NULL-hypercall cost measured in the same
-//! run, and writes `bench/results.json`, `bench/report.md` and SVG plots.
+//! `make bench`: runs the guest selftest workloads as benchmarks across MMU modes, lazy-batch
+//! sizes and fault-around on/off, with the exit floor and the NULL-hypercall cost measured in
+//! the same run, and writes `results.json`, `report.md` and SVG plots into `--out`.
 //!
-//! An "operation" is one page of a workload (`pages=N` pages per run). Exits per operation
-//! subtract a per-mode baseline run with no selftest (boot + exit only).
+//! An "operation" is one page of a workload (`pages=N` pages per run). Everything the VMM
+//! counts (exits, MMU_BATCH time and phases, shadow counters) subtracts a per-mode baseline
+//! run with no selftest (boot + exit only); guest counters are per test already.
+//!
+//! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`).
+
+mod plot;
+mod report;
+mod run;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pvmm_e2e::{guest, pvmm_bin, temp, Tap};
+use run::{Mode, Sample, FA_DEFAULT};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const WORKLOADS: [&str; 6] = [
+/// The workloads (selftests) measured.
+pub const WORKLOADS: [&str; 6] = [
     "populate",
     "zap",
     "mprotect",
@@ -23,46 +30,15 @@ const WORKLOADS: [&str; 6] = [
     "flush_avoid",
 ];
 
-#[derive(Clone, Debug, Serialize)]
-struct Mode {
-    mmu: &'static str,
-    batch: Option<u32>,
-}
-
-impl Mode {
-    fn label(&self) -> String {
-        match self.batch {
-            Some(b) => format!("{}/{b}", self.mmu),
-            None => self.mmu.to_string(),
-        }
-    }
-    fn cmdline(&self) -> String {
-        match self.batch {
-            Some(b) => format!("mmu={} lazy_batch={b}", self.mmu),
-            None => format!("mmu={}", self.mmu),
-        }
-    }
-}
-
-/// One run's raw figures.
-#[derive(Clone, Debug, Default, Serialize)]
-struct Sample {
-    exits: f64,
-    mmu_hypercalls: f64,
-    pte_updates: f64,
-    cycles: f64,
-    vmm_mmu_ns: f64,
-    vmm_pte_updates: f64,
-    flushes_performed: f64,
-    flushes_avoided: f64,
-}
-
 /// Median and spread of one metric over repetitions.
-#[derive(Clone, Debug, Serialize)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
 }
 
 fn stat(mut v: Vec<f64>) -> Stat {
@@ -74,121 +50,135 @@ fn stat(mut v: Vec<f64>) -> Stat {
     }
 }
 
+/// One operation's figures over the repetitions.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OpPoint {
+    /// PTE updates per MMU_BATCH exit (ZERO_FRAME not counted).
+    pub updates_per_exit: Stat,
+    /// Entries per MMU_BATCH exit, ZERO_FRAME included.
+    pub entries_per_exit: Stat,
+    /// PTE updates per page of the operation.
+    pub updates_per_page: Stat,
+    /// Page faults per page (the fault path).
+    pub faults_per_page: Stat,
+    /// PTE updates per fault (the fault path).
+    pub updates_per_fault: Stat,
+    /// MMU_BATCH exits per fault (the fault path).
+    pub exits_per_fault: Stat,
+}
+
+/// One (workload, mode) cell.
 #[derive(Clone, Debug, Serialize)]
-struct Point {
-    workload: String,
-    mode: String,
-    pages: u32,
-    exits_per_op: Stat,
-    mmu_hypercalls_per_op: Stat,
-    pte_updates_per_hypercall: Stat,
-    guest_us_per_op: Stat,
-    vmm_ns_per_pte_update: Stat,
-    flushes_performed: Stat,
-    flushes_avoided: Stat,
+pub struct Point {
+    /// Workload.
+    pub workload: String,
+    /// Mode label.
+    pub mode: String,
+    /// `mmu=`.
+    pub mmu: String,
+    /// `fault_around=`.
+    pub fault_around: u32,
+    /// Pages per run.
+    pub pages: u32,
+    /// Userspace exits per page.
+    pub exits_per_op: Stat,
+    /// MMU hypercalls per page.
+    pub mmu_hypercalls_per_op: Stat,
+    /// PTE updates per MMU hypercall over the whole test.
+    pub pte_updates_per_hypercall: Stat,
+    /// Page faults per page.
+    pub faults_per_op: Stat,
+    /// Guest time per page, µs.
+    pub guest_us_per_op: Stat,
+    /// MMU_BATCH time without ZERO_FRAME per PT_UPDATE, ns (boot excluded).
+    pub vmm_ns_per_pte_update: Stat,
+    /// PT_UPDATEs the engine applied (boot excluded).
+    pub vmm_pte_updates: Stat,
+    /// MMU_BATCH time by phase, ns per run (boot excluded).
+    pub phases_ns: BTreeMap<String, Stat>,
+    /// Host resyncs per run.
+    pub host_resyncs: Stat,
+    /// Flushes performed per run.
+    pub flushes_performed: Stat,
+    /// Flushes avoided per run.
+    pub flushes_avoided: Stat,
+    /// Per-operation figures.
+    pub ops: BTreeMap<String, OpPoint>,
 }
 
-fn sum_obj(v: &Value) -> f64 {
-    v.as_object()
-        .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum())
-}
-
-/// Runs the guest once; returns (stats JSON, console).
-fn run_guest(cmdline: &str) -> Result<(Value, String), String> {
-    let f = temp(&format!("bench-{}.json", cmdline.len()));
-    let out = Command::new(pvmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            guest().to_str().unwrap_or_default(),
-            "--cmdline",
-            cmdline,
-            "--stats",
-            "json",
-            "--stats-file",
-        ])
-        .arg(&f)
-        .args(["--timeout", "300", "--hypercall", "pio"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    let text = std::fs::read_to_string(&f).map_err(|e| {
-        format!(
-            "{cmdline}: no stats ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let _ = std::fs::remove_file(&f);
-    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    if out.status.code() != Some(0) {
-        return Err(format!(
-            "{cmdline}: exit code {:?}\n{console}",
-            out.status.code()
-        ));
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
     }
-    Ok((v, console))
 }
 
-/// `key=value` pairs of the diagnostic line `# <name>: ...`.
-fn diag(tap: &Tap, name: &str) -> BTreeMap<String, f64> {
-    let prefix = format!("{name}:");
-    tap.get(name)
-        .into_iter()
-        .flat_map(|p| p.diag.iter())
-        .chain(tap.preamble.iter())
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .flat_map(|rest| rest.split_whitespace())
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| v.parse::<f64>().ok().map(|v| (k.to_string(), v)))
-        .collect()
-}
-
-fn sample(stats: &Value, console: &str, workload: &str, base: &Value) -> Result<Sample, String> {
-    let tap = Tap::parse(console)?;
-    let p = tap
-        .get(workload)
-        .ok_or(format!("no TAP point for {workload}"))?;
-    if !p.ok {
-        return Err(format!("{workload} failed: {:?}", p.diag));
+fn op_point(ss: &[Sample], op: &str) -> Option<OpPoint> {
+    let figs: Vec<&run::OpFig> = ss.iter().filter_map(|s| s.ops.get(op)).collect();
+    if figs.is_empty() {
+        return None;
     }
-    let d = diag(&tap, workload);
-    let g = |k: &str| d.get(k).copied().unwrap_or(0.0);
-    let exits = stats["merged"]["exits_total"].as_f64().unwrap_or(0.0)
-        - base["merged"]["exits_total"].as_f64().unwrap_or(0.0);
-    let hc = stats["merged"]["hypercalls"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let mmu_ns = hc
-        .iter()
-        .find(|h| h["op"] == "MMU_BATCH")
-        .and_then(|h| h["total_ns"].as_f64())
-        .unwrap_or(0.0);
-    let mmu = &stats["mmu"];
-    Ok(Sample {
-        exits,
-        mmu_hypercalls: g("mmu_hypercalls"),
-        pte_updates: g("pte_updates"),
-        cycles: g("cycles"),
-        vmm_mmu_ns: mmu_ns,
-        vmm_pte_updates: mmu["pte_updates"].as_f64().unwrap_or(0.0),
-        flushes_performed: sum_obj(&mmu["flushes_performed"])
-            - sum_obj(&base["mmu"]["flushes_performed"]),
-        flushes_avoided: sum_obj(&mmu["flushes_avoided"])
-            - sum_obj(&base["mmu"]["flushes_avoided"]),
+    let per = |f: &dyn Fn(&run::OpFig) -> f64| stat(figs.iter().map(|o| f(o)).collect());
+    Some(OpPoint {
+        updates_per_exit: per(&|o| ratio(o.updates, o.exits)),
+        entries_per_exit: per(&|o| ratio(o.entries, o.exits)),
+        updates_per_page: per(&|o| ratio(o.updates, o.pages)),
+        faults_per_page: per(&|o| ratio(o.faults, o.pages)),
+        updates_per_fault: per(&|o| ratio(o.updates, o.faults)),
+        exits_per_fault: per(&|o| ratio(o.exits, o.faults)),
     })
+}
+
+fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
+    let per = |f: &dyn Fn(&Sample) -> f64| stat(ss.iter().map(f).collect());
+    let n = f64::from(pages);
+    let names: Vec<String> = ss.iter().flat_map(|s| s.phases.keys().cloned()).collect();
+    let phases_ns = names
+        .iter()
+        .map(|k| (k.clone(), per(&|s| s.phases.get(k).copied().unwrap_or(0.0))))
+        .collect();
+    let ops = ss
+        .iter()
+        .flat_map(|s| s.ops.keys().cloned())
+        .filter_map(|op| Some((op.clone(), op_point(ss, &op)?)))
+        .collect();
+    Point {
+        workload: w.into(),
+        mode: m.label(),
+        mmu: m.mmu.into(),
+        fault_around: m.fault_around,
+        pages,
+        exits_per_op: per(&|s| s.exits / n),
+        mmu_hypercalls_per_op: per(&|s| s.mmu_hypercalls / n),
+        pte_updates_per_hypercall: per(&|s| ratio(s.pte_updates, s.mmu_hypercalls)),
+        faults_per_op: per(&|s| s.faults / n),
+        guest_us_per_op: per(&|s| s.cycles / hz * 1e6 / n),
+        vmm_ns_per_pte_update: per(&|s| {
+            let zero = s.phases.get("zero_frame").copied().unwrap_or(0.0);
+            ratio(s.vmm_mmu_ns - zero, s.vmm_pte_updates)
+        }),
+        vmm_pte_updates: per(&|s| s.vmm_pte_updates),
+        phases_ns,
+        host_resyncs: per(&|s| s.host_resyncs),
+        flushes_performed: per(&|s| s.flushes_performed),
+        flushes_avoided: per(&|s| s.flushes_avoided),
+        ops,
+    }
 }
 
 fn tsc_hz() -> f64 {
     let t = Instant::now();
+    // SAFETY: rdtsc has no side effects.
     let c0 = unsafe { std::arch::x86_64::_rdtsc() };
     std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
     let c1 = unsafe { std::arch::x86_64::_rdtsc() };
     (c1 - c0) as f64 / t.elapsed().as_secs_f64()
 }
 
 fn exit_floor() -> Value {
-    let out = Command::new(pvmm_bin())
+    let out = Command::new(pvmm_e2e::pvmm_bin())
         .args([
             "bench-exits",
             "--iterations",
@@ -204,51 +194,63 @@ fn exit_floor() -> Value {
     }
 }
 
-fn main() {
+/// The modes: native, pv and pv-lazy/1024 with fault-around on (the default) and off; the
+/// smaller lazy batches with it on.
+fn modes() -> Vec<Mode> {
+    let mut modes = Vec::new();
+    for fa in [FA_DEFAULT, 0] {
+        for (mmu, batch) in [("native", None), ("pv", None), ("pv-lazy", Some(1024))] {
+            modes.push(Mode {
+                mmu,
+                batch,
+                fault_around: fa,
+            });
+        }
+    }
+    for b in [16, 64, 256] {
+        modes.push(Mode {
+            mmu: "pv-lazy",
+            batch: Some(b),
+            fault_around: FA_DEFAULT,
+        });
+    }
+    modes
+}
+
+/// Command-line settings.
+struct Args {
+    pages: u32,
+    repeat: u32,
+    out: std::path::PathBuf,
+}
+
+fn args() -> Args {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: u32| {
         args.iter()
             .find_map(|a| a.strip_prefix(k).and_then(|v| v.parse().ok()))
             .unwrap_or(d)
     };
-    let pages = get("--pages=", 256);
-    let repeat = get("--repeat=", 3);
-    let out_dir = std::path::PathBuf::from(
-        args.iter()
+    Args {
+        pages: get("--pages=", 256).max(1),
+        repeat: get("--repeat=", 3).max(1),
+        out: args
+            .iter()
             .find_map(|a| a.strip_prefix("--out="))
-            .unwrap_or("bench"),
-    );
-    let mut modes = vec![
-        Mode {
-            mmu: "native",
-            batch: None,
-        },
-        Mode {
-            mmu: "pv",
-            batch: None,
-        },
-    ];
-    for b in [16, 64, 256, 1024] {
-        modes.push(Mode {
-            mmu: "pv-lazy",
-            batch: Some(b),
-        });
+            .unwrap_or("bench")
+            .into(),
     }
-    let hz = tsc_hz();
-    let floor = exit_floor();
-    let total = (modes.len() * (WORKLOADS.len() + 1)) as u64 * u64::from(repeat);
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+}
+
+/// Runs every (mode, workload) `a.repeat` times; returns the points and the errors.
+fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
     let mut points = Vec::new();
     let mut errors = Vec::new();
-    for m in &modes {
+    for m in &modes() {
         bar.set_message(format!("{} baseline", m.label()));
         let mut bases = Vec::new();
-        for _ in 0..repeat {
-            match run_guest(&format!("console=ttyS0 selftest=none {}", m.cmdline())) {
+        for _ in 0..a.repeat {
+            match run::run_guest(&format!("console=ttyS0 selftest=none {}", m.cmdline())) {
                 Ok((v, _)) => bases.push(v),
                 Err(e) => errors.push(e),
             }
@@ -260,193 +262,73 @@ fn main() {
         for w in WORKLOADS {
             bar.set_message(format!("{} {w}", m.label()));
             let mut ss = Vec::new();
-            for _ in 0..repeat {
-                match run_guest(&format!(
-                    "console=ttyS0 selftest={w} pages={pages} {}",
+            for _ in 0..a.repeat {
+                let cmd = format!(
+                    "console=ttyS0 selftest={w} pages={} {}",
+                    a.pages,
                     m.cmdline()
-                ))
-                .and_then(|(v, c)| sample(&v, &c, w, &base))
-                {
+                );
+                match run::run_guest(&cmd).and_then(|(v, c)| run::sample(&v, &c, w, &base)) {
                     Ok(s) => ss.push(s),
                     Err(e) => errors.push(e),
                 }
                 bar.inc(1);
             }
-            if ss.is_empty() {
-                continue;
+            if !ss.is_empty() {
+                points.push(point(w, m, a.pages, hz, &ss));
             }
-            let per = |f: &dyn Fn(&Sample) -> f64| stat(ss.iter().map(f).collect());
-            let n = f64::from(pages);
-            points.push(Point {
-                workload: w.into(),
-                mode: m.label(),
-                pages,
-                exits_per_op: per(&|s| s.exits / n),
-                mmu_hypercalls_per_op: per(&|s| s.mmu_hypercalls / n),
-                pte_updates_per_hypercall: per(&|s| {
-                    if s.mmu_hypercalls > 0.0 {
-                        s.pte_updates / s.mmu_hypercalls
-                    } else {
-                        0.0
-                    }
-                }),
-                guest_us_per_op: per(&|s| s.cycles / hz * 1e6 / n),
-                vmm_ns_per_pte_update: per(&|s| {
-                    if s.vmm_pte_updates > 0.0 {
-                        s.vmm_mmu_ns / s.vmm_pte_updates
-                    } else {
-                        0.0
-                    }
-                }),
-                flushes_performed: per(&|s| s.flushes_performed),
-                flushes_avoided: per(&|s| s.flushes_avoided),
-            });
         }
     }
+    (points, errors)
+}
+
+fn main() {
+    let a = args();
+    let hz = tsc_hz();
+    let floor = exit_floor();
+    let host = report::host_facts();
+    let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (points, errors) = measure(&a, hz, &bar);
     bar.finish_with_message("done");
-    let _ = std::fs::create_dir_all(&out_dir);
-    let results = serde_json::json!({"pages": pages, "repeat": repeat, "tsc_hz": hz, "exit_floor": floor, "points": points, "errors": errors});
-    let _ = std::fs::write(
-        out_dir.join("results.json"),
-        serde_json::to_string_pretty(&results).unwrap_or_default(),
-    );
-    let _ = std::fs::write(
-        out_dir.join("report.md"),
-        report(&points, &floor, pages, repeat),
-    );
+    if let Err(e) = std::fs::create_dir_all(&a.out) {
+        eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
+        std::process::exit(1);
+    }
+    let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
+        "host": host, "exit_floor": floor, "points": points, "errors": errors});
+    let md = report::report(&points, &floor, &host, a.pages, a.repeat);
+    let json = serde_json::to_string_pretty(&results).unwrap_or_default();
+    let mut failed = false;
+    for (file, text) in [("results.json", json), ("report.md", md)] {
+        if let Err(e) = std::fs::write(a.out.join(file), text) {
+            eprintln!("bench-matrix: {file}: {e}");
+            failed = true;
+        }
+    }
     for (metric, file, title) in [
         ("exits", "exits_per_op.svg", "exits per operation (page)"),
         ("us", "us_per_op.svg", "guest µs per operation (page)"),
     ] {
-        if let Err(e) = plot(&points, metric, &out_dir.join(file), title) {
+        if let Err(e) = plot::plot(&points, metric, &a.out.join(file), title) {
             eprintln!("plot {file}: {e}");
+            failed = true;
         }
     }
     println!(
         "wrote {}/results.json, report.md, exits_per_op.svg, us_per_op.svg ({} points, {} errors)",
-        out_dir.display(),
+        a.out.display(),
         points.len(),
         errors.len()
     );
     for e in errors.iter().take(5) {
         eprintln!("error: {}", e.lines().next().unwrap_or(""));
     }
-}
-
-fn find<'a>(points: &'a [Point], w: &str, mode: &str) -> Option<&'a Point> {
-    points.iter().find(|p| p.workload == w && p.mode == mode)
-}
-
-fn report(points: &[Point], floor: &Value, pages: u32, repeat: u32) -> String {
-    let mut o = String::new();
-    let _ = writeln!(o, "# pvmm MMU-mode benchmark\n\n{pages} pages per workload run, {repeat} repetitions; medians with [min–max]. An operation is one page.\n");
-    if !floor.is_null() {
-        let _ = writeln!(
-            o,
-            "Exit floor (bare port write): {:.0} ns; NULL hypercall: {:.0} ns; ratio {:.3}.\n",
-            floor["floor_ns"].as_f64().unwrap_or(0.0),
-            floor["null_ns"].as_f64().unwrap_or(0.0),
-            floor["ratio"].as_f64().unwrap_or(0.0)
-        );
+    if failed || !errors.is_empty() || points.is_empty() {
+        std::process::exit(1);
     }
-    let floor_us = floor["floor_ns"].as_f64().unwrap_or(0.0) / 1000.0;
-    let _ = writeln!(o, "| workload | mode | exits/op | MMU hypercalls/op | PTE updates/hypercall | guest µs/op | µs/op ÷ exit floor | VMM ns/PTE update | flushes performed | flushes avoided |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
-    for p in points {
-        let ratio = if floor_us > 0.0 {
-            p.guest_us_per_op.median / floor_us
-        } else {
-            0.0
-        };
-        let _ = writeln!(
-            o,
-            "| {} | {} | {:.3} [{:.3}–{:.3}] | {:.4} | {:.1} | {:.2} [{:.2}–{:.2}] | {:.2} | {:.0} | {:.0} | {:.0} |",
-            p.workload, p.mode, p.exits_per_op.median, p.exits_per_op.min, p.exits_per_op.max, p.mmu_hypercalls_per_op.median,
-            p.pte_updates_per_hypercall.median, p.guest_us_per_op.median, p.guest_us_per_op.min, p.guest_us_per_op.max, ratio,
-            p.vmm_ns_per_pte_update.median, p.flushes_performed.median, p.flushes_avoided.median
-        );
-    }
-    let _ = writeln!(o, "\n## Ratios (guest µs/op and MMU hypercalls/op)\n\n| workload | pv ÷ pv-lazy/1024 (µs) | pv-lazy/1024 ÷ native (µs) | pv ÷ pv-lazy/1024 (hypercalls) |\n|---|---|---|---|");
-    for w in WORKLOADS {
-        let (pv, lazy, nat) = (
-            find(points, w, "pv"),
-            find(points, w, "pv-lazy/1024"),
-            find(points, w, "native"),
-        );
-        let r = |a: Option<&Point>, b: Option<&Point>, f: fn(&Point) -> f64| match (a, b) {
-            (Some(a), Some(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            o,
-            "| {w} | {} | {} | {} |",
-            r(pv, lazy, |p| p.guest_us_per_op.median),
-            r(lazy, nat, |p| p.guest_us_per_op.median),
-            r(pv, lazy, |p| p.mmu_hypercalls_per_op.median)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "\nPlots: `exits_per_op.svg`, `us_per_op.svg`. Raw data: `results.json`."
-    );
-    o
-}
-
-fn plot(points: &[Point], metric: &str, path: &std::path::Path, title: &str) -> Result<(), String> {
-    use plotters::prelude::*;
-    let modes: Vec<String> = {
-        let mut m: Vec<String> = points.iter().map(|p| p.mode.clone()).collect();
-        m.dedup();
-        m
-    };
-    let val = |p: &Point| {
-        if metric == "exits" {
-            p.exits_per_op.median
-        } else {
-            p.guest_us_per_op.median
-        }
-    };
-    let ymax = points.iter().map(val).fold(0.0, f64::max).max(1e-3) * 1.1;
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..(modes.len().max(1) as f64 - 0.5).max(0.5), 0f64..ymax)
-        .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_labels(modes.len().max(1))
-        .x_label_formatter(&|x| modes.get(x.round() as usize).cloned().unwrap_or_default())
-        .draw()
-        .map_err(|e| e.to_string())?;
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let series: Vec<(f64, f64)> = modes
-            .iter()
-            .enumerate()
-            .filter_map(|(x, m)| find(points, w, m).map(|p| (x as f64, val(p))))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(*w)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(
-                series
-                    .into_iter()
-                    .map(|p| Circle::new(p, 3, color.filled())),
-            )
-            .map_err(|e| e.to_string())?;
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
 }

@@ -1,0 +1,268 @@
+//! `report.md`: the host, the headline (per-operation PTE updates per exit, the fault path,
+//! VMM cost per update, pv-lazy ÷ native), the MMU_BATCH phases, then every cell.
+
+use crate::run::FA_DEFAULT;
+use crate::{Point, WORKLOADS};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+/// What the report says about the host: CPU, kernel, hardware virtualization, transport.
+pub fn host_facts() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": field("model name"),
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": kernel.trim(),
+        "hardware_virtualization": hw,
+        "transport": "pio (forced with --hypercall pio in every run)",
+    })
+}
+
+fn find<'a>(points: &'a [Point], w: &str, mode: &str) -> Option<&'a Point> {
+    points.iter().find(|p| p.workload == w && p.mode == mode)
+}
+
+/// `a ÷ b` of a figure of two points, or `-`.
+fn div(a: Option<&Point>, b: Option<&Point>, f: fn(&Point) -> f64) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
+        _ => "-".into(),
+    }
+}
+
+fn host_section(o: &mut String, points: &[Point], host: &Value, floor: &Value) {
+    let resyncs: f64 = points.iter().map(|p| p.host_resyncs.median).sum();
+    let hw = host["hardware_virtualization"].as_bool().unwrap_or(false);
+    let _ = writeln!(
+        o,
+        "Host: {} ({} CPUs), Linux {}, {}. Transport: {}. Resync: {}.\n",
+        host["cpu"].as_str().unwrap_or("?"),
+        host["cpus"],
+        host["kernel"].as_str().unwrap_or("?"),
+        if hw {
+            "hardware virtualization (vmx/svm) present"
+        } else {
+            "no vmx/svm: a software KVM"
+        },
+        host["transport"].as_str().unwrap_or("?"),
+        if resyncs > 0.0 {
+            "memslot re-registration after flushes (this host's KVM caches translations from the pool and sees only guest writes to it; host_resync time is an effect, outside MMU_BATCH time)"
+        } else {
+            "none seen"
+        }
+    );
+    if !floor.is_null() {
+        let _ = writeln!(
+            o,
+            "Exit floor (bare port write): {:.0} ns; NULL hypercall: {:.0} ns; ratio {:.3}.\n",
+            floor["floor_ns"].as_f64().unwrap_or(0.0),
+            floor["null_ns"].as_f64().unwrap_or(0.0),
+            floor["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+/// The headline modes: (label, column title).
+const HEAD_MODES: [&str; 6] = [
+    "pv",
+    "pv fa=0",
+    "pv-lazy/1024",
+    "pv-lazy/1024 fa=0",
+    "pv-lazy/256",
+    "pv-lazy/16",
+];
+
+fn ops_section(o: &mut String, points: &[Point]) {
+    let _ = writeln!(o, "## Headline: PTE updates per exit, per operation\n");
+    let _ = writeln!(o, "An exit here is one MMU_BATCH hypercall (each is one userspace exit). PTE updates are the guest kernel's page-table writes (PT_UPDATE entries, leaf or not); **ZERO_FRAME entries are not counted as updates** (they zero a frame, they write no PTE), so a batch that also zeroes its new frames carries about twice as many entries: the second figure in each cell is entries per exit with ZERO_FRAME. Bulk operations are the op lines of the selftests (one call over all pages); the fault path is populate's demand-zero sweep (one fault per fault-around window). `fa=0` is `fault_around=0`, the behaviour before fault-around; unmarked modes use the default `fault_around={FA_DEFAULT}`. Native mode makes no exits for page-table writes.\n");
+    let _ = write!(o, "| operation |");
+    for m in HEAD_MODES {
+        let _ = write!(o, " {m} |");
+    }
+    let _ = writeln!(o, "\n|---|{}", "---|".repeat(HEAD_MODES.len()));
+    for (op, w) in [
+        ("populate", "populate"),
+        ("zap", "zap"),
+        ("mprotect", "mprotect"),
+        ("mremap", "mremap"),
+        ("fork", "fork_cow"),
+        ("fault (demand-zero)", "populate"),
+    ] {
+        let _ = write!(o, "| {op} |");
+        for m in HEAD_MODES {
+            let cell = find(points, w, m).and_then(|p| p.ops.get(op)).map_or_else(
+                || "-".into(),
+                |x| {
+                    format!(
+                        "{:.1} ({:.1})",
+                        x.updates_per_exit.median, x.entries_per_exit.median
+                    )
+                },
+            );
+            let _ = write!(o, " {cell} |");
+        }
+        let _ = writeln!(o);
+    }
+}
+
+fn fault_section(o: &mut String, points: &[Point]) {
+    let _ = writeln!(o, "\n## The fault path (populate's demand-zero sweep)\n");
+    let _ = writeln!(o, "| mode | faults/page | PTE updates/fault | exits/fault | PTE updates/exit | populate µs/op |\n|---|---|---|---|---|---|");
+    for p in points.iter().filter(|p| p.workload == "populate") {
+        let Some(f) = p.ops.get("fault (demand-zero)") else {
+            continue;
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {:.4} | {:.1} | {:.2} | {} | {:.2} |",
+            p.mode,
+            f.faults_per_page.median,
+            f.updates_per_fault.median,
+            f.exits_per_fault.median,
+            if p.mmu == "native" {
+                "-".to_string()
+            } else {
+                format!("{:.1}", f.updates_per_exit.median)
+            },
+            p.guest_us_per_op.median
+        );
+    }
+}
+
+fn ratio_section(o: &mut String, points: &[Point]) {
+    let _ = writeln!(
+        o,
+        "\n## Per workload: faults/op, µs/op, VMM ns/update, pv-lazy ÷ native\n"
+    );
+    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME phase, divided by the PT_UPDATEs the engine applied, both less the baseline run (boot: the kernel L4's pin alone takes ~12 ms of MMU_BATCH time); host resyncs are outside MMU_BATCH time. Ratios divide guest µs/op.\n");
+    let _ = writeln!(o, "| workload | native µs/op | pv-lazy/1024 µs/op | pv-lazy ÷ native | native fa=0 µs/op | pv-lazy/1024 fa=0 µs/op | pv-lazy ÷ native (fa=0) | faults/op pv-lazy (fa=0) | VMM ns/update pv | VMM ns/update pv-lazy/1024 (fa=0) |\n|---|---|---|---|---|---|---|---|---|---|");
+    let us = |p: &Point| p.guest_us_per_op.median;
+    for w in WORKLOADS {
+        let g = |m: &str| find(points, w, m);
+        let f = |m: &str, h: fn(&Point) -> f64| g(m).map_or("-".into(), |p| format!("{:.2}", h(p)));
+        let fo = |m: &str| g(m).map_or("-".into(), |p| format!("{:.3}", p.faults_per_op.median));
+        let ns = |m: &str| {
+            g(m).map_or("-".into(), |p| {
+                format!("{:.0}", p.vmm_ns_per_pte_update.median)
+            })
+        };
+        let _ = writeln!(
+            o,
+            "| {w} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} ({}) |",
+            f("native", us),
+            f("pv-lazy/1024", us),
+            div(g("pv-lazy/1024"), g("native"), us),
+            f("native fa=0", us),
+            f("pv-lazy/1024 fa=0", us),
+            div(g("pv-lazy/1024 fa=0"), g("native fa=0"), us),
+            fo("pv-lazy/1024"),
+            fo("pv-lazy/1024 fa=0"),
+            ns("pv"),
+            ns("pv-lazy/1024"),
+            ns("pv-lazy/1024 fa=0"),
+        );
+    }
+}
+
+fn phases_section(o: &mut String, points: &[Point]) {
+    let _ = writeln!(o, "\n## MMU_BATCH phases\n");
+    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline subtracted), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `response`: the guarded response write.\n");
+    let names = [
+        "request",
+        "copy_in",
+        "apply",
+        "zero_frame",
+        "end_batch",
+        "response",
+    ];
+    let _ = write!(o, "| mode | PT_UPDATEs |");
+    for n in names {
+        let _ = write!(o, " {n} |");
+    }
+    let _ = writeln!(
+        o,
+        " total without zero_frame |\n|---|---|{}---|",
+        "---|".repeat(names.len())
+    );
+    for m in [
+        "pv",
+        "pv fa=0",
+        "pv-lazy/1024",
+        "pv-lazy/1024 fa=0",
+        "pv-lazy/16",
+    ] {
+        let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
+        let updates: f64 = ps.iter().map(|p| p.vmm_pte_updates.median).sum();
+        if ps.is_empty() || updates <= 0.0 {
+            continue;
+        }
+        let phase = |n: &str| -> f64 {
+            ps.iter()
+                .filter_map(|p| p.phases_ns.get(n))
+                .map(|s| s.median)
+                .sum::<f64>()
+                / updates
+        };
+        let _ = write!(o, "| {m} | {updates:.0} |");
+        for n in names {
+            let _ = write!(o, " {:.0} |", phase(n));
+        }
+        let total: f64 = names
+            .iter()
+            .filter(|n| **n != "zero_frame")
+            .map(|n| phase(n))
+            .sum();
+        let _ = writeln!(o, " {total:.0} |");
+    }
+}
+
+fn all_section(o: &mut String, points: &[Point], floor: &Value) {
+    let floor_us = floor["floor_ns"].as_f64().unwrap_or(0.0) / 1000.0;
+    let _ = writeln!(o, "\n## Every cell\n");
+    let _ = writeln!(o, "| workload | mode | exits/op | MMU hypercalls/op | PTE updates/hypercall | faults/op | guest µs/op | µs/op ÷ exit floor | VMM ns/PTE update | host resyncs | flushes performed | flushes avoided |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in points {
+        let ratio = if floor_us > 0.0 {
+            p.guest_us_per_op.median / floor_us
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.3} [{:.3}–{:.3}] | {:.4} | {:.1} | {:.3} | {:.2} [{:.2}–{:.2}] | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            p.workload, p.mode, p.exits_per_op.median, p.exits_per_op.min, p.exits_per_op.max,
+            p.mmu_hypercalls_per_op.median, p.pte_updates_per_hypercall.median, p.faults_per_op.median,
+            p.guest_us_per_op.median, p.guest_us_per_op.min, p.guest_us_per_op.max, ratio,
+            p.vmm_ns_per_pte_update.median, p.host_resyncs.median, p.flushes_performed.median,
+            p.flushes_avoided.median
+        );
+    }
+}
+
+/// The whole report.
+pub fn report(points: &[Point], floor: &Value, host: &Value, pages: u32, repeat: u32) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# pvmm MMU-mode benchmark\n\n{pages} pages per workload run, {repeat} repetitions; medians (with [min–max] in the last table). An operation is one page. Regenerate with `make bench` (`BENCH_PAGES`, `BENCH_REPEAT`).\n");
+    host_section(&mut o, points, host, floor);
+    ops_section(&mut o, points);
+    fault_section(&mut o, points);
+    ratio_section(&mut o, points);
+    phases_section(&mut o, points);
+    all_section(&mut o, points, floor);
+    let _ = writeln!(
+        o,
+        "\nPlots: `exits_per_op.svg`, `us_per_op.svg`. Raw data: `results.json`."
+    );
+    o
+}

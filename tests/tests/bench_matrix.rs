@@ -1,0 +1,63 @@
+//! `make bench` cannot silently break: the bench-matrix binary runs a tiny configuration
+//! (the `BENCH_PAGES=16 BENCH_REPEAT=1` of the Makefile, without criterion) into a temporary
+//! directory, and every output must exist and parse, with every cell measured.
+
+use pvmm_e2e::*;
+use serde_json::Value;
+use std::process::Command;
+
+#[test]
+fn a_tiny_bench_matrix_writes_every_output() {
+    if !kvm_available("a_tiny_bench_matrix_writes_every_output") {
+        return;
+    }
+    let dir = temp(&format!("bench-matrix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_bench-matrix"))
+        .args(["--pages=16", "--repeat=1"])
+        .arg(format!("--out={}", dir.display()))
+        .env("PVMM_BIN", pvmm_bin())
+        .env("PVMM_GUEST", guest())
+        .output()
+        .expect("run bench-matrix");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench-matrix failed: {stderr}");
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json parses");
+    assert_eq!(results["pages"], 16);
+    assert_eq!(
+        results["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{results}"
+    );
+    let points = results["points"].as_array().expect("points");
+    // 9 modes (native, pv, pv-lazy/1024 with fault-around on and off; pv-lazy/16, 64, 256)
+    // times 6 workloads.
+    assert_eq!(points.len(), 9 * 6, "every cell measured");
+    let populate = points
+        .iter()
+        .find(|p| p["workload"] == "populate" && p["mode"] == "pv-lazy/1024")
+        .expect("populate pv-lazy/1024");
+    let fault = &populate["ops"]["fault (demand-zero)"];
+    assert_eq!(fault["faults_per_page"]["median"], 1.0 / 16.0, "{populate}");
+    assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    for section in [
+        "Host:",
+        "Resync:",
+        "## Headline: PTE updates per exit, per operation",
+        "## The fault path",
+        "pv-lazy ÷ native",
+        "## MMU_BATCH phases",
+        "## Every cell",
+    ] {
+        assert!(md.contains(section), "report.md lacks '{section}':\n{md}");
+    }
+    for svg in ["exits_per_op.svg", "us_per_op.svg"] {
+        let s = std::fs::read_to_string(dir.join(svg)).expect(svg);
+        assert!(s.contains("<svg") && s.contains("</svg>"), "{svg}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
