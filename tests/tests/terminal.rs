@@ -62,10 +62,8 @@ impl OnPty {
         // SAFETY: termios is plain data; tcgetattr fills it for a valid descriptor.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: as above, on the slave descriptor we own.
-        assert_eq!(
-            unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
-            0
-        );
+        let r = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
+        assert_eq!(r, 0);
         t.c_lflag
     }
 
