@@ -93,6 +93,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let out = SerialOut::open(&args.serial)?;
     let transport = transport::choose(&kvm, args.hypercall, &kvm_device())?;
     let mem = memory::allocate(&layout)?;
+    memory::prefault_pool(&mem, &layout);
     let vm = create_vm(&kvm, transport.transport)?;
     let pool_slot = memory::register(&vm, &mem)?.map(Arc::new);
     log::debug!(
