@@ -171,3 +171,45 @@ fn repeated_syncs_keep_what_the_guest_already_has() {
     }
     assert_eq!(v.mmu.counters().a_bits_propagated, 1, "counted once");
 }
+
+#[test]
+fn query_bitmaps_are_checked_over_both_halves() {
+    use hypercall::HcError;
+    let mut v = vm_with_pool(64);
+    v.load();
+    let q = |v: &mut Vm, bitmap_gpa| {
+        v.op(MmuOp::QueryAd {
+            va: VA1,
+            pages: 128, // 16 bytes per bitmap
+            bitmap_gpa,
+        })
+    };
+    let ram_end = 0x40_0000;
+    assert_eq!(
+        q(&mut v, ram_end - 24),
+        Err(HcError::Efault),
+        "dirty half past RAM"
+    );
+    assert_eq!(q(&mut v, ram_end - 32), Ok(()));
+    let reserved = 0x9_f000;
+    assert_eq!(
+        q(&mut v, reserved - 24),
+        Err(HcError::Efault),
+        "dirty half reserved"
+    );
+    assert_eq!(v.r(reserved), 0, "nothing written there");
+    let l1 = 0x51_000;
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: l1,
+    })
+    .unwrap();
+    assert_eq!(
+        q(&mut v, l1 - 24),
+        Err(HcError::Eperm),
+        "dirty half in a table"
+    );
+    let before = v.r(l1);
+    assert_eq!(q(&mut v, l1 - 32), Ok(()), "ends right before the table");
+    assert_eq!(v.r(l1), before);
+}
