@@ -92,9 +92,24 @@ npt0() {
 # The stock-Linux step: pvmm boots /bed/vmlinuz with /bed/linux-initrd.gz. Its console is
 # piped through a reader that answers the guest's input prompt through a FIFO on pvmm's
 # stdin, so the guest's serial tty is checked in both directions.
+# Every 30 s while a stock Linux runs: L1's uptime and each pvmm thread's state and wait
+# channel, so a hang shows whether L1, pvmm or the guest stopped.
+heartbeat() {
+    while sleep 30; do
+        line="BED-HEARTBEAT up=$(cut -d' ' -f1 /proc/uptime)"
+        for t in /proc/$(pidof pvmm)/task/*; do
+            [ -r "$t/stat" ] || continue
+            line="$line $(cat "$t/comm"):$(cut -d' ' -f3 "$t/stat"):$(cat "$t/wchan" 2>/dev/null)"
+        done
+        echo "$line"
+    done
+}
+
 linux() { # step name, vCPUs
     mkfifo /tmp/linux-in
     exec 3<>/tmp/linux-in
+    heartbeat &
+    hb=$!
     run_pvmm "$1" --kernel /bed/vmlinuz --initrd /bed/linux-initrd.gz \
         --cmdline "console=ttyS0 panic=-1 reboot=k" --mem 512M --hypercall auto --vcpus "$2" \
         </tmp/linux-in | while IFS= read -r line; do
@@ -103,6 +118,7 @@ linux() { # step name, vCPUs
         *LINUX-READY-FOR-INPUT*) echo "$TOKEN" >&3 ;;
         esac
     done
+    kill "$hb"
     exec 3>&-
     rm -f /tmp/linux-in
 }
