@@ -183,6 +183,16 @@ impl RunArgs {
 
 /// Parses a size with an optional K/M/G (binary) suffix; a bare number is bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    match parse_size_or_zero(s)? {
+        0 => Err(format!(
+            "invalid size '{s}': must be between 1 byte and 16 EiB"
+        )),
+        v => Ok(v),
+    }
+}
+
+/// As [`parse_size`], but 0 is a value (the caller checks its own range).
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -204,7 +214,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         format!("invalid size '{s}': expected a number with an optional K/M/G suffix")
     })?;
     n.checked_mul(mult)
-        .filter(|&v| v > 0)
         .ok_or_else(|| format!("invalid size '{s}': must be between 1 byte and 16 EiB"))
 }
 
@@ -267,7 +276,7 @@ pub fn parse_pool(s: &str) -> Result<u64, String> {
 
 fn parse_bounded(s: &str, flag: &str, min: u64, max: u64) -> Result<u64, String> {
     let range = format!("{flag} must be between {} and {}", human(min), human(max));
-    let v = parse_size(s).map_err(|e| format!("{e}; {range}"))?;
+    let v = parse_size_or_zero(s).map_err(|e| format!("{e}; {range}"))?;
     if v < min || v > max {
         return Err(format!("invalid size '{s}': {range}"));
     }
