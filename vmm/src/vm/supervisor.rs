@@ -91,8 +91,12 @@ pub fn supervise(
         started,
     );
     vm.stop.store(true, Ordering::Release);
-    for t in threads {
-        let _ = t.join();
+    // A thread that never answered is left running; exiting the process ends it.
+    for (i, t) in threads.into_iter().enumerate() {
+        let answered = ended.results.get(i).is_some_and(Option::is_some);
+        if answered || t.is_finished() {
+            let _ = t.join();
+        }
     }
     if let Some(t) = stdin_thread {
         let _ = t.join();
@@ -139,9 +143,17 @@ fn wait(
         results: (0..count).map(|_| None).collect(),
     };
     let mut received = 0;
+    let mut ending_since = None;
     while received < count {
         let ending = ended.first_end.is_some() || ended.timed_out || ended.signal.is_some();
         let now = Instant::now();
+        if ending && *ending_since.get_or_insert(now) + STOP_GRACE < now {
+            log::warn!(
+                "{} vCPU thread(s) did not stop within {STOP_GRACE:?}; not waiting for them",
+                count - received
+            );
+            break;
+        }
         let wake = if ending {
             now + Duration::from_millis(10)
         } else {
@@ -182,6 +194,10 @@ fn wait(
     }
     ended
 }
+
+/// How long vCPU threads get to leave `KVM_RUN` once the VM ends (a vCPU stuck in the
+/// kernel must not hang pvmm: the process exit ends it).
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often the supervisor looks for a stop signal.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -247,4 +263,36 @@ fn interval_sink(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>, Setup
         ),
         None => Box::new(std::io::stdout()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest_ram::GuestRam;
+    use std::sync::Arc;
+
+    /// A vCPU thread that never answers (stuck in the kernel) does not hang the supervisor:
+    /// after the timeout it waits STOP_GRACE, then gives up on it.
+    #[test]
+    fn a_vcpu_that_never_stops_does_not_hang_the_supervisor() {
+        kick::install().unwrap();
+        let (_tx, rx) = mpsc::channel::<(usize, VcpuResult)>();
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
+        let stuck = std::thread::spawn(move || {
+            while !r.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let threads = [stuck];
+        let stop = AtomicBool::new(false);
+        let dispatcher = Dispatcher::new(GuestRam::for_test(1 << 20), 1, None);
+        let t = Instant::now();
+        let ended = wait(&rx, &threads, &stop, Some(t), None, &dispatcher, t);
+        let took = t.elapsed();
+        release.store(true, Ordering::Release);
+        assert!(ended.timed_out && ended.results[0].is_none());
+        assert!(stop.load(Ordering::Acquire), "the vCPUs were told to stop");
+        assert!(took >= STOP_GRACE && took < STOP_GRACE * 3, "{took:?}");
+    }
 }
