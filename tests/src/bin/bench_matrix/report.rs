@@ -145,7 +145,7 @@ fn ratio_section(o: &mut String, points: &[Point]) {
         o,
         "\n## Per workload: faults/op, µs/op, VMM ns/update, pv-lazy ÷ native\n"
     );
-    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME phase, divided by the PT_UPDATEs the engine applied, both less the baseline run (boot: the kernel L4's pin alone takes ~12 ms of MMU_BATCH time); host resyncs are outside MMU_BATCH time. Ratios divide guest µs/op.\n");
+    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME phase, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time. Ratios divide guest µs/op, which on this host are dominated by the host resyncs (memslot re-registrations of 0.6–9 ms each, varying with the host's load), so they spread widely between repetitions.\n");
     let _ = writeln!(o, "| workload | native µs/op | pv-lazy/1024 µs/op | pv-lazy ÷ native | native fa=0 µs/op | pv-lazy/1024 fa=0 µs/op | pv-lazy ÷ native (fa=0) | faults/op pv-lazy (fa=0) | VMM ns/update pv | VMM ns/update pv-lazy/1024 (fa=0) |\n|---|---|---|---|---|---|---|---|---|---|");
     let us = |p: &Point| p.guest_us_per_op.median;
     for w in WORKLOADS {
@@ -177,7 +177,7 @@ fn ratio_section(o: &mut String, points: &[Point]) {
 
 fn phases_section(o: &mut String, points: &[Point]) {
     let _ = writeln!(o, "\n## MMU_BATCH phases\n");
-    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline subtracted), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `response`: the guarded response write.\n");
+    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `response`: the guarded response write.\n");
     let names = [
         "request",
         "copy_in",
