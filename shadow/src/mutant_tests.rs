@@ -213,3 +213,32 @@ fn query_bitmaps_are_checked_over_both_halves() {
     assert_eq!(q(&mut v, l1 - 32), Ok(()), "ends right before the table");
     assert_eq!(v.r(l1), before);
 }
+
+#[test]
+fn dropping_unused_shadows_with_splits_needs_no_flush() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.mmu.end_batch(0);
+    // L3[0] → L2 (with a split 2 MiB leaf) → L1: nothing was accessed.
+    v.upd(L3, 0).unwrap();
+    assert_eq!(v.mmu.frame_type(L2), None);
+    assert_eq!(v.mmu.end_batch(0).flush, None);
+    assert_eq!(v.mmu.counters().split_tables_live, 0);
+    v.check();
+}
+
+#[test]
+fn relocating_an_l2_copies_the_or_of_its_split_leaves() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    // Two split pages accessed, one written: the copy gets A|D (an XOR would lose A).
+    v.cpu_sets(crate::tests::VA2M, A);
+    v.cpu_sets(crate::tests::VA2M + 0x1000, A | D);
+    v.op(MmuOp::RelocateTable {
+        old: L2,
+        new: 0x51_000,
+    })
+    .unwrap();
+    assert_eq!(v.r(0x51_000 + 16) & AD, AD);
+    v.check();
+}

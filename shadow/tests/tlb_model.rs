@@ -1037,7 +1037,10 @@ impl World {
                 self.pinned.remove(&(frame >> 12));
             }
             (MmuOp::NewBaseptr { frame }, Ok(())) => self.vroot[v] = Some(frame >> 12),
-            (MmuOp::RelocateTable { old, new }, Ok(())) => self.rename(old >> 12, new >> 12),
+            (MmuOp::RelocateTable { old, new }, Ok(())) => {
+                self.rename(old >> 12, new >> 12);
+                self.relocated(new >> 12).map_err(here)?
+            }
             (
                 MmuOp::SyncAd {
                     va,
@@ -1267,6 +1270,21 @@ impl World {
                 t.slot = (new << 12) | (t.slot & 0xfff);
             }
         }
+    }
+
+    /// The copy a relocation wrote holds every bit still owed from the shadow (the shadow
+    /// stays; bits a reclaim moved to the old PTE came along in the copy) and nothing more.
+    fn relocated(&mut self, new: u64) -> Res {
+        let (Some(&level), Some(recs)) = (self.typed.get(&new), self.recs.get(&new)) else {
+            return Ok(());
+        };
+        for (i, e) in self.table(new).into_iter().enumerate() {
+            let r = recs[i];
+            if leaf_at(level, e) && (r.must & !e & AD != 0 || e & AD & !r.may != 0) {
+                return Err(format!("relocated copy [{i}] = {e:#x}, {r:?}"));
+            }
+        }
+        Ok(())
     }
 
     /// The page-table types implied by the pins and the guest tables.
