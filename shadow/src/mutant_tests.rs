@@ -242,3 +242,40 @@ fn relocating_an_l2_copies_the_or_of_its_split_leaves() {
     assert_eq!(v.r(0x51_000 + 16) & AD, AD);
     v.check();
 }
+
+#[test]
+fn dropping_a_used_split_pointer_flushes_even_if_no_split_leaf_was_used() {
+    // A walk that faulted at a split leaf still set A in the shadow L2 entry (a
+    // paging-structure cache may hold it): dropping that L2 shadow needs a flush.
+    let mut v = vm_with_pool(64);
+    v.load();
+    let root = v.mmu.loaded_root(0).unwrap().shadow_root;
+    let l3s = v.r(root) & ADDR;
+    let l2s = v.r(l3s) & ADDR;
+    v.w(l2s + 16, v.r(l2s + 16) | A);
+    v.mmu.end_batch(0);
+    v.upd(L3, 0).unwrap();
+    assert_eq!(
+        v.mmu.end_batch(0).flush,
+        Some(crate::FlushReason::ShadowDropped)
+    );
+}
+
+#[test]
+fn ad_walks_never_follow_an_unvalidated_word() {
+    // A garbage word in a typed L2 (the response-write hole) pointing at an untyped frame
+    // full of "leaves": SYNC_AD must not walk into it, nor write there.
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.w(0x70_000, 0x10_0000 | P | RW | A | D);
+    v.w(L2 + 8 * 5, 0x70_000 | P | RW | US);
+    v.op(MmuOp::SyncAd {
+        va: 5 << 21,
+        pages: 1,
+        clear_a: true,
+        clear_d: true,
+    })
+    .unwrap();
+    assert_eq!(v.r(0x70_000), 0x10_0000 | P | RW | A | D);
+    assert_eq!(v.query(5 << 21, 1, 0x60_000), vec![0; 8]);
+}
