@@ -234,6 +234,8 @@ impl OpHandler for MmuBatch {
             "rejects": named(Rule::ALL, &c.rejects, Rule::name),
             "shadow_tables_live": c.shadow_tables_live,
             "shadow_tables_high_water": c.shadow_tables_high_water,
+            "split_tables_live": c.split_tables_live,
+            "pool_frames_high_water": c.pool_frames_high_water,
             "pool_frames_used": c.pool_frames_used,
             "pool_frames_total": c.pool_frames_total,
             "flushes_performed": named(FlushReason::ALL, &c.flushes, FlushReason::name),
