@@ -184,6 +184,18 @@ pub enum SetupError {
 /// A boxed error that keeps its source chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Opens `path` for appending (creating it), as an output file of the run.
+pub fn open_output(path: &std::path::Path) -> Result<std::fs::File, SetupError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| SetupError::OutputFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 impl SetupError {
     /// A failed KVM ioctl.
     pub fn kvm(what: &'static str, source: kvm_ioctls::Error) -> SetupError {

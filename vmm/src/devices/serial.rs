@@ -23,16 +23,7 @@ impl SerialOut {
         Ok(match mode {
             SerialMode::Stdio => SerialOut::Stdout(std::io::stdout()),
             SerialMode::None => SerialOut::Sink,
-            SerialMode::File(p) => SerialOut::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|source| SetupError::OutputFile {
-                        path: p.clone(),
-                        source,
-                    })?,
-            ),
+            SerialMode::File(p) => SerialOut::File(crate::error::open_output(p)?),
         })
     }
 }

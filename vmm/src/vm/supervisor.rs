@@ -251,16 +251,7 @@ impl Interval {
 /// appended to) or stdout (never shared with the console: see `RunArgs::validate`).
 fn interval_sink(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>, SetupError> {
     Ok(match &args.stats_file {
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| SetupError::OutputFile {
-                    path: p.clone(),
-                    source,
-                })?,
-        ),
+        Some(p) => Box::new(crate::error::open_output(p)?),
         None => Box::new(std::io::stdout()),
     })
 }
