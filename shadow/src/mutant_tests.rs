@@ -279,3 +279,30 @@ fn ad_walks_never_follow_an_unvalidated_word() {
     assert_eq!(v.r(0x70_000), 0x10_0000 | P | RW | A | D);
     assert_eq!(v.query(5 << 21, 1, 0x60_000), vec![0; 8]);
 }
+
+#[test]
+fn success_counters_count_each_op() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.upd(0x13_000 + 8 * 9, 0x10_9000 | P).unwrap();
+    v.upd(0x13_000 + 8 * 9, 0).unwrap();
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: 0x51_000,
+    })
+    .unwrap();
+    v.op(MmuOp::Unpin { frame: 0x51_000 }).unwrap();
+    for _ in 0..2 {
+        v.op(MmuOp::SyncAd {
+            va: VA1,
+            pages: 1,
+            clear_a: false,
+            clear_d: false,
+        })
+        .unwrap();
+    }
+    v.query(VA1, 1, 0x60_000);
+    let c = v.mmu.counters();
+    assert_eq!((c.updates, c.pins, c.unpins), (2, 2, 1));
+    assert_eq!((c.ad_syncs, c.queries), (2, 1));
+}
