@@ -306,3 +306,24 @@ fn success_counters_count_each_op() {
     assert_eq!((c.updates, c.pins, c.unpins), (2, 2, 1));
     assert_eq!((c.ad_syncs, c.queries), (2, 1));
 }
+
+#[test]
+fn a_failed_validation_rolls_back_every_reference_it_took() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    // An L2 whose entries 1 and 3 type two fresh L1s before entry 4 fails.
+    let (l2, a, b) = (0x50_000, 0x51_000, 0x52_000);
+    v.w(l2 + 8, a | T);
+    v.w(l2 + 24, b | T);
+    v.w(l2 + 32, crate::tests::POOL | T);
+    assert!(v
+        .op(MmuOp::Pin {
+            level: 2,
+            frame: l2
+        })
+        .is_err());
+    for f in [l2, a, b] {
+        assert_eq!(v.mmu.frame_type(f), None, "{f:#x} rolled back");
+    }
+    v.check();
+}
