@@ -28,3 +28,4 @@ pub mod stats;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_ops;
+pub mod x86;

@@ -3,16 +3,12 @@
 //! when it is one of the system/extended-state instructions software KVM hosts trip over
 //! (`xrstor`, `cmpxchg16b`, ...). Pure functions over `vm_memory`; no KVM needed.
 
+use crate::x86::{CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Longest x86 instruction.
 pub const MAX_INSN: usize = 15;
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
 const PTE_P: u64 = 1;
 const PTE_PS: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
