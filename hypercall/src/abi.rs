@@ -58,6 +58,10 @@ pub mod kind {
     pub const RELOCATE_TABLE: u16 = 13;
     /// Zero the untyped RAM frame at `a0`.
     pub const ZERO_FRAME: u16 = 14;
+    /// Register the pinned L4 at `a0` as this vCPU's kernel-only root (0: none). `UNPIN`
+    /// with [`super::unpin_flags::DETACH`] switches a vCPU that still has the dying root
+    /// loaded to this root.
+    pub const SET_KERNEL_ROOT: u16 = 15;
 
     /// Name of an entry kind for statistics; `"unknown"` for anything else.
     pub const fn name(kind: u16) -> &'static str {
@@ -76,6 +80,7 @@ pub mod kind {
             QUERY_AD => "QUERY_AD",
             RELOCATE_TABLE => "RELOCATE_TABLE",
             ZERO_FRAME => "ZERO_FRAME",
+            SET_KERNEL_ROOT => "SET_KERNEL_ROOT",
             _ => "unknown",
         }
     }
@@ -89,6 +94,38 @@ pub mod sync_flags {
     pub const CLEAR_D: u16 = 1 << 1;
     /// All defined flags.
     pub const ALL: u16 = CLEAR_A | CLEAR_D;
+}
+
+/// Targets of `FLUSH_TLB` and `INVLPG`: bits 0..=1 of the entry's `flags`.
+///
+/// Whatever the target, every flush the VMM itself decides on (a changed or removed
+/// translation that may be cached) is delivered to every vCPU that may hold it before the
+/// hypercall returns; the target only adds flushes the guest asks for.
+pub mod flush_target {
+    /// The calling vCPU only (the ABI 1.0 behaviour).
+    pub const LOCAL: u16 = 0;
+    /// Every vCPU whose TLB may hold translations through the caller's loaded root: the
+    /// root is loaded there, or was loaded there since that vCPU's last full flush.
+    pub const ROOT: u16 = 1;
+    /// The vCPUs in the bitmask `a1` (bit n = vCPU n); the caller only if its bit is set.
+    /// A bit for a vCPU the VM does not have is `EINVAL`.
+    pub const MASK: u16 = 2;
+    /// Every vCPU of the VM.
+    pub const ALL: u16 = 3;
+    /// The bits of `flags` that hold the target.
+    pub const BITS: u16 = 0b11;
+    /// `FLUSH_TLB` only: global (G=1) translations too.
+    pub const GLOBAL: u16 = 1 << 2;
+}
+
+/// Flags of an `UNPIN` entry.
+pub mod unpin_flags {
+    /// The frame is an L4 that may still be loaded on vCPUs (lazily, as Linux's
+    /// `exit_mmap` leaves it): every vCPU, the caller included, that has it loaded is
+    /// switched to its registered kernel root (`SET_KERNEL_ROOT`) and flushed before the
+    /// pin is dropped; `EBUSY` if such a vCPU has no kernel root. Without this flag, `UNPIN`
+    /// of a loaded root is `EBUSY`.
+    pub const DETACH: u16 = 1 << 0;
 }
 
 /// Size of a 4 KiB page / frame.
@@ -243,9 +280,26 @@ impl MmuEntry {
     pub const fn invlpg(va: u64) -> MmuEntry {
         Self::new(kind::INVLPG, 0, va, 0, 0)
     }
-    /// `FLUSH_TLB`.
+    /// `FLUSH_TLB` of the calling vCPU.
     pub const fn flush_tlb() -> MmuEntry {
         Self::new(kind::FLUSH_TLB, 0, 0, 0, 0)
+    }
+    /// `FLUSH_TLB` with a target ([`flush_target`], optionally `| GLOBAL`) and, for
+    /// `MASK`, the vCPU mask.
+    pub const fn flush_tlb_on(flags: u16, mask: u64) -> MmuEntry {
+        Self::new(kind::FLUSH_TLB, flags, 0, mask, 0)
+    }
+    /// `INVLPG(va)` with a target ([`flush_target`]) and, for `MASK`, the vCPU mask.
+    pub const fn invlpg_on(va: u64, target: u16, mask: u64) -> MmuEntry {
+        Self::new(kind::INVLPG, target, va, mask, 0)
+    }
+    /// `UNPIN(frame)` with [`unpin_flags`].
+    pub const fn unpin_with(frame: u64, flags: u16) -> MmuEntry {
+        Self::new(kind::UNPIN, flags, frame, 0, 0)
+    }
+    /// `SET_KERNEL_ROOT(frame)`; 0 clears the registration.
+    pub const fn set_kernel_root(frame: u64) -> MmuEntry {
+        Self::new(kind::SET_KERNEL_ROOT, 0, frame, 0, 0)
     }
     /// `SYNC_AD(va, pages, flags)`.
     pub const fn sync_ad(va: u64, pages: u64, flags: u16) -> MmuEntry {

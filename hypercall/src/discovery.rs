@@ -10,7 +10,7 @@ pub const SIGNATURE: [u8; 12] = *b"PvmmPvmmPvmm";
 /// ABI major version: a guest must handshake with exactly this major.
 pub const ABI_MAJOR: u16 = 1;
 /// ABI minor version: grows when ops or entry kinds are added compatibly.
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 /// `(major << 16) | minor`, the form used in CPUID and by `VERSION`.
 pub const ABI_VERSION: u32 = ((ABI_MAJOR as u32) << 16) | ABI_MINOR as u32;
 
@@ -24,6 +24,11 @@ pub mod features {
     pub const RELOCATE: u32 = 1 << 2;
     /// The `ZERO_FRAME` MMU entry kind is implemented.
     pub const ZERO_FRAMES: u32 = 1 << 3;
+    /// SMP TLB control: `FLUSH_TLB`/`INVLPG` take a target in their `flags`
+    /// ([`crate::abi::flush_target`]), `SET_KERNEL_ROOT` exists and `UNPIN` accepts
+    /// [`crate::abi::unpin_flags::DETACH`]. Every flush the VMM itself needs is delivered to
+    /// every vCPU that needs it before the hypercall returns, with or without this bit.
+    pub const SMP_TLB: u32 = 1 << 4;
 }
 
 /// How the guest reaches the VMM. Reported in CPUID `0x4000_0001`.ECX.
