@@ -327,3 +327,32 @@ fn a_failed_validation_rolls_back_every_reference_it_took() {
     }
     v.check();
 }
+
+#[test]
+fn every_rule_answers_the_error_its_readme_row_documents() {
+    // cargo-mutants does not mutate inside `macro_rules!` invocations, so the rule → error
+    // table in `rules.rs` is checked here against the README's table instead.
+    let readme = include_str!("../README.md");
+    let table = readme
+        .split("\n\n")
+        .find(|p| p.starts_with("| Rule (`name`) | Error |"))
+        .unwrap();
+    let rows: Vec<(&str, &str)> = table
+        .lines()
+        .filter_map(|l| {
+            let mut cells = l.strip_prefix("| `")?.split(" | ");
+            let name = cells.next()?.strip_suffix('`')?;
+            Some((name, cells.next()?))
+        })
+        .collect();
+    assert_eq!(rows.len(), crate::Rule::COUNT, "one README row per rule");
+    for r in crate::Rule::ALL {
+        let row = rows.iter().find(|(n, _)| *n == r.name());
+        assert_eq!(
+            row.map(|(_, e)| *e),
+            Some(r.error().name()),
+            "rule {r:?} ({})",
+            r.name()
+        );
+    }
+}
