@@ -1,9 +1,10 @@
 //! Tests that pin down behaviour cargo-mutants found unchecked by the other tests.
+#![allow(clippy::single_range_in_vec_init)]
 
 use hypercall::MmuOp;
 
 use crate::pte::*;
-use crate::tests::{vm_with_pool, Vm, L2, L3, T, VA1};
+use crate::tests::{vm_with_pool, Vm, L1, L2, L3, T, VA1};
 
 impl Vm {
     /// `QUERY_AD` of `pages` from `va` into `bm`; the accessed bitmap as bytes.
@@ -355,4 +356,501 @@ fn every_rule_answers_the_error_its_readme_row_documents() {
             r.name()
         );
     }
+}
+
+/// The mask of bits `lo..hi`.
+fn bits(r: std::ops::Range<u32>) -> u64 {
+    r.fold(0, |m, b| m | 1 << b)
+}
+
+#[test]
+fn entry_bits_and_whitelists_are_the_architectural_ones() {
+    // Written from bit numbers (Intel SDM vol. 3 §4.5 and the README whitelist), not from
+    // the constants: a test built from the constants follows a mutated constant.
+    let flags = [P, RW, US, PWT, PCD, A, D, PS, PAT_4K, G, PAT_2M, NX];
+    let want = [0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 12, 63].map(|b| 1u64 << b);
+    assert_eq!(flags, want);
+    assert_eq!(AD, bits(5..7));
+    assert_eq!(AVAIL, bits(9..12) | bits(52..59));
+    assert_eq!(MAXPHYADDR, 46);
+    assert_eq!(ADDR, bits(12..46));
+    assert_eq!(ADDR_2M, bits(21..46));
+    assert_eq!(ADDR_ABOVE_MAX, bits(46..52));
+    assert_eq!(MISALIGNED_2M, bits(13..21));
+    let common = bits(0..7) | bits(9..12) | bits(52..59) | 1 << 63;
+    assert_eq!(L1_ALLOWED, common | bits(7..9) | bits(12..46));
+    assert_eq!(
+        L2_LEAF_ALLOWED,
+        common | bits(7..9) | 1 << 12 | bits(21..46)
+    );
+    assert_eq!(NONLEAF_ALLOWED, common | bits(12..46));
+    let rights = bits(0..5) | 1 << 63; // P RW US PWT PCD, NX
+    assert_eq!(SHADOW_LEAF_KEEP, rights | bits(7..9) | bits(12..46));
+    assert_eq!(SHADOW_NONLEAF_KEEP, rights);
+    assert_eq!(SPLIT_KEEP, rights | 1 << 8);
+    assert_eq!((ENTRIES, FRAMES_2M), (512, 512));
+}
+
+#[test]
+fn upgrades_keep_frame_and_attributes_and_only_add_rights() {
+    let o = 0x5000 | P | RW | US;
+    assert!(is_upgrade(o, o));
+    assert!(
+        is_upgrade(o, o | AD | 1 << 9),
+        "A/D and software bits do not count"
+    );
+    let r = (o & !(RW | US)) | NX;
+    assert!(
+        is_upgrade(r, r),
+        "a read-only, supervisor, NX leaf kept as it is"
+    );
+    for (less, more) in [(o & !RW, o), (o & !US, o), (o | NX, o), (r, o)] {
+        assert!(is_upgrade(less, more), "{less:#x} -> {more:#x}");
+        assert!(!is_upgrade(more, less), "{more:#x} -> {less:#x}");
+    }
+    // Frame, presence and every attribute bit must stay (bit 7 is PAT in a 4 KiB leaf).
+    for b in [1 << 0, 1 << 3, 1 << 4, 1 << 7, 1 << 8, 1 << 12, 1 << 45] {
+        assert!(!is_upgrade(o, o ^ b), "bit {:#x} changed", b);
+        assert!(!is_upgrade(o ^ b, o), "bit {:#x} changed back", b);
+    }
+}
+
+#[test]
+fn cache_attributes_reach_the_shadow_and_software_bits_do_not() {
+    let mut v = vm_with_pool(64);
+    v.load();
+    let soft = bits(9..12) | bits(52..59);
+    let cache = 1 << 3 | 1 << 4; // PWT, PCD
+                                 // A 4 KiB leaf with PWT, PCD, PAT (bit 7) and every software bit.
+    let leaf = 0x10_9000 | P | RW | US | cache | 1 << 7 | soft;
+    v.upd(L1 + 8 * 9, leaf).unwrap();
+    let va = VA1 + 0x9000;
+    assert_eq!(v.leaf(va).unwrap().value, leaf & !soft);
+    // Protection-key bits are refused.
+    for b in 59..63 {
+        assert_eq!(
+            v.upd(L1 + 8 * 10, 0x10_a000 | P | 1 << b),
+            Err(hypercall::HcError::Einval),
+            "bit {b}"
+        );
+    }
+    // A 2 MiB leaf with PWT, PCD and PAT (bit 12): split leaves carry PAT at bit 7.
+    v.upd(L2 + 8 * 3, 0x20_0000 | P | RW | PS | cache | 1 << 12 | soft)
+        .unwrap();
+    let split = v.leaf((3 << 21) + 0x5000).unwrap().value;
+    assert_eq!(split, 0x20_5000 | P | RW | cache | 1 << 7);
+    // A non-leaf entry with PWT and PCD.
+    v.upd(L2 + 8 * 4, 0x30_000 | P | RW | US | cache | soft)
+        .unwrap();
+    let root = v.mmu.loaded_root(0).unwrap().shadow_root;
+    let l2s = v.r(v.r(root) & ADDR) & ADDR;
+    assert_eq!(v.r(l2s + 8 * 4) & !ADDR, P | RW | US | cache);
+    v.check();
+    // Changing a cache attribute of a used leaf is a downgrade: it needs a flush.
+    v.mmu.end_batch(0);
+    for b in [1 << 3, 1 << 4, 1 << 7] {
+        v.cpu_sets(va, A);
+        let e = v.r(L1 + 8 * 9);
+        v.upd(L1 + 8 * 9, e ^ b).unwrap();
+        assert_eq!(
+            v.mmu.end_batch(0).flush,
+            Some(crate::FlushReason::LeafDowngraded),
+            "bit {b:#x}"
+        );
+    }
+    v.check();
+}
+
+impl Vm {
+    /// GPA of the shadow of typed table `gpa`.
+    fn shadow_gpa(&self, gpa: u64) -> u64 {
+        let s = self.mmu.frames.info(gpa >> 12).and_then(|i| i.shadow);
+        self.mmu.pool.pfn(s.unwrap()) << 12
+    }
+
+    /// The first violation the checker reports (it must report one).
+    fn violation(&self) -> crate::InvariantViolation {
+        self.mmu.check_invariants(&self.mem).unwrap_err()
+    }
+}
+
+/// A loaded address space with a clean check (a fresh one per corruption).
+fn checked_vm() -> Vm {
+    let mut v = vm_with_pool(64);
+    v.load();
+    v.upd(L1 + 8 * 4, 0x10_4000 | P | US).unwrap(); // a read-only leaf
+    v.check();
+    v
+}
+
+#[test]
+fn invariant_names_are_distinct_and_reported() {
+    use crate::InvariantKind as K;
+    let all = [
+        K::UnvalidatedEntry,
+        K::References,
+        K::WritableTable,
+        K::MapsNonRam,
+        K::ShadowMismatch,
+        K::Pool,
+        K::Root,
+        K::Unbacked,
+    ];
+    let mut names: Vec<_> = all.iter().map(|k| k.name()).collect();
+    assert!(names
+        .iter()
+        .all(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), all.len());
+    let v = checked_vm();
+    v.w(L1 + 8 * 30, crate::tests::POOL | P);
+    let e = v.violation();
+    assert!(e.to_string().contains("`unvalidated_entry`"), "{e}");
+}
+
+#[test]
+fn invariant_checker_catches_corrupted_leaves() {
+    let kind = |v: &Vm| v.violation().kind;
+    let mismatch = crate::InvariantKind::ShadowMismatch;
+    // The writable leaf L1[0] (frame 0x100) and the read-only L1[4].
+    let (rw, ro) = (v_leaf_slot(0), v_leaf_slot(4));
+    // Another RAM frame, same rights.
+    let v = checked_vm();
+    v.w(rw, v.r(rw) ^ 0x1000);
+    assert_eq!(kind(&v), mismatch, "frame");
+    for b in [US, PWT, PCD, PAT_4K, G, NX] {
+        let v = checked_vm();
+        v.w(rw, v.r(rw) ^ b);
+        assert_eq!(kind(&v), mismatch, "bit {b:#x}");
+    }
+    let v = checked_vm();
+    v.w(rw, v.r(rw) & !RW);
+    assert_eq!(kind(&v), mismatch, "RW lost");
+    let v = checked_vm();
+    v.w(ro, v.r(ro) | RW);
+    assert_eq!(kind(&v), mismatch, "RW gained");
+    // A and D are the CPU's to set.
+    let v = checked_vm();
+    v.w(rw, v.r(rw) | AD);
+    v.w(ro, v.r(ro) | A);
+    v.check();
+}
+
+/// Shadow slot of L1 entry `i` in a [`checked_vm`] (same in every fresh one).
+fn v_leaf_slot(i: u64) -> u64 {
+    checked_vm().leaf(VA1 + (i << 12)).unwrap().slot_gpa
+}
+
+#[test]
+fn invariant_checker_catches_corrupted_upper_entries() {
+    let kind = |v: &Vm| v.violation().kind;
+    let mismatch = crate::InvariantKind::ShadowMismatch;
+    let l2s = checked_vm().shadow_gpa(L2);
+    // L2[1] → the L1: not present, or with a bit the shadow never carries.
+    type Corrupt = fn(u64) -> u64;
+    let corrupt: [(&str, Corrupt); 3] = [
+        ("P", |s| s & !P),
+        ("D", |s| s | D),
+        ("software bit", |s| s | 1 << 9),
+    ];
+    for (what, bad) in corrupt {
+        let v = checked_vm();
+        v.w(l2s + 8, bad(v.r(l2s + 8)));
+        assert_eq!(kind(&v), mismatch, "{what}");
+    }
+    let v = checked_vm();
+    v.w(l2s + 8, v.r(l2s + 8) | A);
+    v.check();
+    // L2[2] is a 2 MiB leaf: its shadow must point, present, at its split.
+    let v = checked_vm();
+    v.w(l2s + 16, v.r(l2s + 16) & !P);
+    assert_eq!(kind(&v), mismatch, "split pointer not present");
+    let v = checked_vm();
+    v.w(l2s + 16, (v.r(l2s + 16) & !ADDR) | v.shadow_gpa(L1));
+    assert_eq!(kind(&v), mismatch, "split pointer at another shadow");
+}
+
+#[test]
+fn invariant_checker_catches_bad_pool_records() {
+    use crate::pool::Owner;
+    use crate::InvariantKind as K;
+    // A second shadow of the L1 (an orphan: the L1's record names the first).
+    let mut v = checked_vm();
+    let owner = Owner::Table {
+        pfn: L1 >> 12,
+        level: 1,
+    };
+    v.mmu.pool.alloc(owner, 0).unwrap();
+    let e = v.violation();
+    assert_eq!(e.kind, K::Pool, "{e}");
+    assert!(e.detail.contains("orphan"), "{e}");
+    // A split for an entry that is not a 2 MiB leaf (L2[1] references the L1).
+    let mut v = checked_vm();
+    let split = |idx| Owner::Split { l2: L2 >> 12, idx };
+    v.mmu.pool.alloc(split(1), 0).unwrap();
+    let e = v.violation();
+    assert_eq!(e.kind, K::Pool, "{e}");
+    assert!(e.detail.contains("non-2M"), "{e}");
+    // A second split of the 2 MiB leaf L2[2], not linked from the L2 shadow.
+    let mut v = checked_vm();
+    let s = v.mmu.pool.alloc(split(2), 0).unwrap();
+    let l2 = v.shadow_gpa(L2) + 16;
+    let first = v.r(l2);
+    // Fill it like the real one so only the link is wrong.
+    for i in 0..512 {
+        let real = v.r((first & ADDR) + 8 * i);
+        v.w((v.mmu.pool.pfn(s) << 12) + 8 * i, real);
+    }
+    let e = v.violation();
+    assert_eq!(e.kind, K::Pool, "{e}");
+    assert!(e.detail.contains("not linked"), "{e}");
+}
+
+#[test]
+fn invariant_checker_catches_bad_roots() {
+    use crate::InvariantKind as K;
+    // vCPU 1 "loads" the L1.
+    let mut v = checked_vm();
+    v.mmu.roots[1] = Some(L1 >> 12);
+    assert_eq!(v.violation().kind, K::Root);
+    // vCPU 1 loads a pinned L4 whose shadow is gone.
+    let mut v = checked_vm();
+    let l4b = 0x50_000;
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: l4b,
+    })
+    .unwrap();
+    v.check();
+    let info = v.mmu.frames.info_mut(l4b >> 12).unwrap();
+    let s = info.shadow.take().unwrap();
+    v.mmu.pool.free(s);
+    v.check();
+    v.mmu.roots[1] = Some(l4b >> 12);
+    assert_eq!(v.violation().kind, K::Root);
+}
+
+#[test]
+fn reverse_map_lists_stay_exact_under_any_add_remove_order() {
+    use crate::pool::{Owner, Pool};
+    use std::collections::BTreeMap;
+    let frames = 2u64;
+    let pfns = 6u64;
+    let mut p = Pool::new(0x100_0000, frames, pfns);
+    for _ in 0..frames {
+        p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).unwrap();
+    }
+    // A fixed pseudo-random walk (64-bit LCG) over 48 slots, compared with a plain map.
+    let mut model: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        x >> 33
+    };
+    for step in 0..3000 {
+        let slot = (next() % 48) as u32 * 21; // spread over both frames, slot 0 included
+        let pfn = next() % pfns;
+        match model.get(&slot) {
+            Some(&old) => {
+                p.rmap_add(slot, pfn); // already linked: no-op
+                assert!(p.rmap_linked(slot));
+                p.rmap_remove(slot);
+                model.remove(&slot);
+                assert!(
+                    !p.rmap_linked(slot),
+                    "step {step}: {slot} still linked to {old}"
+                );
+                p.rmap_remove(slot); // not linked: no-op
+            }
+            None => {
+                p.rmap_add(slot, pfn);
+                model.insert(slot, pfn);
+            }
+        }
+        for f in 0..pfns {
+            let mut got = Vec::new();
+            let mut cur = p.rmap_first(f);
+            while let Some(s) = cur {
+                assert!(got.len() <= model.len(), "step {step}: cycle in list {f}");
+                got.push(s);
+                cur = p.rmap_next(s);
+            }
+            got.sort_unstable();
+            let want: Vec<u32> = model
+                .iter()
+                .filter(|(_, &t)| t == f)
+                .map(|(&s, _)| s)
+                .collect();
+            assert_eq!(got, want, "step {step}: list of frame {f}");
+        }
+    }
+    // Frames outside the map are ignored.
+    p.rmap_add(5, pfns);
+    assert!(!p.rmap_linked(5), "slot 5 is never used above");
+    assert_eq!(p.rmap_first(pfns), None);
+    assert_eq!(p.rmap_first(u64::MAX), None);
+}
+
+#[test]
+fn pool_index_bounds() {
+    use crate::pool::Pool;
+    let p = Pool::new(0x100_0000, 3, 16);
+    assert_eq!(p.total(), 3);
+    assert_eq!(p.index_of(0x100_0000 - 1), None);
+    assert_eq!(p.index_of(0x100_0000), Some(0));
+    assert_eq!(p.index_of(0x100_2fff), Some(2));
+    assert_eq!(p.index_of(0x100_3000), None);
+    assert_eq!(p.pfn(2), 0x1002);
+}
+
+#[test]
+fn layout_classification_is_exact_at_every_boundary() {
+    use crate::{FrameClass as C, Layout};
+    // RAM 0..1 MiB with a reserved page inside, the pool right after it, and more RAM
+    // right after the pool; two RAM ranges that touch at 16 MiB.
+    let l = Layout {
+        ram: vec![0..0x10_0000, 0x11_0000..0x100_0000, 0x100_0000..0x200_0000],
+        reserved: vec![0x9_f000..0xa_0000],
+        pool_base: 0x10_0000,
+        pool_frames: 16,
+    }
+    .validated()
+    .unwrap();
+    let cases = [
+        (0x9e, C::Ram),
+        (0x9f, C::Reserved),
+        (0xa0, C::Ram),
+        (0xff, C::Ram),
+        (0x100, C::Pool),
+        (0x10f, C::Pool),
+        (0x110, C::Ram),
+        (0xfff, C::Ram),
+        (0x1000, C::Ram),
+        (0x1fff, C::Ram),
+        (0x2000, C::Outside),
+    ];
+    for (pfn, want) in cases {
+        assert_eq!(l.classify(pfn), want, "frame {pfn:#x}");
+    }
+    // A range is RAM only inside one RAM range.
+    assert_eq!(l.classify_range(0xa_0000, 0x6_0000), C::Ram);
+    assert_eq!(l.classify_range(0xa_0000, 0x6_1000), C::Pool);
+    assert_eq!(l.classify_range(0x9_e000, 0x1000), C::Ram);
+    assert_eq!(l.classify_range(0x9_e000, 0x1001), C::Reserved);
+    assert_eq!(l.classify_range(0xff_f000, 0x1000), C::Ram);
+    assert_eq!(
+        l.classify_range(0xff_f000, 0x2000),
+        C::Outside,
+        "two ranges"
+    );
+    assert_eq!(l.classify_range(0x1ff_f000, 0x1000), C::Ram);
+    assert_eq!(l.classify_range(0x1ff_f000, 0x1001), C::Outside);
+    assert_eq!(l.classify_range(u64::MAX - 0xfff, 0x1000), C::Outside);
+    assert_eq!(l.pool_range(), 0x10_0000..0x11_0000);
+    assert_eq!(l.ram_end_pfn(), 0x2000);
+}
+
+#[test]
+fn layout_limits_are_inclusive_where_documented() {
+    use crate::{Layout, ShadowError as E};
+    let base = || Layout {
+        ram: vec![0..0x10_0000],
+        reserved: vec![],
+        pool_base: 0x10_0000,
+        pool_frames: 1,
+    };
+    assert!(base().validated().is_ok(), "the pool may touch RAM");
+    // RAM up to MAX_RAM_END, ranges and the pool up to 2^46.
+    let l = Layout {
+        ram: vec![0..crate::layout::MAX_RAM_END],
+        pool_base: (1 << 46) - 0x1000,
+        ..base()
+    };
+    assert!(l.validated().is_ok());
+    let l = Layout {
+        ram: vec![0..crate::layout::MAX_RAM_END + 0x1000],
+        ..base()
+    };
+    assert_eq!(l.validated(), Err(E::BadRam));
+    let l = Layout {
+        reserved: vec![(1 << 46) - 0x1000..1 << 46],
+        ..base()
+    };
+    assert!(l.validated().is_ok());
+    let l = Layout {
+        reserved: vec![(1 << 46) - 0x1000..(1 << 46) + 0x1000],
+        ..base()
+    };
+    assert!(matches!(l.validated(), Err(E::BadRange(..))));
+    let l = Layout {
+        pool_base: 1 << 46,
+        ..base()
+    };
+    assert!(matches!(l.validated(), Err(E::BadPool(..))));
+    // Pool size: below 2^22 frames.
+    let l = Layout {
+        pool_base: 1 << 40,
+        pool_frames: (1 << 22) - 1,
+        ..base()
+    };
+    assert!(l.validated().is_ok());
+    let l = Layout {
+        pool_base: 1 << 40,
+        pool_frames: 1 << 22,
+        ..base()
+    };
+    assert!(matches!(l.validated(), Err(E::BadPool(..))));
+    let l = Layout {
+        pool_base: 0x10_0800,
+        ..base()
+    };
+    assert!(matches!(l.validated(), Err(E::BadPool(..))), "unaligned");
+    // Unaligned ends and empty ranges.
+    for r in [0..0x10_0800, 0x800..0x10_0000, 0x1000..0x1000] {
+        let l = Layout {
+            ram: vec![r.clone()],
+            ..base()
+        };
+        assert!(matches!(l.validated(), Err(E::BadRange(..))), "{r:x?}");
+    }
+    // Pool overlapping RAM by one frame at either end.
+    for pool_base in [0xf_f000, 0x20_0000 - 0x1000] {
+        let l = Layout {
+            ram: vec![0..0x10_0000, 0x20_0000..0x30_0000],
+            pool_base,
+            pool_frames: 2,
+            ..base()
+        };
+        assert_eq!(l.validated(), Err(E::PoolOverlapsRam), "{pool_base:#x}");
+    }
+    // Touching RAM ranges are fine, overlapping ones are not.
+    let l = Layout {
+        ram: vec![0x20_0000..0x30_0000, 0..0x20_0000],
+        pool_base: 0x30_0000,
+        ..base()
+    };
+    assert_eq!(l.validated().unwrap().ram[0], 0..0x20_0000, "sorted");
+    let l = Layout {
+        ram: vec![0x1f_f000..0x30_0000, 0..0x20_0000],
+        pool_base: 0x30_0000,
+        ..base()
+    };
+    assert_eq!(l.validated(), Err(E::RamOverlap(0x1f_f000)));
+}
+
+#[test]
+fn split_leaves_of_a_2m_leaf_without_pat_have_no_pat() {
+    // L2[2] maps 0x20_0000 with P | RW | PS and PAT (bit 12) clear: bit 7 of a 4 KiB leaf
+    // is PAT, so no split leaf may carry it (it would change the memory type).
+    let mut v = vm_with_pool(64);
+    v.load();
+    for j in [0u64, 1, 511] {
+        let l = v.leaf(crate::tests::VA2M + (j << 12)).unwrap();
+        assert_eq!(l.value, (0x20_0000 + (j << 12)) | P | RW, "page {j}");
+    }
+    assert_eq!(split_leaf(0x20_0000 | P | PS | 1 << 12, 0) & 1 << 7, 1 << 7);
+    assert_eq!(split_leaf(0x20_0000 | P | PS, 0) & 1 << 7, 0);
 }
