@@ -854,3 +854,109 @@ fn split_leaves_of_a_2m_leaf_without_pat_have_no_pat() {
     assert_eq!(split_leaf(0x20_0000 | P | PS | 1 << 12, 0) & 1 << 7, 1 << 7);
     assert_eq!(split_leaf(0x20_0000 | P | PS, 0) & 1 << 7, 0);
 }
+
+#[test]
+fn every_op_kind_is_counted_under_its_own_name() {
+    use crate::OpKind;
+    let mut v = vm_with_pool(64);
+    let ops = [
+        MmuOp::PtUpdate {
+            ptr: 0,
+            val: 0,
+            preserve_ad: false,
+        },
+        MmuOp::Pin {
+            level: 1,
+            frame: 0x51_000,
+        },
+        MmuOp::Unpin { frame: 0x51_000 },
+        MmuOp::NewBaseptr { frame: 0 },
+        MmuOp::Invlpg { va: 0 },
+        MmuOp::FlushTlb,
+        MmuOp::SyncAd {
+            va: 0,
+            pages: 1,
+            clear_a: false,
+            clear_d: false,
+        },
+        MmuOp::QueryAd {
+            va: 0,
+            pages: 1,
+            bitmap_gpa: 0x60_000,
+        },
+        MmuOp::RelocateTable {
+            old: 0,
+            new: 0x1000,
+        },
+        MmuOp::ZeroFrame { frame: 0x70_000 },
+    ];
+    let names = [
+        "PT_UPDATE",
+        "PIN",
+        "UNPIN",
+        "NEW_BASEPTR",
+        "INVLPG",
+        "FLUSH_TLB",
+        "SYNC_AD",
+        "QUERY_AD",
+        "RELOCATE_TABLE",
+        "ZERO_FRAME",
+    ];
+    assert_eq!(OpKind::ALL.len(), ops.len());
+    for (n, op) in ops.iter().enumerate() {
+        assert_eq!(OpKind::of(op), OpKind::ALL[n]);
+        assert_eq!(OpKind::ALL[n].name(), names[n]);
+        let _ = v.op(*op); // refused or not, every op is counted
+        for (k, kind) in OpKind::ALL.iter().enumerate() {
+            let want = u64::from(k <= n);
+            assert_eq!(
+                v.mmu.counters().op_count(*kind),
+                want,
+                "{kind:?} after {op:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tables_in_the_last_frame_of_a_memory_region_are_usable() {
+    // RAM ends at 0x40_0000 and the pool (6 frames) is a region of its own: the last frame
+    // of each must open as a table.
+    let mut v = vm_with_pool(6);
+    v.load(); // 5 pool frames: L4, L3, L2, L1 and the split
+    let last_ram = 0x3f_f000;
+    v.w(last_ram + 8, 0x10_0000 | P | RW);
+    v.op(MmuOp::Pin {
+        level: 1,
+        frame: last_ram,
+    })
+    .unwrap();
+    v.upd(L2 + 8 * 7, last_ram | T).unwrap(); // its shadow takes the last pool frame
+    let l = v.leaf((7 << 21) + 0x1000).unwrap();
+    assert_eq!(l.slot_gpa, crate::tests::POOL + 5 * 0x1000 + 8);
+    v.check();
+}
+
+#[test]
+fn reclaim_keeps_the_shadow_an_update_is_writing_into() {
+    // Pool of 8: the loaded tree takes 5, a pinned but not loaded L4B → L3B → L2B the other
+    // 3. Linking a new L1 into L2B needs a frame: reclaim may drop L4B's and L3B's
+    // shadows, never L2B's, which the update is writing into.
+    let mut v = vm_with_pool(8);
+    v.load();
+    let (l4b, l3b, l2b, l1c) = (0x20_000, 0x21_000, 0x22_000, 0x23_000);
+    v.w(l4b, l3b | T);
+    v.w(l3b, l2b | T);
+    v.op(MmuOp::Pin {
+        level: 4,
+        frame: l4b,
+    })
+    .unwrap();
+    assert_eq!(v.mmu.counters().pool_frames_used, 8);
+    v.w(l1c + 8 * 3, 0x10_5000 | P | RW);
+    v.upd(l2b + 8 * 4, l1c | T).unwrap();
+    assert!(v.mmu.counters().reclaims >= 1);
+    v.check();
+    let s = v.shadow_gpa(l2b);
+    assert_eq!(v.r(s + 8 * 4) & ADDR, v.shadow_gpa(l1c));
+}
