@@ -960,3 +960,21 @@ fn reclaim_keeps_the_shadow_an_update_is_writing_into() {
     let s = v.shadow_gpa(l2b);
     assert_eq!(v.r(s + 8 * 4) & ADDR, v.shadow_gpa(l1c));
 }
+
+#[test]
+fn frame_hasher_separates_aligned_frame_numbers() {
+    // Page tables often sit at aligned frame numbers; a hasher that maps them to few
+    // values turns every frame lookup into a linear scan (a guest-driven slowdown).
+    use std::collections::{BTreeSet, HashSet};
+    use std::hash::BuildHasher;
+    let b = std::hash::BuildHasherDefault::<crate::frames::FrameHasher>::default();
+    let keys: BTreeSet<u64> = (0..4096u64).chain((1..4096).map(|k| k << 9)).collect();
+    let hashes: HashSet<u64> = keys.iter().map(|&k| b.hash_one(k)).collect();
+    assert_eq!(hashes.len(), keys.len(), "distinct frames, distinct hashes");
+    let buckets: HashSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
+    assert!(
+        buckets.len() > 2048,
+        "{} of 4096 low-bit buckets",
+        buckets.len()
+    );
+}
