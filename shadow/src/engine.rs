@@ -11,6 +11,7 @@ use crate::mem::table;
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, RW};
 use crate::rules::{self, Rule};
+use crate::trap::TrapState;
 
 /// Internal result: refusals carry their rule.
 pub(crate) type R<T> = Result<T, Rule>;
@@ -45,6 +46,8 @@ pub struct ShadowMmu {
     /// Sequence number of the op being applied (shadows touched by it are not reclaimed).
     pub(crate) epoch: u64,
     pub(crate) counters: Counters,
+    /// Trapped page-table writes (`trap`, `wrpt`).
+    pub(crate) trap: TrapState,
 }
 
 impl ShadowMmu {
@@ -65,6 +68,7 @@ impl ShadowMmu {
             pending: Pending::new(vcpus),
             new_cr3: vec![None; vcpus],
             epoch: 0,
+            trap: TrapState::default(),
         })
     }
 
@@ -371,6 +375,7 @@ impl ShadowMmu {
             self.need_flush(FlushReason::ShadowDropped);
         }
         let children = table(mem, pfn).map(|t| t.snapshot());
+        self.forget_unhooked(pfn);
         self.frames.clear_type(pfn);
         if let (true, Ok(g)) = (level > 1, children) {
             for (i, &e) in g.iter().enumerate() {
@@ -389,7 +394,20 @@ impl ShadowMmu {
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
             if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
-                let old = st.clear_bits(slot as usize % 512, RW);
+                let i = slot as usize % 512;
+                let old = if self.traps() {
+                    // Trapped stores: the leaf moves to the frame's alias (stores exit).
+                    let s = st.get(i);
+                    let p = self.protect_leaf(s);
+                    if p == s {
+                        continue;
+                    }
+                    let was = st.swap(i, p);
+                    st.set_bits(i, was & AD);
+                    was
+                } else {
+                    st.clear_bits(i, RW)
+                };
                 if old & RW != 0 {
                     self.retire(old, FlushReason::TypeDowngrade);
                 }
@@ -403,7 +421,18 @@ impl ShadowMmu {
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
             if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
-                let old = st.set_bits(slot as usize % 512, RW);
+                let i = slot as usize % 512;
+                let s = st.get(i);
+                if let Some(ram) = self.unalias_pfn(pte::pfn_of(s)) {
+                    // Back from the alias to the frame itself.
+                    let was = st.swap(i, Self::unprotect_leaf(s, ram, true));
+                    st.set_bits(i, was & AD);
+                    if pte::present(was) {
+                        self.retire(was, FlushReason::RightsRestored);
+                    }
+                    continue;
+                }
+                let old = st.set_bits(i, RW);
                 if old & RW == 0 && pte::present(old) {
                     self.retire(old, FlushReason::RightsRestored);
                 }
