@@ -28,6 +28,16 @@ pub enum Request {
         /// Number of entries, 1..=[`abi::MAX_BATCH_ENTRIES`].
         count: u32,
     },
+    /// `PT_WRITES(mode)`.
+    PtWrites {
+        /// An [`abi::pt_writes`] value (0..=2).
+        mode: u64,
+    },
+    /// `PT_FAULT(va)`.
+    PtFault {
+        /// The faulting VA (canonical).
+        va: u64,
+    },
 }
 
 /// Paging level of a table, 1 (page table) to 4 (root).
@@ -208,6 +218,20 @@ pub fn decode_request(b: &[u8]) -> Result<Request, HcError> {
                 entries_gpa: a[0],
                 count: a[1] as u32,
             })
+        }
+        op::PT_WRITES => {
+            zero(a[1] | a[2] | a[3])?;
+            if a[0] > abi::pt_writes::WRPT {
+                return Err(HcError::Einval);
+            }
+            Ok(Request::PtWrites { mode: a[0] })
+        }
+        op::PT_FAULT => {
+            zero(a[1] | a[2] | a[3])?;
+            if !is_canonical(a[0]) {
+                return Err(HcError::Einval);
+            }
+            Ok(Request::PtFault { va: a[0] })
         }
         _ => Err(HcError::Enosys),
     }
@@ -633,5 +657,31 @@ mod tests {
         assert_eq!(batch_bytes(0), Err(HcError::Einval));
         assert_eq!(batch_bytes(abi::MAX_BATCH_ENTRIES + 1), Err(HcError::E2big));
         assert_eq!(batch_bytes(2), Ok(64));
+    }
+}
+
+#[cfg(test)]
+mod pt_trap_tests {
+    use super::*;
+    use crate::RequestHeader;
+
+    fn req(op: u32, args: [u64; 4]) -> Result<Request, HcError> {
+        decode_request(&RequestHeader::new(op, args).to_bytes())
+    }
+
+    #[test]
+    fn pt_writes_and_pt_fault_decode_with_their_rules() {
+        assert_eq!(
+            req(op::PT_WRITES, [2, 0, 0, 0]),
+            Ok(Request::PtWrites { mode: 2 })
+        );
+        assert_eq!(req(op::PT_WRITES, [3, 0, 0, 0]), Err(HcError::Einval));
+        assert_eq!(req(op::PT_WRITES, [1, 1, 0, 0]), Err(HcError::Einval));
+        assert_eq!(
+            req(op::PT_FAULT, [0x40_1234, 0, 0, 0]),
+            Ok(Request::PtFault { va: 0x40_1234 })
+        );
+        assert_eq!(req(op::PT_FAULT, [1 << 47, 0, 0, 0]), Err(HcError::Einval));
+        assert_eq!(op::name(op::PT_FAULT), "PT_FAULT");
     }
 }

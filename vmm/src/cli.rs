@@ -153,6 +153,14 @@ pub struct RunArgs {
     /// Test only: vCPU 0 makes a syscall outside its allow-list at its first exit.
     #[arg(long, hide = true)]
     pub debug_seccomp_violation: bool,
+    /// Offer the page-table write modes (guest mmu=emulate, mmu=wrpt): auto probes the
+    /// read-only memslot trap at start-up and offers them where it works; off never does.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pt_trap: crate::ptwrite::PtTrapMode,
+    /// Test only: switch one mechanism of the page-table write trap off (comma-separated:
+    /// no-validate, keep-parents, no-harvest); the e2e suite expects the failure.
+    #[arg(long, hide = true, value_enum, value_delimiter = ',')]
+    pub debug_pt_trap: Vec<DebugPtTrap>,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]
@@ -442,5 +450,28 @@ mod tests {
         };
         assert_eq!(d.mem, 256 << 20);
         assert_eq!(d.stats, StatsMode::Table);
+    }
+}
+
+/// Mechanisms of the page-table write trap that `--debug-pt-trap` can switch off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DebugPtTrap {
+    /// Apply trapped stores and re-hooked entries without validation.
+    NoValidate,
+    /// Unhook an L1 without dropping its parents' shadow entries.
+    KeepParents,
+    /// Unhook an L1 without harvesting its A/D bits first.
+    NoHarvest,
+}
+
+impl RunArgs {
+    /// The engine's trap switches from `--debug-pt-trap`.
+    pub fn trap_debug(&self) -> shadow::TrapDebug {
+        let on = |d| self.debug_pt_trap.contains(&d);
+        shadow::TrapDebug {
+            no_validate: on(DebugPtTrap::NoValidate),
+            keep_parents: on(DebugPtTrap::KeepParents),
+            no_harvest: on(DebugPtTrap::NoHarvest),
+        }
     }
 }

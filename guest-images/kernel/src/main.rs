@@ -26,6 +26,7 @@ mod arch;
 mod bootinfo;
 mod elf;
 mod hostile;
+mod hostile_stores;
 mod intrinsics;
 mod mem;
 mod mmu;
@@ -167,6 +168,7 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
             finish(pv, status::NO_MMU_BATCH);
         }
     }
+    let pv = select_pt_writes(opts.mode, pv);
     let mut m = mmu::this_cpu();
     m.mode = opts.mode;
     m.batch = opts.lazy_batch;
@@ -179,6 +181,30 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
     if opts.debug_faults {
         mmu::DEBUG_FAULTS.store(true, core::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// emulate/wrpt: asks the VMM to trap page-table stores (PT_WRITES) before any table
+/// exists; refuses to run with a clear reason where it cannot.
+fn select_pt_writes(mode: Mode, mut pv: Option<pv::Pv>) -> Option<pv::Pv> {
+    if !mode.plain_stores() {
+        return pv;
+    }
+    let status = match pv.as_mut() {
+        Some(p) if p.features() & hypercall::features::PT_TRAP != 0 => {
+            p.call(hypercall::op::PT_WRITES, [mode.pt_writes(), 0, 0, 0])
+                .0
+        }
+        _ => -38,
+    };
+    if status != 0 {
+        let _ = writeln!(
+            Console,
+            "TAP version 13\nBail out! mmu={} needs the VMM to trap page-table stores (feature PT_TRAP), which it does not offer here (PT_WRITES status {status})",
+            mode.name()
+        );
+        finish(pv, status::NO_MMU_BATCH);
+    }
+    pv
 }
 
 fn print_config(opts: &Opts, boot_cycles: u64) {

@@ -1,6 +1,8 @@
 //! The MMU backends behind one interface: `native` (the kernel writes the tables the CPU
-//! walks), `pv` (one MMU_BATCH hypercall per change) and `pv-lazy` (changes queue in a
-//! per-CPU buffer inside lazy sections and go out as one batch).
+//! walks), `pv` (one MMU_BATCH hypercall per change), `pv-lazy` (changes queue in a
+//! per-CPU buffer inside lazy sections and go out as one batch), `emulate` and `wrpt`
+//! (plain stores to the shadowed tables, trapped by the VMM; pins, switches, A/D and
+//! zeroing stay hypercalls).
 //!
 //! Per-CPU state: [`MMU`], each CPU's [`Mmu`] (its lazy queue, counters, loaded root, PV
 //! handle and the backend settings), borrowed through [`this_cpu`]. Callers borrow it once
@@ -12,6 +14,9 @@ use crate::pv::Pv;
 use crate::sync::{CpuLocal, CpuRefMut};
 use hypercall::MmuEntry;
 
+/// Accessed and dirty bits of a PTE.
+const AD: u64 = 0x60;
+
 /// Backend selection.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -21,6 +26,11 @@ pub enum Mode {
     Pv,
     /// Changes queue inside lazy sections and go out as one batch.
     PvLazy,
+    /// Plain stores to the page tables; the VMM traps and emulates each one.
+    Emulate,
+    /// Plain stores; the VMM unhooks a written L1 and re-validates it later (writable
+    /// page tables); spurious faults are reported and retried.
+    Wrpt,
 }
 
 impl Mode {
@@ -30,6 +40,22 @@ impl Mode {
             Mode::Native => "native",
             Mode::Pv => "pv",
             Mode::PvLazy => "pv-lazy",
+            Mode::Emulate => "emulate",
+            Mode::Wrpt => "wrpt",
+        }
+    }
+
+    /// True in the modes where the kernel writes its (shadowed) tables with plain stores.
+    pub fn plain_stores(self) -> bool {
+        matches!(self, Mode::Emulate | Mode::Wrpt)
+    }
+
+    /// The `PT_WRITES` value of the mode.
+    pub fn pt_writes(self) -> u64 {
+        match self {
+            Mode::Emulate => hypercall::pt_writes::EMULATE,
+            Mode::Wrpt => hypercall::pt_writes::WRPT,
+            _ => hypercall::pt_writes::HYPERCALL,
         }
     }
 }
@@ -56,6 +82,8 @@ pub struct Counters {
     pub faults: u64,
     /// Pages mapped by demand faults (the faulting page and its fault-around neighbours).
     pub fault_mapped: u64,
+    /// Page faults on a VA the kernel's own tables allow (wrpt: reported with PT_FAULT).
+    pub spurious: u64,
 }
 
 /// `debug_faults`: log every user page fault.
@@ -137,6 +165,7 @@ impl Mmu {
                 switches: 0,
                 faults: 0,
                 fault_mapped: 0,
+                spurious: 0,
             },
             zero_vmm: true,
             drop_after: 0,
@@ -223,6 +252,9 @@ impl Mmu {
     /// Writes a leaf PTE at guest-physical `ptr`.
     pub fn set_pte(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        if self.store_plain(ptr, val) {
+            return;
+        }
         if !self.is_pv() {
             mem::wr(ptr, val);
             return;
@@ -240,6 +272,9 @@ impl Mmu {
     /// the caller passes them in `val`).
     pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        if self.store_plain(ptr, val | (mem::rd(ptr) & AD)) {
+            return;
+        }
         if !self.is_pv() {
             mem::wr(ptr, val);
             return;
@@ -250,6 +285,9 @@ impl Mmu {
     /// Writes a non-leaf entry; it is visible to the kernel's own walks on return.
     pub fn set_table(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        if self.store_plain(ptr, val) {
+            return;
+        }
         if !self.is_pv() {
             mem::wr(ptr, val);
             return;
@@ -292,7 +330,12 @@ impl Mmu {
     /// already joins the current batch (the kernel's walks see the link through
     /// [`Mmu::table_entry`] until the batch goes); otherwise the batch goes now.
     pub fn link_table(&mut self, ptr: u64, val: u64, zeroed: bool) {
-        if !self.is_pv() || !zeroed || self.lazy == 0 || self.nlinks == LINKS {
+        if !self.is_pv()
+            || self.mode.plain_stores()
+            || !zeroed
+            || self.lazy == 0
+            || self.nlinks == LINKS
+        {
             self.set_table(ptr, val);
             return;
         }
@@ -307,6 +350,33 @@ impl Mmu {
         match self.links[..self.nlinks].iter().rev().find(|l| l.0 == ptr) {
             Some(&(_, v)) => v,
             None => mem::rd(ptr),
+        }
+    }
+
+    /// emulate/wrpt: stores `val` at `ptr` with a plain store (the VMM traps it, or it lands
+    /// in an unhooked L1), after sending the queue (pins and zeroings the store may rely
+    /// on). False in the other modes.
+    fn store_plain(&mut self, ptr: u64, val: u64) -> bool {
+        if !self.mode.plain_stores() {
+            return false;
+        }
+        self.flush();
+        mem::wr(ptr, val);
+        true
+    }
+
+    /// A page fault at `va` that the kernel's own tables allow. wrpt: the VMM may have
+    /// unhooked the L1 that maps it; PT_FAULT makes it re-validate and re-hook, then the
+    /// access is retried. Native: INVLPG of the stale entry.
+    pub fn spurious_fault(&mut self, va: u64) {
+        self.c.spurious += 1;
+        if self.mode == Mode::Wrpt {
+            let pv = self.pv.as_mut().expect("no PV interface");
+            self.c.hypercalls += 1;
+            let (s, _) = pv.call(hypercall::op::PT_FAULT, [va, 0, 0, 0]);
+            assert!(s == 0, "PT_FAULT({va:#x}) failed: status {s}");
+        } else {
+            self.invlpg(va);
         }
     }
 

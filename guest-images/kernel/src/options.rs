@@ -89,7 +89,7 @@ struct Opt {
     set: fn(&mut Opts, Val),
 }
 
-const MODES: &[&str] = &["native", "pv", "pv-lazy"];
+const MODES: &[&str] = &["native", "pv", "pv-lazy", "emulate", "wrpt"];
 
 /// Every option, in the order `help` lists them.
 const OPTIONS: &[Opt] = &[
@@ -116,11 +116,16 @@ const OPTIONS: &[Opt] = &[
         unset: "",
         help: "MMU backend. native: the kernel writes the page tables the CPU walks; pv: \
                every page-table change is one MMU_BATCH hypercall to the VMM's shadow MMU; \
-               pv-lazy: changes queue inside lazy sections and go out as one batch.",
+               pv-lazy: changes queue inside lazy sections and go out as one batch; emulate: \
+               plain stores to the page tables, each trapped and validated by the VMM; wrpt: \
+               plain stores, the VMM unhooks a written L1 and re-validates it at the next \
+               fault in its range or MMU hypercall (needs the VMM's PT_TRAP feature).",
         set: |o, v| {
             o.mode = match choice(v) {
                 1 => Mode::Pv,
                 2 => Mode::PvLazy,
+                3 => Mode::Emulate,
+                4 => Mode::Wrpt,
                 _ => Mode::Native,
             }
         },

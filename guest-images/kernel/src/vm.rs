@@ -334,8 +334,8 @@ impl Space {
                 true
             }
         } else {
-            // Spurious (stale TLB entry).
-            m.invlpg(va & !0xfff);
+            // Spurious: a stale TLB entry, or (wrpt) an L1 the VMM has unhooked.
+            m.spurious_fault(va & !0xfff);
             true
         };
         m.leave_lazy();

@@ -71,7 +71,7 @@ pub mod st {
     pub const PTE_UPDATES: u64 = 3;
     /// TLB flushes done or sent by the kernel.
     pub const FLUSHES: u64 = 4;
-    /// MMU mode (0 native, 1 pv, 2 pv-lazy).
+    /// MMU mode (0 native, 1 pv, 2 pv-lazy, 3 emulate, 4 wrpt).
     pub const MODE: u64 = 5;
     /// MMU hypercalls of the last exit's teardown.
     pub const TEARDOWN_HC: u64 = 6;

@@ -12,6 +12,9 @@ use hypercall::{HcError, DOORBELL_PORT};
 use kvm_ioctls::VcpuExit;
 use std::time::Instant;
 
+/// Device name of trapped page-table stores in the statistics.
+pub const PT_TRAP_NAME: &str = "pt-trap";
+
 /// What the vCPU loop does after an exit has been handled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
@@ -49,6 +52,10 @@ pub fn handle_exit(
             Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
+            if let Some(fx) = vm.pt_write(vcpu, addr, data) {
+                stats.mmio(PT_TRAP_NAME, Dir::Out, elapsed(since));
+                return (name, Next::Apply(fx));
+            }
             let dev = vm.mmio_write(vcpu, addr, data);
             stats.mmio(dev, Dir::Out, elapsed(since));
             reset_or_continue(vm)
