@@ -20,7 +20,8 @@ pub mod status {
     pub const MAX_FAILURES: u8 = 63;
     /// An unknown option or a bad value (sysexits' EX_USAGE).
     pub const BAD_CMDLINE: u8 = 64;
-    /// mmu=pv or pv-lazy, but the VMM does not offer MMU_BATCH (sysexits' EX_UNAVAILABLE).
+    /// mmu=pv or pv-lazy without MMU_BATCH, or mmu=emulate or wrpt without the VMM's
+    /// page-table write trap (feature PT_TRAP) (sysexits' EX_UNAVAILABLE).
     pub const NO_MMU_BATCH: u8 = 69;
     /// A kernel panic: the highest status `pvmm` passes through as is (0-127).
     pub const PANIC: u8 = 127;
