@@ -84,6 +84,22 @@ pub struct Counters {
     pub fault_mapped: u64,
     /// Page faults on a VA the kernel's own tables allow (wrpt: reported with PT_FAULT).
     pub spurious: u64,
+    /// PTE writes counted per flush window (see [`Window`]) and the distinct page-table
+    /// pages they went to, summed over windows: `pt_ptes / pt_pages` is the number of PTEs
+    /// written per page-table page between two flushes.
+    pub pt_ptes: u64,
+    /// See `pt_ptes`.
+    pub pt_pages: u64,
+}
+
+/// Distinct page-table pages written in the current flush window: the outermost lazy
+/// section (where pv-lazy sends its batch and a wrpt guest's next hypercall re-validates
+/// what it unhooked), or one write outside any.
+#[derive(Clone, Copy)]
+struct Window {
+    pages: [u64; 16],
+    n: usize,
+    ptes: u64,
 }
 
 /// `debug_faults`: log every user page fault.
@@ -141,6 +157,8 @@ pub struct Mmu {
     /// Non-leaf entries queued in the current batch: (entry address, value).
     links: [(u64, u64); LINKS],
     nlinks: usize,
+    /// The current flush window.
+    win: Window,
 }
 
 /// Each CPU's MMU state.
@@ -166,6 +184,13 @@ impl Mmu {
                 faults: 0,
                 fault_mapped: 0,
                 spurious: 0,
+                pt_ptes: 0,
+                pt_pages: 0,
+            },
+            win: Window {
+                pages: [0; 16],
+                n: 0,
+                ptes: 0,
             },
             zero_vmm: true,
             drop_after: 0,
@@ -246,12 +271,41 @@ impl Mmu {
         self.lazy -= 1;
         if self.lazy == 0 {
             self.flush();
+            self.close_window();
         }
+    }
+
+    /// Counts one PTE write at `ptr` in the flush window.
+    fn count_window(&mut self, ptr: u64) {
+        let page = ptr >> 12;
+        let w = &mut self.win;
+        w.ptes += 1;
+        if !w.pages[..w.n].contains(&page) {
+            if w.n == w.pages.len() {
+                // More distinct pages than tracked: count it as a new one.
+                self.c.pt_pages += 1;
+            } else {
+                w.pages[w.n] = page;
+                w.n += 1;
+            }
+        }
+        if self.lazy == 0 {
+            self.close_window();
+        }
+    }
+
+    /// Ends the flush window.
+    fn close_window(&mut self) {
+        self.c.pt_ptes += self.win.ptes;
+        self.c.pt_pages += self.win.n as u64;
+        self.win.n = 0;
+        self.win.ptes = 0;
     }
 
     /// Writes a leaf PTE at guest-physical `ptr`.
     pub fn set_pte(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        self.count_window(ptr);
         if self.store_plain(ptr, val) {
             return;
         }
@@ -272,6 +326,7 @@ impl Mmu {
     /// the caller passes them in `val`).
     pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        self.count_window(ptr);
         if self.store_plain(ptr, val | (mem::rd(ptr) & AD)) {
             return;
         }
@@ -285,6 +340,7 @@ impl Mmu {
     /// Writes a non-leaf entry; it is visible to the kernel's own walks on return.
     pub fn set_table(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
+        self.count_window(ptr);
         if self.store_plain(ptr, val) {
             return;
         }
@@ -340,6 +396,7 @@ impl Mmu {
             return;
         }
         self.c.pte_updates += 1;
+        self.count_window(ptr);
         self.links[self.nlinks] = (ptr, val);
         self.nlinks += 1;
         self.push(MmuEntry::pt_update(ptr, val));

@@ -111,7 +111,7 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
     let en = b.entries - a.entries;
     let _ = writeln!(
         Console,
-        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={}",
+        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} spurious={} pt_ptes={} pt_pages={} cycles={}",
         b.pte_updates - a.pte_updates,
         hc,
         en,
@@ -123,6 +123,9 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
         b.faults - a.faults,
         b.fault_mapped - a.fault_mapped,
         b.switches - a.switches,
+        b.spurious - a.spurious,
+        b.pt_ptes - a.pt_ptes,
+        b.pt_pages - a.pt_pages,
         cycles
     );
 }

@@ -11,6 +11,7 @@
 mod plot;
 mod report;
 mod run;
+mod strategies;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use run::{Mode, Sample, FA_DEFAULT};
@@ -104,6 +105,14 @@ pub struct Point {
     pub flushes_avoided: Stat,
     /// Per-operation figures.
     pub ops: BTreeMap<String, OpPoint>,
+    /// PTEs written per page-table page between two flushes (guest flush windows).
+    pub ptes_per_pt_page: Stat,
+    /// Trapped page-table stores per page (emulate, wrpt).
+    pub trapped_per_op: Stat,
+    /// Entries re-validated per re-hook (wrpt).
+    pub revalidated_per_rehook: Stat,
+    /// Spurious page faults per page (wrpt).
+    pub spurious_per_op: Stat,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -164,6 +173,10 @@ fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
         flushes_performed: per(&|s| s.flushes_performed),
         flushes_avoided: per(&|s| s.flushes_avoided),
         ops,
+        ptes_per_pt_page: per(&|s| ratio(s.trap.pt_ptes, s.trap.pt_pages)),
+        trapped_per_op: per(&|s| s.trap.trapped / n),
+        revalidated_per_rehook: per(&|s| ratio(s.trap.revalidated, s.trap.rehooks)),
+        spurious_per_op: per(&|s| s.trap.spurious / n),
     }
 }
 
@@ -195,8 +208,18 @@ fn exit_floor() -> Value {
 }
 
 /// The modes: native, pv and pv-lazy/1024 with fault-around on (the default) and off; the
-/// smaller lazy batches with it on.
+/// smaller lazy batches and the trap modes (emulate, wrpt) with it on. `--modes=five`: the
+/// five strategies only (native, pv, pv-lazy/1024, emulate, wrpt).
 fn modes() -> Vec<Mode> {
+    let five = std::env::args().any(|a| a == "--modes=five");
+    let m = |mmu, batch| Mode {
+        mmu,
+        batch,
+        fault_around: FA_DEFAULT,
+    };
+    if five {
+        return strategies::FIVE.iter().map(|&(mmu, b)| m(mmu, b)).collect();
+    }
     let mut modes = Vec::new();
     for fa in [FA_DEFAULT, 0] {
         for (mmu, batch) in [("native", None), ("pv", None), ("pv-lazy", Some(1024))] {
@@ -208,12 +231,10 @@ fn modes() -> Vec<Mode> {
         }
     }
     for b in [16, 64, 256] {
-        modes.push(Mode {
-            mmu: "pv-lazy",
-            batch: Some(b),
-            fault_around: FA_DEFAULT,
-        });
+        modes.push(m("pv-lazy", Some(b)));
     }
+    modes.push(m("emulate", None));
+    modes.push(m("wrpt", None));
     modes
 }
 
