@@ -549,7 +549,7 @@ fn print_statuses(w: &mut impl Write) -> fmt::Result {
     )?;
     writeln!(
         w,
-        "  {NO_MMU_BATCH:<5} mmu=pv or mmu=pv-lazy, but the VMM offers no MMU_BATCH (`Bail out!`)"
+        "  {NO_MMU_BATCH:<5} mmu=pv or mmu=pv-lazy, but the VMM offers no MMU_BATCH; mmu=emulate or mmu=wrpt,\n        but it cannot trap page-table stores (`Bail out!`)"
     )?;
     writeln!(
         w,
