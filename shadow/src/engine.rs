@@ -11,7 +11,7 @@ use crate::mem::table;
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, RW};
 use crate::rules::{self, Rule};
-use crate::trap::TrapState;
+use crate::trap_state::TrapState;
 
 /// Internal result: refusals carry their rule.
 pub(crate) type R<T> = Result<T, Rule>;

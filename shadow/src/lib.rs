@@ -38,6 +38,7 @@ pub mod pte;
 pub mod rules;
 mod shadow;
 pub mod trap;
+mod trap_state;
 mod wrpt;
 
 pub use counters::{Counters, OpKind};

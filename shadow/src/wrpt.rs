@@ -15,13 +15,8 @@ use crate::flush::FlushReason;
 use crate::mem::table;
 use crate::pte::{self, Kind, AD};
 use crate::rules;
+use crate::trap_state::Unhooked;
 use hypercall::MmuOp;
-
-/// One unhooked L1 and the entries it held when it was unhooked (after the harvest).
-pub(crate) struct Unhooked {
-    pub pfn: u64,
-    pub snapshot: Box<[u64; 512]>,
-}
 
 impl ShadowMmu {
     /// Whether L1 `pfn` is unhooked.

@@ -28,7 +28,9 @@ fn the_modes_are_refused_clearly_without_the_trap() {
         let t = texts(&o);
         assert_eq!(o.status.code(), Some(69), "{t}");
         assert!(
-            t.contains(&format!("Bail out! mmu={mode} needs the VMM to trap page-table stores")),
+            t.contains(&format!(
+                "Bail out! mmu={mode} needs the VMM to trap page-table stores"
+            )),
             "{t}"
         );
     }
@@ -44,7 +46,10 @@ fn hostile_stores_are_refused_in_both_modes_and_the_checker_agrees() {
         let t = texts(&o);
         assert_eq!(o.status.code(), Some(0), "{mode}: {t}");
         assert_eq!(t.matches("# hostile: plain store").count(), 3, "{t}");
-        assert!(t.contains("through a writable mapping of a page table"), "{t}");
+        assert!(
+            t.contains("through a writable mapping of a page table"),
+            "{t}"
+        );
         assert!(!t.contains("MISMATCH"), "{t}");
     }
 }
@@ -55,7 +60,7 @@ fn unvalidated_trapped_stores_are_caught() {
         return;
     }
     for mode in ["emulate", "wrpt"] {
-        let o = hostile(mode, &["--debug-pt-trap", "no-validate"]);
+        let o = hostile(mode, &["--debug-pt-trap-no-validate"]);
         let t = texts(&o);
         assert_ne!(o.status.code(), Some(0), "{mode}: {t}");
         assert!(
@@ -70,7 +75,7 @@ fn an_unhooked_l1_left_reachable_is_caught() {
     if !kvm_available("an_unhooked_l1_left_reachable_is_caught") {
         return;
     }
-    let o = hostile("wrpt", &["--debug-pt-trap", "keep-parents"]);
+    let o = hostile("wrpt", &["--debug-pt-trap-keep-parents"]);
     let t = texts(&o);
     assert_eq!(o.status.code(), Some(207), "{t}");
     assert!(t.contains("unhooked"), "{t}");

@@ -157,10 +157,16 @@ pub struct RunArgs {
     /// read-only memslot trap at start-up and offers them where it works; off never does.
     #[arg(long, value_enum, default_value = "auto")]
     pub pt_trap: crate::ptwrite::PtTrapMode,
-    /// Test only: switch one mechanism of the page-table write trap off (comma-separated:
-    /// no-validate, keep-parents, no-harvest); the e2e suite expects the failure.
-    #[arg(long, hide = true, value_enum, value_delimiter = ',')]
-    pub debug_pt_trap: Vec<DebugPtTrap>,
+    /// Test only: apply trapped page-table stores (and re-hooked wrpt entries) without
+    /// validating them; the e2e suite expects the failure.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_no_validate: bool,
+    /// Test only: unhook a wrpt L1 without dropping its parents' shadow entries.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_keep_parents: bool,
+    /// Test only: unhook a wrpt L1 without harvesting its A/D bits first.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_no_harvest: bool,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]
@@ -348,6 +354,17 @@ pub fn parse_timeout(s: &str) -> Result<f64, String> {
     }
 }
 
+impl RunArgs {
+    /// The engine's trap switches from the `--debug-pt-trap-*` flags.
+    pub fn trap_debug(&self) -> shadow::TrapDebug {
+        shadow::TrapDebug {
+            no_validate: self.debug_pt_trap_no_validate,
+            keep_parents: self.debug_pt_trap_keep_parents,
+            no_harvest: self.debug_pt_trap_no_harvest,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,28 +467,5 @@ mod tests {
         };
         assert_eq!(d.mem, 256 << 20);
         assert_eq!(d.stats, StatsMode::Table);
-    }
-}
-
-/// Mechanisms of the page-table write trap that `--debug-pt-trap` can switch off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DebugPtTrap {
-    /// Apply trapped stores and re-hooked entries without validation.
-    NoValidate,
-    /// Unhook an L1 without dropping its parents' shadow entries.
-    KeepParents,
-    /// Unhook an L1 without harvesting its A/D bits first.
-    NoHarvest,
-}
-
-impl RunArgs {
-    /// The engine's trap switches from `--debug-pt-trap`.
-    pub fn trap_debug(&self) -> shadow::TrapDebug {
-        let on = |d| self.debug_pt_trap.contains(&d);
-        shadow::TrapDebug {
-            no_validate: on(DebugPtTrap::NoValidate),
-            keep_parents: on(DebugPtTrap::KeepParents),
-            no_harvest: on(DebugPtTrap::NoHarvest),
-        }
     }
 }

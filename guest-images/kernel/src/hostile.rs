@@ -36,7 +36,7 @@ fn scratch_gpa(s: &Scratch) -> u64 {
 }
 
 /// Sends `entries` as one batch; returns its status.
-pub fn send(m: &mut Mmu, entries: &[MmuEntry]) -> i64 {
+fn send(m: &mut Mmu, entries: &[MmuEntry]) -> i64 {
     let mut s = SCRATCH.lock();
     s.0[..entries.len()].copy_from_slice(entries);
     m.batch_raw(scratch_gpa(&s), entries.len() as u64).0
@@ -277,7 +277,7 @@ pub fn attacks(m: &mut Mmu) -> Result<u32, &'static str> {
         l1: c.l1,
         data: c.data,
     };
-    bad += crate::hostile_stores::attacks(m, &t);
+    bad += crate::hostile_stores::attacks(m, &mut |m, e| send(m, &[e]), &t);
     // Tear the scratch chain down (unlinking untypes it) and free it.
     let s = send(
         m,

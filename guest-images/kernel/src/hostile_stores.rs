@@ -24,22 +24,20 @@ pub struct Target {
 /// VA mapped by the scratch L1's entry 0.
 const VA: u64 = 0x80_0000_0000;
 
-/// Sends an empty-effect batch (FLUSH_TLB): in wrpt every unhooked L1 is re-validated.
-fn rehook(m: &mut Mmu) -> i64 {
-    let s = send_one(m, MmuEntry::flush_tlb());
-    m.flush();
-    s
-}
+/// Sends one MMU entry as a batch; returns its status (the hostile test's sender).
+pub type Send<'a> = &'a mut dyn FnMut(&mut Mmu, MmuEntry) -> i64;
 
-fn send_one(m: &mut Mmu, e: MmuEntry) -> i64 {
-    crate::hostile::send(m, &[e])
+/// Sends an empty-effect batch (FLUSH_TLB): in wrpt every unhooked L1 is re-validated.
+fn rehook(m: &mut Mmu, send: Send<'_>) -> i64 {
+    m.flush();
+    send(m, MmuEntry::flush_tlb())
 }
 
 /// Stores `val` at `pa` (direct map), re-hooks, and checks the entry reads back as before.
-fn refused(m: &mut Mmu, what: &str, pa: u64, val: u64) -> bool {
+fn refused(m: &mut Mmu, send: Send<'_>, what: &str, pa: u64, val: u64) -> bool {
     let before = mem::rd(pa);
     mem::wr(pa, val);
-    let s = rehook(m);
+    let s = rehook(m, send);
     let after = mem::rd(pa);
     let ok = s == 0 && after == before;
     let _ = writeln!(
@@ -58,9 +56,9 @@ fn refused(m: &mut Mmu, what: &str, pa: u64, val: u64) -> bool {
 
 /// A writable mapping of a page table gives no way around validation: a store through it
 /// of a hostile entry is refused too.
-fn through_writable_mapping(m: &mut Mmu, t: &Target) -> bool {
+fn through_writable_mapping(m: &mut Mmu, send: Send<'_>, t: &Target) -> bool {
     mem::wr(t.l1, t.l2 | vm::P | vm::RW);
-    if rehook(m) != 0 {
+    if rehook(m, send) != 0 {
         return false;
     }
     let pool = mem::ram_end().next_multiple_of(2 << 20);
@@ -73,7 +71,7 @@ fn through_writable_mapping(m: &mut Mmu, t: &Target) -> bool {
     };
     let after = mem::rd(t.l2 + 8 * slot);
     mem::wr(t.l1, 0);
-    let ok = after == before && rehook(m) == 0;
+    let ok = after == before && rehook(m, send) == 0;
     let _ = writeln!(
         Console,
         "# hostile: store of a pool mapping through a writable mapping of a page table: entry {after:#x} {}",
@@ -83,7 +81,7 @@ fn through_writable_mapping(m: &mut Mmu, t: &Target) -> bool {
 }
 
 /// Runs the plain-store attacks; returns the mismatches.
-pub fn attacks(m: &mut Mmu, t: &Target) -> u32 {
+pub fn attacks(m: &mut Mmu, send: Send<'_>, t: &Target) -> u32 {
     if !m.mode.plain_stores() {
         return 0;
     }
@@ -107,11 +105,11 @@ pub fn attacks(m: &mut Mmu, t: &Target) -> u32 {
     ];
     let mut bad = 0;
     for (what, pa, val) in cases {
-        if !refused(m, what, pa, val) {
+        if !refused(m, send, what, pa, val) {
             bad += 1;
         }
     }
-    if !through_writable_mapping(m, t) {
+    if !through_writable_mapping(m, send, t) {
         bad += 1;
     }
     bad

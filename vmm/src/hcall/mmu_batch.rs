@@ -23,7 +23,7 @@ pub struct MmuOptions {
     /// page table (`--debug-unguarded-response`; the e2e suite expects `--check-shadow` to
     /// catch it).
     pub unguarded_response: bool,
-    /// Test-only switches of the page-table write trap (`--debug-pt-trap`).
+    /// Test-only switches of the page-table write trap (`--debug-pt-trap-*`).
     pub trap_debug: shadow::TrapDebug,
 }
 

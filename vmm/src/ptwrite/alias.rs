@@ -68,8 +68,8 @@ impl Alias {
         let phys = mem
             .physical_memory()
             .ok_or_else(|| SetupError::other("guest memory", "no physical memory"))?;
-        let mut slot = first_slot;
-        for r in phys.iter().filter(|r| r.start_addr().0 < self.len) {
+        let ram = phys.iter().filter(|r| r.start_addr().0 < self.len);
+        for (slot, r) in (first_slot..).zip(ram) {
             let region = kvm_userspace_memory_region {
                 slot,
                 guest_phys_addr: self.base + r.start_addr().0,
@@ -81,7 +81,6 @@ impl Alias {
             // only reads through a read-only slot.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(|e| SetupError::kvm("KVM_SET_USER_MEMORY_REGION (read-only alias)", e))?;
-            slot += 1;
         }
         Ok(())
     }
@@ -95,7 +94,13 @@ mod tests {
     fn the_alias_lies_above_ram_and_pool() {
         let l = Layout::new(256 << 20, 32 << 20).unwrap();
         let a = Alias::for_layout(&l);
-        assert_eq!(a, Alias { base: 1 << 30, len: 256 << 20 });
+        assert_eq!(
+            a,
+            Alias {
+                base: 1 << 30,
+                len: 256 << 20
+            }
+        );
         let l = Layout::new(5 << 30, 64 << 20).unwrap();
         let a = Alias::for_layout(&l);
         assert!(a.base >= l.pool_base + l.pool_size && a.base.is_multiple_of(ALIAS_ALIGN));
@@ -104,14 +109,24 @@ mod tests {
 
     #[test]
     fn only_stores_through_the_alias_decode() {
-        let a = Alias { base: 1 << 30, len: 16 << 20 };
+        let a = Alias {
+            base: 1 << 30,
+            len: 16 << 20,
+        };
         let d = 7u64.to_le_bytes();
         assert_eq!(
             a.decode((1 << 30) + 0x2008, &d),
-            Some(TrappedStore { gpa: 0x2008, data: &d })
+            Some(TrappedStore {
+                gpa: 0x2008,
+                data: &d
+            })
         );
         assert_eq!(a.decode(0x2008, &d), None, "below the alias: a device");
-        assert_eq!(a.decode((1 << 30) + (16 << 20) - 4, &d), None, "past RAM's end");
+        assert_eq!(
+            a.decode((1 << 30) + (16 << 20) - 4, &d),
+            None,
+            "past RAM's end"
+        );
         assert_eq!(a.decode((1 << 30) + 8, &[]), None);
         assert_eq!(a.decode((1 << 30) + 8, &[0; 9]), None);
         assert_eq!(a.decode(u64::MAX - 2, &d), None);

@@ -3,8 +3,8 @@
 //! probe that the trap works on this host ([`probe`]), and the KVM-free decoding of one
 //! trapped store ([`decode`]).
 
-pub mod probe;
 pub mod alias;
+pub mod probe;
 
 pub use alias::{Alias, TrappedStore};
 

@@ -167,7 +167,10 @@ mod tests {
     #[test]
     fn probe_on_this_host() {
         let Ok(kvm) = Kvm::new() else {
-            assert!(std::env::var("REQUIRE_KVM").is_err(), "REQUIRE_KVM=1 but no /dev/kvm");
+            assert!(
+                std::env::var("REQUIRE_KVM").is_err(),
+                "REQUIRE_KVM=1 but no /dev/kvm"
+            );
             eprintln!("skipped: no /dev/kvm");
             return;
         };
