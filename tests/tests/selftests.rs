@@ -162,7 +162,9 @@ fn suite_passes_in_emulate_and_wrpt() {
         let console = String::from_utf8_lossy(&out.stdout);
         assert_eq!(tap.points.len(), ALL.len(), "{console}");
         for name in ALL {
-            let p = tap.get(name).unwrap_or_else(|| panic!("{mode}: no test {name}"));
+            let p = tap
+                .get(name)
+                .unwrap_or_else(|| panic!("{mode}: no test {name}"));
             assert!(p.ok && p.skip.is_none(), "{mode}: {name}: {:?}", p.diag);
         }
         assert_eq!(out.status.code(), Some(0), "{mode}: {console}");
@@ -180,7 +182,10 @@ fn suite_passes_in_emulate_and_wrpt() {
             let (u, r) = (n("unhooks"), n("rehooks"));
             assert!(u > 0 && r <= u && u - r <= 4, "{t}");
             assert!(n("revalidated_entries") >= n("rehooks") / 2, "{t}");
-            assert!(n("spurious_faults") > 0, "{mode}: demand faults retried: {t}");
+            assert!(
+                n("spurious_faults") > 0,
+                "{mode}: demand faults retried: {t}"
+            );
         }
     }
 }
