@@ -45,3 +45,6 @@ pub fn setup(
     log::debug!("page-table write trap: alias at {:#x}", alias.base);
     Ok(Some(alias))
 }
+
+#[cfg(test)]
+mod tests;
