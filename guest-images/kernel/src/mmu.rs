@@ -306,7 +306,7 @@ impl Mmu {
     pub fn set_pte(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
         self.count_window(ptr);
-        if self.store_plain(ptr, val) {
+        if self.store_plain(ptr, val, false) {
             return;
         }
         if !self.is_pv() {
@@ -327,7 +327,7 @@ impl Mmu {
     pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
         self.count_window(ptr);
-        if self.store_plain(ptr, val | (mem::rd(ptr) & AD)) {
+        if self.store_plain(ptr, val | (mem::rd(ptr) & AD), false) {
             return;
         }
         if !self.is_pv() {
@@ -341,7 +341,7 @@ impl Mmu {
     pub fn set_table(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
         self.count_window(ptr);
-        if self.store_plain(ptr, val) {
+        if self.store_plain(ptr, val, true) {
             return;
         }
         if !self.is_pv() {
@@ -411,13 +411,18 @@ impl Mmu {
     }
 
     /// emulate/wrpt: stores `val` at `ptr` with a plain store (the VMM traps it, or it lands
-    /// in an unhooked L1), after sending the queue (pins and zeroings the store may rely
-    /// on). False in the other modes.
-    fn store_plain(&mut self, ptr: u64, val: u64) -> bool {
+    /// in an unhooked L1). A non-leaf entry (`link`) first sends the queue: the table it
+    /// links may be zeroed by a queued ZERO_FRAME, and the VMM validates it at the link. A
+    /// leaf does not: the frame it maps is not reached before the lazy section ends, and the
+    /// queue then goes as one batch (in wrpt also the re-validation point). False in the
+    /// other modes.
+    fn store_plain(&mut self, ptr: u64, val: u64, link: bool) -> bool {
         if !self.mode.plain_stores() {
             return false;
         }
-        self.flush();
+        if link {
+            self.flush();
+        }
         mem::wr(ptr, val);
         true
     }
