@@ -17,6 +17,7 @@
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
+//! * [`targets`] — which vCPUs a flush is for (loaded and held roots), [`VcpuSet`];
 //! * [`counters`] — statistics;
 //! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
 //! * `debug`: test helpers (translation through the shadow).
@@ -35,6 +36,7 @@ mod pool;
 pub mod pte;
 pub mod rules;
 mod shadow;
+pub mod targets;
 
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
@@ -42,6 +44,7 @@ pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
+pub use targets::VcpuSet;
 
 #[cfg(test)]
 mod integrity_tests;
