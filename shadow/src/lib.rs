@@ -19,6 +19,7 @@
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
 //! * [`trap`] — trapped page-table stores (`emulate`, `wrpt` write modes);
 //! * `wrpt`: unhooking and re-hooking L1s (writable page tables);
+//! * [`targets`] — which vCPUs a flush is for (loaded and held roots), [`VcpuSet`];
 //! * [`counters`] — statistics;
 //! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
 //! * `debug`: test helpers (translation through the shadow).
@@ -40,6 +41,7 @@ mod shadow;
 pub mod trap;
 mod trap_state;
 mod wrpt;
+pub mod targets;
 
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
@@ -48,6 +50,7 @@ pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
 pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
+pub use targets::VcpuSet;
 
 #[cfg(test)]
 mod integrity_tests;

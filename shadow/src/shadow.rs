@@ -297,7 +297,9 @@ impl ShadowMmu {
             self.counters.reclaimed_tables += 1;
         }
         if used {
-            self.need_flush(FlushReason::Reclaim);
+            // Reclaimed shadows are unreachable from loaded roots but may be reachable from
+            // held ones (global translations): every vCPU.
+            self.need_flush_on(self.all_vcpus(), FlushReason::Reclaim);
         }
     }
 

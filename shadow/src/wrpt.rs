@@ -164,7 +164,7 @@ impl ShadowMmu {
             None => {
                 let was = st.swap(j, 0);
                 if pte::present(was) {
-                    self.retire(was, FlushReason::NonLeafChanged);
+                    self.retire(l2, false, was, FlushReason::NonLeafChanged);
                 }
             }
             Some(_) => {

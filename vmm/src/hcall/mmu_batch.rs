@@ -244,6 +244,7 @@ fn op_kind_name(k: OpKind) -> &'static str {
         OpKind::QueryAd => "query_ad",
         OpKind::RelocateTable => "relocate_table",
         OpKind::ZeroFrame => "zero_frame",
+        OpKind::SetKernelRoot => "set_kernel_root",
     }
 }
 
