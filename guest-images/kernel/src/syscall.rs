@@ -118,7 +118,7 @@ fn call(t: &mut ProcTable, m: &mut Mmu, c: usize) -> Next {
         nr::EXIT => return Next::Exit((a0 & 0xff) << 8),
         nr::WRITE => write(sp, m, a0, a1),
         nr::GETPID => t.procs[c].pid,
-        nr::MMAP => mmap(sp, m, a0, a1, a2),
+        nr::MMAP => mmap(sp, m, a0, a1, a2, a3),
         nr::MUNMAP => munmap(sp, m, a0, a1),
         nr::MPROTECT => mprotect(sp, m, a0, a1, a2),
         nr::MREMAP => mremap(sp, m, a0, a1, a2),
@@ -214,12 +214,21 @@ fn write(sp: &mut Space, m: &mut Mmu, va: u64, len: u64) -> u64 {
     n as u64
 }
 
-fn mmap(sp: &mut Space, m: &mut Mmu, len: u64, prot: u64, flags: u64) -> u64 {
+/// `mmap(len, prot, flags, addr)`: flags 1 populate, 4 zero with the CPU, 8 fixed (at
+/// `addr`, which must be free).
+fn mmap(sp: &mut Space, m: &mut Mmu, len: u64, prot: u64, flags: u64, addr: u64) -> u64 {
     let prot = prot as u8;
-    if !pages_ok(0, len) || prot & !(PROT_R | PROT_W) != 0 {
+    if !pages_ok(0, len) || prot & !(PROT_R | PROT_W) != 0 || flags & !0xd != 0 {
         return EINVAL;
     }
-    let va = sp.alloc_va(len);
+    let va = if flags & 8 != 0 {
+        if !pages_ok(addr, len) || addr < vm::MMAP_BASE || (addr..addr + len).step_by(4096).any(|a| sp.find(a).is_some()) {
+            return EINVAL;
+        }
+        addr
+    } else {
+        sp.alloc_va(len)
+    };
     if !sp.add_vma(va, va + len, prot) {
         return ENOMEM;
     }
