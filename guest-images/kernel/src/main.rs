@@ -198,6 +198,9 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
     if opts.drop_update {
         m.drop_after = 1 + opts.drop_at;
     }
+    if opts.no_shootdown {
+        tlb::NO_SHOOTDOWN.store(true, core::sync::atomic::Ordering::Relaxed);
+    }
     if opts.debug_faults {
         mmu::DEBUG_FAULTS.store(true, core::sync::atomic::Ordering::Relaxed);
     }

@@ -17,7 +17,7 @@
 
 use crate::apic;
 use crate::arch::{self, cpu_id, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// The vector of every IPI this kernel sends (mailbox and wake-up).
 pub const IPI_VECTOR: u8 = 0xf0;
@@ -135,12 +135,15 @@ pub fn poll() {
     DONE[me].store(req, Ordering::Release);
 }
 
+/// `break=no_shootdown`: flush shootdowns are skipped (root drops still happen).
+pub static NO_SHOOTDOWN: AtomicBool = AtomicBool::new(false);
+
 /// Native shootdown: every other CPU that has `l4` loaded flushes its TLB (with `drop`:
 /// switches to the kernel root instead) before this returns. The caller holds the
 /// process-table lock. Returns the number of CPUs interrupted.
 pub fn shootdown(l4: u64, drop: bool) -> u64 {
     let targets = others_with(l4);
-    if targets == 0 {
+    if targets == 0 || (!drop && NO_SHOOTDOWN.load(Ordering::Relaxed)) {
         return 0;
     }
     let mut seq = [0u64; MAX_CPUS];
