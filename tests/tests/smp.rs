@@ -64,8 +64,8 @@ fn run_smp(
 }
 
 /// The number after `key=` in the guest's `# mmu=...` configuration line.
-fn config_value(tap: &Tap, key: &str) -> Option<u64> {
-    let line = tap.preamble.iter().find(|l| l.starts_with("mmu="))?;
+fn config_value(console: &str, key: &str) -> Option<u64> {
+    let line = console.lines().find(|l| l.starts_with("# mmu="))?;
     line.split(' ')
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
@@ -101,7 +101,7 @@ fn suite_on_1_2_4(mode: &str) {
         let console = String::from_utf8_lossy(&out.stdout);
         eprintln!("{mode} --vcpus {vcpus}: selftest=all {PAGES} in {secs:.1} s");
         assert_eq!(
-            config_value(&tap, "cpus"),
+            config_value(&console, "cpus"),
             Some(u64::from(vcpus)),
             "{console}"
         );
