@@ -7,6 +7,7 @@ use crate::mem;
 use crate::mmu::{self, Counters, Mode};
 use crate::sched;
 use crate::serial::Console;
+use crate::tlb;
 use core::fmt::Write;
 
 macro_rules! prog {
@@ -146,12 +147,21 @@ fn run_prog(elf: &[u8], pages: u64, seed: u64) -> Option<u64> {
     sched::runner_status()
 }
 
-fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
+/// The kernel's SMP counters around a test: (flush IPIs, wake-up IPIs).
+fn ipis() -> (u64, u64) {
+    use core::sync::atomic::Ordering::Relaxed;
+    (
+        tlb::STATS.flush_ipis.load(Relaxed),
+        tlb::STATS.wake_ipis.load(Relaxed),
+    )
+}
+
+fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64, ipi: (u64, u64)) {
     let hc = b.hypercalls - a.hypercalls;
     let en = b.entries - a.entries;
     let _ = writeln!(
         Console,
-        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={}",
+        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={} flush_ipis={} wake_ipis={}",
         b.pte_updates - a.pte_updates,
         hc,
         en,
@@ -163,7 +173,9 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
         b.faults - a.faults,
         b.fault_mapped - a.fault_mapped,
         b.switches - a.switches,
-        cycles
+        cycles,
+        ipi.0,
+        ipi.1
     );
 }
 
@@ -176,6 +188,7 @@ const SKIPPED: &str = "the mechanism is not available here (see the diagnostics)
 fn run_one(t: &Test, pages: u64, seed: u64) -> Result<(), &'static str> {
     let free0 = mem::free_count();
     let c0 = mmu::this_cpu().c;
+    let i0 = ipis();
     let t0 = arch::rdtsc();
     let result: Result<(), &'static str> = if t.name == "hostile" {
         hostile(pages, seed)
@@ -190,7 +203,8 @@ fn run_one(t: &Test, pages: u64, seed: u64) -> Result<(), &'static str> {
     };
     let t1 = arch::rdtsc();
     let c1 = mmu::this_cpu().c;
-    diag_counters(t.name, &c0, &c1, t1 - t0);
+    let i1 = ipis();
+    diag_counters(t.name, &c0, &c1, t1 - t0, (i1.0 - i0.0, i1.1 - i0.1));
     let free1 = mem::free_count();
     if result.is_ok() && free1 != free0 {
         let _ = writeln!(
