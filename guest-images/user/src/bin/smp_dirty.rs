@@ -16,7 +16,7 @@ static PASSES: AtomicU64 = AtomicU64::new(0);
 
 /// Pages the writer writes (the others must stay clean).
 fn written(i: u64) -> bool {
-    i % 3 != 0
+    !i.is_multiple_of(3)
 }
 
 fn writer(_: u64) -> i32 {
