@@ -276,13 +276,23 @@ macro_rules! diag {
     }};
 }
 
-/// Fails the test (returns the line number) if `cond` is false.
+/// Exit code of a program that cannot exercise its mechanism here: the runner reports
+/// `ok ... # SKIP`. Failure codes ([`fail_code`]) never take it.
+pub const EXIT_SKIP: i32 = 254;
+
+/// The exit code of a failed check at source line `line`: 1..=200 (the diagnostic line
+/// names the real line), never 0 or [`EXIT_SKIP`].
+pub const fn fail_code(line: u32) -> i32 {
+    (line % 200) as i32 + 1
+}
+
+/// Fails the test (returns [`fail_code`] of the line) if `cond` is false.
 #[macro_export]
 macro_rules! check {
     ($cond:expr, $($t:tt)*) => {
         if !$cond {
             $crate::diag!("FAIL line {}: {}", line!(), format_args!($($t)*));
-            return line!() as i32;
+            return $crate::fail_code(line!());
         }
     };
 }

@@ -154,6 +154,7 @@ pub struct Hot {
     changed: AtomicU64,
     done: AtomicU64,
     seen: AtomicU64,
+    expect: AtomicU64,
 }
 
 /// What the prober's access after the change gave.
@@ -168,6 +169,7 @@ pub static HOT: Hot = Hot {
     changed: AtomicU64::new(0),
     done: AtomicU64::new(0),
     seen: AtomicU64::new(0),
+    expect: AtomicU64::new(FAULTED),
 };
 
 fn access(a: u64, write: bool, v: u64) -> u64 {
@@ -181,6 +183,9 @@ fn access(a: u64, write: bool, v: u64) -> u64 {
         try_read(a).unwrap_or(FAULTED)
     }
 }
+
+/// Accesses the prober makes after a change (besides the first).
+const AFTER: u64 = 15;
 
 /// The prober thread's body: `rounds` rounds of the [`HOT`] protocol.
 pub fn prober(rounds: u64) -> i32 {
@@ -200,13 +205,37 @@ pub fn prober(rounds: u64) -> i32 {
                 relax(n);
             }
         }
-        HOT.seen.store(access(a, w, r), SeqCst);
+        // The change is done: every later access must see it. Look repeatedly (a stale
+        // translation lasts until this CPU's TLB drops it), keeping the first stale result.
+        let mut seen = access(a, w, r);
+        for _ in 0..AFTER {
+            let v = access(a, w, r);
+            if HOT.stale(v) && !HOT.stale(seen) {
+                seen = v;
+            }
+        }
+        HOT.seen.store(seen, SeqCst);
         HOT.done.store(r, SeqCst);
     }
     0
 }
 
 impl Hot {
+    /// True if `v` (an access after the change) shows the old mapping: an access that did
+    /// not fault, or a read that returned anything but the expected new value.
+    fn stale(&self, v: u64) -> bool {
+        match self.expect.load(SeqCst) {
+            FAULTED => v != FAULTED,
+            e => v != e,
+        }
+    }
+
+    /// Main thread: what the prober's accesses after the next change must see: [`FAULTED`]
+    /// (the default) or the new value.
+    pub fn expect(&self, v: u64) {
+        self.expect.store(v, SeqCst);
+    }
+
     /// Main thread, round `r`: lets the prober access `addr` (writing if `write`) and
     /// waits until its translation is hot on its CPU.
     pub fn start(&self, r: u64, addr: u64, write: bool) {
@@ -216,8 +245,8 @@ impl Hot {
         wait_until(|| self.hot.load(SeqCst) >= r);
     }
 
-    /// Main thread: the mapping changed (the syscall returned); what the prober's next
-    /// access saw ([`FAULTED`] or the value read / written).
+    /// Main thread: the mapping changed (the syscall returned); what the prober's accesses
+    /// after it saw: the first stale result if any (see [`Hot::expect`]), else the first.
     pub fn changed(&self, r: u64) -> u64 {
         self.changed.store(r, SeqCst);
         wait_until(|| self.done.load(SeqCst) >= r);

@@ -7,9 +7,6 @@
 use utest::smp;
 use utest::*;
 
-/// Exit code that the runner reports as a TAP SKIP.
-const SKIP: i32 = 77;
-
 fn toucher(x: u64) -> i32 {
     fill(x, 32, 0x77);
     0
@@ -21,7 +18,7 @@ pub fn test_main(a: Args) -> i32 {
     let n = smp::ncpus();
     if a.mode != 0 && n > 1 && stat(st::LAZY_TLB) == 0 {
         diag!("smp_exit_mmap: SKIP the VMM offers no SMP_TLB (UNPIN DETACH), so idle vCPUs never keep a user root");
-        return SKIP;
+        return EXIT_SKIP;
     }
     let ipi0 = stat(st::FLUSH_IPIS);
     let status = in_child(|| {

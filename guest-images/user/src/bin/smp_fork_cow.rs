@@ -34,8 +34,10 @@ fn child(x: u64) -> i32 {
     for (i, f) in first.iter_mut().enumerate() {
         *f = rd(x + i as u64 * 4096);
     }
-    for _ in 0..20 {
-        yield_now();
+    for k in 0..2000 {
+        if k % 100 == 0 {
+            yield_now();
+        }
         for (i, f) in first.iter().enumerate() {
             if rd(x + i as u64 * 4096) != *f {
                 diag!("child: page {} changed from {} to {}", i, f, rd(x + i as u64 * 4096));

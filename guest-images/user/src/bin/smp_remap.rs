@@ -22,6 +22,7 @@ pub fn test_main(_a: Args) -> i32 {
         let filler = mmap(4096, RW, MAP_POPULATE);
         check!(mmap_at(x, 4096, RW, MAP_POPULATE) == x, "mmap at the same address");
         wr(x, 0x0e30_0000 + r);
+        HOT.expect(0x0e30_0000 + r);
         let seen = HOT.changed(r);
         if seen != 0x0e30_0000 + r {
             diag!("round {}: the other CPU read {:#x}", r, seen);
