@@ -41,6 +41,12 @@ suite '# mmu=pv cpus=2\n1..2\nok 1 a\nok 2 smp_unmap # SKIP x\n' 0 'vmcall (forc
 suite '# mmu=pv cpus=2\n1..2\nok 1 a\nnot ok 2 smp_unmap\n' 1 'vmcall (forced)' | smp |
     judge smp:pv:vmcall FAIL "a failing smp_* test fails the SMP step"
 
+brk() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpbreak:native:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpbreak:native:vmcall/'; }
+suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_dirty # x\n' 1 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall PASS "smpbreak: a failing dirty-race test passes the step"
+suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nok 2 smp_dirty\n' 0 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall FAIL "smpbreak: a dirty-race test that passes without shootdowns fails the step"
+
 linux() { # $1: timer after, $2: uptime after, $3: echoed token, $4: rc
     printf 'BED-BEGIN linux\nLINUX-MARKER userspace reached: 6.1\nLINUX-TIMER before=10 after=%s\n' "$1"
     printf 'LINUX-SLEEP uptime_before=5.00 uptime_after=%s\nLINUX-ECHO %s\n' "$2" "$3"

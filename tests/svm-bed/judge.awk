@@ -5,14 +5,15 @@
 # Output: one tab-separated line per step, in the order asked:
 #   step  mode  transport  verdict  passed  failed  secs  via  exits  hypercalls  resyncs  why
 # verdict is PASS or FAIL. An SMP step must also show the guest running on every vCPU
-# (the guest's `# mmu=... cpus=N` line) and its smp_* tests run.
+# (the guest's `# mmu=... cpus=N` line) and its smp_* tests run. An smpbreak step (the
+# guest's shootdowns switched off) passes only if the dirty-race test failed.
 # Exit status: 0 if no step is FAIL.
 
 function reset_step() {
     tap = 0; plan = -1; npts = 0; nok = 0; nnot = 0; order_ok = 1; skips = 0
     via = "-"; exits = "-"; hcalls = 0; resyncs = 0; in_stats = 0; in_hc = 0
     lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""; lx_cpus = ""
-    kvm_line = ""; g_cpus = ""; smp_tests = 0
+    kvm_line = ""; g_cpus = ""; smp_tests = 0; failed_names = " "
 }
 
 function num(s) { return s + 0 }
@@ -28,6 +29,17 @@ function judge_suite(transport,    why) {
     if (!order_ok) why = why "TAP numbers out of order; "
     if ((transport == "vmcall" || transport == "auto") && via !~ /^vmcall/)
         why = why "stats header says hypercalls via '" via "', want vmcall; "
+    return why
+}
+
+# Verdict for an smpbreak step: a complete TAP run on 2+ CPUs in which smp_dirty failed
+# (a missing shootdown must lose dirty bits); the other failures are reported.
+function judge_break(    why) {
+    why = ""
+    if (!tap || plan < 0 || npts != plan) why = why "incomplete TAP output; "
+    if (num(g_cpus) < 2) why = why "the guest ran on " g_cpus " CPUs; "
+    if (failed_names !~ / smp_dirty /) why = why "smp_dirty passed without shootdowns; "
+    if (rc == 0) why = why "pvmm exit status 0 although tests must fail; "
     return why
 }
 
@@ -59,6 +71,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base) {
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
     if (kind == "suite" || kind == "smp") why = judge_suite(transport)
+    else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
@@ -113,7 +126,7 @@ tap && /^(not )?ok [0-9]+/ {
     if ((($1 == "not") ? $4 : $3) ~ /^smp_/ && $0 !~ /# SKIP/) smp_tests++
     if (num(n) != npts + 1) order_ok = 0
     npts++
-    if ($1 == "not") nnot++; else nok++
+    if ($1 == "not") { nnot++; failed_names = failed_names $4 " " } else nok++
     next
 }
 /^npt=/ { kvm_line = $0 }
