@@ -313,6 +313,7 @@ fn thread_exit(t: &mut ProcTable, m: &mut Mmu, i: usize, status: u64) {
     let leader = t.procs[i].mm;
     t.procs[i].status = status;
     t.procs[i].state = State::Zombie;
+    orphan(&mut t.procs, tid);
     if let Some(j) = (0..NPROC).find(|&j| t.procs[j].state == State::Join && t.procs[j].join == tid)
     {
         t.procs[j].frame.rax = status;
@@ -323,6 +324,19 @@ fn thread_exit(t: &mut ProcTable, m: &mut Mmu, i: usize, status: u64) {
     if t.procs[leader].state == State::Exiting && t.procs[leader].users == 0 {
         let s = t.procs[leader].status;
         finish_process(t, m, leader, s);
+    }
+}
+
+/// The child processes of `pid` (a process or a thread that forked) lose their parent:
+/// zombies are reaped, the others are re-parented to the runner.
+fn orphan(ps: &mut [Proc; NPROC], pid: u64) {
+    for q in ps.iter_mut() {
+        if q.state != State::Free && !q.thread && q.ppid == pid {
+            q.ppid = 0;
+            if q.state == State::Zombie {
+                q.state = State::Free;
+            }
+        }
     }
 }
 
@@ -351,15 +365,7 @@ fn finish_process(t: &mut ProcTable, m: &mut Mmu, i: usize, status: u64) {
     }
     ps[i].status = status;
     ps[i].state = State::Zombie;
-    // Orphans: reap zombies, others are re-parented to the runner.
-    for q in ps.iter_mut() {
-        if q.state != State::Free && !q.thread && q.ppid == pid {
-            q.ppid = 0;
-            if q.state == State::Zombie {
-                q.state = State::Free;
-            }
-        }
-    }
+    orphan(ps, pid);
     if ppid == 0 {
         ps[i].state = State::Free;
         t.runner_status = Some(status);
