@@ -2,7 +2,9 @@
 //! operation (a round of the workload: one unmap, mprotect, harvest, ... while a thread on
 //! another CPU holds the translation): the VMM's remote flushes (requested, sent) and kicks,
 //! the kernel's own shootdown IPIs (native), and guest µs. The VMM figures subtract a
-//! baseline boot with the same vCPU count (AP bring-up), like the UP rows.
+//! baseline boot with the same vCPU count (AP bring-up), like the UP rows; for
+//! `smp_flush_avoid` the baseline is the same workload with one page, so that its threads'
+//! start and end cancel out and only the never-touched pages remain.
 
 use crate::{stat, Stat};
 use pvmm_e2e::{guest, pvmm_bin, temp, Tap};
@@ -107,6 +109,16 @@ fn counter(tap: &Tap, name: &str, key: &str) -> f64 {
 /// One sample: (remote requested, sent, kicks) less the baseline, guest IPIs, cycles.
 type Raw = (Option<[f64; 3]>, f64, f64);
 
+/// The baseline run of workload `w`.
+fn baseline(w: &str, mmu: &str, vcpus: u32) -> Result<Value, String> {
+    let sel = if w == "smp_flush_avoid" {
+        "smp_flush_avoid pages=1"
+    } else {
+        "none"
+    };
+    run(&format!("console=ttyS0 selftest={sel} mmu={mmu}"), vcpus).map(|(v, _)| v)
+}
+
 fn sample(w: &str, mmu: &str, vcpus: u32, base: &Value) -> Result<Raw, String> {
     let (v, console) = run(&format!("console=ttyS0 selftest={w} mmu={mmu}"), vcpus)?;
     let tap = Tap::parse(&console)?;
@@ -132,16 +144,15 @@ pub fn measure(repeat: u32, hz: f64, tick: &dyn Fn(&str)) -> (Vec<SmpPoint>, Vec
     let (mut points, mut errors) = (Vec::new(), Vec::new());
     for vcpus in VCPUS {
         for mmu in MODES {
-            tick(&format!("smp {mmu} --vcpus {vcpus} baseline"));
-            let base = match run(&format!("console=ttyS0 selftest=none mmu={mmu}"), vcpus) {
-                Ok((v, _)) => v,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
             for (w, ops) in WORKLOADS {
-                tick(&format!("smp {mmu} --vcpus {vcpus} {w}"));
+                tick(&format!("smp {mmu} --vcpus {vcpus} {w} baseline"));
+                let base = match baseline(w, mmu, vcpus) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
                 let ss: Vec<Raw> = (0..repeat)
                     .filter_map(|_| {
                         sample(w, mmu, vcpus, &base)
@@ -175,7 +186,7 @@ pub fn measure(repeat: u32, hz: f64, tick: &dyn Fn(&str)) -> (Vec<SmpPoint>, Vec
 
 /// Runs per [`measure`] call (for the progress bar).
 pub fn runs(repeat: u32) -> u64 {
-    (VCPUS.len() * MODES.len() * (1 + WORKLOADS.len() * repeat as usize)) as u64
+    (VCPUS.len() * MODES.len() * WORKLOADS.len() * (1 + repeat as usize)) as u64
 }
 
 /// The report's SMP section.
