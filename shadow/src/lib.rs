@@ -38,10 +38,10 @@ mod pool;
 pub mod pte;
 pub mod rules;
 mod shadow;
+pub mod targets;
 pub mod trap;
 mod trap_state;
 mod wrpt;
-pub mod targets;
 
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
@@ -49,8 +49,8 @@ pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
-pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 pub use targets::VcpuSet;
+pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 
 #[cfg(test)]
 mod integrity_tests;
