@@ -184,7 +184,9 @@ fn suite_passes_in_emulate_and_wrpt() {
         assert!(n("refused_writes") >= 3, "{mode}: {t}");
         if mode == "emulate" {
             assert_eq!(n("unhooks"), 0, "{t}");
-            assert!(n("emulated_writes") >= n("trapped_writes") - n("passthrough_writes"));
+            // Every trapped store was emulated, refused or (a stale alias) written through.
+            let handled = n("emulated_writes") + n("refused_writes") + n("passthrough_writes");
+            assert!(handled >= n("trapped_writes"), "{t}");
         } else {
             // Every unhooked L1 is re-hooked but those still unhooked when the guest exits.
             let (u, r) = (n("unhooks"), n("rehooks"));

@@ -153,8 +153,22 @@ fn conclusion(o: &mut String, points: &[Point], software_kvm: bool) {
     if let Some((w, n)) = sparsest(points) {
         let sp = get(points, w, "wrpt").map_or(0.0, |p| p.spurious_per_op.median);
         let rv = get(points, w, "wrpt").map_or(0.0, |p| p.revalidated_per_rehook.median);
-        let _ = writeln!(o, "\nWhere few PTEs change per page between flushes ({w}: {n:.1}), writable page tables re-validate only {rv:.1} entries per re-hook and pay {sp:.2} spurious faults per page, as the 2006 thread predicted; where whole page-table pages are rewritten in one lazy section they batch as well as pv-lazy without a per-entry hypercall. Emulation makes about as many exits as a hypercall per update but each is cheaper for the guest (one store instead of building an entry).");
+        let _ = writeln!(o, "\nWhere fewest PTEs change per page-table page between flushes ({w}: {n:.1}), writable page tables re-validate {rv:.1} entries per re-hook and take {sp:.2} spurious faults per page.");
     }
+    let dense = |a: &str| geo_exits(points, a, "pv-lazy/1024").unwrap_or(0.0);
+    let per_store = geo_ratio(points, "emulate", "pv").unwrap_or(0.0);
+    let _ = writeln!(
+        o,
+        "Writable page tables make {:.2}x the exits of pv-lazy and emulation {:.2}x (geometric means); emulation's guest time is {:.2}x that of one hypercall per update ({}).",
+        dense("wrpt"),
+        dense("emulate"),
+        per_store,
+        if per_store < 1.0 {
+            "a trapped store costs the guest less than building and sending an entry"
+        } else {
+            "a trapped store costs the guest no less than a hypercall"
+        }
+    );
     if software_kvm {
         let _ = writeln!(o, "\nOn this host guest CPL 0 code is emulated (about 1 µs per instruction), so µs/op orders the strategies by the guest kernel instructions each update costs (queueing and sending entries, or one store) more than by exits; host resyncs (memslot re-registrations, counted in the last table) and the other helpers' load on the 2 CPUs make µs/op spread between repetitions, while exits/op and the PTE counts are exact.");
     }
