@@ -14,6 +14,12 @@ pub mod op {
     pub const NULL: u32 = 3;
     /// A multicall of MMU entries: `args[0]` = entries GPA, `args[1]` = entry count.
     pub const MMU_BATCH: u32 = 4;
+    /// Selects how the guest writes its page tables (`args[0]`: a [`super::pt_writes`]
+    /// value); only before the first page table is typed. Feature `PT_TRAP`.
+    pub const PT_WRITES: u32 = 5;
+    /// Reports a spurious page fault at VA `args[0]` (a fault its own tables allow): the VMM
+    /// re-hooks every unhooked L1 (`wrpt`). Feature `PT_TRAP`.
+    pub const PT_FAULT: u32 = 6;
 
     /// Name of an op for statistics; `"unknown"` for anything else.
     pub const fn name(op: u32) -> &'static str {
@@ -22,9 +28,21 @@ pub mod op {
             EXIT => "EXIT",
             NULL => "NULL",
             MMU_BATCH => "MMU_BATCH",
+            PT_WRITES => "PT_WRITES",
+            PT_FAULT => "PT_FAULT",
             _ => "unknown",
         }
     }
+}
+
+/// Page-table write modes (`PT_WRITES` `args[0]`).
+pub mod pt_writes {
+    /// Page tables change only through `MMU_BATCH` (the default).
+    pub const HYPERCALL: u64 = 0;
+    /// Plain stores; each one traps and is validated like a `PT_UPDATE`.
+    pub const EMULATE: u64 = 1;
+    /// Plain stores; an L1 is unhooked at its first store and re-validated later.
+    pub const WRPT: u64 = 2;
 }
 
 /// MMU batch entry kinds (the `kind` field of [`MmuEntry`]).

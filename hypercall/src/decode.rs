@@ -3,7 +3,9 @@
 //! Only structural rules live here (known op/kind, reserved fields zero, alignment, limits,
 //! canonical addresses). Whether a frame may be mapped is the shadow engine's business.
 
-use crate::abi::{self, kind, op, sync_flags, ENTRY_LEN, PAGE_SIZE, REQUEST_IN_LEN};
+use crate::abi::{
+    self, flush_target, kind, op, sync_flags, unpin_flags, ENTRY_LEN, PAGE_SIZE, REQUEST_IN_LEN,
+};
 use crate::HcError;
 
 /// A decoded hypercall request.
@@ -28,10 +30,49 @@ pub enum Request {
         /// Number of entries, 1..=[`abi::MAX_BATCH_ENTRIES`].
         count: u32,
     },
+    /// `PT_WRITES(mode)`.
+    PtWrites {
+        /// An [`abi::pt_writes`] value (0..=2).
+        mode: u64,
+    },
+    /// `PT_FAULT(va)`.
+    PtFault {
+        /// The faulting VA (canonical).
+        va: u64,
+    },
 }
 
 /// Paging level of a table, 1 (page table) to 4 (root).
 pub type Level = u8;
+
+/// Which vCPUs a guest-requested `FLUSH_TLB` / `INVLPG` is for ([`flush_target`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushTarget {
+    /// The calling vCPU.
+    Local,
+    /// Every vCPU that may hold translations through the caller's loaded root.
+    Root,
+    /// The vCPUs whose bits are set (bit n = vCPU n; bits past the VM's vCPUs are the
+    /// engine's `EINVAL`).
+    Mask(u64),
+    /// Every vCPU.
+    All,
+}
+
+impl FlushTarget {
+    /// Decodes the target bits of `flags` and the mask argument `a1` (which must be 0
+    /// unless the target is `MASK`).
+    fn decode(flags: u16, a1: u64) -> Result<FlushTarget, HcError> {
+        let t = match flags & flush_target::BITS {
+            flush_target::LOCAL => FlushTarget::Local,
+            flush_target::ROOT => FlushTarget::Root,
+            flush_target::MASK => return Ok(FlushTarget::Mask(a1)),
+            _ => FlushTarget::All,
+        };
+        zero(a1)?;
+        Ok(t)
+    }
+}
 
 /// A decoded MMU batch entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +97,9 @@ pub enum MmuOp {
     Unpin {
         /// Page-aligned guest-physical address.
         frame: u64,
+        /// [`unpin_flags::DETACH`]: switch vCPUs that still have the root loaded to their
+        /// kernel root first.
+        detach: bool,
     },
     /// Load the pinned L4 `frame`.
     NewBaseptr {
@@ -66,9 +110,21 @@ pub enum MmuOp {
     Invlpg {
         /// Canonical virtual address.
         va: u64,
+        /// On which vCPUs.
+        target: FlushTarget,
     },
-    /// Invalidate all non-global translations.
-    FlushTlb,
+    /// Invalidate all non-global (with `global`, all) translations.
+    FlushTlb {
+        /// On which vCPUs.
+        target: FlushTarget,
+        /// [`flush_target::GLOBAL`]: global translations too.
+        global: bool,
+    },
+    /// Register this vCPU's kernel-only root (`DETACH` switches to it).
+    SetKernelRoot {
+        /// Page-aligned guest-physical address of a pinned L4, or `None` to clear.
+        frame: Option<u64>,
+    },
     /// Propagate (and optionally clear) A/D bits of a range.
     SyncAd {
         /// Page-aligned canonical start.
@@ -209,6 +265,20 @@ pub fn decode_request(b: &[u8]) -> Result<Request, HcError> {
                 count: a[1] as u32,
             })
         }
+        op::PT_WRITES => {
+            zero(a[1] | a[2] | a[3])?;
+            if a[0] > abi::pt_writes::WRPT {
+                return Err(HcError::Einval);
+            }
+            Ok(Request::PtWrites { mode: a[0] })
+        }
+        op::PT_FAULT => {
+            zero(a[1] | a[2] | a[3])?;
+            if !is_canonical(a[0]) {
+                return Err(HcError::Einval);
+            }
+            Ok(Request::PtFault { va: a[0] })
+        }
         _ => Err(HcError::Enosys),
     }
 }
@@ -227,19 +297,30 @@ pub fn decode_entry(b: &[u8]) -> Result<MmuOp, HcError> {
     if reserved != 0 {
         return Err(HcError::Einval);
     }
-    if k != kind::SYNC_AD && flags != 0 {
+    if flags & !allowed_flags(k) != 0 {
         return Err(HcError::Einval);
     }
     match k {
         kind::INVLPG | kind::FLUSH_TLB | kind::SYNC_AD | kind::QUERY_AD => {
             decode_tlb_ad(k, flags, a0, a1, a2)
         }
-        _ => decode_table_op(k, a0, a1, a2),
+        _ => decode_table_op(k, flags, a0, a1, a2),
+    }
+}
+
+/// The `flags` bits kind `k` may carry (0 for unknown kinds).
+const fn allowed_flags(k: u16) -> u16 {
+    match k {
+        kind::SYNC_AD => sync_flags::ALL,
+        kind::INVLPG => flush_target::BITS,
+        kind::FLUSH_TLB => flush_target::BITS | flush_target::GLOBAL,
+        kind::UNPIN => unpin_flags::DETACH,
+        _ => 0,
     }
 }
 
 /// Entries that change tables or frames: updates, pins, root loads, relocation, zeroing.
-fn decode_table_op(k: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> {
+fn decode_table_op(k: u16, flags: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> {
     match k {
         kind::PT_UPDATE | kind::PT_UPDATE_PRESERVE_AD => {
             zero(a2)?;
@@ -263,6 +344,14 @@ fn decode_table_op(k: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> 
             zero(a1 | a2)?;
             Ok(MmuOp::Unpin {
                 frame: page_aligned(a0)?,
+                detach: flags & unpin_flags::DETACH != 0,
+            })
+        }
+        kind::SET_KERNEL_ROOT => {
+            zero(a1 | a2)?;
+            let f = page_aligned(a0)?;
+            Ok(MmuOp::SetKernelRoot {
+                frame: (f != 0).then_some(f),
             })
         }
         kind::NEW_BASEPTR => {
@@ -293,15 +382,19 @@ fn decode_table_op(k: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> 
 fn decode_tlb_ad(k: u16, flags: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuOp, HcError> {
     match k {
         kind::INVLPG => {
-            zero(a1 | a2)?;
+            zero(a2)?;
+            let target = FlushTarget::decode(flags, a1)?;
             if !is_canonical(a0) {
                 return Err(HcError::Einval);
             }
-            Ok(MmuOp::Invlpg { va: a0 })
+            Ok(MmuOp::Invlpg { va: a0, target })
         }
         kind::FLUSH_TLB => {
-            zero(a0 | a1 | a2)?;
-            Ok(MmuOp::FlushTlb)
+            zero(a0 | a2)?;
+            Ok(MmuOp::FlushTlb {
+                target: FlushTarget::decode(flags, a1)?,
+                global: flags & flush_target::GLOBAL != 0,
+            })
         }
         kind::SYNC_AD => {
             zero(a2)?;
@@ -426,12 +519,21 @@ mod tests {
             Err(HcError::Einval),
             "2: flags, unknown kind"
         );
-        assert_eq!(d(e(kind::UNPIN, 1, 0, 0)), Err(HcError::Einval), "2: flags");
+        assert_eq!(d(e(kind::UNPIN, 2, 0, 0)), Err(HcError::Einval), "2: flags");
         assert_eq!(
-            d(e(kind::UNPIN, 0, 0, 3)),
+            d(e(kind::PIN_L1, 1, 0, 0)),
             Err(HcError::Einval),
-            "3: arguments"
+            "2: flags of a kind without flags"
         );
+        assert_eq!(
+            d(e(kind::UNPIN, 1, 0, 3)),
+            Err(HcError::Einval),
+            "3: arguments (with an allowed flag)"
+        );
+        // A flush target's mask argument is checked with the other arguments, before
+        // the canonical VA.
+        let bad_mask = MmuEntry::invlpg_on(0x0000_8000_0000_0000, flush_target::ROOT, 1);
+        assert_eq!(d(bad_mask), Err(HcError::Einval), "3: arguments (mask)");
         assert_eq!(d(e(99, 0, 0, 3)), Err(HcError::Enosys), "4: kind");
         assert_eq!(d(e(0, 0, 0, 0)), Err(HcError::Enosys), "4: kind 0");
     }
@@ -506,7 +608,6 @@ mod tests {
                     frame: 0x5000,
                 },
             ),
-            (MmuEntry::unpin(0x5000), MmuOp::Unpin { frame: 0x5000 }),
             (
                 MmuEntry::new_baseptr(0x5000),
                 MmuOp::NewBaseptr { frame: 0x5000 },
@@ -515,9 +616,9 @@ mod tests {
                 MmuEntry::invlpg(0xffff_8000_0000_1234),
                 MmuOp::Invlpg {
                     va: 0xffff_8000_0000_1234,
+                    target: FlushTarget::Local,
                 },
             ),
-            (MmuEntry::flush_tlb(), MmuOp::FlushTlb),
             (
                 MmuEntry::sync_ad(0x40_0000, 16, sync_flags::CLEAR_D),
                 MmuOp::SyncAd {
@@ -587,7 +688,7 @@ mod tests {
             ),
             (
                 MmuEntry {
-                    flags: 1,
+                    flags: 1 << 3,
                     ..MmuEntry::flush_tlb()
                 },
                 HcError::Einval,
@@ -619,6 +720,115 @@ mod tests {
     }
 
     #[test]
+    fn decodes_smp_tlb_entries() {
+        let cases = [
+            (
+                MmuEntry::unpin(0x5000),
+                MmuOp::Unpin {
+                    frame: 0x5000,
+                    detach: false,
+                },
+            ),
+            (
+                MmuEntry::flush_tlb(),
+                MmuOp::FlushTlb {
+                    target: FlushTarget::Local,
+                    global: false,
+                },
+            ),
+            (
+                MmuEntry::unpin_with(0x5000, unpin_flags::DETACH),
+                MmuOp::Unpin {
+                    frame: 0x5000,
+                    detach: true,
+                },
+            ),
+            (
+                MmuEntry::set_kernel_root(0x6000),
+                MmuOp::SetKernelRoot {
+                    frame: Some(0x6000),
+                },
+            ),
+            (
+                MmuEntry::set_kernel_root(0),
+                MmuOp::SetKernelRoot { frame: None },
+            ),
+            (
+                MmuEntry::flush_tlb_on(flush_target::MASK | flush_target::GLOBAL, 0b101),
+                MmuOp::FlushTlb {
+                    target: FlushTarget::Mask(0b101),
+                    global: true,
+                },
+            ),
+            (
+                MmuEntry::flush_tlb_on(flush_target::ROOT, 0),
+                MmuOp::FlushTlb {
+                    target: FlushTarget::Root,
+                    global: false,
+                },
+            ),
+            (
+                MmuEntry::invlpg_on(0x1000, flush_target::ALL, 0),
+                MmuOp::Invlpg {
+                    va: 0x1000,
+                    target: FlushTarget::All,
+                },
+            ),
+            (
+                MmuEntry::invlpg_on(0x1000, flush_target::MASK, 2),
+                MmuOp::Invlpg {
+                    va: 0x1000,
+                    target: FlushTarget::Mask(2),
+                },
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(decode_entry(&e.to_bytes()), Ok(want), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_smp_tlb_entries() {
+        let bad = [
+            (
+                MmuEntry::flush_tlb_on(flush_target::ROOT, 1),
+                HcError::Einval,
+            ),
+            (
+                MmuEntry::flush_tlb_on(flush_target::ALL, 1),
+                HcError::Einval,
+            ),
+            (
+                MmuEntry::invlpg_on(0x1000, flush_target::GLOBAL, 0),
+                HcError::Einval,
+            ),
+            (
+                MmuEntry::invlpg_on(0x1000, flush_target::LOCAL, 1),
+                HcError::Einval,
+            ),
+            (MmuEntry::unpin_with(0x5000, 2), HcError::Einval),
+            (MmuEntry::set_kernel_root(0x6001), HcError::Einval),
+            (
+                MmuEntry {
+                    flags: 1,
+                    ..MmuEntry::set_kernel_root(0x6000)
+                },
+                HcError::Einval,
+            ),
+            (
+                MmuEntry {
+                    a1: 1,
+                    ..MmuEntry::set_kernel_root(0x6000)
+                },
+                HcError::Einval,
+            ),
+        ];
+        for (e, want) in bad {
+            assert_eq!(decode_entry(&e.to_bytes()), Err(want), "{e:?}");
+        }
+    }
+
+    #[test]
     fn truncated_batch_is_einval() {
         let mut buf = [0u8; 64];
         buf[..32].copy_from_slice(&MmuEntry::flush_tlb().to_bytes());
@@ -627,11 +837,43 @@ mod tests {
             let mut it = batch_entries(&buf[..48], 3);
             [it.next(), it.next(), it.next()]
         };
-        assert_eq!(got[0], Some(Ok(MmuOp::FlushTlb)));
+        assert_eq!(
+            got[0],
+            Some(Ok(MmuOp::FlushTlb {
+                target: FlushTarget::Local,
+                global: false
+            }))
+        );
         assert_eq!(got[1], Some(Err(HcError::Einval)));
         assert_eq!(got[2], Some(Err(HcError::Einval)));
         assert_eq!(batch_bytes(0), Err(HcError::Einval));
         assert_eq!(batch_bytes(abi::MAX_BATCH_ENTRIES + 1), Err(HcError::E2big));
         assert_eq!(batch_bytes(2), Ok(64));
+    }
+}
+
+#[cfg(test)]
+mod pt_trap_tests {
+    use super::*;
+    use crate::RequestHeader;
+
+    fn req(op: u32, args: [u64; 4]) -> Result<Request, HcError> {
+        decode_request(&RequestHeader::new(op, args).to_bytes())
+    }
+
+    #[test]
+    fn pt_writes_and_pt_fault_decode_with_their_rules() {
+        assert_eq!(
+            req(op::PT_WRITES, [2, 0, 0, 0]),
+            Ok(Request::PtWrites { mode: 2 })
+        );
+        assert_eq!(req(op::PT_WRITES, [3, 0, 0, 0]), Err(HcError::Einval));
+        assert_eq!(req(op::PT_WRITES, [1, 1, 0, 0]), Err(HcError::Einval));
+        assert_eq!(
+            req(op::PT_FAULT, [0x40_1234, 0, 0, 0]),
+            Ok(Request::PtFault { va: 0x40_1234 })
+        );
+        assert_eq!(req(op::PT_FAULT, [1 << 47, 0, 0, 0]), Err(HcError::Einval));
+        assert_eq!(op::name(op::PT_FAULT), "PT_FAULT");
     }
 }

@@ -29,6 +29,9 @@ pub mod features {
     /// [`crate::abi::unpin_flags::DETACH`]. Every flush the VMM itself needs is delivered to
     /// every vCPU that needs it before the hypercall returns, with or without this bit.
     pub const SMP_TLB: u32 = 1 << 4;
+    /// The VMM can trap the guest's stores to its page tables: ops `PT_WRITES` and
+    /// `PT_FAULT` exist (write modes `emulate` and `wrpt`).
+    pub const PT_TRAP: u32 = 1 << 5;
 }
 
 /// How the guest reaches the VMM. Reported in CPUID `0x4000_0001`.ECX.

@@ -92,8 +92,15 @@ fn benches(c: &mut Criterion) {
                 )
                 .unwrap();
                 t += s.elapsed();
-                mmu.apply(&mem, 0, &MmuOp::Unpin { frame: SPARE_L1 })
-                    .unwrap();
+                mmu.apply(
+                    &mem,
+                    0,
+                    &MmuOp::Unpin {
+                        frame: SPARE_L1,
+                        detach: false,
+                    },
+                )
+                .unwrap();
                 mmu.end_batch(0);
             }
             t

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
 use crate::mem::{table, Table};
-use crate::pte::{self, A, AD, ADDR, D};
+use crate::pte::{self, A, AD, ADDR, D, G};
 use crate::rules::{self, Rule};
 
 /// One guest leaf found in a range.
@@ -179,7 +179,7 @@ impl ShadowMmu {
                 gt.set(l.idx, new);
             }
             if s & clear != 0 {
-                self.need_flush(FlushReason::AdCleared);
+                self.need_flush(l.table, g & G != 0, FlushReason::AdCleared);
             }
         }
         Ok(())

@@ -26,11 +26,13 @@ pub enum OpKind {
     RelocateTable,
     /// `ZERO_FRAME`.
     ZeroFrame,
+    /// `SET_KERNEL_ROOT`.
+    SetKernelRoot,
 }
 
 impl OpKind {
     /// Every kind, in counter order.
-    pub const ALL: [OpKind; 10] = [
+    pub const ALL: [OpKind; 11] = [
         OpKind::PtUpdate,
         OpKind::Pin,
         OpKind::Unpin,
@@ -41,6 +43,7 @@ impl OpKind {
         OpKind::QueryAd,
         OpKind::RelocateTable,
         OpKind::ZeroFrame,
+        OpKind::SetKernelRoot,
     ];
 
     /// The kind of a decoded op.
@@ -52,11 +55,12 @@ impl OpKind {
             O::Unpin { .. } => OpKind::Unpin,
             O::NewBaseptr { .. } => OpKind::NewBaseptr,
             O::Invlpg { .. } => OpKind::Invlpg,
-            O::FlushTlb => OpKind::FlushTlb,
+            O::FlushTlb { .. } => OpKind::FlushTlb,
             O::SyncAd { .. } => OpKind::SyncAd,
             O::QueryAd { .. } => OpKind::QueryAd,
             O::RelocateTable { .. } => OpKind::RelocateTable,
             O::ZeroFrame { .. } => OpKind::ZeroFrame,
+            O::SetKernelRoot { .. } => OpKind::SetKernelRoot,
         }
     }
 
@@ -73,6 +77,7 @@ impl OpKind {
             OpKind::QueryAd => "QUERY_AD",
             OpKind::RelocateTable => "RELOCATE_TABLE",
             OpKind::ZeroFrame => "ZERO_FRAME",
+            OpKind::SetKernelRoot => "SET_KERNEL_ROOT",
         }
     }
 }
@@ -92,7 +97,7 @@ pub struct Counters {
     /// Frames zeroed by `ZERO_FRAME`.
     pub zeroed_frames: u64,
     /// Ops applied, successful or not, by [`OpKind`].
-    pub ops: [u64; 10],
+    pub ops: [u64; 11],
     /// Refusals by [`Rule`].
     pub rejects: Vec<u64>,
     /// Shadows of guest tables currently live (one per shadowed typed table; the split
@@ -130,6 +135,12 @@ pub struct Counters {
     pub reclaims: u64,
     /// Shadow tables dropped by reclaim.
     pub reclaimed_tables: u64,
+    /// Successful `SET_KERNEL_ROOT`s.
+    pub kernel_roots_set: u64,
+    /// Successful `UNPIN`s with `DETACH` (one per torn-down address space).
+    pub detach_unpins: u64,
+    /// vCPUs a `DETACH` switched from the dying root to their kernel root.
+    pub detached_vcpus: u64,
 }
 
 impl Counters {

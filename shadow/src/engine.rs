@@ -1,6 +1,6 @@
 //! The engine: the [`ShadowMmu`] state and the op dispatcher; one method per op.
 
-use hypercall::{HcError, MmuOp};
+use hypercall::{FlushTarget, HcError, MmuOp};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::counters::{Counters, OpKind};
@@ -9,8 +9,10 @@ use crate::frames::{FrameInfo, Frames};
 use crate::layout::{Layout, ShadowError};
 use crate::mem::table;
 use crate::pool::{Owner, Pool};
-use crate::pte::{self, Kind, A, AD, ADDR, D, RW};
+use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
 use crate::rules::{self, Rule};
+use crate::targets::VcpuSet;
+use crate::trap_state::TrapState;
 
 /// Internal result: refusals carry their rule.
 pub(crate) type R<T> = Result<T, Rule>;
@@ -24,13 +26,22 @@ pub struct LoadedRoot {
     pub shadow_root: u64,
 }
 
-/// What the VMM must do at the end of a batch.
+/// What the VMM must do at the end of a batch (or, from [`ShadowMmu::take_delivery`], on
+/// a remote vCPU before it runs guest code again).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Flush this vCPU's TLB (non-global and global) for this reason.
     pub flush: Option<FlushReason>,
-    /// Load CR3 with this shadow root GPA (a `NEW_BASEPTR` happened in the batch).
+    /// Load CR3 with this shadow root GPA (a `NEW_BASEPTR` happened in the batch, or a
+    /// `DETACH` switched the vCPU to its kernel root).
     pub new_cr3: Option<u64>,
+    /// `end_batch` only: the other vCPUs this batch needs a flush or a root switch on.
+    /// Each must take its delivery ([`ShadowMmu::take_delivery`]) and apply it before the
+    /// hypercall returns to the caller.
+    pub remote: VcpuSet,
+    /// `end_batch` only: other vCPUs a flush-needing change of this batch did *not* target
+    /// (a "flush every vCPU" policy would have interrupted them).
+    pub remote_avoided: u32,
 }
 
 /// The shadow page-table engine of one VM.
@@ -40,17 +51,28 @@ pub struct ShadowMmu {
     pub(crate) pool: Pool,
     /// Loaded guest L4 frame number per vCPU.
     pub(crate) roots: Vec<Option<u64>>,
+    /// Per vCPU: the L4 frames it may hold translations for since its last full flush (the
+    /// loaded one included); see `targets`.
+    pub(crate) held: Vec<Vec<u64>>,
+    /// Per vCPU: its registered kernel-only root (`SET_KERNEL_ROOT`).
+    pub(crate) kernel_root: Vec<Option<u64>>,
+    /// vCPUs a flush was requested for in the current batch (merged ones included).
+    batch_targets: VcpuSet,
+    /// Whether a change of the current batch needed a flush somewhere.
+    batch_flushed: bool,
     pub(crate) pending: Pending,
     new_cr3: Vec<Option<u64>>,
     /// Sequence number of the op being applied (shadows touched by it are not reclaimed).
     pub(crate) epoch: u64,
     pub(crate) counters: Counters,
+    /// Trapped page-table writes (`trap`, `wrpt`).
+    pub(crate) trap: TrapState,
 }
 
 impl ShadowMmu {
     /// An engine for `layout` and `vcpus` vCPUs (indexed `0..vcpus`).
     pub fn new(layout: Layout, vcpus: usize) -> Result<ShadowMmu, ShadowError> {
-        if vcpus == 0 {
+        if vcpus == 0 || vcpus > VcpuSet::MAX {
             return Err(ShadowError::NoVcpu);
         }
         let layout = layout.validated()?;
@@ -62,9 +84,14 @@ impl ShadowMmu {
             pool,
             layout,
             roots: vec![None; vcpus],
+            held: vec![Vec::new(); vcpus],
+            kernel_root: vec![None; vcpus],
+            batch_targets: VcpuSet::EMPTY,
+            batch_flushed: false,
             pending: Pending::new(vcpus),
             new_cr3: vec![None; vcpus],
             epoch: 0,
+            trap: TrapState::default(),
         })
     }
 
@@ -110,13 +137,23 @@ impl ShadowMmu {
                 self.pin(mem, level, frame >> 12)?;
                 self.counters.pins += 1;
             }
-            MmuOp::Unpin { frame } => {
+            MmuOp::Unpin { frame, detach } => {
+                if detach {
+                    self.detach(mem, frame >> 12)?;
+                }
                 self.unpin(mem, frame >> 12)?;
                 self.counters.unpins += 1;
             }
             MmuOp::NewBaseptr { frame } => self.new_baseptr(mem, vcpu, frame >> 12)?,
-            MmuOp::Invlpg { .. } => self.guest_flush(vcpu, FlushReason::GuestInvlpg),
-            MmuOp::FlushTlb => self.guest_flush(vcpu, FlushReason::GuestFlushTlb),
+            MmuOp::SetKernelRoot { frame } => {
+                self.set_kernel_root(mem, vcpu, frame.map(|f| f >> 12))?;
+            }
+            MmuOp::Invlpg { target, .. } => {
+                self.guest_flush(vcpu, target, FlushReason::GuestInvlpg)?;
+            }
+            MmuOp::FlushTlb { target, .. } => {
+                self.guest_flush(vcpu, target, FlushReason::GuestFlushTlb)?;
+            }
             MmuOp::SyncAd {
                 va,
                 pages,
@@ -146,23 +183,52 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// Ends a batch of `vcpu`: the flush it must perform and the CR3 it must load.
+    /// Ends a batch of `vcpu`: the flush it must perform, the CR3 it must load, and the
+    /// other vCPUs ([`BatchOutcome::remote`]) that must take and apply their delivery
+    /// ([`ShadowMmu::take_delivery`]) before the hypercall returns.
     pub fn end_batch(&mut self, vcpu: usize) -> BatchOutcome {
+        let switched = self
+            .new_cr3
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_some())
+            .fold(VcpuSet::EMPTY, |s, (v, _)| s | VcpuSet::one(v));
+        let remote = (self.batch_targets | switched).without(vcpu);
+        let others = self.roots.len().saturating_sub(1) as u32;
+        let remote_avoided = if self.batch_flushed {
+            others.saturating_sub(self.batch_targets.without(vcpu).len())
+        } else {
+            0
+        };
+        self.batch_targets = VcpuSet::EMPTY;
+        self.batch_flushed = false;
         BatchOutcome {
-            flush: self.take_flush(vcpu),
-            new_cr3: self.new_cr3.get_mut(vcpu).and_then(Option::take),
+            remote,
+            remote_avoided,
+            ..self.take_delivery(vcpu)
         }
     }
 
-    /// Takes the flush pending for `vcpu` (counted as performed). Shared-shadow changes
-    /// mark every vCPU: after a batch of vCPU `v`, the VMM must call this for every other
-    /// vCPU `w` ([`ShadowMmu::vcpus_needing_flush`] names them) and flush `w`'s TLB
-    /// (global translations included) before `w` runs guest code again, not only when `w`
-    /// ends its own next batch.
+    /// What `vcpu` must do before it runs guest code again: its pending flush (counted as
+    /// performed) and the CR3 load a `NEW_BASEPTR` or a `DETACH` switch left for it. The
+    /// VMM calls it for the caller at the end of a batch (through `end_batch`) and, on its
+    /// own thread, for every vCPU a batch names in [`BatchOutcome::remote`].
+    pub fn take_delivery(&mut self, vcpu: usize) -> BatchOutcome {
+        BatchOutcome {
+            flush: self.take_flush(vcpu),
+            new_cr3: self.new_cr3.get_mut(vcpu).and_then(Option::take),
+            ..BatchOutcome::default()
+        }
+    }
+
+    /// Takes the flush pending for `vcpu` (counted as performed): the VMM must flush
+    /// `vcpu`'s TLB (global translations included) before it runs guest code again. After
+    /// a batch of vCPU `v`, [`BatchOutcome::remote`] names the other vCPUs that must.
     pub fn take_flush(&mut self, vcpu: usize) -> Option<FlushReason> {
         let f = self.pending.take(vcpu);
         if let Some(r) = f {
             Counters::bump(&mut self.counters.flushes, FlushReason::ALL, r);
+            self.flushed_fully(vcpu);
         }
         f
     }
@@ -241,11 +307,24 @@ impl ShadowMmu {
 
     // ----- flush bookkeeping -----
 
-    /// A shared-shadow change that the CPU may have cached: every vCPU must flush.
-    pub(crate) fn need_flush(&mut self, r: FlushReason) {
-        if !self.pending.mark_all(r) {
+    /// A shared-shadow change that the CPU may have cached: the vCPUs of `set` must flush.
+    pub(crate) fn need_flush_on(&mut self, set: VcpuSet, r: FlushReason) {
+        self.batch_flushed = true;
+        if set.is_empty() {
+            self.avoid(AvoidReason::NotHeld);
+            return;
+        }
+        self.batch_targets |= set;
+        if !self.pending.mark_set(set, r) {
             self.avoid(AvoidReason::Merged);
         }
+    }
+
+    /// A used entry of guest table `table` changed (`global`: it may have produced a
+    /// global translation): the vCPUs that may hold a translation through it must flush.
+    pub(crate) fn need_flush(&mut self, table: u64, global: bool, r: FlushReason) {
+        let set = self.targets_of_table(table, global);
+        self.need_flush_on(set, r);
     }
 
     /// Counts A/D bits `newly` written from a shadow into a guest PTE.
@@ -259,19 +338,45 @@ impl ShadowMmu {
         Counters::bump(&mut self.counters.flushes_avoided, AvoidReason::ALL, r);
     }
 
-    fn guest_flush(&mut self, vcpu: usize, r: FlushReason) {
-        if !self.pending.mark(vcpu, r) {
+    /// A guest `INVLPG` / `FLUSH_TLB` for `target`.
+    fn guest_flush(&mut self, vcpu: usize, target: FlushTarget, r: FlushReason) -> R<()> {
+        let all = self.all_vcpus();
+        let set = match target {
+            FlushTarget::Local => VcpuSet::one(vcpu),
+            FlushTarget::Root => self.vcpus_holding_root_of(vcpu),
+            FlushTarget::Mask(m) => {
+                rules::flush_mask_valid(m, all.0)?;
+                VcpuSet(m)
+            }
+            FlushTarget::All => all,
+        };
+        if set.is_empty() {
+            return Ok(());
+        }
+        self.batch_targets |= set;
+        if !self.pending.mark_set(set, r) {
             self.avoid(AvoidReason::Merged);
         }
+        Ok(())
     }
 
-    /// A removed or changed shadow entry `old`: flush if the CPU used it.
-    pub(crate) fn retire(&mut self, old: u64, r: FlushReason) {
+    /// A removed or changed shadow entry `old` of guest table `table` (a leaf if `leaf`):
+    /// flush the vCPUs that may hold it if the CPU used it.
+    pub(crate) fn retire(&mut self, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
-            self.need_flush(r);
+            self.need_flush(table, !leaf || old & G != 0, r);
         } else {
             self.avoid(AvoidReason::NeverAccessed);
         }
+    }
+
+    /// The guest table a shadow slot (pool index * 512 + entry) shadows: the owner table,
+    /// or the L2 of a split.
+    pub(crate) fn table_of_slot(&self, slot: u32) -> Option<u64> {
+        self.pool.meta(slot / 512).map(|m| match m.owner {
+            Owner::Table { pfn, .. } => pfn,
+            Owner::Split { l2, .. } => l2,
+        })
     }
 
     // ----- entry checks and frame typing -----
@@ -317,7 +422,9 @@ impl ShadowMmu {
     /// and no reference remain.
     pub(crate) fn put_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, backref: u64) {
         if self.frames.remove_parent(pfn, backref) {
-            self.untype(mem, pfn);
+            // The vCPUs that reached the table through that entry until now.
+            let reached = self.targets_of_table(backref >> 12, true);
+            self.untype_with(mem, pfn, reached);
         }
     }
 
@@ -364,18 +471,30 @@ impl ShadowMmu {
     /// Removes the type of `pfn`: harvests and drops its shadow, releases its references
     /// to lower tables (recursively) and makes it writable again where the guest says RW.
     pub(crate) fn untype<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+        self.untype_with(mem, pfn, VcpuSet::EMPTY);
+    }
+
+    /// [`Self::untype`], where the vCPUs of `reached` may have reached `pfn` through an
+    /// entry that was just removed: a used shadow dropped here flushes them too.
+    fn untype_with<M: GuestMemory>(&mut self, mem: &M, pfn: u64, reached: VcpuSet) {
         let Some(level) = self.frames.level(pfn) else {
             return;
         };
+        let reached = reached | self.targets_of_table(pfn, true);
         if self.drop_shadow(mem, pfn) {
-            self.need_flush(FlushReason::ShadowDropped);
+            self.need_flush_on(reached, FlushReason::ShadowDropped);
+        } else if level == 4 {
+            self.forget_root(pfn);
         }
         let children = table(mem, pfn).map(|t| t.snapshot());
+        self.forget_unhooked(pfn);
         self.frames.clear_type(pfn);
         if let (true, Ok(g)) = (level > 1, children) {
             for (i, &e) in g.iter().enumerate() {
                 if let Ok(Kind::Table { pfn: c }) = rules::entry_flags_allowed(level, e) {
-                    self.put_type(mem, c, (pfn << 12) + 8 * i as u64);
+                    if self.frames.remove_parent(c, (pfn << 12) + 8 * i as u64) {
+                        self.untype_with(mem, c, reached);
+                    }
                 }
             }
         }
@@ -389,9 +508,23 @@ impl ShadowMmu {
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
             if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
-                let old = st.clear_bits(slot as usize % 512, RW);
+                let i = slot as usize % 512;
+                let old = if self.traps() {
+                    // Trapped stores: the leaf moves to the frame's alias (stores exit).
+                    let s = st.get(i);
+                    let p = self.protect_leaf(s);
+                    if p == s {
+                        continue;
+                    }
+                    let was = st.swap(i, p);
+                    st.set_bits(i, was & AD);
+                    was
+                } else {
+                    st.clear_bits(i, RW)
+                };
                 if old & RW != 0 {
-                    self.retire(old, FlushReason::TypeDowngrade);
+                    let t = self.table_of_slot(slot).unwrap_or(pfn);
+                    self.retire(t, true, old, FlushReason::TypeDowngrade);
                 }
             }
         }
@@ -403,9 +536,22 @@ impl ShadowMmu {
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
             if let Ok(st) = table(mem, self.pool.pfn(slot / 512)) {
-                let old = st.set_bits(slot as usize % 512, RW);
+                let i = slot as usize % 512;
+                let s = st.get(i);
+                if let Some(ram) = self.unalias_pfn(pte::pfn_of(s)) {
+                    // Back from the alias to the frame itself.
+                    let was = st.swap(i, Self::unprotect_leaf(s, ram, true));
+                    st.set_bits(i, was & AD);
+                    if pte::present(was) {
+                        let t = self.table_of_slot(slot).unwrap_or(pfn);
+                        self.retire(t, true, was, FlushReason::RightsRestored);
+                    }
+                    continue;
+                }
+                let old = st.set_bits(i, RW);
                 if old & RW == 0 && pte::present(old) {
-                    self.retire(old, FlushReason::RightsRestored);
+                    let t = self.table_of_slot(slot).unwrap_or(pfn);
+                    self.retire(t, true, old, FlushReason::RightsRestored);
                 }
             }
         }
@@ -481,7 +627,7 @@ impl ShadowMmu {
                         FlushReason::LeafRemoved
                     };
                     if pte::present(was) {
-                        self.retire(was, r);
+                        self.retire(tpfn, true, was, r);
                     }
                 }
                 Kind::Leaf2m { .. } => {
@@ -490,13 +636,13 @@ impl ShadowMmu {
                         if let Some(split) = self.pool.index_of(was & ADDR) {
                             harvested = self.free_split(mem, split);
                         }
-                        self.retire(was, FlushReason::LeafRemoved);
+                        self.retire(tpfn, false, was, FlushReason::LeafRemoved);
                     }
                 }
                 Kind::Table { .. } | Kind::NotPresent => {
                     let was = st.swap(i, new_s);
                     if pte::present(was) {
-                        self.retire(was, FlushReason::NonLeafChanged);
+                        self.retire(tpfn, false, was, FlushReason::NonLeafChanged);
                     }
                 }
             }
@@ -556,6 +702,7 @@ impl ShadowMmu {
             .map_or((false, 0), |i| (i.pinned, i.parents.len()));
         let loaded = self.roots.contains(&Some(pfn));
         rules::unpin_allowed(pinned, loaded, refs)?;
+        rules::not_a_kernel_root(self.kernel_root.contains(&Some(pfn)))?;
         if let Some(i) = self.frames.info_mut(pfn) {
             i.pinned = false;
         }
@@ -572,6 +719,53 @@ impl ShadowMmu {
             *r = Some(pfn);
             *c = Some(self.pool.pfn(s) << 12);
         }
+        self.hold(vcpu, pfn);
+        Ok(())
+    }
+
+    /// `SET_KERNEL_ROOT(pfn)`: register a pinned L4 (with a shadow) as `vcpu`'s kernel root;
+    /// `None` clears the registration.
+    fn set_kernel_root<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, pfn: Option<u64>) -> R<()> {
+        if let Some(pfn) = pfn {
+            let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
+            rules::baseptr_allowed(self.frames.level(pfn), pinned)?;
+            self.ensure_shadow(mem, pfn)?;
+        }
+        if let Some(k) = self.kernel_root.get_mut(vcpu) {
+            *k = pfn;
+        }
+        self.counters.kernel_roots_set += 1;
+        Ok(())
+    }
+
+    /// `UNPIN` with `DETACH`, before the unpin itself: every vCPU that has `pfn` loaded is
+    /// switched to its kernel root (all or none: each must have one, with a shadow).
+    fn detach<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+        let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
+        let refs = self.frames.info(pfn).map_or(0, |i| i.parents.len());
+        rules::unpin_allowed(pinned, false, refs)?;
+        rules::not_a_kernel_root(self.kernel_root.contains(&Some(pfn)))?;
+        let mut plan = Vec::new();
+        for (v, r) in self.roots.iter().enumerate() {
+            if *r == Some(pfn) {
+                let k = self.kernel_root.get(v).copied().flatten();
+                plan.push((v, rules::kernel_root_usable(k, pfn)?));
+            }
+        }
+        let mut shadows = Vec::with_capacity(plan.len());
+        for &(_, k) in &plan {
+            shadows.push(self.ensure_shadow(mem, k)?);
+        }
+        for (&(v, k), s) in plan.iter().zip(shadows) {
+            let cr3 = self.pool.pfn(s) << 12;
+            if let (Some(r), Some(c)) = (self.roots.get_mut(v), self.new_cr3.get_mut(v)) {
+                *r = Some(k);
+                *c = Some(cr3);
+            }
+            self.hold(v, k);
+            self.counters.detached_vcpus += 1;
+        }
+        self.counters.detach_unpins += 1;
         Ok(())
     }
 
@@ -621,7 +815,6 @@ impl ShadowMmu {
         };
         let parents = info.parents.clone();
         self.frames.set_type(new, info);
-        self.downgrade_writers(mem, new);
         for (i, &e) in content.iter().enumerate() {
             nt.set(i, e);
             if let (true, Ok(Kind::Table { pfn: c })) =
@@ -638,11 +831,19 @@ impl ShadowMmu {
                 pt.set(idx, (e & !ADDR) | (new << 12));
             }
         }
-        for r in self.roots.iter_mut() {
+        for r in self.roots.iter_mut().chain(self.kernel_root.iter_mut()) {
             if *r == Some(old) {
                 *r = Some(new);
             }
         }
+        for r in self.held.iter_mut().flatten() {
+            if *r == old {
+                *r = new;
+            }
+        }
+        // Once the references point at `new`: the flush targets of the writers' tables are
+        // found through them.
+        self.downgrade_writers(mem, new);
         self.restore_writers(mem, old);
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! TLB coherence: why a flush is needed, why one was avoided, and the per-vCPU pending flag.
 //!
 //! Changes to shared shadows (leaf removal/downgrade, non-leaf change, A/D clearing,
-//! reclaim, dropped shadows, type changes) mark **every** vCPU, because all of them may
-//! cache translations through the shared shadows. Guest `INVLPG` / `FLUSH_TLB` mark only the
-//! calling vCPU. A vCPU collects at most one pending flush (the first reason); a flush
-//! request that finds a flush already pending on every vCPU it targets is counted as
-//! avoided `merged`.
+//! reclaim, dropped shadows, type changes) mark the vCPUs that may cache translations
+//! through the changed entry (`targets`: the root reaching it is loaded there, or held
+//! there for global translations); reclaim marks every vCPU. Guest `INVLPG` / `FLUSH_TLB`
+//! mark the vCPUs of their target. A vCPU collects at most one pending flush (the first
+//! reason); a flush request that finds a flush already pending on every vCPU it targets is
+//! counted as avoided `merged`, one that targets no vCPU as avoided `not_held`.
 
 macro_rules! reasons {
     ($(#[$tm:meta])* $ty:ident { $($(#[$m:meta])* $v:ident = $name:literal,)* }) => {
@@ -60,6 +61,9 @@ reasons! {
         UpgradeOnly = "upgrade_only",
         /// A flush was needed, but every vCPU it targets already had one pending.
         Merged = "merged",
+        /// A used entry changed, but no vCPU holds a root that reaches its table any more
+        /// (the vCPUs that did were flushed when they left it).
+        NotHeld = "not_held",
     }
 }
 
@@ -77,22 +81,12 @@ impl Pending {
         }
     }
 
-    /// Marks `vcpu`; returns false if a flush was already pending (merged).
-    pub fn mark(&mut self, vcpu: usize, r: FlushReason) -> bool {
-        match self.per_vcpu.get_mut(vcpu) {
-            Some(p @ None) => {
-                *p = Some(r);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Marks every vCPU; returns false if every vCPU already had one pending (merged).
-    pub fn mark_all(&mut self, r: FlushReason) -> bool {
+    /// Marks every vCPU of `set`; returns false if each of them already had one pending
+    /// (merged).
+    pub fn mark_set(&mut self, set: VcpuSet, r: FlushReason) -> bool {
         let mut fresh = false;
-        for p in self.per_vcpu.iter_mut() {
-            if p.is_none() {
+        for (v, p) in self.per_vcpu.iter_mut().enumerate() {
+            if set.contains(v) && p.is_none() {
                 *p = Some(r);
                 fresh = true;
             }
@@ -111,6 +105,8 @@ impl Pending {
     }
 }
 
+use crate::targets::VcpuSet;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,20 +114,31 @@ mod tests {
     #[test]
     fn merged_only_when_every_target_was_pending() {
         let mut p = Pending::new(3);
-        assert!(p.mark(1, FlushReason::GuestInvlpg));
+        assert!(p.mark_set(VcpuSet::one(1), FlushReason::GuestInvlpg));
         assert!(
-            !p.mark(1, FlushReason::GuestFlushTlb),
+            !p.mark_set(VcpuSet::one(1), FlushReason::GuestFlushTlb),
             "caller already pending"
         );
-        assert!(!p.mark(7, FlushReason::GuestFlushTlb), "no such vCPU");
         // vCPU 1 pending, 0 and 2 not: the request is not merged.
-        assert!(p.mark_all(FlushReason::AdCleared));
-        assert!(!p.mark_all(FlushReason::Reclaim), "all pending: merged");
+        let all = VcpuSet::first(3);
+        assert!(!p.mark_set(VcpuSet::one(1), FlushReason::Reclaim), "merged");
+        assert!(p.mark_set(all, FlushReason::AdCleared));
+        assert!(
+            !p.mark_set(all, FlushReason::Reclaim),
+            "all pending: merged"
+        );
         assert_eq!(p.peek(1), Some(FlushReason::GuestInvlpg));
         assert_eq!(p.take(0), Some(FlushReason::AdCleared));
         assert_eq!(p.take(0), None);
         assert_eq!(p.peek(0), None);
-        assert!(p.mark_all(FlushReason::Reclaim), "vCPU 0 was clear again");
+        assert!(
+            p.mark_set(VcpuSet::one(0), FlushReason::Reclaim),
+            "vCPU 0 was clear again"
+        );
+        assert!(
+            !p.mark_set(VcpuSet::one(7), FlushReason::Reclaim),
+            "no such vCPU"
+        );
         assert_eq!(p.take(2), Some(FlushReason::AdCleared), "first reason kept");
     }
 }

@@ -56,7 +56,11 @@ fn garbage_word_in_a_typed_table_is_not_linked_when_the_shadow_is_rebuilt() {
     assert_eq!(v.mmu.debug_translate(&v.mem, 1, va), None, "garbage linked");
     assert_eq!(v.r(v.shadow_of(L2B) + 8 * 5), 0);
     // Unpinning x (it has no reference) cannot leave a shadow pointing at a freed frame.
-    v.op(MmuOp::Unpin { frame: x }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: x,
+        detach: false,
+    })
+    .unwrap();
     v.pin(1, 0x25_000).unwrap();
     assert_eq!(v.mmu.debug_translate(&v.mem, 1, va), None);
     assert_eq!(v.r(v.shadow_of(L2B) + 8 * 5), 0);
@@ -80,18 +84,28 @@ fn unpin_of_a_dead_root_with_a_used_global_leaf_requests_a_flush() {
         out.flush, None,
         "a CR3 load alone keeps global translations"
     );
-    v.op(MmuOp::Unpin { frame: L4 }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: L4,
+        detach: false,
+    })
+    .unwrap();
     assert_eq!(v.mmu.frame_type(L1), None);
     assert_eq!(v.r(L1) & AD, AD, "harvested");
-    assert_eq!(v.mmu.flush_pending(1), Some(FlushReason::ShadowDropped));
-    assert_eq!(v.mmu.vcpus_needing_flush(), vec![0, 1]);
+    // vCPU 1 never had the dead root: it holds nothing of it and is not interrupted.
+    assert_eq!(v.mmu.flush_pending(1), None);
+    assert_eq!(v.mmu.vcpus_needing_flush(), vec![0]);
     assert_eq!(
         v.mmu.end_batch(0).flush,
         Some(FlushReason::ShadowDropped),
         "the dropped leaf was used"
     );
-    assert_eq!(v.mmu.take_flush(1), Some(FlushReason::ShadowDropped));
-    assert_eq!(v.mmu.counters().flushed(FlushReason::ShadowDropped), 2);
+    assert_eq!(v.mmu.take_flush(1), None);
+    assert_eq!(v.mmu.counters().flushed(FlushReason::ShadowDropped), 1);
+    assert_eq!(
+        v.mmu.held_roots(0),
+        [L4B >> 12],
+        "the flush ends the lazy hold"
+    );
     assert!(v.mmu.vcpus_needing_flush().is_empty());
     // Typing the frame now finds no shadow leaf to downgrade: only that flush protected it.
     v.pin(1, 0x10_0000).unwrap();
@@ -204,8 +218,15 @@ fn relocation_counts_the_bits_it_copies() {
 fn merged_means_every_targeted_vcpu_already_had_a_flush() {
     let mut v = vm_with_pool(64);
     v.load();
+    // vCPU 1 runs the same address space: engine flushes target both.
+    v.on(1, MmuOp::NewBaseptr { frame: L4 }).unwrap();
+    v.mmu.end_batch(1);
     // The caller has a flush pending, vCPU 1 has none: an engine flush is not merged.
-    v.op(MmuOp::FlushTlb).unwrap();
+    v.op(MmuOp::FlushTlb {
+        target: hypercall::FlushTarget::Local,
+        global: false,
+    })
+    .unwrap();
     v.cpu_sets(VA1, A);
     v.op(MmuOp::SyncAd {
         va: VA1,
@@ -229,10 +250,28 @@ fn merged_means_every_targeted_vcpu_already_had_a_flush() {
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::GuestFlushTlb));
     assert_eq!(v.mmu.take_flush(1), Some(FlushReason::AdCleared));
     // A guest flush of vCPU 1 while only vCPU 0 is pending is not merged either.
-    v.op(MmuOp::FlushTlb).unwrap();
-    v.on(1, MmuOp::Invlpg { va: 0 }).unwrap();
+    v.op(MmuOp::FlushTlb {
+        target: hypercall::FlushTarget::Local,
+        global: false,
+    })
+    .unwrap();
+    v.on(
+        1,
+        MmuOp::Invlpg {
+            va: 0,
+            target: hypercall::FlushTarget::Local,
+        },
+    )
+    .unwrap();
     assert_eq!(v.mmu.counters().avoided(AvoidReason::Merged), 1);
-    v.on(1, MmuOp::FlushTlb).unwrap();
+    v.on(
+        1,
+        MmuOp::FlushTlb {
+            target: hypercall::FlushTarget::Local,
+            global: false,
+        },
+    )
+    .unwrap();
     assert_eq!(v.mmu.counters().avoided(AvoidReason::Merged), 2);
 }
 

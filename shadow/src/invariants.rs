@@ -133,9 +133,8 @@ impl ShadowMmu {
     ) -> Result<HashMap<u64, Vec<u64>>, InvariantViolation> {
         let mut refs: HashMap<u64, Vec<u64>> = HashMap::new();
         for (pfn, info) in self.frames.iter() {
-            let g = open(mem, pfn)?;
-            for i in 0..512 {
-                let e = g.get(i);
+            let g = self.validated_view(mem, pfn)?;
+            for (i, &e) in g.iter().enumerate() {
                 let kind =
                     self.check_entry(info.level, pfn, e)
                         .map_err(|r| InvariantViolation {
@@ -207,7 +206,7 @@ impl ShadowMmu {
             Owner::Table { pfn, level } => (pfn, level, None),
             Owner::Split { l2, idx: j } => (l2, 1, Some(usize::from(j))),
         };
-        let gt = open(mem, gpfn)?;
+        let gt = self.validated_view(mem, gpfn)?;
         match split {
             None if self.frames.info(gpfn).and_then(|i| i.shadow) != Some(idx) => {
                 return fail(
@@ -222,7 +221,7 @@ impl ShadowMmu {
             let s = st.get(i);
             let (g, kind) = match split {
                 Some(j) => {
-                    let g = pte::split_leaf(gt.get(j), i as u64);
+                    let g = pte::split_leaf(gt[j & 511], i as u64);
                     (
                         g,
                         Kind::Leaf4k {
@@ -231,7 +230,7 @@ impl ShadowMmu {
                     )
                 }
                 None => {
-                    let g = gt.get(i);
+                    let g = gt[i];
                     (
                         g,
                         rules::entry_flags_allowed(level, g).unwrap_or(Kind::NotPresent),
@@ -268,6 +267,19 @@ impl ShadowMmu {
     }
 
     /// A split's guest entry is a present 2 MiB leaf whose shadow L2 entry points at it.
+    /// The entries of typed table `pfn` the engine has validated: its snapshot while it is
+    /// an unhooked L1 (the guest may be writing it), else its content.
+    fn validated_view<M: GuestMemory>(
+        &self,
+        mem: &M,
+        pfn: u64,
+    ) -> Result<[u64; 512], InvariantViolation> {
+        match self.unhooked_snapshot(pfn) {
+            Some(s) => Ok(*s),
+            None => Ok(open(mem, pfn)?.snapshot()),
+        }
+    }
+
     fn check_split_parent<M: GuestMemory>(&self, mem: &M, idx: u32, l2: u64, j: usize) -> Check {
         let e = open(mem, l2)?.get(j);
         if !pte::is_2m_leaf(2, e) || !pte::present(e) || self.frames.level(l2) != Some(2) {
@@ -299,7 +311,9 @@ impl ShadowMmu {
                 format!("{}: present guest leaf not shadowed", here()),
             );
         }
-        let target = pte::pfn_of(s);
+        // With trapped stores a protected leaf maps the frame's alias (stores exit).
+        let aliased = self.unalias_pfn(pte::pfn_of(s));
+        let target = aliased.unwrap_or(pte::pfn_of(s));
         match self.layout.classify(target) {
             FrameClass::Ram => {}
             c => {
@@ -309,15 +323,22 @@ impl ShadowMmu {
                 )
             }
         }
-        if s & RW != 0 && self.frames.level(target).is_some() {
+        let protected = self.frames.level(target).is_some() && !self.is_unhooked(target);
+        if s & RW != 0 && protected && aliased.is_none() {
             return fail(
                 InvariantKind::WritableTable,
                 format!("{}: writable leaf maps a page table", here()),
             );
         }
-        let typed = self.frames.level(pfn).is_some();
-        let mask = pte::SHADOW_LEAF_KEEP & !RW;
-        if (s & mask) != (g & mask) || (s & RW != 0) != (g & RW != 0 && !typed) {
+        let protected = self.frames.level(pfn).is_some() && !self.is_unhooked(pfn);
+        let want_alias = protected && self.traps() && g & RW != 0;
+        let want_rw = g & RW != 0 && (!protected || self.traps());
+        let mask = pte::SHADOW_LEAF_KEEP & !RW & !ADDR;
+        if (s & mask) != (g & mask)
+            || target != pfn
+            || aliased.is_some() != want_alias
+            || (s & RW != 0) != want_rw
+        {
             return fail(
                 InvariantKind::ShadowMismatch,
                 format!("{}: leaf mismatch", here()),
@@ -352,6 +373,15 @@ impl ShadowMmu {
     ) -> Check {
         let info = self.frames.info(child);
         let backref = (gpfn << 12) + 8 * i as u64;
+        if self.is_unhooked(child) {
+            if pte::present(s) {
+                return fail(
+                    InvariantKind::WritableTable,
+                    format!("{}: links an unhooked (guest-writable) L1", here()),
+                );
+            }
+            return Ok(());
+        }
         if !info.is_some_and(|c| c.parents.contains(&backref)) {
             if pte::present(s) {
                 return fail(

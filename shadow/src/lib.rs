@@ -17,6 +17,9 @@
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
+//! * [`trap`] — trapped page-table stores (`emulate`, `wrpt` write modes);
+//! * `wrpt`: unhooking and re-hooking L1s (writable page tables);
+//! * [`targets`] — which vCPUs a flush is for (loaded and held roots), [`VcpuSet`];
 //! * [`counters`] — statistics;
 //! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
 //! * `debug`: test helpers (translation through the shadow).
@@ -35,6 +38,10 @@ mod pool;
 pub mod pte;
 pub mod rules;
 mod shadow;
+pub mod targets;
+pub mod trap;
+mod trap_state;
+mod wrpt;
 
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
@@ -42,6 +49,8 @@ pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
+pub use targets::VcpuSet;
+pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 
 #[cfg(test)]
 mod integrity_tests;
@@ -49,3 +58,5 @@ mod integrity_tests;
 mod mutant_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trap_tests;

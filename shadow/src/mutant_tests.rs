@@ -292,7 +292,11 @@ fn success_counters_count_each_op() {
         frame: 0x51_000,
     })
     .unwrap();
-    v.op(MmuOp::Unpin { frame: 0x51_000 }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: 0x51_000,
+        detach: false,
+    })
+    .unwrap();
     for _ in 0..2 {
         v.op(MmuOp::SyncAd {
             va: VA1,

@@ -75,6 +75,12 @@ rules! {
     RelocateTargetTyped = "relocate_target_typed" => Eexist,
     /// A vCPU index out of range.
     BadVcpu = "bad_vcpu" => Einval,
+    /// A `FLUSH_TLB` / `INVLPG` mask names a vCPU the VM does not have.
+    BadFlushMask = "bad_flush_mask" => Einval,
+    /// `UNPIN` of an L4 registered as some vCPU's kernel root.
+    KernelRootRegistered = "kernel_root_registered" => Ebusy,
+    /// `UNPIN` with `DETACH` of a root loaded on a vCPU without a (different) kernel root.
+    NoKernelRoot = "no_kernel_root" => Ebusy,
     /// The shadow pool is exhausted and nothing could be reclaimed.
     PoolExhausted = "pool_exhausted" => Enomem,
     /// Guest memory the layout calls RAM (or the pool) is not backed by the memory object.
@@ -204,6 +210,33 @@ pub fn unpin_allowed(pinned: bool, loaded: bool, refs: usize) -> Result<(), Rule
         Err(Rule::StillReferenced)
     } else {
         Ok(())
+    }
+}
+
+/// A flush mask may name only the VM's vCPUs (`all`): `EINVAL` ([`Rule::BadFlushMask`]).
+pub fn flush_mask_valid(mask: u64, all: u64) -> Result<(), Rule> {
+    if mask & !all == 0 {
+        Ok(())
+    } else {
+        Err(Rule::BadFlushMask)
+    }
+}
+
+/// `UNPIN` of a registered kernel root: `EBUSY` ([`Rule::KernelRootRegistered`]).
+pub fn not_a_kernel_root(registered: bool) -> Result<(), Rule> {
+    if registered {
+        Err(Rule::KernelRootRegistered)
+    } else {
+        Ok(())
+    }
+}
+
+/// `DETACH` of `dying` needs a kernel root other than `dying` on every vCPU that has it
+/// loaded: `EBUSY` ([`Rule::NoKernelRoot`]) otherwise.
+pub fn kernel_root_usable(kernel: Option<u64>, dying: u64) -> Result<u64, Rule> {
+    match kernel {
+        Some(k) if k != dying => Ok(k),
+        _ => Err(Rule::NoKernelRoot),
     }
 }
 
@@ -388,6 +421,13 @@ mod tests {
         assert_eq!(unpin_allowed(true, false, 1), Err(Rule::StillReferenced));
         assert_eq!(Rule::StillReferenced.error(), HcError::Ebusy);
         assert_eq!(baseptr_allowed(Some(3), true), Err(Rule::NotPinnedL4));
+        assert_eq!(flush_mask_valid(0b11, 0b11), Ok(()));
+        assert_eq!(flush_mask_valid(0b100, 0b11), Err(Rule::BadFlushMask));
+        assert_eq!(not_a_kernel_root(true), Err(Rule::KernelRootRegistered));
+        assert_eq!(not_a_kernel_root(false), Ok(()));
+        assert_eq!(kernel_root_usable(Some(5), 4), Ok(5));
+        assert_eq!(kernel_root_usable(Some(4), 4), Err(Rule::NoKernelRoot));
+        assert_eq!(kernel_root_usable(None, 4), Err(Rule::NoKernelRoot));
         assert_eq!(baseptr_allowed(Some(4), false), Err(Rule::NotPinnedL4));
         let l = lay();
         assert_eq!(zero_allowed(&l, 0x1000, None), Err(Rule::ZeroNotRam));

@@ -35,11 +35,12 @@ impl ShadowMmu {
     }
 
     /// The 4 KiB shadow leaf for guest leaf bits `g` (4 KiB form): guest rights with A=D=0,
-    /// read-only if the target is a page table.
+    /// protected if the target is a page table (read-only, or at its alias when stores
+    /// trap, unless it is an unhooked L1).
     pub(crate) fn shadow_leaf(&self, g: u64) -> u64 {
         let s = g & pte::SHADOW_LEAF_KEEP;
         if self.frames.level(pte::pfn_of(g)).is_some() {
-            s & !RW
+            self.protect_leaf(s)
         } else {
             s
         }
@@ -84,7 +85,8 @@ impl ShadowMmu {
                 let linked = self
                     .frames
                     .info(pfn)
-                    .is_some_and(|c| c.level + 1 == level && c.parents.contains(&entry));
+                    .is_some_and(|c| c.level + 1 == level && c.parents.contains(&entry))
+                    && !self.is_unhooked(pfn);
                 if !linked {
                     return Ok(0);
                 }
@@ -255,6 +257,7 @@ impl ShadowMmu {
             .flatten()
             .filter_map(|r| self.frames.info(*r).and_then(|i| i.shadow))
             .collect();
+        stack.extend(self.unhooked_shadows());
         stack.extend(
             self.pool
                 .used_frames()
@@ -294,7 +297,9 @@ impl ShadowMmu {
             self.counters.reclaimed_tables += 1;
         }
         if used {
-            self.need_flush(FlushReason::Reclaim);
+            // Reclaimed shadows are unreachable from loaded roots but may be reachable from
+            // held ones (global translations): every vCPU.
+            self.need_flush_on(self.all_vcpus(), FlushReason::Reclaim);
         }
     }
 

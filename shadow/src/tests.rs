@@ -277,16 +277,34 @@ fn pin_rules() {
 fn unpin_rules_and_dead_root_harvest() {
     let mut v = vm();
     v.load();
-    assert_eq!(v.op(MmuOp::Unpin { frame: 0x50_000 }), Err(HcError::Enoent));
+    assert_eq!(
+        v.op(MmuOp::Unpin {
+            frame: 0x50_000,
+            detach: false
+        }),
+        Err(HcError::Enoent)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::NotPinned), 1);
-    assert_eq!(v.op(MmuOp::Unpin { frame: L4 }), Err(HcError::Ebusy));
+    assert_eq!(
+        v.op(MmuOp::Unpin {
+            frame: L4,
+            detach: false
+        }),
+        Err(HcError::Ebusy)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::RootLoaded), 1);
     v.op(MmuOp::Pin {
         level: 1,
         frame: L1,
     })
     .unwrap();
-    assert_eq!(v.op(MmuOp::Unpin { frame: L1 }), Err(HcError::Ebusy));
+    assert_eq!(
+        v.op(MmuOp::Unpin {
+            frame: L1,
+            detach: false
+        }),
+        Err(HcError::Ebusy)
+    );
     assert_eq!(v.mmu.counters().rejected(Rule::StillReferenced), 1);
     // Load a second root elsewhere, then unpin the dead one: A/D reach the guest PTEs.
     v.cpu_sets(VA1, A | D);
@@ -300,7 +318,11 @@ fn unpin_rules_and_dead_root_harvest() {
     v.op(MmuOp::NewBaseptr { frame: 0x20_000 }).unwrap();
     // Drop the shared L3's reference from the old root, then unpin it.
     v.op(upd(L4, 0)).unwrap();
-    v.op(MmuOp::Unpin { frame: L4 }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: L4,
+        detach: false,
+    })
+    .unwrap();
     assert_eq!(v.mmu.frame_type(L4), None);
     // L1's pin keeps it typed; the L3/L2 stay typed through the new root.
     assert_eq!(v.mmu.frame_type(L3), Some(3));
@@ -310,7 +332,11 @@ fn unpin_rules_and_dead_root_harvest() {
     assert_eq!(v.r(L2 + 16) & AD, A);
     // L1 is still pinned (its shadow keeps the bits); unpinning it harvests and untypes it.
     assert_eq!(v.r(L1) & AD, 0);
-    v.op(MmuOp::Unpin { frame: L1 }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: L1,
+        detach: false,
+    })
+    .unwrap();
     assert_eq!(v.r(L1) & AD, AD);
     assert_eq!(v.mmu.frame_type(L1), None);
     v.check();
@@ -327,7 +353,14 @@ fn new_baseptr_needs_pinned_l4() {
     );
     assert_eq!(v.mmu.counters().rejected(Rule::NotPinnedL4), 2);
     assert_eq!(
-        v.mmu.apply(&v.mem, 5, &MmuOp::FlushTlb),
+        v.mmu.apply(
+            &v.mem,
+            5,
+            &MmuOp::FlushTlb {
+                target: hypercall::FlushTarget::Local,
+                global: false
+            }
+        ),
         Err(HcError::Einval)
     );
     assert_eq!(v.mmu.counters().rejected(Rule::BadVcpu), 1);
@@ -380,7 +413,11 @@ fn typing_downgrades_writable_mappings_and_untyping_restores() {
     assert!(!v.leaf(VA2M + 0x7000).unwrap().writable);
     assert!(v.mmu.counters().avoided(AvoidReason::NeverAccessed) >= 1);
     v.check();
-    v.op(MmuOp::Unpin { frame: 0x10_2000 }).unwrap();
+    v.op(MmuOp::Unpin {
+        frame: 0x10_2000,
+        detach: false,
+    })
+    .unwrap();
     assert!(v.leaf(VA1 + 0x2000).unwrap().writable);
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::RightsRestored));
     // A writable 4 KiB guest leaf to a typed frame is installed read-only.
@@ -519,8 +556,16 @@ fn non_leaf_change_and_guest_flushes() {
     assert_eq!(v.mmu.frame_type(L1), None);
     assert_eq!(v.mmu.frame_type(0x30_000), Some(1));
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::NonLeafChanged));
-    v.op(MmuOp::Invlpg { va: 0 }).unwrap();
-    v.op(MmuOp::FlushTlb).unwrap();
+    v.op(MmuOp::Invlpg {
+        va: 0,
+        target: hypercall::FlushTarget::Local,
+    })
+    .unwrap();
+    v.op(MmuOp::FlushTlb {
+        target: hypercall::FlushTarget::Local,
+        global: false,
+    })
+    .unwrap();
     assert_eq!(v.mmu.end_batch(0).flush, Some(FlushReason::GuestInvlpg));
     assert_eq!(v.mmu.end_batch(0).flush, None);
     assert_eq!(v.mmu.counters().avoided(AvoidReason::Merged), 1);
@@ -615,7 +660,13 @@ fn relocate_moves_everything() {
     })
     .unwrap();
     assert_eq!(v.mmu.loaded_root(0).unwrap().guest_l4, 0x52_000);
-    assert_eq!(v.op(MmuOp::Unpin { frame: 0x52_000 }), Err(HcError::Ebusy));
+    assert_eq!(
+        v.op(MmuOp::Unpin {
+            frame: 0x52_000,
+            detach: false
+        }),
+        Err(HcError::Ebusy)
+    );
     v.check();
     assert_eq!(v.mmu.counters().relocations, 2);
     assert_eq!(v.mmu.counters().rejected(Rule::RelocateUntyped), 1);
@@ -666,7 +717,11 @@ fn pool_exhaustion_reclaims_then_enomem() {
 fn counters_by_kind() {
     let mut v = vm();
     v.load();
-    v.op(MmuOp::FlushTlb).unwrap();
+    v.op(MmuOp::FlushTlb {
+        target: hypercall::FlushTarget::Local,
+        global: false,
+    })
+    .unwrap();
     let c = v.mmu.counters();
     assert_eq!(c.op_count(OpKind::Pin), 1);
     assert_eq!(c.op_count(OpKind::NewBaseptr), 1);

@@ -350,7 +350,10 @@ impl World {
             }
             Op::UnpinSpare { i } => {
                 let f = SPARES[i];
-                let r = self.apply(MmuOp::Unpin { frame: f << 12 });
+                let r = self.apply(MmuOp::Unpin {
+                    frame: f << 12,
+                    detach: false,
+                });
                 let want = if !self.m.pinned.contains(&f) {
                     Err(HcError::Enoent)
                 } else if self.m.l1.contains(&f) {

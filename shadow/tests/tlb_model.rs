@@ -33,7 +33,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hypercall::{HcError, MmuOp};
+use hypercall::{FlushTarget, HcError, MmuOp};
 use proptest::prelude::*;
 use shadow::pte::{A, AD, ADDR, ADDR_2M, D, G, NX, P, PS, RW, US};
 use shadow::{Layout, ShadowMmu};
@@ -107,7 +107,11 @@ enum Op {
     Zero(usize),
     Relocate(Role, usize),
     Baseptr(usize),
-    Teardown(usize),
+    /// `UNPIN` of a root; with `DETACH` (true) every vCPU that has it loaded moves to its
+    /// kernel root.
+    Teardown(usize, bool),
+    /// `SET_KERNEL_ROOT` of a root (None: clear).
+    KernelRoot(Option<usize>),
     Rebuild(usize),
     Sync {
         kern: bool,
@@ -115,7 +119,8 @@ enum Op {
         clear_d: bool,
     },
     Query(bool),
-    Flush(bool),
+    /// A guest flush: full or one page, target (0..4: local, root, mask, all), mask.
+    Flush(bool, u16, u64),
     Hostile {
         table: Role,
         idx: usize,
@@ -219,11 +224,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (0..L1S.len()).prop_map(Op::Zero),
         2 => (role(), 0..SPARES.len()).prop_map(|(r, to)| Op::Relocate(r, to)),
         3 => (0..ROOTS).prop_map(Op::Baseptr),
-        1 => (0..ROOTS).prop_map(Op::Teardown),
+        2 => (0..ROOTS, any::<bool>()).prop_map(|(r, d)| Op::Teardown(r, d)),
+        1 => prop::option::of(0..ROOTS).prop_map(Op::KernelRoot),
         1 => (0..ROOTS).prop_map(Op::Rebuild),
         3 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(kern, clear_a, clear_d)| Op::Sync { kern, clear_a, clear_d }),
         2 => any::<bool>().prop_map(Op::Query),
-        1 => any::<bool>().prop_map(Op::Flush),
+        2 => (any::<bool>(), 0..4u16, 0..32u64).prop_map(|(a, t, m)| Op::Flush(a, t, m)),
         2 => (role(), 0..512usize, hostile_val(), any::<bool>())
             .prop_map(|(table, idx, val, preserve)| Op::Hostile { table, idx, val, preserve }),
         1 => (0..5u8, role(), role(), 1..5u8).prop_map(|(kind, a, b, level)| Op::Raw { kind, a, b, level }),
@@ -308,6 +314,11 @@ struct World {
     writes: HashMap<u64, u64>,
     /// The last entries applied (for failure reports).
     history: Vec<String>,
+    /// vCPUs a guest flush of the current batch named (bit n = vCPU n).
+    flush_asked: u64,
+    /// The mechanism switched off (tests that expect the model to catch it): remote
+    /// deliveries are taken but not applied.
+    drop_remote: bool,
 }
 
 type Res = Result<(), String>;
@@ -336,9 +347,15 @@ enum Cov {
     HostileAccepted,
     SharedRoot,
     DistinctRoots,
+    /// A `DETACH` moved another vCPU off the dying root.
+    RemoteDetach,
+    /// A batch that needed a flush left another vCPU alone (it held nothing through it).
+    RemoteAvoided,
+    /// A guest flush named another vCPU.
+    GuestRemoteFlush,
 }
 
-const COV_N: usize = Cov::DistinctRoots as usize + 1;
+const COV_N: usize = Cov::GuestRemoteFlush as usize + 1;
 static COV: [std::sync::atomic::AtomicU64; COV_N] =
     [const { std::sync::atomic::AtomicU64::new(0) }; COV_N];
 
@@ -432,6 +449,8 @@ impl World {
             accesses: 0,
             writes: HashMap::new(),
             history: Vec::new(),
+            flush_asked: 0,
+            drop_remote: false,
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -774,8 +793,12 @@ impl World {
             }
         }
         let out = self.mmu.end_batch(v);
+        if out.remote_avoided > 0 {
+            cov(Cov::RemoteAvoided);
+        }
         if let Some(c) = out.new_cr3 {
             self.cr3[v] = Some(c);
+            self.vroot[v] = self.mmu.loaded_root(v).map(|r| r.guest_l4 >> 12);
             self.tlb[v].retain(|_, t| t.g);
             if !self.tlb[v].is_empty() {
                 cov(Cov::GlobalKeptOverCr3Load);
@@ -784,16 +807,40 @@ impl World {
         if out.flush.is_some() {
             self.tlb[v].clear();
         }
-        for w in 0..self.vcpus {
-            if w != v && self.mmu.take_flush(w).is_some() {
+        // Like the VMM: only the vCPUs the batch names get a delivery (a root switch of
+        // DETACH, a flush), each applied before the batch returns.
+        for w in out.remote.iter() {
+            let d = self.mmu.take_delivery(w);
+            if self.drop_remote {
+                continue;
+            }
+            if let Some(c) = d.new_cr3 {
+                self.cr3[w] = Some(c);
+                self.vroot[w] = self.mmu.loaded_root(w).map(|r| r.guest_l4 >> 12);
+                self.tlb[w].retain(|_, t| t.g);
+            }
+            if d.flush.is_some() {
                 if !self.tlb[w].is_empty() {
                     cov(Cov::RemoteFlush);
                 }
                 self.tlb[w].clear();
             }
         }
+        let asked = std::mem::take(&mut self.flush_asked);
+        for w in 0..self.vcpus {
+            if asked >> w & 1 != 0 && !self.tlb[w].is_empty() {
+                return Err(format!("vcpu {w}: a guest flush for it left its TLB"));
+            }
+        }
+        if asked & !(1 << v) != 0 {
+            cov(Cov::GuestRemoteFlush);
+        }
         if !self.mmu.vcpus_needing_flush().is_empty() {
-            return Err("flushes left pending after every vCPU took its own".into());
+            return Err(format!(
+                "flushes left pending on {:?} after the batch's remote set {:?}",
+                self.mmu.vcpus_needing_flush(),
+                out.remote
+            ));
         }
         if self.mmu.take_host_resync_needed() {
             self.mmu.host_resynced();
@@ -876,6 +923,7 @@ impl World {
             },
             Op::UnpinL1(i) => MmuOp::Unpin {
                 frame: self.l1s[i] << 12,
+                detach: false,
             },
             Op::Zero(i) => MmuOp::ZeroFrame {
                 frame: self.l1s[i] << 12,
@@ -896,8 +944,12 @@ impl World {
                     frame: self.roots[r][0] << 12,
                 }
             }
-            Op::Teardown(r) => MmuOp::Unpin {
+            Op::Teardown(r, detach) => MmuOp::Unpin {
                 frame: self.roots[r][0] << 12,
+                detach,
+            },
+            Op::KernelRoot(r) => MmuOp::SetKernelRoot {
+                frame: r.map(|r| self.roots[r][0] << 12),
             },
             Op::Rebuild(r) => return self.rebuild(r),
             Op::Sync {
@@ -929,11 +981,23 @@ impl World {
                     bitmap_gpa: BITMAP,
                 }
             }
-            Op::Flush(all) => {
+            Op::Flush(all, t, mask) => {
+                let target = match t {
+                    0 => FlushTarget::Local,
+                    1 => FlushTarget::Root,
+                    2 => FlushTarget::Mask(mask),
+                    _ => FlushTarget::All,
+                };
                 if all {
-                    MmuOp::FlushTlb
+                    MmuOp::FlushTlb {
+                        target,
+                        global: mask & 1 != 0,
+                    }
                 } else {
-                    MmuOp::Invlpg { va: va_of(v) }
+                    MmuOp::Invlpg {
+                        va: va_of(v),
+                        target,
+                    }
                 }
             }
             Op::Hostile {
@@ -946,7 +1010,10 @@ impl World {
                 let (fa, fb) = (self.frame(a) << 12, self.frame(b) << 12);
                 match kind {
                     0 => MmuOp::Pin { level, frame: fa },
-                    1 => MmuOp::Unpin { frame: fa },
+                    1 => MmuOp::Unpin {
+                        frame: fa,
+                        detach: false,
+                    },
                     2 => MmuOp::RelocateTable { old: fa, new: fb },
                     3 => MmuOp::ZeroFrame { frame: fa },
                     _ => return self.hostile(a, usize::from(level), fb | T, false),
@@ -957,6 +1024,19 @@ impl World {
 
     /// A hostile `PT_UPDATE`, kept within the model's one restriction: no global leaf and
     /// no link to a kernel table outside the kernel half, and every L4 keeps its kernel half.
+    /// The vCPUs a guest flush of vCPU `v` for `t` must reach (as a bit mask).
+    fn targets(&self, v: usize, t: FlushTarget) -> u64 {
+        match t {
+            FlushTarget::Local => 1 << v,
+            // At least every vCPU that has the same root loaded.
+            FlushTarget::Root => (0..self.vcpus)
+                .filter(|&w| w == v || (self.vroot[w].is_some() && self.vroot[w] == self.vroot[v]))
+                .fold(0, |m, w| m | 1 << w),
+            FlushTarget::Mask(m) => m,
+            FlushTarget::All => (1 << self.vcpus) - 1,
+        }
+    }
+
     fn hostile(&self, table: Role, idx: usize, val: u64, preserve: bool) -> Option<MmuOp> {
         let f = self.frame(table);
         let kern_table = self.is_kern_frame(f);
@@ -1033,8 +1113,21 @@ impl World {
             (MmuOp::Pin { level, frame }, Ok(())) => {
                 self.pinned.insert(frame >> 12, level);
             }
-            (MmuOp::Unpin { frame }, Ok(())) => {
+            (MmuOp::Unpin { frame, detach }, Ok(())) => {
                 self.pinned.remove(&(frame >> 12));
+                if detach {
+                    for w in 0..self.vcpus {
+                        if self.vroot[w] == Some(frame >> 12) {
+                            if w != v {
+                                cov(Cov::RemoteDetach);
+                            }
+                            self.vroot[w] = self.mmu.loaded_root(w).map(|r| r.guest_l4 >> 12);
+                        }
+                    }
+                }
+            }
+            (MmuOp::FlushTlb { target, .. } | MmuOp::Invlpg { target, .. }, Ok(())) => {
+                self.flush_asked |= self.targets(v, target);
             }
             (MmuOp::NewBaseptr { frame }, Ok(())) => self.vroot[v] = Some(frame >> 12),
             (MmuOp::RelocateTable { old, new }, Ok(())) => {
@@ -1059,7 +1152,9 @@ impl World {
             (MmuOp::SyncAd { .. } | MmuOp::QueryAd { .. }, Err(er)) if self.vroot[v].is_some() => {
                 return Err(here(format!("A/D op refused: {er}")));
             }
-            (MmuOp::Invlpg { .. } | MmuOp::FlushTlb, Err(_)) => return Err(here("refused".into())),
+            (MmuOp::Invlpg { target, .. } | MmuOp::FlushTlb { target, .. }, Err(_)) if !matches!(target, FlushTarget::Mask(m) if m >> self.vcpus != 0) => {
+                return Err(here("refused".into()))
+            }
             _ => {}
         }
         let reclaimed = self.mmu.counters().reclaimed_tables;
@@ -1488,4 +1583,97 @@ fn the_model_sees_writes_and_flushes() {
     let slot = w.tlb[1].values().next().unwrap().slot;
     assert_eq!(w.rd(slot) & AD, AD);
     assert!(w.writes.values().sum::<u64>() >= 2);
+}
+
+/// Two vCPUs on one address space: vCPU 1 writes a page (its TLB caches D=1), vCPU 0
+/// harvests with CLEAR_D. The batch names vCPU 1; once its flush is applied, vCPU 1's next
+/// write walks again and sets D, so the second harvest sees it. With remote delivery
+/// dropped, the write goes through the cached D=1 translation and the model reports the
+/// lost dirty bit.
+fn clear_d_while_another_vcpu_writes(drop_remote: bool) -> Res {
+    let mut w = World::new(2, 64);
+    w.boot()?;
+    w.batch(1, &[Op::Baseptr(0)])?;
+    let write = |w: &mut World| {
+        w.access(&Access {
+            vcpu: 1,
+            va: 1,
+            write: true,
+            user: true,
+        })
+    };
+    let harvest = Op::Sync {
+        kern: false,
+        clear_a: false,
+        clear_d: true,
+    };
+    write(&mut w)?;
+    w.drop_remote = drop_remote;
+    w.batch(0, std::slice::from_ref(&harvest))?;
+    if !drop_remote && !w.tlb[1].is_empty() {
+        return Err("vCPU 1 kept its translation".into());
+    }
+    write(&mut w)?;
+    w.batch(
+        0,
+        &[Op::Sync {
+            kern: false,
+            clear_a: false,
+            clear_d: false,
+        }],
+    )
+}
+
+#[test]
+fn a_clear_d_on_a_shared_root_reaches_the_vcpu_that_writes() {
+    clear_d_while_another_vcpu_writes(false).unwrap();
+    let e = clear_d_while_another_vcpu_writes(true).unwrap_err();
+    assert!(e.contains("lost A/D"), "{e}");
+}
+
+/// Unmapping pages nobody touched names no vCPU (no kick), on 4 vCPUs sharing the root;
+/// unmapping a page vCPU 2 used names vCPU 2 and every other vCPU with the root loaded.
+#[test]
+fn never_accessed_unmaps_name_no_vcpu() {
+    let mut w = World::new(4, 64);
+    w.boot().unwrap();
+    for v in 1..4 {
+        w.batch(v, &[Op::Baseptr(0)]).unwrap();
+    }
+    let unmap = |idx| Op::Leaf {
+        kern: false,
+        root: 0,
+        l2i: 0,
+        idx,
+        target: 0,
+        flags: 0,
+        preserve: true,
+    };
+    for idx in 2..4 {
+        w.batch(0, &[unmap(idx)]).unwrap();
+    }
+    assert_eq!(
+        w.mmu.counters().flushed(shadow::FlushReason::LeafRemoved),
+        0
+    );
+    w.access(&Access {
+        vcpu: 2,
+        va: 1,
+        write: false,
+        user: true,
+    })
+    .unwrap();
+    let out = {
+        let e = w.entry(0, &unmap(1)).unwrap();
+        w.exec(0, &e).unwrap().unwrap();
+        w.mmu.end_batch(0)
+    };
+    assert_eq!(
+        out.remote,
+        shadow::VcpuSet(0b1110),
+        "every vCPU with the root"
+    );
+    for v in out.remote.iter() {
+        w.mmu.take_delivery(v);
+    }
 }

@@ -33,9 +33,22 @@ fn a_tiny_bench_matrix_writes_every_output() {
         "{results}"
     );
     let points = results["points"].as_array().expect("points");
-    // 9 modes (native, pv, pv-lazy/1024 with fault-around on and off; pv-lazy/16, 64, 256)
-    // times 6 workloads.
-    assert_eq!(points.len(), 9 * 6, "every cell measured");
+    // 11 modes (native, pv, pv-lazy/1024 with fault-around on and off; pv-lazy/16, 64,
+    // 256; emulate, wrpt) times 6 workloads.
+    assert_eq!(points.len(), 11 * 6, "every cell measured");
+    for mode in ["emulate", "wrpt"] {
+        let p = points
+            .iter()
+            .find(|p| p["workload"] == "zap" && p["mode"] == mode)
+            .expect("a trap-mode cell");
+        assert!(p["trapped_per_op"]["median"].as_f64() > Some(0.0), "{p}");
+        assert!(p["ptes_per_pt_page"]["median"].as_f64() > Some(1.0), "{p}");
+    }
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    assert!(
+        md.contains("## Five strategies") && md.contains("**Conclusion"),
+        "{md}"
+    );
     let populate = points
         .iter()
         .find(|p| p["workload"] == "populate" && p["mode"] == "pv-lazy/1024")
@@ -43,6 +56,24 @@ fn a_tiny_bench_matrix_writes_every_output() {
     let fault = &populate["ops"]["fault (demand-zero)"];
     assert_eq!(fault["faults_per_page"]["median"], 1.0 / 16.0, "{populate}");
     assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
+    // The SMP rows: 4 workloads x 5 modes x 2 and 4 vCPUs, with the VMM's remote-flush
+    // counters in the PV modes; no remote flush at all for never-touched pages.
+    let smp = results["smp"].as_array().expect("smp rows");
+    assert_eq!(smp.len(), 4 * 5 * 2, "every SMP cell measured: {results}");
+    for p in smp.iter().filter(|p| p["mmu"] != "native") {
+        assert!(
+            p["remote_sent_per_op"].is_object(),
+            "no VMM SMP counters: {p}"
+        );
+        if p["workload"] == "smp_flush_avoid" {
+            assert_eq!(p["kicks_per_op"]["median"], 0.0, "{p}");
+        } else {
+            assert!(
+                p["remote_sent_per_op"]["median"].as_f64() > Some(0.0),
+                "{p}"
+            );
+        }
+    }
     let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
     for section in [
         "Host:",
@@ -52,6 +83,7 @@ fn a_tiny_bench_matrix_writes_every_output() {
         "pv-lazy ÷ native",
         "## MMU_BATCH phases",
         "## Every cell",
+        "## SMP: remote flushes per operation",
     ] {
         assert!(md.contains(section), "report.md lacks '{section}':\n{md}");
     }

@@ -45,7 +45,7 @@ fn op_hypercalls(tap: &Tap, test: &str, op: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no count in '{line}'"))
 }
 
-const ALL: [&str; 12] = [
+const ALL: [&str; 20] = [
     "populate",
     "zap",
     "mprotect",
@@ -57,6 +57,14 @@ const ALL: [&str; 12] = [
     "relocate",
     "flush_avoid",
     "fault_around",
+    "smp_unmap",
+    "smp_mprotect",
+    "smp_remap",
+    "smp_dirty",
+    "smp_exit_mmap",
+    "smp_flush_avoid",
+    "smp_fork_cow",
+    "smp_hammer",
     "hostile",
 ];
 
@@ -150,6 +158,46 @@ fn suite_passes_in_pv_and_pv_lazy_and_lazy_batches() {
         "{:?}",
         h.diag
     );
+}
+
+#[test]
+fn suite_passes_in_emulate_and_wrpt() {
+    if !kvm_available("suite_passes_in_emulate_and_wrpt") {
+        return;
+    }
+    for mode in ["emulate", "wrpt"] {
+        let (out, tap, stats) = suite(mode, "");
+        let console = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(tap.points.len(), ALL.len(), "{console}");
+        for name in ALL {
+            let p = tap
+                .get(name)
+                .unwrap_or_else(|| panic!("{mode}: no test {name}"));
+            assert!(p.ok && p.skip.is_none(), "{mode}: {name}: {:?}", p.diag);
+        }
+        assert_eq!(out.status.code(), Some(0), "{mode}: {console}");
+        let t = &stats["mmu"]["pt_trap"];
+        assert_eq!(t["mode"], mode, "{t}");
+        let n = |k: &str| t[k].as_u64().unwrap_or(0);
+        assert!(n("trapped_writes") > 0, "{mode}: the stores trapped: {t}");
+        // The hostile test's plain stores were refused (and nothing else was).
+        assert!(n("refused_writes") >= 3, "{mode}: {t}");
+        if mode == "emulate" {
+            assert_eq!(n("unhooks"), 0, "{t}");
+            // Every trapped store was emulated, refused or (a stale alias) written through.
+            let handled = n("emulated_writes") + n("refused_writes") + n("passthrough_writes");
+            assert!(handled >= n("trapped_writes"), "{t}");
+        } else {
+            // Every unhooked L1 is re-hooked but those still unhooked when the guest exits.
+            let (u, r) = (n("unhooks"), n("rehooks"));
+            assert!(u > 0 && r <= u && u - r <= 4, "{t}");
+            assert!(n("revalidated_entries") >= n("rehooks") / 2, "{t}");
+            assert!(
+                n("spurious_faults") > 0,
+                "{mode}: demand faults retried: {t}"
+            );
+        }
+    }
 }
 
 #[test]

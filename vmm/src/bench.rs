@@ -148,6 +148,10 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         uid: None,
         gid: None,
         debug_seccomp_violation: false,
+        pt_trap: crate::ptwrite::PtTrapMode::Off,
+        debug_pt_trap_no_validate: false,
+        debug_pt_trap_keep_parents: false,
+        debug_pt_trap_no_harvest: false,
         check_shadow: false,
         debug_unguarded_response: false,
         // This thread runs one VM after another: only the VM's own threads are filtered.

@@ -153,6 +153,20 @@ pub struct RunArgs {
     /// Test only: vCPU 0 makes a syscall outside its allow-list at its first exit.
     #[arg(long, hide = true)]
     pub debug_seccomp_violation: bool,
+    /// Offer the page-table write modes (guest mmu=emulate, mmu=wrpt): auto probes the
+    /// read-only memslot trap at start-up and offers them where it works; off never does.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pt_trap: crate::ptwrite::PtTrapMode,
+    /// Test only: apply trapped page-table stores (and re-hooked wrpt entries) without
+    /// validating them; the e2e suite expects the failure.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_no_validate: bool,
+    /// Test only: unhook a wrpt L1 without dropping its parents' shadow entries.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_keep_parents: bool,
+    /// Test only: unhook a wrpt L1 without harvesting its A/D bits first.
+    #[arg(long, hide = true)]
+    pub debug_pt_trap_no_harvest: bool,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]
@@ -337,6 +351,17 @@ pub fn parse_timeout(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "invalid timeout '{s}': expected a positive number of seconds"
         )),
+    }
+}
+
+impl RunArgs {
+    /// The engine's trap switches from the `--debug-pt-trap-*` flags.
+    pub fn trap_debug(&self) -> shadow::TrapDebug {
+        shadow::TrapDebug {
+            no_validate: self.debug_pt_trap_no_validate,
+            keep_parents: self.debug_pt_trap_keep_parents,
+            no_harvest: self.debug_pt_trap_no_harvest,
+        }
     }
 }
 

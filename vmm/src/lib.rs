@@ -22,6 +22,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod privilege;
+pub mod ptwrite;
 pub mod seccomp;
 pub mod signals;
 pub mod stats;

@@ -4,7 +4,7 @@
 
 use crate::devices::trigger::FlagTrigger;
 use crate::devices::Bus;
-use crate::hcall::{Dispatcher, Outcome};
+use crate::hcall::{Dispatcher, Effects, Outcome};
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
@@ -22,6 +22,10 @@ pub trait VmOps: Send + Sync {
     fn hypercall(&self, vcpu: usize, gpa: u64) -> Outcome;
     /// True once after a device raised the VM's reset line.
     fn take_reset(&self) -> bool;
+    /// An MMIO write that may be a trapped page-table store: its effects if it was one.
+    fn pt_write(&self, _vcpu: usize, _addr: u64, _data: &[u8]) -> Option<Effects> {
+        None
+    }
     /// Guest memory, for diagnostics (reading the code at RIP after an emulation failure).
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         None
@@ -60,6 +64,9 @@ impl VmOps for VmBuses {
     }
     fn take_reset(&self) -> bool {
         self.reset.take()
+    }
+    fn pt_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> Option<Effects> {
+        self.hcalls.pt_write(vcpu, addr, data)
     }
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         Some(&self.mem)

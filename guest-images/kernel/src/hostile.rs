@@ -205,6 +205,11 @@ fn structure_cases(c: &Chain) -> [Case; 10] {
 /// A page-table frame mapped writable by a 4 KiB leaf: the engine may accept it but the
 /// shadow must be read-only: a store through it faults. True if it held.
 fn writable_table(m: &mut Mmu, c: &Chain) -> bool {
+    if m.mode.plain_stores() {
+        // Stores through such a mapping trap instead of faulting: hostile_stores checks
+        // that they are validated.
+        return true;
+    }
     let va = 0x80_0000_0000u64; // L4 slot 1, L3 0, L2 0, L1 0
     let s = send(m, &[MmuEntry::pt_update(c.l1, c.l2 | vm::P | vm::RW)]);
     let faulted = if s == 0 { traps::probe_write(va) } else { true };
@@ -267,6 +272,12 @@ pub fn attacks(m: &mut Mmu) -> Result<u32, &'static str> {
         bad += 1;
     }
     bad += batch_cases(m);
+    let t = crate::hostile_stores::Target {
+        l2: c.l2,
+        l1: c.l1,
+        data: c.data,
+    };
+    bad += crate::hostile_stores::attacks(m, &mut |m, e| send(m, &[e]), &t);
     // Tear the scratch chain down (unlinking untypes it) and free it.
     let s = send(
         m,

@@ -20,7 +20,8 @@ pub mod status {
     pub const MAX_FAILURES: u8 = 63;
     /// An unknown option or a bad value (sysexits' EX_USAGE).
     pub const BAD_CMDLINE: u8 = 64;
-    /// mmu=pv or pv-lazy, but the VMM does not offer MMU_BATCH (sysexits' EX_UNAVAILABLE).
+    /// mmu=pv or pv-lazy without MMU_BATCH, or mmu=emulate or wrpt without the VMM's
+    /// page-table write trap (feature PT_TRAP) (sysexits' EX_UNAVAILABLE).
     pub const NO_MMU_BATCH: u8 = 69;
     /// A kernel panic: the highest status `pvmm` passes through as is (0-127).
     pub const PANIC: u8 = 127;
@@ -49,6 +50,8 @@ pub struct Opts {
     pub debug_faults: bool,
     /// `break=drop_update`.
     pub drop_update: bool,
+    /// `break=no_shootdown`.
+    pub no_shootdown: bool,
     /// `drop_at=`.
     pub drop_at: u64,
     /// `fault_around=`: pages a demand fault maps (0: only the faulting one).
@@ -89,7 +92,7 @@ struct Opt {
     set: fn(&mut Opts, Val),
 }
 
-const MODES: &[&str] = &["native", "pv", "pv-lazy"];
+const MODES: &[&str] = &["native", "pv", "pv-lazy", "emulate", "wrpt"];
 
 /// Every option, in the order `help` lists them.
 const OPTIONS: &[Opt] = &[
@@ -116,11 +119,16 @@ const OPTIONS: &[Opt] = &[
         unset: "",
         help: "MMU backend. native: the kernel writes the page tables the CPU walks; pv: \
                every page-table change is one MMU_BATCH hypercall to the VMM's shadow MMU; \
-               pv-lazy: changes queue inside lazy sections and go out as one batch.",
+               pv-lazy: changes queue inside lazy sections and go out as one batch; emulate: \
+               plain stores to the page tables, each trapped and validated by the VMM; wrpt: \
+               plain stores, the VMM unhooks a written L1 and re-validates it at the next \
+               fault in its range or MMU hypercall (needs the VMM's PT_TRAP feature).",
         set: |o, v| {
             o.mode = match choice(v) {
                 1 => Mode::Pv,
                 2 => Mode::PvLazy,
+                3 => Mode::Emulate,
+                4 => Mode::Wrpt,
                 _ => Mode::Native,
             }
         },
@@ -210,12 +218,20 @@ const OPTIONS: &[Opt] = &[
     },
     Opt {
         name: "break",
-        kind: Kind::Choice(&["drop_update"]),
+        kind: Kind::Choice(&["drop_update", "no_shootdown"]),
         default: None,
         unset: "none",
         help: "Fault injection. drop_update: the pv-lazy backend silently drops one queued \
-               PT_UPDATE, so the selftests must fail (proves they can).",
-        set: |o, _| o.drop_update = true,
+               PT_UPDATE, so the selftests must fail (proves they can). no_shootdown: \
+               native mode sends no TLB shootdown IPIs (a dying root is still dropped), so \
+               the SMP shootdown tests must fail where the CPUs cache translations.",
+        set: |o, v| {
+            if choice(v) == 0 {
+                o.drop_update = true
+            } else {
+                o.no_shootdown = true
+            }
+        },
     },
     Opt {
         name: "drop_at",
@@ -306,6 +322,7 @@ fn defaults() -> Opts {
         exit: None,
         debug_faults: false,
         drop_update: false,
+        no_shootdown: false,
         drop_at: 0,
         fault_around: 0,
     };
@@ -543,7 +560,7 @@ fn print_statuses(w: &mut impl Write) -> fmt::Result {
     )?;
     writeln!(
         w,
-        "  {NO_MMU_BATCH:<5} mmu=pv or mmu=pv-lazy, but the VMM offers no MMU_BATCH (`Bail out!`)"
+        "  {NO_MMU_BATCH:<5} mmu=pv or mmu=pv-lazy, but the VMM offers no MMU_BATCH; mmu=emulate or mmu=wrpt,\n        but it cannot trap page-table stores (`Bail out!`)"
     )?;
     writeln!(
         w,

@@ -120,4 +120,18 @@ pub trait OpHandler: Send + Sync {
     fn write_guarded(&self, ram: &GuestRam, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {
         ram.write(gpa, bytes)
     }
+    /// Offers the page-table write modes through `alias` (the MMU handler; before the
+    /// dispatcher reads the feature bits).
+    fn enable_pt_trap(&mut self, _alias: crate::ptwrite::Alias) {}
+    /// A store that exited as an MMIO write at `addr`: `Some(effects)` if it went through
+    /// this handler's RAM alias (a trapped page-table store, handled), else `None`.
+    fn trapped_write(
+        &self,
+        _ram: &GuestRam,
+        _vcpu: usize,
+        _addr: u64,
+        _data: &[u8],
+    ) -> Option<Effects> {
+        None
+    }
 }

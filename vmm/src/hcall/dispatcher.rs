@@ -55,6 +55,14 @@ impl Dispatcher {
         self.handlers.get(&op::MMU_BATCH).and_then(|h| h.report())
     }
 
+    /// A store that exited as an MMIO write at `addr`: the MMU handler's effects if it was a
+    /// trapped page-table store (through the RAM alias), `None` for any other MMIO.
+    pub fn pt_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> Option<Effects> {
+        self.handlers
+            .get(&op::MMU_BATCH)
+            .and_then(|h| h.trapped_write(&self.ram, vcpu, addr, data))
+    }
+
     /// The per-vCPU "last status" registers read through the doorbell's status port.
     pub fn last_status(&self) -> Arc<Vec<AtomicI64>> {
         self.last_status.clone()
@@ -145,7 +153,12 @@ impl Dispatcher {
 
     fn dispatch(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
         let op = op_of(req);
-        let Some(h) = self.handlers.get(&op) else {
+        // The page-table write ops belong to the MMU handler.
+        let key = match op {
+            op::PT_WRITES | op::PT_FAULT => op::MMU_BATCH,
+            o => o,
+        };
+        let Some(h) = self.handlers.get(&key) else {
             return Response::err(HcError::Enosys);
         };
         let r = h.handle(ctx, req);
@@ -162,6 +175,8 @@ fn op_of(r: &Request) -> u32 {
         Request::Exit { .. } => op::EXIT,
         Request::Null => op::NULL,
         Request::MmuBatch { .. } => op::MMU_BATCH,
+        Request::PtWrites { .. } => op::PT_WRITES,
+        Request::PtFault { .. } => op::PT_FAULT,
     }
 }
 

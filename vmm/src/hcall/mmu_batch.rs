@@ -5,9 +5,10 @@
 use super::contract::{CallCtx, MmuPhases, OpHandler};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
+use crate::ptwrite::Alias;
 use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, Response};
 use serde_json::{json, Map, Value};
-use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu};
+use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, WriteMode};
 use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -22,12 +23,16 @@ pub struct MmuOptions {
     /// page table (`--debug-unguarded-response`; the e2e suite expects `--check-shadow` to
     /// catch it).
     pub unguarded_response: bool,
+    /// Test-only switches of the page-table write trap (`--debug-pt-trap-*`).
+    pub trap_debug: shadow::TrapDebug,
 }
 
 /// The MMU_BATCH handler of one VM.
 pub struct MmuBatch {
     engine: Mutex<ShadowMmu>,
     options: MmuOptions,
+    /// The read-only RAM alias when the page-table write modes are offered.
+    alias: Option<Alias>,
 }
 
 thread_local! {
@@ -57,6 +62,7 @@ pub fn factory_with(
         Ok(engine) => Some(Box::new(MmuBatch {
             engine: Mutex::new(engine),
             options,
+            alias: None,
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -126,6 +132,8 @@ impl MmuBatch {
             let Ok(mut engine) = self.engine.lock() else {
                 return Response::err(HcError::Ebusy);
             };
+            // wrpt: any MMU hypercall re-validates and re-hooks the unhooked L1s first.
+            engine.rehook_all(ctx.ram.memory(), ctx.vcpu);
             let (done, failure) =
                 apply_entries(&mut engine, ctx, buf, count, &mut phases.zero_frame);
             phases.apply = ctx.lap_ns().saturating_sub(phases.zero_frame);
@@ -166,6 +174,64 @@ impl MmuBatch {
     }
 }
 
+impl MmuBatch {
+    /// `PT_WRITES(mode)`: ENOSYS without the trap, else the engine's answer.
+    fn pt_writes(&self, mode: u64) -> Response {
+        let Some(alias) = self.alias else {
+            return Response::err(HcError::Enosys);
+        };
+        let mode = match mode {
+            hypercall::pt_writes::EMULATE => WriteMode::Emulate,
+            hypercall::pt_writes::WRPT => WriteMode::Wrpt,
+            _ => WriteMode::Hypercall,
+        };
+        let Ok(mut engine) = self.engine.lock() else {
+            return Response::err(HcError::Ebusy);
+        };
+        match engine.set_write_mode(mode, alias.base) {
+            Ok(()) => Response::ok(0),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    /// `PT_FAULT(va)`: a spurious fault; re-hooks every unhooked L1.
+    fn pt_fault(&self, ctx: &mut CallCtx<'_>, va: u64) -> Response {
+        if self.alias.is_none() {
+            return Response::err(HcError::Enosys);
+        }
+        let Ok(mut engine) = self.engine.lock() else {
+            return Response::err(HcError::Ebusy);
+        };
+        engine.spurious_fault(ctx.ram.memory(), ctx.vcpu, va);
+        self.finish_batch(&mut engine, ctx);
+        Response::ok(0)
+    }
+}
+
+/// The trap counters for the report.
+fn trap_report(e: &ShadowMmu) -> Value {
+    let t = e.trap_counters();
+    let hist: Map<String, Value> = TrapCounters::HIST_LABELS
+        .iter()
+        .zip(t.revalidated_hist)
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({
+        "mode": e.write_mode().name(),
+        "trapped_writes": t.trapped_writes,
+        "emulated_writes": t.emulated_writes,
+        "refused_writes": t.refused_writes,
+        "passthrough_writes": t.passthrough_writes,
+        "unhooks": t.unhooks,
+        "rehooks": t.rehooks,
+        "revalidated_entries": t.revalidated_entries,
+        "revalidated_max": t.revalidated_max,
+        "revalidated_per_rehook": hist,
+        "lru_evictions": t.lru_evictions,
+        "spurious_faults": t.spurious_faults,
+    })
+}
+
 fn op_kind_name(k: OpKind) -> &'static str {
     match k {
         OpKind::PtUpdate => "pt_update",
@@ -178,6 +244,7 @@ fn op_kind_name(k: OpKind) -> &'static str {
         OpKind::QueryAd => "query_ad",
         OpKind::RelocateTable => "relocate_table",
         OpKind::ZeroFrame => "zero_frame",
+        OpKind::SetKernelRoot => "set_kernel_root",
     }
 }
 
@@ -193,14 +260,54 @@ fn named<T: Copy>(all: &[T], counts: &[u64], name: impl Fn(T) -> &'static str) -
 
 impl OpHandler for MmuBatch {
     fn features(&self) -> u32 {
-        features::MMU_BATCH | features::AD_SYNC | features::RELOCATE | features::ZERO_FRAMES
+        let trap = if self.alias.is_some() {
+            features::PT_TRAP
+        } else {
+            0
+        };
+        features::MMU_BATCH | features::AD_SYNC | features::RELOCATE | features::ZERO_FRAMES | trap
     }
 
     fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
         match *req {
             Request::MmuBatch { entries_gpa, count } => self.run(ctx, entries_gpa, count),
+            Request::PtWrites { mode } => self.pt_writes(mode),
+            Request::PtFault { va } => self.pt_fault(ctx, va),
             _ => Response::err(HcError::Einval),
         }
+    }
+
+    fn enable_pt_trap(&mut self, alias: Alias) {
+        self.alias = Some(alias);
+        if let Ok(mut e) = self.engine.lock() {
+            e.set_trap_debug(self.options.trap_debug);
+        }
+    }
+
+    fn trapped_write(
+        &self,
+        ram: &GuestRam,
+        vcpu: usize,
+        addr: u64,
+        data: &[u8],
+    ) -> Option<crate::hcall::Effects> {
+        let store = self.alias?.decode(addr, data)?;
+        let mut ctx = CallCtx {
+            vcpu,
+            ram,
+            effects: crate::hcall::Effects::default(),
+            entries: None,
+            phases: None,
+            lap: Instant::now(),
+        };
+        let Ok(mut engine) = self.engine.lock() else {
+            // A poisoned engine: the store is dropped (the guest sees its old entry).
+            return Some(ctx.effects);
+        };
+        let r = engine.trapped_write(ram.memory(), vcpu, store.gpa, store.data);
+        log::trace!("vCPU {vcpu}: trapped store at {:#x}: {r:?}", store.gpa);
+        self.finish_batch(&mut engine, &mut ctx);
+        Some(ctx.effects)
     }
 
     fn write_guarded(&self, ram: &GuestRam, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {
@@ -246,6 +353,7 @@ impl OpHandler for MmuBatch {
             "ad_queries": c.queries,
             "pool_reclaims": c.reclaims,
             "reclaimed_tables": c.reclaimed_tables,
+            "pt_trap": trap_report(&e),
         }))
     }
 }

@@ -361,9 +361,41 @@ fn kvm_counters(o: &mut String, m: &VcpuReport) {
     }
 }
 
+/// The page-table write trap's counters (guest mmu=emulate / mmu=wrpt), when in use.
+fn render_pt_trap(o: &mut String, t: &serde_json::Value) {
+    let mode = t["mode"].as_str().unwrap_or("hypercall");
+    if mode == "hypercall" {
+        return;
+    }
+    let _ = writeln!(o, "  page-table write trap (mode {mode}):");
+    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+    for k in [
+        "trapped_writes",
+        "emulated_writes",
+        "refused_writes",
+        "passthrough_writes",
+        "unhooks",
+        "rehooks",
+        "revalidated_entries",
+        "revalidated_max",
+        "lru_evictions",
+        "spurious_faults",
+    ] {
+        let _ = writeln!(o, "    {k:<24} {}", n(k));
+    }
+    if let Some(h) = t["revalidated_per_rehook"].as_object() {
+        let parts: Vec<String> = ["0", "1", "2-8", "9-64", "65-512"]
+            .iter()
+            .map(|b| format!("{b}:{}", h.get(*b).and_then(|v| v.as_u64()).unwrap_or(0)))
+            .collect();
+        let _ = writeln!(o, "    {:<24} {}", "re-hooks by entries", parts.join(" "));
+    }
+}
+
 fn render_mmu(o: &mut String, v: &serde_json::Value) {
+    render_pt_trap(o, &v["pt_trap"]);
     if let serde_json::Value::Object(map) = v {
-        for (k, val) in map {
+        for (k, val) in map.iter().filter(|(k, _)| k.as_str() != "pt_trap") {
             match val {
                 serde_json::Value::Object(inner) if !inner.is_empty() => {
                     let parts: Vec<String> =

@@ -12,6 +12,9 @@ use hypercall::{HcError, DOORBELL_PORT};
 use kvm_ioctls::VcpuExit;
 use std::time::Instant;
 
+/// Device name of trapped page-table stores in the statistics.
+pub const PT_TRAP_NAME: &str = "pt-trap";
+
 /// What the vCPU loop does after an exit has been handled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
@@ -49,6 +52,10 @@ pub fn handle_exit(
             Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
+            if let Some(fx) = vm.pt_write(vcpu, addr, data) {
+                stats.mmio(PT_TRAP_NAME, Dir::Out, elapsed(since));
+                return (name, Next::Apply(fx));
+            }
             let dev = vm.mmio_write(vcpu, addr, data);
             stats.mmio(dev, Dir::Out, elapsed(since));
             reset_or_continue(vm)
@@ -228,6 +235,43 @@ mod tests {
         fn take_reset(&self) -> bool {
             self.reset.swap(false, std::sync::atomic::Ordering::SeqCst)
         }
+        fn pt_write(&self, _: usize, addr: u64, data: &[u8]) -> Option<Effects> {
+            // Stores at 1 TiB and above stand for the RAM alias here.
+            (addr >= 1 << 40).then(|| {
+                self.log(format!("pt_write {addr:#x} {data:?}"));
+                Effects {
+                    flush: true,
+                    ..Effects::default()
+                }
+            })
+        }
+    }
+
+    #[test]
+    fn trapped_page_table_stores_go_to_the_mmu_not_the_bus() {
+        let vm = FakeVm::default();
+        let (name, next, stats) = run(&vm, VcpuExit::MmioWrite((1 << 40) + 0x2008, &[7; 8]));
+        assert_eq!((name, next), ("mmio", flush()));
+        assert_eq!(
+            vm.calls(),
+            vec![format!(
+                "pt_write {:#x} {:?}",
+                (1u64 << 40) + 0x2008,
+                [7u8; 8]
+            )]
+        );
+        assert!(
+            stats.mmio.contains_key(&(PT_TRAP_NAME, Dir::Out)),
+            "{:?}",
+            stats.mmio.keys()
+        );
+        // Any other MMIO write still reaches the device bus.
+        let (_, next, _) = run(&vm, VcpuExit::MmioWrite(0xfee0_0000, &[1]));
+        assert_eq!(next, Next::Continue);
+        assert_eq!(
+            vm.calls().last().map(String::as_str),
+            Some("mmio_write 0xfee00000")
+        );
     }
 
     fn run(vm: &FakeVm, exit: VcpuExit<'_>) -> (&'static str, Next, VcpuStats) {

@@ -105,11 +105,14 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let entry = load_kernel(args, &mem, &layout)?;
     let ram = GuestRam::new(mem.clone(), layout.usable().collect());
     let vcpus = usize::from(args.vcpus);
-    let dispatcher = Arc::new(Dispatcher::new(
-        ram.clone(),
-        vcpus,
-        mmu(&ram, &layout, vcpus),
-    ));
+    let mut handler = mmu(&ram, &layout, vcpus);
+    if let (Some(h), Some(alias)) = (
+        handler.as_mut(),
+        crate::ptwrite::setup(&kvm, &vm, &mem, &layout, args.pt_trap)?,
+    ) {
+        h.enable_pt_trap(alias);
+    }
+    let dispatcher = Arc::new(Dispatcher::new(ram.clone(), vcpus, handler));
     let (buses, serial) = build_buses(&vm, &mem, out, dispatcher.clone(), extra)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (link, snapshots) = snapshot_channel(args);

@@ -6,11 +6,17 @@
 //! counts (exits, MMU_BATCH time and phases, shadow counters) subtracts a per-mode baseline
 //! run with no selftest (boot + exit only); guest counters are per test already.
 //!
-//! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`).
+//! The SMP rows (`smp`): the SMP workloads on 2 and 4 vCPUs, remote flushes and kicks per
+//! operation, µs per operation.
+//!
+//! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`), `--modes=five` (only
+//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows).
 
 mod plot;
 mod report;
 mod run;
+mod smp;
+mod strategies;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use run::{Mode, Sample, FA_DEFAULT};
@@ -104,6 +110,14 @@ pub struct Point {
     pub flushes_avoided: Stat,
     /// Per-operation figures.
     pub ops: BTreeMap<String, OpPoint>,
+    /// PTEs written per page-table page between two flushes (guest flush windows).
+    pub ptes_per_pt_page: Stat,
+    /// Trapped page-table stores per page (emulate, wrpt).
+    pub trapped_per_op: Stat,
+    /// Entries re-validated per re-hook (wrpt).
+    pub revalidated_per_rehook: Stat,
+    /// Spurious page faults per page (wrpt).
+    pub spurious_per_op: Stat,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -164,6 +178,10 @@ fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
         flushes_performed: per(&|s| s.flushes_performed),
         flushes_avoided: per(&|s| s.flushes_avoided),
         ops,
+        ptes_per_pt_page: per(&|s| ratio(s.trap.pt_ptes, s.trap.pt_pages)),
+        trapped_per_op: per(&|s| s.trap.trapped / n),
+        revalidated_per_rehook: per(&|s| ratio(s.trap.revalidated, s.trap.rehooks)),
+        spurious_per_op: per(&|s| s.trap.spurious / n),
     }
 }
 
@@ -195,8 +213,18 @@ fn exit_floor() -> Value {
 }
 
 /// The modes: native, pv and pv-lazy/1024 with fault-around on (the default) and off; the
-/// smaller lazy batches with it on.
+/// smaller lazy batches and the trap modes (emulate, wrpt) with it on. `--modes=five`: the
+/// five strategies only (native, pv, pv-lazy/1024, emulate, wrpt).
 fn modes() -> Vec<Mode> {
+    let five = std::env::args().any(|a| a == "--modes=five");
+    let m = |mmu, batch| Mode {
+        mmu,
+        batch,
+        fault_around: FA_DEFAULT,
+    };
+    if five {
+        return strategies::FIVE.iter().map(|&(mmu, b)| m(mmu, b)).collect();
+    }
     let mut modes = Vec::new();
     for fa in [FA_DEFAULT, 0] {
         for (mmu, batch) in [("native", None), ("pv", None), ("pv-lazy", Some(1024))] {
@@ -208,12 +236,10 @@ fn modes() -> Vec<Mode> {
         }
     }
     for b in [16, 64, 256] {
-        modes.push(Mode {
-            mmu: "pv-lazy",
-            batch: Some(b),
-            fault_around: FA_DEFAULT,
-        });
+        modes.push(m("pv-lazy", Some(b)));
     }
+    modes.push(m("emulate", None));
+    modes.push(m("wrpt", None));
     modes
 }
 
@@ -287,21 +313,37 @@ fn main() {
     let hz = tsc_hz();
     let floor = exit_floor();
     let host = report::host_facts();
-    let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
+    let total =
+        (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp::runs(a.repeat);
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (points, errors) = measure(&a, hz, &bar);
+    let (points, mut errors) = measure(&a, hz, &bar);
+    let tick = |m: &str| {
+        bar.set_message(m.to_string());
+        bar.inc(1);
+    };
+    // `--smp=off`: the UP matrix only (the SMP rows need every PV mode to run on 2 and 4
+    // vCPUs).
+    let smp_on = !std::env::args().any(|x| x == "--smp=off");
+    let (smp_points, smp_errors) = if smp_on {
+        smp::measure(a.repeat, hz, &tick)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    errors.extend(smp_errors);
     bar.finish_with_message("done");
     if let Err(e) = std::fs::create_dir_all(&a.out) {
         eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
         std::process::exit(1);
     }
     let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
-        "host": host, "exit_floor": floor, "points": points, "errors": errors});
-    let md = report::report(&points, &floor, &host, a.pages, a.repeat);
+        "host": host, "exit_floor": floor, "points": points, "smp": smp_points,
+        "errors": errors});
+    let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
+    smp::section(&mut md, &smp_points);
     let json = serde_json::to_string_pretty(&results).unwrap_or_default();
     let mut failed = false;
     for (file, text) in [("results.json", json), ("report.md", md)] {

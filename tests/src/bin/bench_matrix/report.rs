@@ -1,5 +1,6 @@
-//! `report.md`: the host, the headline (per-operation PTE updates per exit, the fault path,
-//! VMM cost per update, pv-lazy ÷ native), the MMU_BATCH phases, then every cell.
+//! `report.md`: the host, the five strategies side by side (`strategies`), the headline
+//! (per-operation PTE updates per exit, the fault path, VMM cost per update, pv-lazy ÷
+//! native), the MMU_BATCH phases, then every cell.
 
 use crate::run::FA_DEFAULT;
 use crate::{Point, WORKLOADS};
@@ -255,6 +256,8 @@ pub fn report(points: &[Point], floor: &Value, host: &Value, pages: u32, repeat:
     let mut o = String::new();
     let _ = writeln!(o, "# pvmm MMU-mode benchmark\n\n{pages} pages per workload run, {repeat} repetitions; medians (with [min–max] in the last table). An operation is one page. Regenerate with `make bench` (`BENCH_PAGES`, `BENCH_REPEAT`).\n");
     host_section(&mut o, points, host, floor);
+    let software_kvm = !host["hardware_virtualization"].as_bool().unwrap_or(false);
+    crate::strategies::section(&mut o, points, software_kvm);
     ops_section(&mut o, points);
     fault_section(&mut o, points);
     ratio_section(&mut o, points);

@@ -94,6 +94,40 @@ pub struct Sample {
     pub flushes_avoided: f64,
     /// Per-operation lines by operation name.
     pub ops: BTreeMap<String, OpFig>,
+    /// The trap modes' figures.
+    pub trap: TrapFig,
+}
+
+/// The page-table write figures of one run: the guest's flush windows and, in the trap
+/// modes, the VMM's trap counters (less the baseline).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrapFig {
+    /// PTE writes summed over flush windows (guest `pt_ptes`).
+    pub pt_ptes: f64,
+    /// Distinct page-table pages written, summed over flush windows (guest `pt_pages`).
+    pub pt_pages: f64,
+    /// Spurious faults (guest).
+    pub spurious: f64,
+    /// Trapped stores (VMM).
+    pub trapped: f64,
+    /// Re-hooks and the entries they re-validated (VMM, wrpt).
+    pub rehooks: f64,
+    /// See `rehooks`.
+    pub revalidated: f64,
+}
+
+/// The trap counters of `stats` less `base`.
+fn trap_fig(stats: &Value, base: &Value, g: &dyn Fn(&str) -> f64) -> TrapFig {
+    let (t, b) = (&stats["mmu"]["pt_trap"], &base["mmu"]["pt_trap"]);
+    let d = |k: &str| num(&t[k]) - num(&b[k]);
+    TrapFig {
+        pt_ptes: g("pt_ptes"),
+        pt_pages: g("pt_pages"),
+        spurious: g("spurious"),
+        trapped: d("trapped_writes"),
+        rehooks: d("rehooks"),
+        revalidated: d("revalidated_entries"),
+    }
 }
 
 /// The operation lines of each workload: (operation, prefix of its diagnostic line).
@@ -287,6 +321,7 @@ pub fn sample(
         flushes_performed: sum_obj(&m["flushes_performed"]) - sum_obj(&b["flushes_performed"]),
         flushes_avoided: sum_obj(&m["flushes_avoided"]) - sum_obj(&b["flushes_avoided"]),
         ops,
+        trap: trap_fig(stats, base, &g),
     })
 }
 
