@@ -1,7 +1,7 @@
 //! Tests that pin down behaviour cargo-mutants found unchecked by the other tests.
 #![allow(clippy::single_range_in_vec_init)]
 
-use hypercall::MmuOp;
+use hypercall::{FlushTarget, MmuOp};
 
 use crate::pte::*;
 use crate::tests::{vm_with_pool, Vm, L1, L2, L3, T, VA1};
@@ -873,10 +873,19 @@ fn every_op_kind_is_counted_under_its_own_name() {
             level: 1,
             frame: 0x51_000,
         },
-        MmuOp::Unpin { frame: 0x51_000 },
+        MmuOp::Unpin {
+            frame: 0x51_000,
+            detach: false,
+        },
         MmuOp::NewBaseptr { frame: 0 },
-        MmuOp::Invlpg { va: 0 },
-        MmuOp::FlushTlb,
+        MmuOp::Invlpg {
+            va: 0,
+            target: FlushTarget::Local,
+        },
+        MmuOp::FlushTlb {
+            target: FlushTarget::Local,
+            global: false,
+        },
         MmuOp::SyncAd {
             va: 0,
             pages: 1,
@@ -893,6 +902,7 @@ fn every_op_kind_is_counted_under_its_own_name() {
             new: 0x1000,
         },
         MmuOp::ZeroFrame { frame: 0x70_000 },
+        MmuOp::SetKernelRoot { frame: None },
     ];
     let names = [
         "PT_UPDATE",
@@ -905,6 +915,7 @@ fn every_op_kind_is_counted_under_its_own_name() {
         "QUERY_AD",
         "RELOCATE_TABLE",
         "ZERO_FRAME",
+        "SET_KERNEL_ROOT",
     ];
     assert_eq!(OpKind::ALL.len(), ops.len());
     for (n, op) in ops.iter().enumerate() {
