@@ -4,7 +4,7 @@
 
 use crate::devices::trigger::FlagTrigger;
 use crate::devices::Bus;
-use crate::hcall::{Dispatcher, Outcome};
+use crate::hcall::{Dispatcher, Effects, Outcome};
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
@@ -22,6 +22,15 @@ pub trait VmOps: Send + Sync {
     fn hypercall(&self, vcpu: usize, gpa: u64) -> Outcome;
     /// True once after a device raised the VM's reset line.
     fn take_reset(&self) -> bool;
+    /// What `vcpu` must apply because of another vCPU's MMU batch (a flush, a root switch).
+    fn take_delivery(&self, _vcpu: usize) -> Effects {
+        Effects::default()
+    }
+    /// Runs the host `resync` under the MMU engine's lock unless one completed after
+    /// generation `after`; true if it ran.
+    fn host_resync(&self, _after: u64, _resync: &mut dyn FnMut() -> bool) -> bool {
+        false
+    }
     /// Guest memory, for diagnostics (reading the code at RIP after an emulation failure).
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         None
@@ -60,6 +69,12 @@ impl VmOps for VmBuses {
     }
     fn take_reset(&self) -> bool {
         self.reset.take()
+    }
+    fn take_delivery(&self, vcpu: usize) -> Effects {
+        self.hcalls.take_delivery(vcpu)
+    }
+    fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+        self.hcalls.host_resync(after, resync)
     }
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         Some(&self.mem)
