@@ -510,6 +510,34 @@ mod tests {
         k
     }
 
+    #[test]
+    fn vm_keys_are_stable() {
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&build(info(), &[VcpuStats::default()], None)))
+                .unwrap();
+        assert_eq!(
+            keys(&v["vm"]),
+            [
+                "end_reason",
+                "exit_code",
+                "guest_status",
+                "hypercall_transport",
+                "mem_bytes",
+                "pool_resync",
+                "transport_choice",
+                "transport_probe_cached",
+                "transport_probe_ns",
+                "vcpus",
+                "wall_ns"
+            ]
+        );
+        assert_eq!(
+            keys(&v["vm"]["pool_resync"]),
+            ["choice", "needed", "probe_cached", "probe_ns"]
+        );
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 10);
+    }
+
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys
     /// is a breaking change and needs a new SCHEMA_VERSION.
     #[test]
@@ -537,22 +565,6 @@ mod tests {
             ]
         );
         assert_eq!(v["kind"], "final");
-        assert_eq!(
-            keys(&v["vm"]),
-            [
-                "end_reason",
-                "exit_code",
-                "guest_status",
-                "hypercall_transport",
-                "mem_bytes",
-                "pool_resync",
-                "transport_choice",
-                "transport_probe_cached",
-                "transport_probe_ns",
-                "vcpus",
-                "wall_ns"
-            ]
-        );
         let m = &v["merged"];
         assert_eq!(
             keys(m),
