@@ -17,6 +17,14 @@ const PROGRAMS: &[&str] = &[
     "relocate",
     "flush_avoid",
     "fault_around",
+    "smp_unmap",
+    "smp_mprotect",
+    "smp_remap",
+    "smp_dirty",
+    "smp_exit_mmap",
+    "smp_flush_avoid",
+    "smp_fork_cow",
+    "smp_hammer",
 ];
 
 fn main() {

@@ -12,6 +12,8 @@
 #
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
+#        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and the guest's shootdowns
+#                                       off (break=no_shootdown): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
@@ -27,6 +29,7 @@ PVMM=/bed/pvmm
 GUEST=/bed/pvmm-guest
 MODDIR=/bed/modules
 SUITE_CMDLINE="console=ttyS0 selftest=all pages=256"
+BREAK_CMDLINE="console=ttyS0 selftest=smp_unmap,smp_mprotect,smp_remap,smp_dirty,smp_fork_cow break=no_shootdown"
 STEP_TIMEOUT=900
 
 say() { echo "$*"; }
@@ -78,6 +81,11 @@ run_pvmm() { # step name, then pvmm arguments; stdin from the caller
 suite() { # name mode transport vcpus
     run_pvmm "$1" --kernel "$GUEST" --cmdline "$SUITE_CMDLINE mmu=$2" \
         --hypercall "$3" --vcpus "$4" --mem 256M </dev/null
+}
+
+smpbreak() { # name mode transport
+    run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
+        --hypercall "$3" --vcpus 2 --mem 256M </dev/null
 }
 
 npt0() {
@@ -133,6 +141,7 @@ EOF
     case "$kind" in
     suite) suite "$s" "$mode" "$transport" 1 ;;
     smp) suite "$s" "$mode" "$transport" 2 ;;
+    smpbreak) smpbreak "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;

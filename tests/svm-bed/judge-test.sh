@@ -30,8 +30,22 @@ suite "$good" 0 'pio (auto)' | judge suite:pv:vmcall FAIL "a pio stats header fa
 suite "$good" 104 'vmcall (forced)' | judge suite:pv:vmcall FAIL "a non-zero pvmm status fails"
 suite "$good" 0 'vmcall (forced)' | head -6 | judge suite:pv:vmcall FAIL "a step cut off before BED-END fails"
 printf '' | judge suite:pv:vmcall FAIL "a step that never ran fails"
-suite "$good" 0 'vmcall (forced)' | sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp:pv:vmcall/' |
-    judge smp:pv:vmcall PENDING "the SMP step is reported as pending, not passed"
+smp() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp:pv:vmcall/'; }
+smp_good='# mmu=pv cpus=2\n1..2\nok 1 a\nok 2 smp_unmap\n'
+suite "$smp_good" 0 'vmcall (forced)' | smp | judge smp:pv:vmcall PASS "an SMP suite on 2 CPUs passes"
+suite "$good" 0 'vmcall (forced)' | smp | judge smp:pv:vmcall FAIL "an SMP step without smp_* tests or a CPU count fails"
+suite '# mmu=pv cpus=1\n1..2\nok 1 a\nok 2 smp_unmap\n' 0 'vmcall (forced)' | smp |
+    judge smp:pv:vmcall FAIL "an SMP step whose guest saw 1 CPU fails"
+suite '# mmu=pv cpus=2\n1..2\nok 1 a\nok 2 smp_unmap # SKIP x\n' 0 'vmcall (forced)' | smp |
+    judge smp:pv:vmcall FAIL "an SMP step whose smp_* tests all skipped fails"
+suite '# mmu=pv cpus=2\n1..2\nok 1 a\nnot ok 2 smp_unmap\n' 1 'vmcall (forced)' | smp |
+    judge smp:pv:vmcall FAIL "a failing smp_* test fails the SMP step"
+
+brk() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpbreak:native:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpbreak:native:vmcall/'; }
+suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_dirty # x\n' 1 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall PASS "smpbreak: a failing dirty-race test passes the step"
+suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nok 2 smp_dirty\n' 0 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall FAIL "smpbreak: a dirty-race test that passes without shootdowns fails the step"
 
 linux() { # $1: timer after, $2: uptime after, $3: echoed token, $4: rc
     printf 'BED-BEGIN linux\nLINUX-MARKER userspace reached: 6.1\nLINUX-TIMER before=10 after=%s\n' "$1"

@@ -4,14 +4,16 @@
 # for, in order), token (the line the stock-Linux step must echo back).
 # Output: one tab-separated line per step, in the order asked:
 #   step  mode  transport  verdict  passed  failed  secs  via  exits  hypercalls  resyncs  why
-# verdict is PASS, FAIL or PENDING (the SMP step: the bundled guest has no SMP suite yet).
+# verdict is PASS or FAIL. An SMP step must also show the guest running on every vCPU
+# (the guest's `# mmu=... cpus=N` line) and its smp_* tests run. An smpbreak step (the
+# guest's shootdowns switched off) passes only if the dirty-race test failed.
 # Exit status: 0 if no step is FAIL.
 
 function reset_step() {
     tap = 0; plan = -1; npts = 0; nok = 0; nnot = 0; order_ok = 1; skips = 0
     via = "-"; exits = "-"; hcalls = 0; resyncs = 0; in_stats = 0; in_hc = 0
     lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""; lx_cpus = ""
-    kvm_line = ""
+    kvm_line = ""; g_cpus = ""; smp_tests = 0; failed_names = " "
 }
 
 function num(s) { return s + 0 }
@@ -27,6 +29,17 @@ function judge_suite(transport,    why) {
     if (!order_ok) why = why "TAP numbers out of order; "
     if ((transport == "vmcall" || transport == "auto") && via !~ /^vmcall/)
         why = why "stats header says hypercalls via '" via "', want vmcall; "
+    return why
+}
+
+# Verdict for an smpbreak step: a complete TAP run on 2+ CPUs in which smp_dirty failed
+# (a missing shootdown must lose dirty bits); the other failures are reported.
+function judge_break(    why) {
+    why = ""
+    if (!tap || plan < 0 || npts != plan) why = why "incomplete TAP output; "
+    if (num(g_cpus) < 2) why = why "the guest ran on " g_cpus " CPUs; "
+    if (failed_names !~ / smp_dirty /) why = why "smp_dirty passed without shootdowns; "
+    if (rc == 0) why = why "pvmm exit status 0 although tests must fail; "
     return why
 }
 
@@ -58,15 +71,15 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base) {
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
     if (kind == "suite" || kind == "smp") why = judge_suite(transport)
+    else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
-    verdict = (why == "") ? "PASS" : "FAIL"
     if (kind == "smp") {
-        verdict = "PENDING"
-        why = "guest has no SMP suite yet: --vcpus 2 ran the UP suite" \
-            (why == "" ? " and it passed" : ": " why)
+        if (num(g_cpus) < 2) why = why "the guest ran on " (g_cpus == "" ? "?" : g_cpus) " CPUs, want 2 or more; "
+        if (smp_tests == 0) why = why "no smp_* test ran; "
     }
+    verdict = (why == "") ? "PASS" : "FAIL"
     sub(/; $/, "", why)
     res[name] = name "\t" mode "\t" transport "\t" verdict "\t" nok "\t" nnot "\t" secs "\t" \
         via "\t" exits "\t" (hcalls ? hcalls : "-") "\t" (resyncs ? resyncs : "-") "\t" (why == "" ? "-" : why)
@@ -110,12 +123,14 @@ in_stats {
 tap && /^1\.\.[0-9]+$/ { plan = num(substr($0, 4)); next }
 tap && /^(not )?ok [0-9]+/ {
     n = ($1 == "not") ? $3 : $2
+    if ((($1 == "not") ? $4 : $3) ~ /^smp_/ && $0 !~ /# SKIP/) smp_tests++
     if (num(n) != npts + 1) order_ok = 0
     npts++
-    if ($1 == "not") nnot++; else nok++
+    if ($1 == "not") { nnot++; failed_names = failed_names $4 " " } else nok++
     next
 }
 /^npt=/ { kvm_line = $0 }
+/^# mmu=/ { for (i = 2; i <= NF; i++) if ($i ~ /^cpus=/) g_cpus = substr($i, 6) }
 /^LINUX-MARKER / { lx_marker = 1 }
 /^LINUX-CPUS / { lx_cpus = $2 }
 /^LINUX-TIMER / {
@@ -142,7 +157,7 @@ END {
             b = s; sub(/@.*/, "", b)
             split(b, p, ":")
             line = s "\t" (p[2] == "" ? "-" : p[2]) "\t" (p[3] == "" ? "-" : p[3]) \
-                "\t" (p[1] == "smp" ? "PENDING" : "FAIL") "\t0\t0\t-\t-\t-\t-\t-\tno result (step missing or cut off)"
+                "\tFAIL\t0\t0\t-\t-\t-\t-\t-\tno result (step missing or cut off)"
         }
         split(line, f, "\t")
         if (f[4] == "FAIL") bad++

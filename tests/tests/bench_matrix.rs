@@ -43,6 +43,24 @@ fn a_tiny_bench_matrix_writes_every_output() {
     let fault = &populate["ops"]["fault (demand-zero)"];
     assert_eq!(fault["faults_per_page"]["median"], 1.0 / 16.0, "{populate}");
     assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
+    // The SMP rows: 4 workloads x 3 modes x 2 and 4 vCPUs, with the VMM's remote-flush
+    // counters in the PV modes; no remote flush at all for never-touched pages.
+    let smp = results["smp"].as_array().expect("smp rows");
+    assert_eq!(smp.len(), 4 * 3 * 2, "every SMP cell measured: {results}");
+    for p in smp.iter().filter(|p| p["mmu"] != "native") {
+        assert!(
+            p["remote_sent_per_op"].is_object(),
+            "no VMM SMP counters: {p}"
+        );
+        if p["workload"] == "smp_flush_avoid" {
+            assert_eq!(p["kicks_per_op"]["median"], 0.0, "{p}");
+        } else {
+            assert!(
+                p["remote_sent_per_op"]["median"].as_f64() > Some(0.0),
+                "{p}"
+            );
+        }
+    }
     let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
     for section in [
         "Host:",
@@ -52,6 +70,7 @@ fn a_tiny_bench_matrix_writes_every_output() {
         "pv-lazy ÷ native",
         "## MMU_BATCH phases",
         "## Every cell",
+        "## SMP: remote flushes per operation",
     ] {
         assert!(md.contains(section), "report.md lacks '{section}':\n{md}");
     }

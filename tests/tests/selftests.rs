@@ -45,7 +45,7 @@ fn op_hypercalls(tap: &Tap, test: &str, op: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no count in '{line}'"))
 }
 
-const ALL: [&str; 12] = [
+const ALL: [&str; 20] = [
     "populate",
     "zap",
     "mprotect",
@@ -57,6 +57,14 @@ const ALL: [&str; 12] = [
     "relocate",
     "flush_avoid",
     "fault_around",
+    "smp_unmap",
+    "smp_mprotect",
+    "smp_remap",
+    "smp_dirty",
+    "smp_exit_mmap",
+    "smp_flush_avoid",
+    "smp_fork_cow",
+    "smp_hammer",
     "hostile",
 ];
 

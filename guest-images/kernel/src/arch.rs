@@ -12,14 +12,19 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// Virtual address where physical 0 is mapped (the kernel's top-2-GiB window).
 pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
 
-/// CPUs the kernel brings up. Every per-CPU array is sized by it; the SMP guest (issue 14)
-/// raises it and moves the entry-stub words below into a GS-based per-CPU area.
-pub const MAX_CPUS: usize = 1;
+/// CPUs the kernel brings up at most (the VMM's `--vcpus` limit). Every per-CPU array is
+/// sized by it.
+pub const MAX_CPUS: usize = 64;
 
-/// The calling CPU's index (< [`MAX_CPUS`]); only the boot CPU runs today.
+/// The calling CPU's index (< [`MAX_CPUS`]): word 0 of its GS-based [`CpuArea`]. User code
+/// never changes GS (the kernel uses no `swapgs`), so it holds in every kernel context.
 #[inline(always)]
 pub fn cpu_id() -> usize {
-    0
+    let v: u64;
+    // SAFETY: GS points at this CPU's CpuArea from `init_cpu` on (the first thing each CPU
+    // does); word 0 is its id.
+    unsafe { asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    v as usize
 }
 
 /// Kernel code selector.
@@ -112,12 +117,16 @@ struct Tables {
 
 const STACK: usize = 32 * 1024;
 
-/// One CPU's kernel stacks: syscalls, IST1 (every exception), IST2 (double fault).
+const SMALL_STACK: usize = 16 * 1024;
+
+/// One CPU's kernel stacks: syscalls and the runner's processes (an AP's boot stack too),
+/// IST1 (every exception), IST2 (double fault), IST3 (interrupts: IPIs, spurious).
 #[repr(C, align(16))]
 struct Stacks {
     syscall: [u8; STACK],
     exc: [u8; STACK],
-    df: [u8; STACK],
+    df: [u8; SMALL_STACK],
+    irq: [u8; SMALL_STACK],
 }
 
 /// Memory of one CPU that only that CPU touches: `init_cpu` fills the tables before the CPU
@@ -158,21 +167,69 @@ static STACKS: [CpuOwned<Stacks>; MAX_CPUS] = [const {
     CpuOwned(UnsafeCell::new(Stacks {
         syscall: [0; STACK],
         exc: [0; STACK],
-        df: [0; STACK],
+        df: [0; SMALL_STACK],
+        irq: [0; SMALL_STACK],
     }))
 }; MAX_CPUS];
 
-// Words the entry stubs (`traps`) and the runner switch read through rip-relative
-// symbols. One CPU: plain atomics; the SMP guest moves them into a GS-based per-CPU area.
+/// The words of one CPU that the entry stubs (`traps`) and the runner switch read through
+/// GS (`gs:[offset]`); GS base points at the CPU's own area. Only that CPU reads or writes
+/// it, so plain atomics suffice.
+#[repr(C)]
+pub struct CpuArea {
+    /// gs:0: the CPU's index.
+    id: AtomicU64,
+    /// gs:8: top of the syscall stack (the kernel stack of syscalls and the runner).
+    kstack_top: AtomicU64,
+    /// gs:16: end of the current task's trap frame (the syscall stub pushes there).
+    cur_frame_top: AtomicU64,
+    /// gs:24: the user stack pointer while the syscall stub switches stacks.
+    user_rsp_scratch: AtomicU64,
+    /// gs:32: the runner's saved stack pointer (see [`run_from_runner`]).
+    runner_rsp: AtomicU64,
+    /// The frame [`resume`] returns to user mode from: a copy taken under the process-table
+    /// lock, so that no other CPU's writes to the task's saved frame can race the return.
+    frame: UnsafeCell<TrapFrame>,
+}
 
-/// Top of the syscall stack (the kernel stack of syscalls and the runner's processes).
-pub static KSTACK_TOP: AtomicU64 = AtomicU64::new(0);
-/// End of the current process's trap frame: the syscall stub pushes the user state there.
-pub static CUR_FRAME_TOP: AtomicU64 = AtomicU64::new(0);
-/// The user stack pointer while the syscall stub switches stacks.
-pub static USER_RSP_SCRATCH: AtomicU64 = AtomicU64::new(0);
-/// The runner's saved stack pointer (see [`run_from_runner`]).
-pub static RUNNER_RSP: AtomicU64 = AtomicU64::new(0);
+/// Offset of `kstack_top` in [`CpuArea`] (for the entry stubs).
+pub const GS_KSTACK: usize = 8;
+/// Offset of `cur_frame_top`.
+pub const GS_FRAME_TOP: usize = 16;
+/// Offset of `user_rsp_scratch`.
+pub const GS_SCRATCH: usize = 24;
+/// Offset of `runner_rsp`.
+pub const GS_RUNNER: usize = 32;
+
+// SAFETY: each area is used by its own CPU only (the atomics by definition; `frame` is
+// written and read by its CPU with interrupts off).
+unsafe impl Sync for CpuArea {}
+
+static AREAS: [CpuArea; MAX_CPUS] = [const {
+    CpuArea {
+        id: AtomicU64::new(0),
+        kstack_top: AtomicU64::new(0),
+        cur_frame_top: AtomicU64::new(0),
+        user_rsp_scratch: AtomicU64::new(0),
+        runner_rsp: AtomicU64::new(0),
+        frame: UnsafeCell::new(TrapFrame::ZERO),
+    }
+}; MAX_CPUS];
+
+/// Top of CPU `cpu`'s syscall stack (an AP starts on it).
+pub fn kstack_top(cpu: usize) -> u64 {
+    let s = STACKS[cpu].0.get();
+    // SAFETY: only the address of the array is taken.
+    unsafe { core::ptr::addr_of!((*s).syscall) as u64 + STACK as u64 }
+}
+
+/// Copies `f` into this CPU's resume frame and returns its address (for [`resume`]).
+pub fn stage_frame(f: &TrapFrame) -> *const TrapFrame {
+    let p = AREAS[cpu_id()].frame.get();
+    // SAFETY: this CPU's own area, interrupts off: nothing else reaches it.
+    unsafe { p.write(*f) };
+    p
+}
 
 #[repr(C, packed)]
 struct Dtr {
@@ -180,10 +237,13 @@ struct Dtr {
     base: u64,
 }
 
-/// Loads this CPU's GDT and TSS (with its trap stacks).
-pub fn init_cpu() {
-    let t = TABLES[cpu_id()].0.get();
-    let s = STACKS[cpu_id()].0.get();
+/// Points GS at CPU `id`'s [`CpuArea`], then loads its GDT and TSS (with its trap stacks).
+pub fn init_cpu(id: usize) {
+    assert!(id < MAX_CPUS, "CPU index {id} out of range");
+    AREAS[id].id.store(id as u64, Ordering::Relaxed);
+    // The GS base is set at the end: the segment reloads below may clear it.
+    let t = TABLES[id].0.get();
+    let s = STACKS[id].0.get();
     // SAFETY: this CPU's own tables, not yet loaded: no one else reads them (CpuOwned).
     let g = unsafe {
         let tss = core::ptr::addr_of!((*t).tss) as u64;
@@ -191,11 +251,13 @@ pub fn init_cpu() {
             103 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
         (*t).gdt[6] = tss >> 32;
         let top = |p: *const u8| p as u64 + STACK as u64;
+        let small = |p: *const u8| p as u64 + SMALL_STACK as u64;
         let ks = top(core::ptr::addr_of!((*s).syscall).cast());
-        KSTACK_TOP.store(ks, Ordering::Relaxed);
+        AREAS[id].kstack_top.store(ks, Ordering::Relaxed);
         (*t).tss.rsp[0] = ks;
         (*t).tss.ist[0] = top(core::ptr::addr_of!((*s).exc).cast());
-        (*t).tss.ist[1] = top(core::ptr::addr_of!((*s).df).cast());
+        (*t).tss.ist[1] = small(core::ptr::addr_of!((*s).df).cast());
+        (*t).tss.ist[2] = small(core::ptr::addr_of!((*s).irq).cast());
         Dtr {
             limit: 7 * 8 - 1,
             base: core::ptr::addr_of!((*t).gdt) as u64,
@@ -228,7 +290,10 @@ pub fn init_cpu() {
             out("rax") _,
         );
     }
+    wrmsr(MSR_GS_BASE, core::ptr::addr_of!(AREAS[id]) as u64);
 }
+
+const MSR_GS_BASE: u32 = 0xc000_0101;
 
 /// Loads an IDT of `entries` 16-byte gates at `base`.
 pub fn load_idt(base: u64, entries: usize) {
@@ -243,7 +308,9 @@ pub fn load_idt(base: u64, entries: usize) {
 /// Makes the trap frame ending at `frame_top` the one the next ring-3 entry fills: the
 /// syscall stub pushes there and the CPU's RSP0 points there.
 pub fn set_user_entry(frame_top: u64) {
-    CUR_FRAME_TOP.store(frame_top, Ordering::Relaxed);
+    AREAS[cpu_id()]
+        .cur_frame_top
+        .store(frame_top, Ordering::Relaxed);
     let t = TABLES[cpu_id()].0.get();
     // SAFETY: this CPU's TSS (CpuOwned); the CPU reads RSP0 only on the next ring change.
     unsafe { core::ptr::addr_of_mut!((*t).tss.rsp[0]).write_unaligned(frame_top) };
@@ -273,6 +340,22 @@ pub fn rdtsc() -> u64 {
 pub fn write_cr3(v: u64) {
     // SAFETY: the caller passes a valid L4 with the kernel half mapped.
     unsafe { asm!("mov cr3, {}", in(reg) v, options(nostack)) };
+}
+
+/// `mov rax, cr3`.
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Waits for an interrupt with interrupts enabled for exactly the `hlt` (`sti` defers
+/// them by one instruction), then disables them again. Every interrupt gate has its own
+/// IST stack, so the interrupt never lands on the caller's stack (red zone).
+pub fn wait_for_interrupt() {
+    // SAFETY: see above; the handler returns here with iretq.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// `mov rax, cr2`.
@@ -367,14 +450,14 @@ pub fn run_from_runner(entry: u64) {
             "push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15",
             "lea rax, [rip + 2f]",
             "push rax",
-            "mov [rip + {runner}], rsp",
-            "mov rsp, [rip + {kstack}]",
+            "mov gs:[{runner}], rsp",
+            "mov rsp, gs:[{kstack}]",
             "jmp {f}",
             "2:",
             "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
             f = in(reg) entry,
-            runner = sym RUNNER_RSP,
-            kstack = sym KSTACK_TOP,
+            runner = const GS_RUNNER,
+            kstack = const GS_KSTACK,
             out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _, out("rdi") _,
             out("r8") _, out("r9") _, out("r10") _, out("r11") _,
         )
@@ -383,6 +466,6 @@ pub fn run_from_runner(entry: u64) {
 
 /// Returns control to the runner (never returns).
 pub fn back_to_runner() -> ! {
-    // SAFETY: RUNNER_RSP was saved by run_from_runner.
-    unsafe { asm!("mov rsp, [rip + {runner}]", "ret", runner = sym RUNNER_RSP, options(noreturn)) }
+    // SAFETY: this CPU's runner_rsp was saved by run_from_runner.
+    unsafe { asm!("mov rsp, gs:[{runner}]", "ret", runner = const GS_RUNNER, options(noreturn)) }
 }

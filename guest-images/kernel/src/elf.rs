@@ -68,7 +68,16 @@ pub fn load(s: &mut Space, m: &mut Mmu, elf: &[u8]) -> Option<u64> {
 fn load_segment(s: &mut Space, m: &mut Mmu, elf: &[u8], seg: &Segment) -> Option<()> {
     let start = seg.vaddr & !0xfff;
     let end = (seg.vaddr + seg.memsz).next_multiple_of(4096);
-    s.add_vma(start, end, seg.prot);
+    // Segments may share a page (.data and .bss): that page keeps the VMA it has (with
+    // both protections), so that no page is in two VMAs (teardown would drop it twice).
+    let mut vstart = start;
+    while let Some(i) = s.find(vstart).filter(|_| vstart < end) {
+        s.vmas[i].prot |= seg.prot;
+        vstart += 4096;
+    }
+    if vstart < end {
+        s.add_vma(vstart, end, seg.prot);
+    }
     let mut va = start;
     while va < end {
         let ptr = s.pte_ptr(m, va, true)?;

@@ -3,25 +3,32 @@
 //! and reports TAP on COM1, then exits through the EXIT hypercall with the failure count.
 //!
 //! Module map (an arrow is "uses"; there are no cycles):
-//! - `arch`: CPU plumbing, the leaf: layout constants, GDT/TSS, registers, context switch.
-//! - `sync`: SpinLock, PerCpu, CpuLocal, Once (-> arch).
+//! - `arch`: CPU plumbing, the leaf: layout constants, per-CPU GDT/TSS/GS area, registers,
+//!   context switch.
+//! - `apic`: the x2APIC: IPIs, INIT/SIPI (-> arch).
+//! - `tlb`: loaded roots per CPU, native shootdown mailboxes, wake-ups (-> apic, arch).
+//! - `sync`: SpinLock, PerCpu, CpuLocal, Once (-> arch, tlb).
 //! - `serial`, `bootinfo`: console, zero page (-> arch); `intrinsics`: memcpy & co.
 //! - `mem`: direct map and frame allocator (-> arch, bootinfo, sync).
 //! - `pv`: the PV ABI's guest side (-> arch, sync).
-//! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync).
+//! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync, tlb).
 //! - `vm`: address spaces (-> arch, mem, mmu, sync).
 //! - `elf`: program loading (-> mem, mmu, vm).
-//! - `sched`: processes and the scheduler (-> arch, elf, mmu, sync, vm).
-//! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, vm).
-//! - `traps`: IDT, entry stubs, exception dispatch (-> arch, mem, mmu, sched, serial, sync,
-//!   syscall).
-//! - `hostile`: the hostile selftest (-> arch, mem, mmu, serial, sync, traps, vm).
-//! - `selftest`: the TAP runner (-> arch, hostile, mem, mmu, sched, serial).
+//! - `sched`: tasks (processes, threads), per-CPU run queues (-> arch, elf, mmu, sync, tlb,
+//!   vm).
+//! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, tlb, vm).
+//! - `traps`: IDT, entry stubs, the IPI gate, exception dispatch (-> apic, arch, mem, mmu,
+//!   sched, serial, sync, syscall, tlb).
+//! - `hostile`: the hostile selftest (-> arch, mem, mmu, serial, sync, tlb, traps, vm).
+//! - `selftest`: the TAP runner (-> arch, hostile, mem, mmu, sched, serial, tlb).
 //! - `options`: the command-line table, parser and `help` (-> mmu, selftest).
+//! - `smp`: the MP table, the AP trampoline and bring-up (-> apic, arch, mmu, pv, sched,
+//!   tlb, traps, vm).
 //! - this file: boot, the kernel address space, exit and panic.
 #![no_std]
 #![no_main]
 
+mod apic;
 mod arch;
 mod bootinfo;
 mod elf;
@@ -34,8 +41,10 @@ mod pv;
 mod sched;
 mod selftest;
 mod serial;
+mod smp;
 mod sync;
 mod syscall;
+mod tlb;
 mod traps;
 mod vm;
 
@@ -78,7 +87,7 @@ extern "C" {
 
 extern "C" fn kmain(zero_page: u64) -> ! {
     let t_boot = arch::rdtsc();
-    arch::init_cpu();
+    arch::init_cpu(0);
     traps::init();
     let info = bootinfo::BootInfo::read(zero_page + KERNEL_VMA);
     banner(&info);
@@ -96,6 +105,16 @@ extern "C" fn kmain(zero_page: u64) -> ! {
         Ok(o) => o,
         Err(e) => bail(pv, format_args!("{e}")),
     };
+    if !apic::has_x2apic() {
+        bail(
+            pv,
+            format_args!("the CPU offers no x2APIC (needed for SMP bring-up)"),
+        );
+    }
+    apic::init(true);
+    // The MP table and the trampoline's page are only mapped until the switch too.
+    let cpus = smp::find_cpus(apic::id());
+    smp::install_trampoline();
     setup_mmu(&opts, pv);
     // Physical memory above the kernel image (and never the first 2 MiB: it is mapped
     // with 4 KiB pages, page tables must not live there).
@@ -105,11 +124,13 @@ extern "C" fn kmain(zero_page: u64) -> ! {
     {
         // PV: the reserve of zeroed page-table frames, zeroed in one batch.
         let mut m = mmu::this_cpu();
+        m.set_kernel_root(vm::kernel_l4());
         m.enter_lazy();
         m.refill_reserve();
         m.leave_lazy();
     }
-    print_config(&opts, arch::rdtsc() - t_boot);
+    let online = smp::start_aps(&cpus);
+    print_config(&opts, online, arch::rdtsc() - t_boot);
     let failures = selftest::run(opts.tests, opts.pages, opts.seed);
     let p = mmu::this_cpu().pv.take();
     let code = opts
@@ -167,21 +188,26 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
             finish(pv, status::NO_MMU_BATCH);
         }
     }
+    mmu::SETTINGS.set(mmu::Settings {
+        mode: opts.mode,
+        batch: opts.lazy_batch,
+        zero_vmm: opts.zero_vmm,
+        fault_around: opts.fault_around,
+    });
     let mut m = mmu::this_cpu();
-    m.mode = opts.mode;
-    m.batch = opts.lazy_batch;
-    m.zero_vmm = opts.zero_vmm;
-    m.fault_around = opts.fault_around;
-    m.pv = pv;
+    mmu::configure(&mut m, pv);
     if opts.drop_update {
         m.drop_after = 1 + opts.drop_at;
+    }
+    if opts.no_shootdown {
+        tlb::NO_SHOOTDOWN.store(true, core::sync::atomic::Ordering::Relaxed);
     }
     if opts.debug_faults {
         mmu::DEBUG_FAULTS.store(true, core::sync::atomic::Ordering::Relaxed);
     }
 }
 
-fn print_config(opts: &Opts, boot_cycles: u64) {
+fn print_config(opts: &Opts, cpus: usize, boot_cycles: u64) {
     let zero = if opts.zero_vmm && opts.mode != Mode::Native {
         "vmm"
     } else {
@@ -189,12 +215,13 @@ fn print_config(opts: &Opts, boot_cycles: u64) {
     };
     let _ = writeln!(
         Console,
-        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles} fault_around={}",
+        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles} fault_around={} cpus={cpus} lazy_tlb={}",
         opts.mode.name(),
         opts.lazy_batch,
         mem::ram_end(),
         mem::free_count(),
         opts.fault_around,
+        u8::from(mmu::this_cpu().lazy_tlb()),
     );
     if opts.drop_update {
         let _ = writeln!(
@@ -245,11 +272,11 @@ fn build_kernel_space(info: &bootinfo::BootInfo) {
         }
     }
     vm::set_kernel_half(l4);
+    tlb::init_boot(l4);
     let mut m = mmu::this_cpu();
     if m.is_pv() {
         m.pin_l4(l4);
     }
-    m.cur_l4 = 0;
     m.switch(l4);
     mem::use_dmap();
 }

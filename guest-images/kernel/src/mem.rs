@@ -51,6 +51,29 @@ pub fn wr(pa: u64, v: u64) {
     unsafe { core::ptr::write_volatile(va(pa) as *mut u64, v) }
 }
 
+/// Atomically ANDs `mask` into the u64 at physical `pa` (a native PTE that CPUs may be
+/// setting A/D in); returns the old value.
+pub fn fetch_and(pa: u64, mask: u64) -> u64 {
+    // SAFETY: as rd; the word is 8-byte aligned (a PTE), so it may be viewed as an atomic.
+    let a = unsafe { &*(va(pa) as *const core::sync::atomic::AtomicU64) };
+    a.fetch_and(mask, Ordering::AcqRel)
+}
+
+/// Atomically replaces the u64 at physical `pa` by `v` with the A/D bits (`ad`) the word
+/// has at that moment: a native PTE update that loses no A/D bit a CPU sets meanwhile.
+/// Returns the value replaced.
+pub fn store_keep(pa: u64, v: u64, ad: u64) -> u64 {
+    // SAFETY: as fetch_and.
+    let a = unsafe { &*(va(pa) as *const core::sync::atomic::AtomicU64) };
+    let mut cur = a.load(Ordering::Acquire);
+    while let Err(c) =
+        a.compare_exchange_weak(cur, v | (cur & ad), Ordering::AcqRel, Ordering::Acquire)
+    {
+        cur = c;
+    }
+    cur
+}
+
 struct Range {
     next: u64,
     end: u64,

@@ -2,14 +2,25 @@
 //! walks), `pv` (one MMU_BATCH hypercall per change) and `pv-lazy` (changes queue in a
 //! per-CPU buffer inside lazy sections and go out as one batch).
 //!
-//! Per-CPU state: [`MMU`], each CPU's [`Mmu`] (its lazy queue, counters, loaded root, PV
-//! handle and the backend settings), borrowed through [`this_cpu`]. Callers borrow it once
-//! at an entry point (syscall, fault, selftest step) and pass `&mut Mmu` down.
+//! Per-CPU state: [`MMU`], each CPU's [`Mmu`] (its lazy queue, counters, PV handle, the
+//! backend settings and a pending native shootdown), borrowed through [`this_cpu`]. Callers
+//! borrow it once at an entry point (syscall, fault, selftest step) and pass `&mut Mmu`
+//! down. The loaded root is kept in `tlb` (other CPUs read it to pick shootdown targets).
+//! Shared state: [`SETTINGS`], the backend settings every CPU copies at bring-up.
+//!
+//! TLB coherence on SMP: natively, a changed leaf of a root that other CPUs have loaded is
+//! shot down with IPIs (`tlb::shootdown`) when the outermost lazy section ends, before the
+//! process-table lock is released and before any freed frame can be reused. In the PV modes
+//! the kernel sends no IPIs: the VMM delivers every flush its shadow changes need to every
+//! vCPU before the hypercall returns. Lazy TLB (an idle CPU keeps its last root) is used
+//! natively and in PV when the VMM offers `SMP_TLB` (a dying root is detached from every
+//! vCPU by one `UNPIN` with `DETACH`); without it an idle CPU switches to the kernel root.
 
-use crate::arch::{self, KERNEL_VMA, MAX_CPUS};
+use crate::arch::{self, cpu_id, KERNEL_VMA, MAX_CPUS};
 use crate::mem;
 use crate::pv::Pv;
-use crate::sync::{CpuLocal, CpuRefMut};
+use crate::sync::{CpuLocal, CpuRefMut, Once};
+use crate::tlb;
 use hypercall::MmuEntry;
 
 /// Backend selection.
@@ -73,6 +84,9 @@ const NO_ENTRY: MmuEntry = MmuEntry {
     a2: 0,
 };
 
+/// The PTE's accessed and dirty bits.
+const AD_BITS: u64 = 0x60;
+
 /// Pre-zeroed frames kept for new page tables (PV modes).
 const RESERVE: usize = 16;
 /// Table links queued in the current batch that the kernel's walks must already see.
@@ -102,8 +116,11 @@ pub struct Mmu {
     pub zero_vmm: bool,
     /// `break=drop_update`: PT_UPDATEs to let through before dropping one (0 = off).
     pub drop_after: u64,
-    /// The L4 (guest-physical) currently loaded.
-    pub cur_l4: u64,
+    /// PV: the VMM offers `SMP_TLB` (flush targets, SET_KERNEL_ROOT, UNPIN DETACH).
+    pub smp_tlb: bool,
+    /// Native: a root whose leaves changed while other CPUs had it loaded (0: none); shot
+    /// down when the outermost lazy section ends.
+    shoot: u64,
     /// `fault_around=`: pages a demand fault maps (0 or 1: only the faulting page).
     pub fault_around: u64,
     /// PV: frames for new page tables, zeroed in an earlier batch (or by the CPU), so that
@@ -117,6 +134,35 @@ pub struct Mmu {
 
 /// Each CPU's MMU state.
 static MMU: CpuLocal<Mmu> = CpuLocal::new([const { Mmu::new() }; MAX_CPUS]);
+
+/// The backend settings (from the command line), the same on every CPU.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    /// `mmu=`.
+    pub mode: Mode,
+    /// `lazy_batch=`.
+    pub batch: usize,
+    /// `zero=vmm`.
+    pub zero_vmm: bool,
+    /// `fault_around=`.
+    pub fault_around: u64,
+}
+
+/// The settings, set once by the boot CPU before the others start.
+pub static SETTINGS: Once<Settings> = Once::new();
+
+/// Applies [`SETTINGS`] and the CPU's PV handle to its MMU state.
+pub fn configure(m: &mut Mmu, pv: Option<Pv>) {
+    let s = SETTINGS.get();
+    m.mode = s.mode;
+    m.batch = s.batch;
+    m.zero_vmm = s.zero_vmm;
+    m.fault_around = s.fault_around;
+    m.smp_tlb = pv
+        .as_ref()
+        .is_some_and(|p| p.features() & hypercall::features::SMP_TLB != 0);
+    m.pv = pv;
+}
 
 impl Mmu {
     const fn new() -> Mmu {
@@ -140,7 +186,8 @@ impl Mmu {
             },
             zero_vmm: true,
             drop_after: 0,
-            cur_l4: 0,
+            smp_tlb: false,
+            shoot: 0,
             fault_around: 0,
             reserve: [(0, 0); RESERVE],
             nreserve: 0,
@@ -179,8 +226,10 @@ impl Mmu {
         pv.mmu_batch(gpa, count)
     }
 
-    /// Sends the queue; panics on any refusal (a kernel bug).
+    /// Sends the queue (and, natively, a pending shootdown); panics on any refusal (a
+    /// kernel bug).
     pub fn flush(&mut self) {
+        self.sync_tlb();
         if self.qlen == 0 {
             return;
         }
@@ -220,6 +269,39 @@ impl Mmu {
         }
     }
 
+    /// True if an idle CPU may keep its last user root loaded (lazy TLB): natively (the
+    /// teardown IPIs the CPUs that keep it) and in PV with `SMP_TLB` (UNPIN DETACH).
+    pub fn lazy_tlb(&self) -> bool {
+        !self.is_pv() || self.smp_tlb
+    }
+
+    /// The root this CPU has loaded.
+    pub fn loaded(&self) -> u64 {
+        tlb::loaded(cpu_id())
+    }
+
+    /// Native: shoots down the pending root on the other CPUs that have it loaded.
+    fn sync_tlb(&mut self) {
+        if self.shoot != 0 {
+            let l4 = core::mem::take(&mut self.shoot);
+            self.c.flushes += tlb::shootdown(l4, false);
+        }
+    }
+
+    /// Native: the TLBs of other CPUs running `l4` must drop a changed translation.
+    fn remote(&mut self, l4: u64) {
+        if tlb::others_with(l4) == 0 {
+            return;
+        }
+        if self.shoot != 0 && self.shoot != l4 {
+            self.sync_tlb();
+        }
+        self.shoot = l4;
+        if self.lazy == 0 {
+            self.sync_tlb();
+        }
+    }
+
     /// Writes a leaf PTE at guest-physical `ptr`.
     pub fn set_pte(&mut self, ptr: u64, val: u64) {
         self.c.pte_updates += 1;
@@ -236,15 +318,29 @@ impl Mmu {
         self.push(MmuEntry::pt_update(ptr, val));
     }
 
-    /// Writes a leaf PTE keeping the A/D bits the VMM recorded (PV) / the CPU set (native:
-    /// the caller passes them in `val`).
-    pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) {
+    /// Writes a leaf PTE keeping the A/D bits the VMM recorded (PV) / the CPUs set
+    /// (native: atomically, OR-ed into `val`, so a bit another CPU sets meanwhile stays).
+    /// Returns the entry replaced (natively, with the A/D bits it had at that moment).
+    pub fn set_pte_keep_ad(&mut self, ptr: u64, val: u64) -> u64 {
         self.c.pte_updates += 1;
         if !self.is_pv() {
-            mem::wr(ptr, val);
-            return;
+            return mem::store_keep(ptr, val, AD_BITS);
         }
+        let old = mem::rd(ptr);
         self.push(MmuEntry::pt_update_preserve_ad(ptr, val));
+        old
+    }
+
+    /// Clears a leaf PTE; returns the entry removed (natively an atomic exchange, so its A
+    /// bit says whether any CPU may have cached it).
+    pub fn clear_pte(&mut self, ptr: u64) -> u64 {
+        if !self.is_pv() {
+            self.c.pte_updates += 1;
+            return mem::store_keep(ptr, 0, 0);
+        }
+        let old = mem::rd(ptr);
+        self.set_pte(ptr, 0);
+        old
     }
 
     /// Writes a non-leaf entry; it is visible to the kernel's own walks on return.
@@ -310,20 +406,37 @@ impl Mmu {
         }
     }
 
-    /// A leaf of the loaded address space at `va` changed and the CPU may cache it.
-    /// Native: INVLPG. PV: nothing (coherence of shadowed changes is the VMM's job).
-    pub fn invlpg(&mut self, va: u64) {
+    /// A leaf of address space `l4` at `va` changed and CPUs may cache it. Native: INVLPG
+    /// here if `l4` is loaded, and a shootdown of the other CPUs that have it loaded (at
+    /// the end of the lazy section). PV: nothing (coherence of shadowed changes, on every
+    /// vCPU, is the VMM's job).
+    pub fn invlpg(&mut self, l4: u64, va: u64) {
         if !self.is_pv() {
+            if self.loaded() == l4 {
+                self.c.flushes += 1;
+                arch::invlpg(va);
+            }
+            self.remote(l4);
+        }
+    }
+
+    /// Native: INVLPG of `va` here if `l4` is loaded; no other CPU needs it (a rights
+    /// upgrade, or this CPU's own stale entry).
+    pub fn invlpg_local(&mut self, l4: u64, va: u64) {
+        if !self.is_pv() && self.loaded() == l4 {
             self.c.flushes += 1;
             arch::invlpg(va);
         }
     }
 
-    /// Flushes the whole (non-global) TLB in native mode.
-    pub fn flush_all(&mut self) {
+    /// Native: flushes the whole (non-global) TLB of every CPU that has `l4` loaded.
+    pub fn flush_all(&mut self, l4: u64) {
         if !self.is_pv() {
-            self.c.flushes += 1;
-            arch::write_cr3(self.cur_l4);
+            if self.loaded() == l4 {
+                self.c.flushes += 1;
+                arch::write_cr3(l4);
+            }
+            self.remote(l4);
         }
     }
 
@@ -349,12 +462,22 @@ impl Mmu {
         }
     }
 
-    /// Loads an address space.
+    /// PV with `SMP_TLB`: registers `l4` as this vCPU's kernel-only root (where UNPIN with
+    /// DETACH moves it).
+    pub fn set_kernel_root(&mut self, l4: u64) {
+        if self.is_pv() && self.smp_tlb {
+            self.push(MmuEntry::set_kernel_root(l4));
+            self.flush();
+        }
+    }
+
+    /// Loads an address space (the caller holds the process-table lock, or is a CPU that
+    /// is not online yet).
     pub fn switch(&mut self, l4: u64) {
-        if self.cur_l4 == l4 {
+        if self.loaded() == l4 {
             return;
         }
-        self.cur_l4 = l4;
+        tlb::set_loaded(l4);
         self.c.switches += 1;
         if self.is_pv() {
             self.push(MmuEntry::new_baseptr(l4));
@@ -364,25 +487,36 @@ impl Mmu {
         }
     }
 
-    /// Switches to `kernel_l4` (if `dead` is loaded) and unpins `dead` in one batch.
-    pub fn retire_l4(&mut self, dead: u64, kernel_l4: u64) {
+    /// Detaches `dead` from every CPU and unpins it (PV): one batch. Natively, this CPU
+    /// switches to `kernel_l4` and the CPUs that keep `dead` loaded lazily are told to drop
+    /// it (IPIs). PV: this CPU's `NEW_BASEPTR` and `UNPIN` (with `DETACH` when the VMM
+    /// offers `SMP_TLB`: the VMM moves the other vCPUs that keep it to their kernel root,
+    /// without IPIs). The caller holds the process-table lock. Returns the other CPUs that
+    /// had `dead` loaded.
+    pub fn retire_l4(&mut self, dead: u64, kernel_l4: u64) -> u64 {
         if !self.is_pv() {
-            if self.cur_l4 == dead {
-                self.cur_l4 = kernel_l4;
+            if self.loaded() == dead {
+                tlb::set_loaded(kernel_l4);
                 self.c.switches += 1;
                 arch::write_cr3(kernel_l4);
             }
-            return;
+            return tlb::shootdown(dead, true);
         }
         self.flush();
         self.lazy += 1;
-        if self.cur_l4 == dead {
-            self.cur_l4 = kernel_l4;
+        if self.loaded() == dead {
+            tlb::set_loaded(kernel_l4);
             self.c.switches += 1;
             self.push(MmuEntry::new_baseptr(kernel_l4));
         }
-        self.push(MmuEntry::unpin(dead));
+        let flags = if self.smp_tlb {
+            hypercall::unpin_flags::DETACH
+        } else {
+            0
+        };
+        self.push(MmuEntry::unpin_with(dead, flags));
         self.lazy -= 1;
         self.flush();
+        tlb::detached(dead)
     }
 }

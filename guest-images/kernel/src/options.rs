@@ -49,6 +49,8 @@ pub struct Opts {
     pub debug_faults: bool,
     /// `break=drop_update`.
     pub drop_update: bool,
+    /// `break=no_shootdown`.
+    pub no_shootdown: bool,
     /// `drop_at=`.
     pub drop_at: u64,
     /// `fault_around=`: pages a demand fault maps (0: only the faulting one).
@@ -210,12 +212,20 @@ const OPTIONS: &[Opt] = &[
     },
     Opt {
         name: "break",
-        kind: Kind::Choice(&["drop_update"]),
+        kind: Kind::Choice(&["drop_update", "no_shootdown"]),
         default: None,
         unset: "none",
         help: "Fault injection. drop_update: the pv-lazy backend silently drops one queued \
-               PT_UPDATE, so the selftests must fail (proves they can).",
-        set: |o, _| o.drop_update = true,
+               PT_UPDATE, so the selftests must fail (proves they can). no_shootdown: \
+               native mode sends no TLB shootdown IPIs (a dying root is still dropped), so \
+               the SMP shootdown tests must fail where the CPUs cache translations.",
+        set: |o, v| {
+            if choice(v) == 0 {
+                o.drop_update = true
+            } else {
+                o.no_shootdown = true
+            }
+        },
     },
     Opt {
         name: "drop_at",
@@ -306,6 +316,7 @@ fn defaults() -> Opts {
         exit: None,
         debug_faults: false,
         drop_update: false,
+        no_shootdown: false,
         drop_at: 0,
         fault_around: 0,
     };

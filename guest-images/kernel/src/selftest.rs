@@ -7,6 +7,7 @@ use crate::mem;
 use crate::mmu::{self, Counters, Mode};
 use crate::sched;
 use crate::serial::Console;
+use crate::tlb;
 use core::fmt::Write;
 
 macro_rules! prog {
@@ -78,6 +79,46 @@ const TESTS: &[Test] = &[
         pv_only: false,
     },
     Test {
+        name: "smp_unmap",
+        elf: prog!("smp_unmap"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_mprotect",
+        elf: prog!("smp_mprotect"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_remap",
+        elf: prog!("smp_remap"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_dirty",
+        elf: prog!("smp_dirty"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_exit_mmap",
+        elf: prog!("smp_exit_mmap"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_flush_avoid",
+        elf: prog!("smp_flush_avoid"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_fork_cow",
+        elf: prog!("smp_fork_cow"),
+        pv_only: false,
+    },
+    Test {
+        name: "smp_hammer",
+        elf: prog!("smp_hammer"),
+        pv_only: false,
+    },
+    Test {
         name: "hostile",
         elf: &[],
         pv_only: true,
@@ -106,12 +147,21 @@ fn run_prog(elf: &[u8], pages: u64, seed: u64) -> Option<u64> {
     sched::runner_status()
 }
 
-fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
+/// The kernel's SMP counters around a test: (flush IPIs, wake-up IPIs).
+fn ipis() -> (u64, u64) {
+    use core::sync::atomic::Ordering::Relaxed;
+    (
+        tlb::STATS.flush_ipis.load(Relaxed),
+        tlb::STATS.wake_ipis.load(Relaxed),
+    )
+}
+
+fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64, ipi: (u64, u64)) {
     let hc = b.hypercalls - a.hypercalls;
     let en = b.entries - a.entries;
     let _ = writeln!(
         Console,
-        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={}",
+        "# {name}: pte_updates={} mmu_hypercalls={} entries={} entries_per_hypercall={}.{:02} tlb_flushes={} zero_cpu={} zero_vmm={} faults={} fault_mapped={} switches={} cycles={} flush_ipis={} wake_ipis={}",
         b.pte_updates - a.pte_updates,
         hc,
         en,
@@ -123,14 +173,23 @@ fn diag_counters(name: &str, a: &Counters, b: &Counters, cycles: u64) {
         b.faults - a.faults,
         b.fault_mapped - a.fault_mapped,
         b.switches - a.switches,
-        cycles
+        cycles,
+        ipi.0,
+        ipi.1
     );
 }
+
+/// Exit code of a program that cannot test its mechanism here (reported as TAP SKIP; the
+/// programs' `utest::EXIT_SKIP`, which no failed check returns).
+const EXIT_SKIP: u64 = 254;
+/// The reason of such a SKIP.
+const SKIPPED: &str = "the mechanism is not available here (see the diagnostics)";
 
 /// One test: its result (counters and leak check around it).
 fn run_one(t: &Test, pages: u64, seed: u64) -> Result<(), &'static str> {
     let free0 = mem::free_count();
     let c0 = mmu::this_cpu().c;
+    let i0 = ipis();
     let t0 = arch::rdtsc();
     let result: Result<(), &'static str> = if t.name == "hostile" {
         hostile(pages, seed)
@@ -138,13 +197,15 @@ fn run_one(t: &Test, pages: u64, seed: u64) -> Result<(), &'static str> {
         match run_prog(t.elf, pages, seed) {
             None => Err("could not start the program"),
             Some(0) => Ok(()),
+            Some(s) if s == EXIT_SKIP << 8 => Err(SKIPPED),
             Some(s) if s & 0x7f != 0 => Err("killed by a signal"),
             Some(_) => Err("exited non-zero"),
         }
     };
     let t1 = arch::rdtsc();
     let c1 = mmu::this_cpu().c;
-    diag_counters(t.name, &c0, &c1, t1 - t0);
+    let i1 = ipis();
+    diag_counters(t.name, &c0, &c1, t1 - t0, (i1.0 - i0.0, i1.1 - i0.1));
     let free1 = mem::free_count();
     if result.is_ok() && free1 != free0 {
         let _ = writeln!(
@@ -176,6 +237,9 @@ pub fn run(sel: Selection, pages: u64, seed: u64) -> u32 {
         match run_one(t, pages, seed) {
             Ok(()) => {
                 let _ = writeln!(Console, "ok {k} {}", t.name);
+            }
+            Err(SKIPPED) => {
+                let _ = writeln!(Console, "ok {k} {} # SKIP {SKIPPED}", t.name);
             }
             Err(why) => {
                 failures += 1;

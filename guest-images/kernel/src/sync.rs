@@ -8,9 +8,12 @@
 //!   a CPU). Only the owning CPU reaches its slot, and a second borrow panics.
 //! - [`Once`]: a value set once at boot, read-only afterwards.
 //!
-//! The kernel runs with interrupts off, so none of these has to mask interrupts.
+//! The kernel runs with interrupts off, so none of these has to mask interrupts. A CPU
+//! spinning on a lock serves its TLB mailbox (`tlb::poll`), so a native shootdown never
+//! waits on a CPU that waits for the shootdown's initiator.
 
 use crate::arch::{cpu_id, MAX_CPUS};
+use crate::tlb;
 use core::cell::UnsafeCell;
 use core::marker::PhantomData;
 use core::mem::MaybeUninit;
@@ -52,7 +55,10 @@ impl<T> SpinLock<T> {
                     }
                 }
                 Err(o) if o == me => panic!("spin lock taken twice by CPU {}", me - 1),
-                Err(_) => core::hint::spin_loop(),
+                Err(_) => {
+                    tlb::poll();
+                    core::hint::spin_loop()
+                }
             }
         }
     }

@@ -3,13 +3,15 @@
 //!
 //! Every call runs under the process-table lock and this CPU's MMU borrow; calls that
 //! block, yield or exit return a [`Next`] and the dispatcher leaves after dropping both.
+//! A thread's memory calls work on its process's space (`ProcTable::space_of`).
 
-use crate::arch::{self, TrapFrame, MAX_CPUS};
+use crate::arch::{self, cpu_id, TrapFrame, MAX_CPUS};
 use crate::mem;
 use crate::mmu::{self, Mmu};
 use crate::sched::{self, ProcTable, Wait};
 use crate::serial;
 use crate::sync::CpuLocal;
+use crate::tlb;
 use crate::vm::{self, Space, PROT_R, PROT_W};
 
 /// Syscall numbers (the user side mirrors them in `utest::nr`).
@@ -28,6 +30,11 @@ pub mod nr {
     pub const AD: u64 = 10;
     pub const RELOCATE: u64 = 11;
     pub const STAT: u64 = 12;
+    pub const THREAD: u64 = 13;
+    pub const JOIN: u64 = 14;
+    pub const PIN: u64 = 15;
+    pub const CPU: u64 = 16;
+    pub const CATCH: u64 = 17;
 }
 
 /// The syscall instruction of this platform: `ud2` followed by the 4-byte tag "PVSC"
@@ -41,6 +48,7 @@ const ENOMEM: u64 = -12i64 as u64;
 const EAGAIN: u64 = -11i64 as u64;
 const ECHILD: u64 = -10i64 as u64;
 const ENOSYS: u64 = -38i64 as u64;
+const ESRCH: u64 = -3i64 as u64;
 
 /// What happens after a call.
 enum Next {
@@ -102,25 +110,19 @@ pub fn dispatch() -> ! {
 fn call(t: &mut ProcTable, m: &mut Mmu, c: usize) -> Next {
     let f = t.procs[c].frame;
     let (a0, a1, a2, a3) = (f.rdi, f.rsi, f.rdx, f.r10);
-    let sp = &mut t.procs[c].space;
+    if let Some(n) = task_call(t, c, f.rax, [a0, a1, a2, a3]) {
+        return n;
+    }
+    let sp = t.space_of(c);
     let r = match f.rax {
         nr::EXIT => return Next::Exit((a0 & 0xff) << 8),
         nr::WRITE => write(sp, m, a0, a1),
         nr::GETPID => t.procs[c].pid,
-        nr::MMAP => mmap(sp, m, a0, a1, a2),
+        nr::MMAP => mmap(sp, m, a0, a1, a2, a3),
         nr::MUNMAP => munmap(sp, m, a0, a1),
         nr::MPROTECT => mprotect(sp, m, a0, a1, a2),
         nr::MREMAP => mremap(sp, m, a0, a1, a2),
         nr::FORK => sched::fork(t, m, c).unwrap_or(EAGAIN),
-        nr::WAIT => match sched::wait(t, c) {
-            Wait::Reaped(v) => v,
-            Wait::Block => return Next::Schedule,
-            Wait::NoChild => ECHILD,
-        },
-        nr::YIELD => {
-            t.procs[c].frame.rax = 0;
-            return Next::Schedule;
-        }
         nr::AD => ad(sp, m, a0, a1, a2, a3),
         nr::RELOCATE => sp.relocate(m, a0),
         nr::STAT => stat(t, m, c, a0),
@@ -128,6 +130,74 @@ fn call(t: &mut ProcTable, m: &mut Mmu, c: usize) -> Next {
     };
     t.procs[c].frame.rax = r;
     Next::Return
+}
+
+/// The task calls (scheduling, threads, process lifetime); None for the others.
+fn task_call(t: &mut ProcTable, c: usize, nr: u64, a: [u64; 4]) -> Option<Next> {
+    let blocked = |w: Wait, t: &mut ProcTable, none: u64| match w {
+        Wait::Reaped(v) => {
+            t.procs[c].frame.rax = v;
+            Next::Return
+        }
+        Wait::Block => Next::Schedule,
+        Wait::NoChild => {
+            t.procs[c].frame.rax = none;
+            Next::Return
+        }
+    };
+    Some(match nr {
+        nr::WAIT => {
+            let w = sched::wait(t, c);
+            blocked(w, t, ECHILD)
+        }
+        nr::JOIN => {
+            let w = sched::join(t, c, a[0]);
+            blocked(w, t, ESRCH)
+        }
+        nr::YIELD => {
+            t.procs[c].frame.rax = 0;
+            sched::requeue(t, c);
+            Next::Schedule
+        }
+        nr::PIN => {
+            if a[0] >= tlb::online() as u64 {
+                t.procs[c].frame.rax = EINVAL;
+                return Some(Next::Return);
+            }
+            t.procs[c].frame.rax = 0;
+            sched::pin(t, c, a[0] as usize);
+            Next::Schedule
+        }
+        nr::THREAD => {
+            let r = if a[3] >= tlb::online() as u64 || !user_addr(a[0]) || !user_addr(a[1]) {
+                EINVAL
+            } else {
+                sched::thread_create(t, c, a[0], a[1], a[2], a[3] as usize).unwrap_or(EAGAIN)
+            };
+            t.procs[c].frame.rax = r;
+            Next::Return
+        }
+        nr::CPU => {
+            t.procs[c].frame.rax = cpu_id() as u64;
+            Next::Return
+        }
+        nr::CATCH => {
+            let r = if a[0] == 0 || user_addr(a[0]) {
+                let mm = t.procs[c].mm;
+                t.procs[mm].catch = a[0];
+                0
+            } else {
+                EINVAL
+            };
+            t.procs[c].frame.rax = r;
+            Next::Return
+        }
+        _ => return None,
+    })
+}
+
+fn user_addr(a: u64) -> bool {
+    a < 0x8000_0000_0000
 }
 
 fn write(sp: &mut Space, m: &mut Mmu, va: u64, len: u64) -> u64 {
@@ -144,12 +214,21 @@ fn write(sp: &mut Space, m: &mut Mmu, va: u64, len: u64) -> u64 {
     n as u64
 }
 
-fn mmap(sp: &mut Space, m: &mut Mmu, len: u64, prot: u64, flags: u64) -> u64 {
+/// `mmap(len, prot, flags, addr)`: flags 1 populate, 4 zero with the CPU, 8 fixed (at
+/// `addr`, which must be free).
+fn mmap(sp: &mut Space, m: &mut Mmu, len: u64, prot: u64, flags: u64, addr: u64) -> u64 {
     let prot = prot as u8;
-    if !pages_ok(0, len) || prot & !(PROT_R | PROT_W) != 0 {
+    if !pages_ok(0, len) || prot & !(PROT_R | PROT_W) != 0 || flags & !0xd != 0 {
         return EINVAL;
     }
-    let va = sp.alloc_va(len);
+    let va = if flags & 8 != 0 {
+        if !pages_ok(addr, len) || addr < vm::MMAP_BASE || (addr..addr + len).step_by(4096).any(|a| sp.find(a).is_some()) {
+            return EINVAL;
+        }
+        addr
+    } else {
+        sp.alloc_va(len)
+    };
     if !sp.add_vma(va, va + len, prot) {
         return ENOMEM;
     }
@@ -214,6 +293,7 @@ fn ad(sp: &mut Space, m: &mut Mmu, va: u64, pages: u64, buf: u64, flags: u64) ->
 }
 
 fn stat(t: &ProcTable, m: &Mmu, c: usize, what: u64) -> u64 {
+    use core::sync::atomic::Ordering::Relaxed;
     match what {
         0 => mem::free_count(),
         1 => t.procs[c].faults,
@@ -230,6 +310,15 @@ fn stat(t: &ProcTable, m: &Mmu, c: usize, what: u64) -> u64 {
         12 => u64::from(m.zero_vmm && m.is_pv()),
         13 => m.fault_around,
         14 => m.c.fault_mapped,
+        15 => tlb::online() as u64,
+        16 => tlb::STATS.flush_ipis.load(Relaxed),
+        17 => tlb::STATS.wake_ipis.load(Relaxed),
+        18 => tlb::STATS.shootdowns.load(Relaxed),
+        19 => tlb::STATS.lazy_detached.load(Relaxed),
+        20 => t.last_teardown.2,
+        21 => u64::from(m.smp_tlb),
+        22 => u64::from(m.lazy_tlb()),
+        23 => tlb::STATS.served.load(Relaxed),
         _ => 0,
     }
 }

@@ -6,6 +6,7 @@
 //! Shared state: [`IDT`], written once at boot, then read-only. Per-CPU state:
 //! [`PROBE_RECOVER`], where a probing kernel store resumes if it faults.
 
+use crate::apic;
 use crate::arch::{self, TrapFrame, KCODE, MAX_CPUS};
 use crate::mem;
 use crate::mmu::{self, DEBUG_FAULTS};
@@ -13,6 +14,7 @@ use crate::sched::{self, SIGFPE, SIGILL, SIGSEGV};
 use crate::serial::Console;
 use crate::sync::PerCpu;
 use crate::syscall::{self, SYSCALL_LEN};
+use crate::tlb;
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
 use core::fmt::Write;
@@ -37,6 +39,8 @@ static PROBE_FAULTED: PerCpu<AtomicBool> =
 extern "C" {
     fn syscall_entry();
     fn int80_entry();
+    fn irq_entry();
+    fn spurious_entry();
     static exc_table: [u64; 32];
 }
 
@@ -59,7 +63,18 @@ pub fn init() {
         // int 0x80: the syscall gate (DPL 3, no IST: the CPU pushes straight into the
         // current process's trap frame through TSS.RSP0).
         (*idt)[0x80] = gate(int80_entry as *const () as u64, 0, 0xee);
+        // IPIs (TLB mailbox, wake-up) and the spurious vector: IST3, so an interrupt taken
+        // in the kernel's idle `hlt` never lands on the interrupted stack.
+        (*idt)[usize::from(tlb::IPI_VECTOR)] = gate(irq_entry as *const () as u64, 3, 0x8e);
+        (*idt)[usize::from(apic::SPURIOUS_VECTOR)] =
+            gate(spurious_entry as *const () as u64, 3, 0x8e);
     }
+    load();
+}
+
+/// Loads the IDT and the syscall MSRs on this CPU (every CPU; `init` fills the IDT once).
+pub fn load() {
+    let idt = IDT.0.get();
     arch::load_idt(idt as u64, 256);
     // STAR: kernel CS 0x08 (SS 0x10); sysret base 0x10 (SS 0x1b, CS 0x23).
     arch::wrmsr(0xc000_0081, (0x10u64 << 48) | (KCODE << 32));
@@ -68,6 +83,14 @@ pub fn init() {
     arch::wrmsr(0xc000_0084, 0x4_0700);
     let efer = arch::rdmsr(0xc000_0080);
     arch::wrmsr(0xc000_0080, efer | 1);
+}
+
+/// An interrupt (vector [`tlb::IPI_VECTOR`]), from user mode or from the idle `hlt`: serve
+/// this CPU's TLB mailbox, acknowledge; the stub resumes the interrupted context. A wake-up
+/// needs nothing more (the idle loop looks at its run queue after the `hlt`).
+extern "C" fn irq_trap(_f: *mut TrapFrame) {
+    tlb::poll();
+    apic::eoi();
 }
 
 /// Writes through `va` at CPL0 and reports whether it faulted.
@@ -121,9 +144,10 @@ fn user_exception(f: &TrapFrame) -> ! {
     let (pid, syscall) = {
         let mut t = sched::PROCS.lock();
         let mut m = mmu::this_cpu();
-        let p = &mut t.procs[sched::current()];
-        p.frame = *f;
-        let sc = f.vector == 6 && syscall::is_syscall(&mut p.space, &mut m, f.rip);
+        let c = sched::current();
+        t.procs[c].frame = *f;
+        let sc = f.vector == 6 && syscall::is_syscall(t.space_of(c), &mut m, f.rip);
+        let p = &mut t.procs[c];
         if sc {
             p.frame.rip += SYSCALL_LEN;
         }
@@ -153,21 +177,32 @@ fn user_page_fault(f: &TrapFrame, pid: u64) -> ! {
     let ok = {
         let mut t = sched::PROCS.lock();
         let mut m = mmu::this_cpu();
-        let p = &mut t.procs[sched::current()];
-        p.faults += 1;
+        let c = sched::current();
+        t.procs[c].faults += 1;
+        let sp = t.space_of(c);
         if DEBUG_FAULTS.load(Ordering::Relaxed) {
-            let pte = p
-                .space
-                .pte_ptr(&mut m, addr, false)
-                .map(mem::rd)
-                .unwrap_or(0);
+            let pte = sp.pte_ptr(&mut m, addr, false).map(mem::rd).unwrap_or(0);
             let _ = writeln!(
                 Console,
-                "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x}",
-                addr, f.err, f.rip, f.rsp, pte
+                "# debug: fault {:#x} err {:#x} rip {:#x} rsp {:#x} pte {:#x} cpu {}",
+                addr,
+                f.err,
+                f.rip,
+                f.rsp,
+                pte,
+                arch::cpu_id()
             );
         }
-        p.space.fault(&mut m, addr, f.err & 2 != 0)
+        let ok = sp.fault(&mut m, addr, f.err & 2 != 0);
+        // The `catch` syscall: the task observes the fault instead of dying (rax = 1 at
+        // its resume address).
+        let mm = t.procs[c].mm;
+        let catch = t.procs[mm].catch;
+        if !ok && catch != 0 {
+            t.procs[c].frame.rip = catch;
+            t.procs[c].frame.rax = 1;
+        }
+        ok || catch != 0
     };
     if ok {
         sched::return_to_user();
@@ -184,10 +219,10 @@ global_asm!(
     ".section .text",
     ".global syscall_entry",
     "syscall_entry:",
-    "    mov [rip + {scratch}], rsp",
-    "    mov rsp, [rip + {frame_top}]",
+    "    mov gs:[{scratch}], rsp",
+    "    mov rsp, gs:[{frame_top}]",
     "    push 0x1b",
-    "    push qword ptr [rip + {scratch}]",
+    "    push qword ptr gs:[{scratch}]",
     "    push r11",
     "    push 0x23",
     "    push rcx",
@@ -196,7 +231,7 @@ global_asm!(
     "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
     "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
     "    mov rdi, rsp",
-    "    mov rsp, [rip + {kstack}]",
+    "    mov rsp, gs:[{kstack}]",
     "    call {sys}",
     "    ud2",
     ".global int80_entry",
@@ -206,9 +241,24 @@ global_asm!(
     "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
     "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
     "    mov rdi, rsp",
-    "    mov rsp, [rip + {kstack}]",
+    "    mov rsp, gs:[{kstack}]",
     "    call {sys}",
     "    ud2",
+    ".global irq_entry",
+    "irq_entry:",
+    "    push 0",
+    "    push 0xf0",
+    "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+    "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
+    "    mov rdi, rsp",
+    "    call {irq}",
+    "    pop r15", "pop r14", "pop r13", "pop r12", "pop r11", "pop r10", "pop r9", "pop r8",
+    "    pop rbp", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rbx", "pop rax",
+    "    add rsp, 16",
+    "    iretq",
+    ".global spurious_entry",
+    "spurious_entry:",
+    "    iretq",
     "exc_common:",
     "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
     "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
@@ -242,7 +292,8 @@ global_asm!(
     ".section .text",
     sys = sym syscall::syscall_trap,
     exc = sym exception_trap,
-    scratch = sym arch::USER_RSP_SCRATCH,
-    frame_top = sym arch::CUR_FRAME_TOP,
-    kstack = sym arch::KSTACK_TOP,
+    irq = sym irq_trap,
+    scratch = const arch::GS_SCRATCH,
+    frame_top = const arch::GS_FRAME_TOP,
+    kstack = const arch::GS_KSTACK,
 );

@@ -322,20 +322,22 @@ impl Space {
             } else {
                 let old = e & ADDR;
                 if mem::refs(old) <= 1 {
+                    // An upgrade: stale read-only entries elsewhere only fault spuriously.
                     m.set_pte_keep_ad(ptr, (e | RW) & !COW);
+                    m.invlpg_local(self.l4, va & !0xfff);
                 } else {
                     let n = mem::alloc();
                     arch::copy_page(mem::va(n), mem::va(old));
                     m.set_pte(ptr, n | flags_of(prot));
                     mem::get(n);
                     mem::put(old);
+                    m.invlpg(self.l4, va & !0xfff);
                 }
-                m.invlpg(va & !0xfff);
                 true
             }
         } else {
-            // Spurious (stale TLB entry).
-            m.invlpg(va & !0xfff);
+            // Spurious (a stale TLB entry of this CPU).
+            m.invlpg_local(self.l4, va & !0xfff);
             true
         };
         m.leave_lazy();
@@ -368,12 +370,11 @@ impl Space {
     pub fn zap(&mut self, m: &mut Mmu, start: u64, end: u64) -> u64 {
         let mut n = 0;
         m.enter_lazy();
-        self.each_pte(m, start, end, false, |_s, m, va, ptr| {
-            let e = rd(ptr);
-            if e & P != 0 {
-                m.set_pte(ptr, 0);
+        self.each_pte(m, start, end, false, |s, m, va, ptr| {
+            if rd(ptr) & P != 0 {
+                let e = m.clear_pte(ptr);
                 if e & A != 0 {
-                    m.invlpg(va);
+                    m.invlpg(s.l4, va);
                 }
                 mem::put(e & ADDR);
                 n += 1;
@@ -386,7 +387,7 @@ impl Space {
     /// mprotect's PTE pass.
     pub fn protect(&mut self, m: &mut Mmu, start: u64, end: u64, prot: u8) {
         m.enter_lazy();
-        self.each_pte(m, start, end, false, |_s, m, va, ptr| {
+        self.each_pte(m, start, end, false, |s, m, va, ptr| {
             let e = rd(ptr);
             if e & P == 0 {
                 return;
@@ -394,9 +395,9 @@ impl Space {
             let w = prot & PROT_W != 0 && e & COW == 0;
             let n = (e & !RW) | if w { RW } else { 0 };
             if n != e {
-                m.set_pte_keep_ad(ptr, n);
+                let e = m.set_pte_keep_ad(ptr, n);
                 if e & RW != 0 && e & A != 0 {
-                    m.invlpg(va);
+                    m.invlpg(s.l4, va);
                 }
             }
         });
@@ -422,7 +423,7 @@ impl Space {
                     m.set_pte(dst, e);
                     m.set_pte(src, 0);
                     if e & A != 0 {
-                        m.invlpg(old + off);
+                        m.invlpg(self.l4, old + off);
                     }
                 }
                 off += 4096;
@@ -461,16 +462,17 @@ impl Space {
             });
         }
         m.leave_lazy();
-        m.flush_all();
+        m.flush_all(self.l4);
     }
 
-    /// Tears the address space down. PV: switch away and unpin first (O(1) hypercalls),
-    /// then clear and free the now untyped tables with plain writes.
-    /// Returns (MMU hypercalls issued, leaf PTEs dropped).
-    pub fn teardown(&mut self, m: &mut Mmu) -> (u64, u64) {
+    /// Tears the address space down. PV: switch away and unpin first (O(1) hypercalls,
+    /// whatever other CPUs keep it loaded), then clear and free the now untyped tables with
+    /// plain writes. Returns (MMU hypercalls issued, leaf PTEs dropped, other CPUs that
+    /// still had the root loaded).
+    pub fn teardown(&mut self, m: &mut Mmu) -> (u64, u64, u64) {
         m.flush();
         let hc0 = m.c.hypercalls;
-        m.retire_l4(self.l4, kernel_l4());
+        let others = m.retire_l4(self.l4, kernel_l4());
         let hcs = m.c.hypercalls - hc0;
         let pv = m.is_pv();
         let mut n = 0;
@@ -494,7 +496,7 @@ impl Space {
         self.ntables = 0;
         self.nvma = 0;
         self.l4 = 0;
-        (hcs, n)
+        (hcs, n, others)
     }
 
     /// A/D query over `pages` pages at `va` into `out` (one bit per page): `bit` is A or
@@ -515,18 +517,23 @@ impl Space {
             return ad_query_pv(m, va, pages, bit, clear, out);
         }
         let mut count = 0;
-        self.each_pte(m, va, va + pages * 4096, false, |_s, m, a, ptr| {
+        // One lazy section: the shootdown of every cleared page goes once, at its end.
+        m.enter_lazy();
+        self.each_pte(m, va, va + pages * 4096, false, |s, m, a, ptr| {
             let e = rd(ptr);
             if e & P != 0 && e & bit != 0 {
                 let k = ((a - va) >> 12) as usize;
                 out[k / 64] |= 1 << (k % 64);
                 count += 1;
                 if clear {
-                    m.set_pte_keep_ad(ptr, e & !bit);
-                    m.invlpg(a);
+                    // Atomic: another CPU's page walk may set A/D at the same time.
+                    m.c.pte_updates += 1;
+                    mem::fetch_and(ptr, !bit);
+                    m.invlpg(s.l4, a);
                 }
             }
         });
+        m.leave_lazy();
         count
     }
 
@@ -571,7 +578,7 @@ impl Space {
             moved += 1;
         }
         if !m.is_pv() {
-            m.flush_all();
+            m.flush_all(self.l4);
         }
         moved
     }

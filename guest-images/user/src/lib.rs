@@ -1,6 +1,8 @@
 //! Runtime of the ring-3 selftest programs: entry point, syscall wrappers, output, checks.
 #![no_std]
 
+pub mod smp;
+
 use core::arch::{asm, global_asm};
 use core::fmt::Write;
 
@@ -57,6 +59,11 @@ pub mod nr {
     pub const AD: u64 = 10;
     pub const RELOCATE: u64 = 11;
     pub const STAT: u64 = 12;
+    pub const THREAD: u64 = 13;
+    pub const JOIN: u64 = 14;
+    pub const PIN: u64 = 15;
+    pub const CPU: u64 = 16;
+    pub const CATCH: u64 = 17;
 }
 
 /// `stat` selectors.
@@ -91,6 +98,22 @@ pub mod st {
     pub const FAULT_AROUND: u64 = 13;
     /// Pages mapped by demand faults since boot (faulting pages and their neighbours).
     pub const FAULT_MAPPED: u64 = 14;
+    /// CPUs online.
+    pub const NCPUS: u64 = 15;
+    /// Shootdown IPIs the kernel sent (native mode), all CPUs.
+    pub const FLUSH_IPIS: u64 = 16;
+    /// Wake-up IPIs sent.
+    pub const WAKE_IPIS: u64 = 17;
+    /// Native shootdowns with at least one remote target.
+    pub const SHOOTDOWNS: u64 = 18;
+    /// Remote CPUs that still had a dying root loaded at its teardown (since boot).
+    pub const LAZY_DETACHED: u64 = 19;
+    /// Of the last exit's teardown: other CPUs that still had the root loaded.
+    pub const TEARDOWN_OTHERS: u64 = 20;
+    /// 1 if the VMM offers SMP_TLB (PV).
+    pub const SMP_TLB: u64 = 21;
+    /// 1 if idle CPUs keep their last root loaded (lazy TLB).
+    pub const LAZY_TLB: u64 = 22;
 }
 
 /// mmap/mprotect: readable.
@@ -103,6 +126,8 @@ pub const RW: u64 = 3;
 pub const MAP_POPULATE: u64 = 1;
 /// mmap flag: with MAP_POPULATE, zero with the CPU even where the VMM would.
 pub const MAP_ZERO_CPU: u64 = 4;
+/// mmap flag: map at the address given (a free, page-aligned range).
+pub const MAP_FIXED: u64 = 8;
 /// A/D query: accessed bits.
 pub const AD_A: u64 = 1;
 /// A/D query: dirty bits.
@@ -152,6 +177,10 @@ pub fn mmap(len: u64, prot: u64, flags: u64) -> u64 {
 /// Unmaps; returns the number of PTEs dropped.
 pub fn munmap(a: u64, len: u64) -> u64 {
     sys(nr::MUNMAP, a, len, 0, 0)
+}
+/// Maps `len` bytes at `addr` (MAP_FIXED); returns it (or a negative errno).
+pub fn mmap_at(addr: u64, len: u64, prot: u64, flags: u64) -> u64 {
+    sys(nr::MMAP, len, prot, flags | MAP_FIXED, addr)
 }
 /// Changes protection.
 pub fn mprotect(a: u64, len: u64, prot: u64) -> u64 {
@@ -247,13 +276,23 @@ macro_rules! diag {
     }};
 }
 
-/// Fails the test (returns the line number) if `cond` is false.
+/// Exit code of a program that cannot exercise its mechanism here: the runner reports
+/// `ok ... # SKIP`. Failure codes ([`fail_code`]) never take it.
+pub const EXIT_SKIP: i32 = 254;
+
+/// The exit code of a failed check at source line `line`: 1..=200 (the diagnostic line
+/// names the real line), never 0 or [`EXIT_SKIP`].
+pub const fn fail_code(line: u32) -> i32 {
+    (line % 200) as i32 + 1
+}
+
+/// Fails the test (returns [`fail_code`] of the line) if `cond` is false.
 #[macro_export]
 macro_rules! check {
     ($cond:expr, $($t:tt)*) => {
         if !$cond {
             $crate::diag!("FAIL line {}: {}", line!(), format_args!($($t)*));
-            return line!() as i32;
+            return $crate::fail_code(line!());
         }
     };
 }

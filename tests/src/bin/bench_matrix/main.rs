@@ -6,11 +6,15 @@
 //! counts (exits, MMU_BATCH time and phases, shadow counters) subtracts a per-mode baseline
 //! run with no selftest (boot + exit only); guest counters are per test already.
 //!
+//! The SMP rows (`smp`): the SMP workloads on 2 and 4 vCPUs, remote flushes and kicks per
+//! operation, µs per operation.
+//!
 //! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`).
 
 mod plot;
 mod report;
 mod run;
+mod smp;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use run::{Mode, Sample, FA_DEFAULT};
@@ -287,21 +291,30 @@ fn main() {
     let hz = tsc_hz();
     let floor = exit_floor();
     let host = report::host_facts();
-    let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
+    let total =
+        (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp::runs(a.repeat);
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (points, errors) = measure(&a, hz, &bar);
+    let (points, mut errors) = measure(&a, hz, &bar);
+    let tick = |m: &str| {
+        bar.set_message(m.to_string());
+        bar.inc(1);
+    };
+    let (smp_points, smp_errors) = smp::measure(a.repeat, hz, &tick);
+    errors.extend(smp_errors);
     bar.finish_with_message("done");
     if let Err(e) = std::fs::create_dir_all(&a.out) {
         eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
         std::process::exit(1);
     }
     let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
-        "host": host, "exit_floor": floor, "points": points, "errors": errors});
-    let md = report::report(&points, &floor, &host, a.pages, a.repeat);
+        "host": host, "exit_floor": floor, "points": points, "smp": smp_points,
+        "errors": errors});
+    let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
+    smp::section(&mut md, &smp_points);
     let json = serde_json::to_string_pretty(&results).unwrap_or_default();
     let mut failed = false;
     for (file, text) in [("results.json", json), ("report.md", md)] {
