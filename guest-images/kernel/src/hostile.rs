@@ -8,6 +8,7 @@ use crate::mem;
 use crate::mmu::Mmu;
 use crate::serial::Console;
 use crate::sync::SpinLock;
+use crate::tlb;
 use crate::traps;
 use crate::vm;
 use core::fmt::Write;
@@ -202,6 +203,46 @@ fn structure_cases(c: &Chain) -> [Case; 10] {
     ]
 }
 
+/// The ABI 1.1 SMP entries (only when the VMM offers `SMP_TLB`): bad targets and flags,
+/// a kernel root that is no pinned L4, and detaching the kernel root itself.
+fn smp_cases(c: &Chain) -> [Case; 5] {
+    let inval = HcError::Einval.status();
+    let cpus = tlb::online();
+    // A vCPU the VM does not have (with 64 vCPUs every bit exists: then an unknown flag).
+    let (mask_flags, mask) = if cpus < 64 {
+        (hypercall::flush_target::MASK, 1u64 << cpus)
+    } else {
+        (hypercall::flush_target::MASK | 1 << 8, 1)
+    };
+    [
+        (
+            "FLUSH_TLB mask naming a missing vCPU",
+            MmuEntry::flush_tlb_on(mask_flags, mask),
+            inval,
+        ),
+        (
+            "FLUSH_TLB with unknown flag bits",
+            MmuEntry::flush_tlb_on(1 << 8, 0),
+            inval,
+        ),
+        (
+            "UNPIN with unknown flag bits",
+            MmuEntry::unpin_with(c.data, 1 << 5),
+            inval,
+        ),
+        (
+            "SET_KERNEL_ROOT of a frame that is no pinned L4",
+            MmuEntry::set_kernel_root(c.data),
+            HcError::Enoent.status(),
+        ),
+        (
+            "UNPIN with DETACH of the registered kernel root",
+            MmuEntry::unpin_with(c.kl4, hypercall::unpin_flags::DETACH),
+            HcError::Ebusy.status(),
+        ),
+    ]
+}
+
 /// A page-table frame mapped writable by a 4 KiB leaf: the engine may accept it but the
 /// shadow must be read-only: a store through it faults. True if it held.
 fn writable_table(m: &mut Mmu, c: &Chain) -> bool {
@@ -262,7 +303,9 @@ pub fn attacks(m: &mut Mmu) -> Result<u32, &'static str> {
     m.flush();
     let c = build_chain(m)?;
     let mut bad = 0;
-    for (what, entry, want) in mapping_cases(&c).into_iter().chain(structure_cases(&c)) {
+    let smp = if m.smp_tlb { &smp_cases(&c)[..] } else { &[] };
+    let cases = mapping_cases(&c).into_iter().chain(structure_cases(&c));
+    for (what, entry, want) in cases.chain(smp.iter().copied()) {
         let got = send(m, &[entry]);
         if !report(what, got, want) {
             bad += 1;

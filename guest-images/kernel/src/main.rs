@@ -11,15 +11,16 @@
 //! - `serial`, `bootinfo`: console, zero page (-> arch); `intrinsics`: memcpy & co.
 //! - `mem`: direct map and frame allocator (-> arch, bootinfo, sync).
 //! - `pv`: the PV ABI's guest side (-> arch, sync).
-//! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync).
+//! - `mmu`: native / pv / pv-lazy backends (-> arch, mem, pv, sync, tlb).
 //! - `vm`: address spaces (-> arch, mem, mmu, sync).
 //! - `elf`: program loading (-> mem, mmu, vm).
-//! - `sched`: processes and the scheduler (-> arch, elf, mmu, sync, vm).
-//! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, vm).
-//! - `traps`: IDT, entry stubs, exception dispatch (-> arch, mem, mmu, sched, serial, sync,
-//!   syscall).
-//! - `hostile`: the hostile selftest (-> arch, mem, mmu, serial, sync, traps, vm).
-//! - `selftest`: the TAP runner (-> arch, hostile, mem, mmu, sched, serial).
+//! - `sched`: tasks (processes, threads), per-CPU run queues (-> arch, elf, mmu, sync, tlb,
+//!   vm).
+//! - `syscall`: the syscall table (-> arch, mem, mmu, sched, serial, sync, tlb, vm).
+//! - `traps`: IDT, entry stubs, the IPI gate, exception dispatch (-> apic, arch, mem, mmu,
+//!   sched, serial, sync, syscall, tlb).
+//! - `hostile`: the hostile selftest (-> arch, mem, mmu, serial, sync, tlb, traps, vm).
+//! - `selftest`: the TAP runner (-> arch, hostile, mem, mmu, sched, serial, tlb).
 //! - `options`: the command-line table, parser and `help` (-> mmu, selftest).
 //! - `smp`: the MP table, the AP trampoline and bring-up (-> apic, arch, mmu, pv, sched,
 //!   tlb, traps, vm).

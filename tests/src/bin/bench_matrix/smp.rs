@@ -3,8 +3,9 @@
 //! another CPU holds the translation): the VMM's remote flushes (requested, sent) and kicks,
 //! the kernel's own shootdown IPIs (native), and guest µs. The VMM figures subtract a
 //! baseline boot with the same vCPU count (AP bring-up), like the UP rows; for
-//! `smp_flush_avoid` the baseline is the same workload with one page, so that its threads'
-//! start and end cancel out and only the never-touched pages remain.
+//! `smp_flush_avoid` the baseline (VMM and guest figures) is the same workload with one
+//! page, so that its threads' start and end cancel out and only the never-touched pages
+//! remain.
 
 use crate::{stat, Stat};
 use pvmm_e2e::{guest, pvmm_bin, temp, Tap};
@@ -109,17 +110,28 @@ fn counter(tap: &Tap, name: &str, key: &str) -> f64 {
 /// One sample: (remote requested, sent, kicks) less the baseline, guest IPIs, cycles.
 type Raw = (Option<[f64; 3]>, f64, f64);
 
+/// A baseline: the VMM's stats and, where the baseline runs the workload itself, its guest
+/// counters (flush IPIs, cycles) to subtract too.
+struct Base {
+    stats: Value,
+    guest: (f64, f64),
+}
+
 /// The baseline run of workload `w`.
-fn baseline(w: &str, mmu: &str, vcpus: u32) -> Result<Value, String> {
+fn baseline(w: &str, mmu: &str, vcpus: u32) -> Result<Base, String> {
     let sel = if w == "smp_flush_avoid" {
         "smp_flush_avoid pages=1"
     } else {
         "none"
     };
-    run(&format!("console=ttyS0 selftest={sel} mmu={mmu}"), vcpus).map(|(v, _)| v)
+    let (stats, console) = run(&format!("console=ttyS0 selftest={sel} mmu={mmu}"), vcpus)?;
+    let tap = Tap::parse(&console)?;
+    let guest = (counter(&tap, w, "flush_ipis"), counter(&tap, w, "cycles"));
+    Ok(Base { stats, guest })
 }
 
-fn sample(w: &str, mmu: &str, vcpus: u32, base: &Value) -> Result<Raw, String> {
+fn sample(w: &str, mmu: &str, vcpus: u32, b: &Base) -> Result<Raw, String> {
+    let base = &b.stats;
     let (v, console) = run(&format!("console=ttyS0 selftest={w} mmu={mmu}"), vcpus)?;
     let tap = Tap::parse(&console)?;
     if !tap.get(w).is_some_and(|p| p.ok && p.skip.is_none()) {
@@ -134,8 +146,8 @@ fn sample(w: &str, mmu: &str, vcpus: u32, base: &Value) -> Result<Raw, String> {
     };
     Ok((
         vmm,
-        counter(&tap, w, "flush_ipis"),
-        counter(&tap, w, "cycles"),
+        counter(&tap, w, "flush_ipis") - b.guest.0,
+        counter(&tap, w, "cycles") - b.guest.1,
     ))
 }
 
