@@ -513,8 +513,7 @@ mod tests {
     #[test]
     fn vm_keys_are_stable() {
         let v: serde_json::Value =
-            serde_json::from_str(&to_json(&build(info(), &[VcpuStats::default()], None)))
-                .unwrap();
+            serde_json::from_str(&to_json(&build(info(), &[VcpuStats::default()], None))).unwrap();
         assert_eq!(
             keys(&v["vm"]),
             [
