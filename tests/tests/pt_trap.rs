@@ -80,3 +80,22 @@ fn an_unhooked_l1_left_reachable_is_caught() {
     assert_eq!(o.status.code(), Some(207), "{t}");
     assert!(t.contains("unhooked"), "{t}");
 }
+
+#[test]
+fn a_dirty_bit_without_the_unhook_harvest_is_lost() {
+    if !kvm_available("a_dirty_bit_without_the_unhook_harvest_is_lost") {
+        return;
+    }
+    let ok = texts(&hostile("wrpt", &[]));
+    assert!(
+        ok.contains("dirty bit in the unhooked L1's entry: set ok"),
+        "{ok}"
+    );
+    let o = hostile("wrpt", &["--debug-pt-trap-no-harvest"]);
+    let t = texts(&o);
+    assert_ne!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("dirty bit in the unhooked L1's entry: LOST MISMATCH"),
+        "{t}"
+    );
+}

@@ -154,6 +154,8 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         debug_pt_trap_no_harvest: false,
         check_shadow: false,
         debug_unguarded_response: false,
+        debug_drop_remote_flushes: false,
+        pool_resync: crate::cli::PoolResync::Auto,
         // This thread runs one VM after another: only the VM's own threads are filtered.
         seccomp_supervisor: false,
     };

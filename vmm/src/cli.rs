@@ -84,6 +84,19 @@ pub enum HypercallMode {
     Pio,
 }
 
+/// Whether the shadow pool's memslot is re-registered (with every vCPU parked) when KVM must
+/// forget what it derived from the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PoolResync {
+    /// Probe once per host (cached) whether VMM writes into a shadow table reach a running
+    /// guest without re-registration (hosts with EPT/NPT); resync only where they do not.
+    Auto,
+    /// Always resync (a software-shadowing KVM needs it).
+    Always,
+    /// Never resync: flushes are CR3/CR4.PGE loads only (wrong on a software-shadowing KVM).
+    Never,
+}
+
 /// Arguments of `pvmm run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -167,6 +180,13 @@ pub struct RunArgs {
     /// Test only: unhook a wrpt L1 without harvesting its A/D bits first.
     #[arg(long, hide = true)]
     pub debug_pt_trap_no_harvest: bool,
+    /// Test only: other vCPUs apply root switches but drop the TLB flushes a batch needs on
+    /// them (the SMP TLB selftests must then fail).
+    #[arg(long, hide = true)]
+    pub debug_drop_remote_flushes: bool,
+    /// Host resync of the shadow pool: auto (probe), always, never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pool_resync: PoolResync,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]

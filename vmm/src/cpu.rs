@@ -3,7 +3,7 @@
 
 use crate::error::SetupError;
 use crate::layout;
-use crate::x86::{CR0_PG, CR4_PAE, EFER_LMA};
+use crate::x86::{CR0_PG, CR4_PAE, CR4_PGE, EFER_LMA};
 use hypercall::CpuidLeaves;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -14,7 +14,6 @@ const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
-const CR4_PGE: u64 = 1 << 7;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_SCE: u64 = 1;

@@ -26,6 +26,15 @@ pub trait VmOps: Send + Sync {
     fn pt_write(&self, _vcpu: usize, _addr: u64, _data: &[u8]) -> Option<Effects> {
         None
     }
+    /// What `vcpu` must apply because of another vCPU's MMU batch (a flush, a root switch).
+    fn take_delivery(&self, _vcpu: usize) -> Effects {
+        Effects::default()
+    }
+    /// Runs the host `resync` under the MMU engine's lock unless one completed after
+    /// generation `after`; true if it ran.
+    fn host_resync(&self, _after: u64, _resync: &mut dyn FnMut() -> bool) -> bool {
+        false
+    }
     /// Guest memory, for diagnostics (reading the code at RIP after an emulation failure).
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         None
@@ -67,6 +76,12 @@ impl VmOps for VmBuses {
     }
     fn pt_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> Option<Effects> {
         self.hcalls.pt_write(vcpu, addr, data)
+    }
+    fn take_delivery(&self, vcpu: usize) -> Effects {
+        self.hcalls.take_delivery(vcpu)
+    }
+    fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+        self.hcalls.host_resync(after, resync)
     }
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         Some(&self.mem)

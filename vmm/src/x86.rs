@@ -7,6 +7,8 @@ pub const CR0_PG: u64 = 1 << 31;
 pub const CR4_PSE: u64 = 1 << 4;
 /// CR4.PAE: physical address extension.
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.PGE: global pages; clearing it flushes every translation, global ones included.
+pub const CR4_PGE: u64 = 1 << 7;
 /// CR4.LA57: 5-level paging.
 pub const CR4_LA57: u64 = 1 << 12;
 /// EFER.LMA: long mode active.

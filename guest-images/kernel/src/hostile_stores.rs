@@ -80,6 +80,33 @@ fn through_writable_mapping(m: &mut Mmu, send: Send<'_>, t: &Target) -> bool {
     ok
 }
 
+/// wrpt: the dirty bit the CPU recorded in the shadow before an unhook is in the guest's
+/// entry while the L1 is unhooked (the guest may read it there before replacing the entry).
+fn dirty_survives_the_unhook(m: &mut Mmu, send: Send<'_>, t: &Target) -> bool {
+    if m.mode != crate::mmu::Mode::Wrpt {
+        return true;
+    }
+    let slot = 3u64;
+    mem::wr(t.l1 + 8 * slot, t.data | vm::P | vm::RW);
+    if rehook(m, send) != 0 {
+        return false;
+    }
+    // SAFETY: VA + slot pages maps the scratch data frame (L1[slot] above), hooked again.
+    unsafe { core::ptr::write_volatile((VA + slot * 4096) as *mut u64, 1) };
+    // A store into another entry of the same L1 unhooks it.
+    mem::wr(t.l1 + 8 * (slot + 1), 0);
+    let dirty = mem::rd(t.l1 + 8 * slot) & 0x40 != 0;
+    mem::wr(t.l1 + 8 * slot, 0);
+    let ok = rehook(m, send) == 0 && dirty;
+    let _ = writeln!(
+        Console,
+        "# hostile: wrpt: dirty bit in the unhooked L1's entry: {} {}",
+        if dirty { "set" } else { "LOST" },
+        if ok { "ok" } else { "MISMATCH" }
+    );
+    ok
+}
+
 /// Runs the plain-store attacks; returns the mismatches.
 pub fn attacks(m: &mut Mmu, send: Send<'_>, t: &Target) -> u32 {
     if !m.mode.plain_stores() {
@@ -110,6 +137,9 @@ pub fn attacks(m: &mut Mmu, send: Send<'_>, t: &Target) -> u32 {
         }
     }
     if !through_writable_mapping(m, send, t) {
+        bad += 1;
+    }
+    if !dirty_survives_the_unhook(m, send, t) {
         bad += 1;
     }
     bad

@@ -15,8 +15,17 @@ pub struct Effects {
     pub new_cr3: Option<u64>,
     /// Flush the vCPU's TLB.
     pub flush: bool,
-    /// Make KVM drop what it cached from the shadow pool (re-register its memslot).
+    /// Make KVM drop what it cached from the shadow pool (re-register its memslot, with
+    /// every other vCPU parked outside `KVM_RUN`).
     pub host_resync: bool,
+    /// The MMU handler's resync generation when the batch ended: a resync that completes a
+    /// later generation covers this batch's changes too.
+    pub resync_gen: u64,
+    /// Other vCPUs that must take and apply their delivery (a flush, a root switch) before
+    /// the call returns ([`OpHandler::take_delivery`]).
+    pub remote: shadow::VcpuSet,
+    /// Other vCPUs a flush-needing change of the batch did not have to interrupt.
+    pub remote_avoided: u32,
     /// `--check-shadow` found this engine invariant violated: end the VM.
     pub violation: Option<String>,
 }
@@ -133,5 +142,17 @@ pub trait OpHandler: Send + Sync {
         _data: &[u8],
     ) -> Option<Effects> {
         None
+    }
+    /// What `vcpu` must apply before it runs guest code again because of another vCPU's
+    /// call (its flush, a root switch): only `flush` and `new_cr3` are set.
+    fn take_delivery(&self, _vcpu: usize) -> Effects {
+        Effects::default()
+    }
+    /// Runs `resync` (the host resync, with every other vCPU parked) under this handler's
+    /// lock unless a resync completed after generation `after` already; on success the
+    /// pool frames freed before it become clean. Returns whether the batch is covered (the
+    /// resync ran and succeeded, or a later one had).
+    fn host_resync(&self, _after: u64, _resync: &mut dyn FnMut() -> bool) -> bool {
+        false
     }
 }

@@ -127,6 +127,21 @@ impl Dispatcher {
         }
     }
 
+    /// What `vcpu` must apply because of another vCPU's MMU batch (see
+    /// [`OpHandler::take_delivery`]).
+    pub fn take_delivery(&self, vcpu: usize) -> Effects {
+        self.handlers
+            .get(&op::MMU_BATCH)
+            .map_or_else(Effects::default, |h| h.take_delivery(vcpu))
+    }
+
+    /// The MMU handler's host resync (see [`OpHandler::host_resync`]).
+    pub fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+        self.handlers
+            .get(&op::MMU_BATCH)
+            .is_some_and(|h| h.host_resync(after, resync))
+    }
+
     /// Writes a response through the MMU handler's guard when there is one (it refuses a
     /// frame that became a page table, under the engine lock), else directly.
     fn write_response(&self, gpa: u64, bytes: &[u8]) -> Result<(), HcError> {

@@ -2,7 +2,7 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
-use super::contract::{CallCtx, MmuPhases, OpHandler};
+use super::contract::{CallCtx, Effects, MmuPhases, OpHandler};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
 use crate::ptwrite::Alias;
@@ -10,6 +10,7 @@ use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, R
 use serde_json::{json, Map, Value};
 use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, WriteMode};
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -25,6 +26,9 @@ pub struct MmuOptions {
     pub unguarded_response: bool,
     /// Test-only switches of the page-table write trap (`--debug-pt-trap-*`).
     pub trap_debug: shadow::TrapDebug,
+    /// Test-only: remote vCPUs apply their root switches but drop their flushes
+    /// (`--debug-drop-remote-flushes`; the e2e suite expects the SMP TLB selftests to fail).
+    pub drop_remote_flushes: bool,
 }
 
 /// The MMU_BATCH handler of one VM.
@@ -33,6 +37,8 @@ pub struct MmuBatch {
     options: MmuOptions,
     /// The read-only RAM alias when the page-table write modes are offered.
     alias: Option<Alias>,
+    /// Host resyncs completed (changed under the engine lock).
+    resync_gen: AtomicU64,
 }
 
 thread_local! {
@@ -63,6 +69,7 @@ pub fn factory_with(
             engine: Mutex::new(engine),
             options,
             alias: None,
+            resync_gen: AtomicU64::new(0),
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -155,16 +162,18 @@ impl MmuBatch {
     fn finish_batch(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) {
         let out = engine.end_batch(ctx.vcpu);
         ctx.effects.new_cr3 = out.new_cr3;
-        // This host's KVM caches translations from the pool's tables and cannot see the
-        // VMM's writes to them: a changed cached entry (a needed flush) or a reused pool
-        // frame means KVM must drop them (the pool memslot is re-registered, which also
-        // flushes the TLB).
-        let resync = out.flush.is_some() || engine.take_host_resync_needed();
-        if resync {
-            engine.host_resynced();
-        }
+        // A software-shadowing KVM caches translations from the pool's tables and cannot see
+        // the VMM's writes to them: a changed cached entry (a needed flush, here or on
+        // another vCPU) or a reused pool frame means KVM must drop them (the vCPU loop
+        // re-registers the pool memslot with the world stopped, or, where the probe found
+        // that unnecessary, only marks the freed frames clean once every flush is
+        // delivered). Frames become clean in `host_resync`, after that.
+        let flushed = out.flush.is_some() || !out.remote.is_empty();
+        ctx.effects.host_resync = engine.take_host_resync_needed() || flushed;
+        ctx.effects.resync_gen = self.resync_gen.load(Ordering::Acquire);
         ctx.effects.flush = out.flush.is_some();
-        ctx.effects.host_resync = resync;
+        ctx.effects.remote = out.remote;
+        ctx.effects.remote_avoided = out.remote_avoided;
         if self.options.check_shadow {
             if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
                 log::error!("shadow invariant violated: {v}");
@@ -265,7 +274,40 @@ impl OpHandler for MmuBatch {
         } else {
             0
         };
-        features::MMU_BATCH | features::AD_SYNC | features::RELOCATE | features::ZERO_FRAMES | trap
+        features::MMU_BATCH
+            | features::AD_SYNC
+            | features::RELOCATE
+            | features::ZERO_FRAMES
+            | features::SMP_TLB
+            | trap
+    }
+
+    fn take_delivery(&self, vcpu: usize) -> Effects {
+        let Ok(mut e) = self.engine.lock() else {
+            return Effects::default();
+        };
+        let d = e.take_delivery(vcpu);
+        Effects {
+            flush: d.flush.is_some() && !self.options.drop_remote_flushes,
+            new_cr3: d.new_cr3,
+            ..Effects::default()
+        }
+    }
+
+    fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+        let Ok(mut e) = self.engine.lock() else {
+            return false;
+        };
+        if self.resync_gen.load(Ordering::Acquire) > after {
+            // A resync that started after this batch ended covered it.
+            return true;
+        }
+        if !resync() {
+            return false;
+        }
+        e.host_resynced();
+        self.resync_gen.fetch_add(1, Ordering::AcqRel);
+        true
     }
 
     fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
@@ -351,6 +393,9 @@ impl OpHandler for MmuBatch {
             "a_bits_propagated": c.a_bits_propagated,
             "d_bits_propagated": c.d_bits_propagated,
             "ad_queries": c.queries,
+            "kernel_roots_set": c.kernel_roots_set,
+            "detach_unpins": c.detach_unpins,
+            "detached_vcpus": c.detached_vcpus,
             "pool_reclaims": c.reclaims,
             "reclaimed_tables": c.reclaimed_tables,
             "pt_trap": trap_report(&e),

@@ -1,6 +1,7 @@
-//! The probe's verdict, cached per host: the `auto` probe costs about 200 ms on a host where
-//! `vmcall` never exits, so its answer is kept in a small file keyed by everything that could
-//! change it (kernel build, KVM API version, CPU model, the KVM device), and reused.
+//! Probe verdicts, cached per host: the `auto` transport probe costs about 200 ms on a host
+//! where `vmcall` never exits (the pool-resync probe a few ms), so each answer is kept in a
+//! small file keyed by everything that could change it (kernel build, KVM API version, CPU
+//! model, the KVM device) and the verdict's name, and reused.
 
 use std::path::PathBuf;
 
@@ -57,29 +58,37 @@ fn file_for(dir: &std::path::Path, key: &str) -> PathBuf {
 
 /// The cached verdict for `key` ("does vmcall exit?"), if any.
 pub fn load(key: &str) -> Option<bool> {
-    let text = std::fs::read_to_string(file_for(&dir()?, key)).ok()?;
-    let (stored, verdict) = text.trim_end().rsplit_once('\n')?;
-    if stored != key {
-        return None;
-    }
-    match verdict {
-        "vmcall_exits=true" => Some(true),
-        "vmcall_exits=false" => Some(false),
-        _ => None,
-    }
+    load_flag(key, "vmcall_exits")
 }
 
 /// Stores `vmcall_exits` for `key`; failures only cost the next run a probe.
 pub fn store(key: &str, vmcall_exits: bool) {
+    store_flag(key, "vmcall_exits", vmcall_exits);
+}
+
+/// The cached boolean verdict `name` of a probe for `key`, if any.
+pub fn load_flag(key: &str, name: &str) -> Option<bool> {
+    let key = format!("{key}|{name}");
+    let text = std::fs::read_to_string(file_for(&dir()?, &key)).ok()?;
+    let (stored, verdict) = text.trim_end().rsplit_once('\n')?;
+    if stored != key {
+        return None;
+    }
+    match verdict.strip_prefix(name)?.strip_prefix('=')? {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Stores verdict `name` = `value` for `key`; failures only cost the next run a probe.
+pub fn store_flag(key: &str, name: &str, value: bool) {
     let Some(d) = dir() else { return };
-    let write = std::fs::create_dir_all(&d).and_then(|()| {
-        std::fs::write(
-            file_for(&d, key),
-            format!("{key}\nvmcall_exits={vmcall_exits}\n"),
-        )
-    });
+    let key = format!("{key}|{name}");
+    let write = std::fs::create_dir_all(&d)
+        .and_then(|()| std::fs::write(file_for(&d, &key), format!("{key}\n{name}={value}\n")));
     if let Err(e) = write {
-        log::info!("cannot cache the transport probe in {}: {e}", d.display());
+        log::info!("cannot cache the {name} probe in {}: {e}", d.display());
     }
 }
 
@@ -99,6 +108,14 @@ mod tests {
         store(&key, true);
         assert_eq!(load(&key), Some(true));
         assert_eq!(load(&host_key(13, "/dev/kvm")), None);
+        assert_eq!(
+            load_flag(&key, "pool_resync_needed"),
+            None,
+            "verdicts are separate"
+        );
+        store_flag(&key, "pool_resync_needed", true);
+        assert_eq!(load_flag(&key, "pool_resync_needed"), Some(true));
+        assert_eq!(load(&key), Some(true));
         std::env::set_var("PVMM_CACHE_DIR", "off");
         assert_eq!(load(&key), None, "off disables the cache");
         std::env::remove_var("PVMM_CACHE_DIR");

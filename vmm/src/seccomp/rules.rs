@@ -131,8 +131,18 @@ fn common() -> Vec<Allowed> {
 }
 
 /// A vCPU thread: `KVM_RUN`, the exit path's register and memslot ioctls, KVM stats.
-fn vcpu() -> Vec<Allowed> {
+fn vcpu(ctx: &Context) -> Vec<Allowed> {
     vec![
+        any(libc::SYS_getpid, "pthread_kill asks for the process id"),
+        when(
+            libc::SYS_tgkill,
+            &[
+                Arg::Is(0, u64::from(ctx.pid)),
+                Arg::Is(2, ctx.kick_signal as u64),
+            ],
+            "kick other vCPUs out of KVM_RUN to deliver remote TLB flushes and stop the \
+             world: only our process, only the kick signal",
+        ),
         ioctl(ioctls::KVM_RUN(), "enter the guest"),
         ioctl(
             ioctls::KVM_GET_SREGS(),
@@ -140,7 +150,7 @@ fn vcpu() -> Vec<Allowed> {
         ),
         ioctl(
             ioctls::KVM_SET_SREGS(),
-            "CR3 load or CR3-toggle flush after MMU batches",
+            "CR3 load or CR3-toggle (and CR4.PGE-toggle) flush after MMU batches",
         ),
         ioctl(
             ioctls::KVM_GET_REGS(),
@@ -201,7 +211,7 @@ pub fn allowed(kind: ThreadKind, ctx: &Context) -> Vec<Allowed> {
     // Kind-specific entries first: among one syscall's rules the filter tries them in this
     // order, so `KVM_RUN`, the hot one, is the first `ioctl` request compared.
     let mut v = match kind {
-        ThreadKind::Vcpu => vcpu(),
+        ThreadKind::Vcpu => vcpu(ctx),
         ThreadKind::Supervisor => supervisor(ctx),
         ThreadKind::Stdin => stdin(),
     };

@@ -98,11 +98,22 @@ fn vcpu_ioctls_are_filtered_by_request_and_memory_is_never_executable() {
         let a = list.iter().find(|a| a.nr == nr).unwrap();
         assert_eq!(a.args, vec![Arg::Without(2, libc::PROT_EXEC as u64)]);
     }
-    // Only the supervisor signals, and only our own process with the kick signal.
-    for kind in [ThreadKind::Vcpu, ThreadKind::Stdin] {
-        assert!(!allowed(kind, &ctx())
-            .iter()
-            .any(|a| a.nr == libc::SYS_tgkill || a.nr == libc::SYS_kill));
+    // The supervisor and the vCPUs (remote flushes, world stops) signal, and only our own
+    // process with the kick signal; the stdin thread never.
+    assert!(!allowed(ThreadKind::Stdin, &ctx())
+        .iter()
+        .any(|a| a.nr == libc::SYS_tgkill || a.nr == libc::SYS_kill));
+    for kind in [ThreadKind::Vcpu, ThreadKind::Supervisor] {
+        let l = allowed(kind, &ctx());
+        assert!(!l.iter().any(|a| a.nr == libc::SYS_kill));
+        let t = l.iter().find(|a| a.nr == libc::SYS_tgkill).unwrap();
+        assert_eq!(
+            t.args,
+            vec![
+                Arg::Is(0, u64::from(std::process::id())),
+                Arg::Is(2, crate::kick::kick_signal() as u64)
+            ]
+        );
     }
 }
 

@@ -103,6 +103,7 @@ mod tests {
             transport_choice: "forced".into(),
             transport_probe_ns: 0,
             transport_probe_cached: false,
+            pool_resync: Default::default(),
             guest_status: None,
         };
         let mut w = IntervalWriter::new(Vec::new(), info);

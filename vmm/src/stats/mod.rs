@@ -7,9 +7,11 @@ pub mod interval;
 pub mod kvm_stats;
 pub mod latency;
 pub mod report;
+pub mod smp;
 pub mod table;
 
 pub use latency::Latency;
+pub use smp::SmpStats;
 use std::collections::BTreeMap;
 
 /// Direction of a port I/O or MMIO access.
@@ -66,6 +68,8 @@ pub struct VcpuStats {
     pub kvm_start: BTreeMap<String, u64>,
     /// KVM in-kernel counters at end.
     pub kvm_end: BTreeMap<String, u64>,
+    /// Remote flush delivery and world stops ([`SmpStats`]).
+    pub smp: SmpStats,
 }
 
 impl VcpuStats {
@@ -154,6 +158,7 @@ impl VcpuStats {
         }
         self.kvm_run_ns += other.kvm_run_ns;
         self.vmm_ns += other.vmm_ns;
+        self.smp.merge(&other.smp);
         for (k, v) in &other.kvm_start {
             *self.kvm_start.entry(k.clone()).or_default() += v;
         }
@@ -218,6 +223,7 @@ impl VcpuStats {
             vmm_ns: self.vmm_ns.saturating_sub(earlier.vmm_ns),
             kvm_start,
             kvm_end: self.kvm_end.clone(),
+            smp: self.smp.since(&earlier.smp),
         }
     }
 }

@@ -33,6 +33,22 @@ pub struct VmInfo {
     pub transport_probe_cached: bool,
     /// The guest's EXIT status, when it exited that way (the exit code caps it at 127).
     pub guest_status: Option<u8>,
+    /// Whether this host needs the shadow-pool resync, and how that was decided.
+    pub pool_resync: PoolResyncInfo,
+}
+
+/// The pool-resync verdict (`--pool-resync`, the start-up probe).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PoolResyncInfo {
+    /// The pool memslot is re-registered (world stopped) when KVM must forget pool
+    /// translations; false: VMM writes reach the running guest (nested paging).
+    pub needed: bool,
+    /// "auto" (probed or cached) or "forced".
+    pub choice: String,
+    /// The probe's time, ns (0 if forced or cached).
+    pub probe_ns: u64,
+    /// The verdict came from the per-host cache.
+    pub probe_cached: bool,
 }
 
 /// One distribution, flattened for JSON.
@@ -153,6 +169,33 @@ pub struct VcpuReport {
     pub mmu_batch_phases: Vec<Named<Dist>>,
     /// KVM in-kernel counters (`KVM_GET_STATS_FD`).
     pub kvm: BTreeMap<String, KvmCounter>,
+    /// Remote TLB flush delivery and world stops this vCPU caused.
+    pub smp: SmpReport,
+}
+
+/// [`crate::stats::SmpStats`], as serialised.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SmpReport {
+    /// Other vCPUs this vCPU's batches needed a flush or root switch on.
+    pub remote_flushes_requested: u64,
+    /// Requests posted to live vCPUs.
+    pub remote_flushes_sent: u64,
+    /// Other vCPUs a flush-needing batch did not interrupt (nothing held there).
+    pub remote_flushes_avoided: u64,
+    /// Kick signals sent for deliveries.
+    pub kicks: u64,
+    /// Kick round trips (first kick to acknowledgement).
+    pub kick_rtt: Dist,
+    /// Deliveries of other vCPUs' batches applied on this vCPU.
+    pub deliveries_applied: u64,
+    /// World stops led for host resyncs.
+    pub world_stops: u64,
+    /// Kicks sent to park vCPUs for them.
+    pub world_stop_kicks: u64,
+    /// Each world stop's duration.
+    pub world_stop: Dist,
+    /// Host resyncs skipped because a later one covered the batch.
+    pub resyncs_merged: u64,
 }
 
 /// A named distribution.
@@ -250,6 +293,18 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             .collect(),
         hypercalls: hypercall_rows(s),
         kvm: kvm_counters(s),
+        smp: SmpReport {
+            remote_flushes_requested: s.smp.remote_requested,
+            remote_flushes_sent: s.smp.remote_sent,
+            remote_flushes_avoided: s.smp.remote_avoided,
+            kicks: s.smp.kicks,
+            kick_rtt: Dist::from(&s.smp.kick_rtt),
+            deliveries_applied: s.smp.deliveries_applied,
+            world_stops: s.smp.world_stops,
+            world_stop_kicks: s.smp.world_stop_kicks,
+            world_stop: Dist::from(&s.smp.world_stop),
+            resyncs_merged: s.smp.resyncs_merged,
+        },
     }
 }
 
@@ -444,6 +499,7 @@ mod tests {
             transport_choice: "auto".into(),
             transport_probe_ns: 1,
             transport_probe_cached: false,
+            pool_resync: Default::default(),
             guest_status: Some(0),
         }
     }
@@ -452,6 +508,33 @@ mod tests {
         let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
         k.sort();
         k
+    }
+
+    #[test]
+    fn vm_keys_are_stable() {
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&build(info(), &[VcpuStats::default()], None))).unwrap();
+        assert_eq!(
+            keys(&v["vm"]),
+            [
+                "end_reason",
+                "exit_code",
+                "guest_status",
+                "hypercall_transport",
+                "mem_bytes",
+                "pool_resync",
+                "transport_choice",
+                "transport_probe_cached",
+                "transport_probe_ns",
+                "vcpus",
+                "wall_ns"
+            ]
+        );
+        assert_eq!(
+            keys(&v["vm"]["pool_resync"]),
+            ["choice", "needed", "probe_cached", "probe_ns"]
+        );
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 10);
     }
 
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys
@@ -481,21 +564,6 @@ mod tests {
             ]
         );
         assert_eq!(v["kind"], "final");
-        assert_eq!(
-            keys(&v["vm"]),
-            [
-                "end_reason",
-                "exit_code",
-                "guest_status",
-                "hypercall_transport",
-                "mem_bytes",
-                "transport_choice",
-                "transport_probe_cached",
-                "transport_probe_ns",
-                "vcpus",
-                "wall_ns"
-            ]
-        );
         let m = &v["merged"];
         assert_eq!(
             keys(m),
@@ -509,6 +577,7 @@ mod tests {
                 "mmio",
                 "mmu_batch_phases",
                 "pio",
+                "smp",
                 "vcpu",
                 "vmm_breakdown",
                 "vmm_ns"

@@ -428,6 +428,7 @@ mod tests {
             transport_choice: "auto".into(),
             transport_probe_ns: 1,
             transport_probe_cached: false,
+            pool_resync: Default::default(),
             guest_status: Some(0),
         }
     }

@@ -1,11 +1,12 @@
-//! Applying a hypercall's effects on the calling vCPU: the guest's exit, the host resync
-//! (pool memslot re-registration), and a CR3 load or flush through `KVM_SET_SREGS`. The CR3
-//! decision itself is a pure function ([`next_cr3`]).
+//! Applying a hypercall's effects on a vCPU (the caller, or a target of a remote delivery):
+//! the guest's exit and a CR3 load or flush through `KVM_SET_SREGS`. The CR3 decision itself
+//! is a pure function ([`next_cr3`]). Host resyncs and remote deliveries are `vcpu::smp`'s.
 
 use super::end::VcpuEnd;
 use crate::hcall::Effects;
-use crate::memory::{MemoryError, PoolSlot};
+use crate::memory::MemoryError;
 use crate::stats::VcpuStats;
+use crate::x86::CR4_PGE;
 use kvm_ioctls::VcpuFd;
 use std::time::Instant;
 
@@ -42,28 +43,30 @@ pub fn next_cr3(current: u64, new_root: Option<u64>, flush: bool) -> Option<u64>
     }
 }
 
-/// Applies `fx` on `fd`; returns the end reason when the guest asked to exit.
+/// How the vCPU flushes its TLB when a flush is not already covered by a host resync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushStyle {
+    /// Also toggle CR4.PGE (drops global translations architecturally; KVM resets the
+    /// vCPU's MMU context on a CR4 change): used where no host resync happens.
+    pub pge: bool,
+}
+
+/// Applies `fx` on `fd`; returns the end reason when the guest asked to exit. `covered`: a
+/// host resync after the batch already dropped every translation (the flush is done).
 pub fn apply(
     fd: &VcpuFd,
-    pool: Option<&PoolSlot>,
-    fx: Effects,
+    fx: &Effects,
+    covered: bool,
+    style: FlushStyle,
     stats: &mut VcpuStats,
 ) -> Result<Option<VcpuEnd>, EffectError> {
-    if let Some(v) = fx.violation {
-        return Ok(Some(VcpuEnd::ShadowInvariant(v)));
+    if let Some(v) = &fx.violation {
+        return Ok(Some(VcpuEnd::ShadowInvariant(v.clone())));
     }
     if let Some(code) = fx.exit {
         return Ok(Some(VcpuEnd::GuestExit(code)));
     }
-    let mut flushed = false;
-    if let (true, Some(p)) = (fx.host_resync, pool) {
-        let t = Instant::now();
-        p.resync()?;
-        stats.effect("host_resync", t.elapsed().as_nanos() as u64);
-        // KVM dropped every translation through the pool: that is a TLB flush.
-        flushed = true;
-    }
-    let flush = fx.flush && !flushed;
+    let flush = fx.flush && !covered;
     if fx.new_cr3.is_none() && !flush {
         return Ok(None);
     }
@@ -72,6 +75,11 @@ pub fn apply(
     let mut s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     if let Some(cr3) = next_cr3(s.cr3, fx.new_cr3, flush) {
         s.cr3 = cr3;
+        if flush && style.pge && s.cr4 & CR4_PGE != 0 {
+            s.cr4 &= !CR4_PGE;
+            fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
+            s.cr4 |= CR4_PGE;
+        }
         fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
     }
     let name = if fx.new_cr3.is_some() {

@@ -6,11 +6,14 @@ pub mod diagnose;
 pub mod effects;
 pub mod end;
 pub mod exit;
+mod smp;
 
 pub use effects::CR3_FLUSH_TOGGLE;
 pub use end::VcpuEnd;
 
+use crate::kick::{self, ThreadKicker};
 use crate::memory::PoolSlot;
+use crate::rendezvous::Rendezvous;
 use crate::seccomp::{self, Filters, ThreadKind};
 use crate::stats::kvm_stats::KvmStats;
 use crate::stats::VcpuStats;
@@ -51,6 +54,14 @@ pub struct Vcpu {
     pub filters: Arc<Filters>,
     /// Test only: make a syscall outside the allow-list at the first exit.
     pub provoke_violation: bool,
+    /// The VM's vCPU rendezvous (remote flush delivery, world stops).
+    pub sync: Arc<Rendezvous>,
+    /// How other vCPUs kick this thread (it registers itself).
+    pub kicker: ThreadKicker,
+    /// This host needs the pool memslot re-registered to see VMM writes into shadows.
+    pub pool_resync: bool,
+    /// A delivery for another vCPU's batch failed to apply: the loop ends with it.
+    pub delivery_error: Option<String>,
 }
 
 /// What the loop returns.
@@ -73,7 +84,14 @@ impl Vcpu {
                 regs: None,
             };
         }
+        self.kicker.register(self.index, true);
+        let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        kick::arm(immediate_exit);
         let end = self.run_loop();
+        // Nobody waits for this vCPU any more, and no kick may land on a dead mapping.
+        self.sync.ended(self.index);
+        self.kicker.register(self.index, false);
+        kick::arm(std::ptr::null_mut());
         if let Some(v) = self.read_kvm_stats() {
             self.stats.kvm_end = v;
         }
@@ -87,13 +105,24 @@ impl Vcpu {
 
     fn run_loop(&mut self) -> VcpuEnd {
         loop {
+            // A kick that landed since the last KVM_RUN must not cut the next one short:
+            // whatever it was for (stop, snapshot, delivery, world stop) is checked below.
+            self.fd.set_kvm_immediate_exit(0);
             if self.stop.load(Ordering::Acquire) {
                 return VcpuEnd::Stopped;
             }
             self.answer_snapshot();
+            if !self.sync.enter(self.index) {
+                self.service();
+                if let Some(e) = self.delivery_error.take() {
+                    return VcpuEnd::VmmFailure(e);
+                }
+                continue;
+            }
             let t0 = Instant::now();
             let res = self.fd.run();
             let t1 = Instant::now();
+            self.sync.left(self.index);
             self.stats.kvm_run_ns += (t1 - t0).as_nanos() as u64;
             let (name, next) = match res {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -120,10 +149,7 @@ impl Vcpu {
         match next {
             Next::Continue => None,
             Next::End(e) => Some(e),
-            Next::Apply(fx) => {
-                effects::apply(&self.fd, self.pool_slot.as_deref(), fx, &mut self.stats)
-                    .unwrap_or_else(|e| Some(VcpuEnd::VmmFailure(e.to_string())))
-            }
+            Next::Apply(fx) => self.apply_hypercall(fx),
             // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the valid
             // member of the exit union.
             Next::InternalError => Some(VcpuEnd::InternalError(

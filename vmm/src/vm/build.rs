@@ -14,14 +14,16 @@ use crate::guest_ram::GuestRam;
 use crate::hcall::doorbell::{Doorbell, DOORBELL_LEN};
 use crate::hcall::transport::{self, TransportChoice};
 use crate::hcall::Dispatcher;
+use crate::kick::{self, ThreadKicker};
 use crate::layout::Layout;
 use crate::memory::{self, PoolSlot};
+use crate::rendezvous::Rendezvous;
 use crate::seccomp::Filters;
 use crate::stats::kvm_stats::KvmStats;
 use crate::stats::VcpuStats;
 use crate::vcpu::{SnapshotLink, Vcpu};
 use crate::vm_ops::VmBuses;
-use crate::{boot, cpu, kick, mptable};
+use crate::{boot, cpu, mptable};
 use hypercall::{CpuidLeaves, Transport, DOORBELL_PORT};
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_HYPERCALL, KVM_MAX_CPUID_ENTRIES,
@@ -50,6 +52,8 @@ pub struct BuiltVm {
     pub snapshots: Option<SnapshotReplies>,
     /// The hypercall transport and how it was chosen.
     pub transport: TransportChoice,
+    /// Whether this host needs the pool resync, and how that was decided.
+    pub resync: crate::pool_probe::ResyncChoice,
     /// Kept alive for as long as the vCPUs run.
     pub vm: Arc<VmFd>,
     /// Guest memory, kept alive for as long as the vCPUs run.
@@ -92,6 +96,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     })?;
     let out = SerialOut::open(&args.serial)?;
     let transport = transport::choose(&kvm, args.hypercall, &kvm_device())?;
+    let resync = crate::pool_probe::choose(&kvm, args.pool_resync, &kvm_device());
     let mem = memory::allocate(&layout)?;
     memory::prefault_pool(&mem, &layout);
     let vm = create_vm(&kvm, transport.transport)?;
@@ -116,7 +121,12 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let (buses, serial) = build_buses(&vm, &mem, out, dispatcher.clone(), extra)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (link, snapshots) = snapshot_channel(args);
+    let kicker = ThreadKicker::new(vcpus);
+    let pool_resync = resync.needed;
     let shared = VcpuShared {
+        sync: Arc::new(Rendezvous::new(vcpus, Box::new(kicker.clone()))),
+        kicker,
+        pool_resync,
         vm: Arc::new(buses),
         pool_slot,
         stop: stop.clone(),
@@ -134,6 +144,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         stop,
         snapshots,
         transport,
+        resync,
         vm,
         mem,
         filters,
@@ -252,6 +263,9 @@ struct VcpuShared {
     dump_regs: bool,
     filters: Arc<Filters>,
     provoke_violation: bool,
+    sync: Arc<Rendezvous>,
+    kicker: ThreadKicker,
+    pool_resync: bool,
 }
 
 /// Creates `count` vCPUs with CPUID, MSRs and (vCPU 0) long mode at `entry`.
@@ -298,6 +312,10 @@ fn create_vcpus(
             seen_epoch: 0,
             filters: shared.filters.clone(),
             provoke_violation: shared.provoke_violation && i == 0,
+            sync: shared.sync.clone(),
+            kicker: shared.kicker.clone(),
+            pool_resync: shared.pool_resync,
+            delivery_error: None,
         });
     }
     Ok(built)

@@ -11,7 +11,8 @@ use crate::guest_ram::GuestRam;
 use crate::hcall::transport::TransportChoice;
 use crate::hcall::OpHandler;
 use crate::layout::Layout;
-use crate::stats::report::{self, Report, VmInfo};
+use crate::pool_probe::ResyncChoice;
+use crate::stats::report::{self, PoolResyncInfo, Report, VmInfo};
 use crate::vcpu::VcpuEnd;
 use std::time::Instant;
 use supervisor::Ended;
@@ -49,13 +50,14 @@ pub fn run_with_devices(
     let vm = build::build(args, mmu, extra)?;
     let transport = vm.transport;
     let dispatcher = vm.dispatcher.clone();
-    let running = vm_info(args, transport, "running", 0);
+    let resync = vm.resync.clone();
+    let running = vm_info(args, transport, &resync, "running", 0);
     let ended = supervisor::supervise(vm, args, started, running)?;
     Ok(finish(
         ended,
         args,
         started,
-        transport,
+        (transport, &resync),
         dispatcher.mmu_report(),
     ))
 }
@@ -91,6 +93,7 @@ fn end_of(ended: &Ended, args: &RunArgs) -> (i32, &'static str, Option<String>) 
 pub fn vm_info(
     args: &RunArgs,
     transport: TransportChoice,
+    resync: &ResyncChoice,
     end_reason: &str,
     exit_code: i32,
 ) -> VmInfo {
@@ -104,6 +107,12 @@ pub fn vm_info(
         transport_choice: transport.how.into(),
         transport_probe_ns: transport.probe_ns,
         transport_probe_cached: transport.cached,
+        pool_resync: PoolResyncInfo {
+            needed: resync.needed,
+            choice: resync.how.into(),
+            probe_ns: resync.probe_ns,
+            probe_cached: resync.cached,
+        },
         guest_status: None,
     }
 }
@@ -113,7 +122,7 @@ fn finish(
     ended: Ended,
     args: &RunArgs,
     started: Instant,
-    transport: TransportChoice,
+    (transport, resync): (TransportChoice, &ResyncChoice),
     mmu: Option<serde_json::Value>,
 ) -> RunOutcome {
     let (code, reason, message) = end_of(&ended, args);
@@ -124,7 +133,7 @@ fn finish(
         regs.extend(r.regs);
         per_vcpu.push(r.stats);
     }
-    let mut info = vm_info(args, transport, reason, code);
+    let mut info = vm_info(args, transport, resync, reason, code);
     info.wall_ns = started.elapsed().as_nanos() as u64;
     info.guest_status = match ended.first_end {
         Some(VcpuEnd::GuestExit(s)) if !ended.timed_out => Some(s),

@@ -1,0 +1,165 @@
+//! The vCPU's side of SMP TLB coherence: applying deliveries other vCPUs' batches left for
+//! it, delivering its own batch's remote flushes and root switches before the hypercall
+//! returns, and the host resync with the world stopped (docs/pv-abi.md §6.4).
+//!
+//! Order after a batch that needs a host resync: stop the world (every other vCPU parked
+//! outside `KVM_RUN`), deliver the remote flushes and root switches (parked vCPUs apply
+//! them on their own threads), re-register the pool memslot under the engine lock, and
+//! only then mark the freed pool frames clean; release the world; apply the caller's own
+//! CR3 load. Without a resync (the probe found VMM writes visible to a running guest), the
+//! deliveries are kicks and the frames become clean once they are acknowledged.
+
+use super::effects::{self, FlushStyle};
+use super::{Vcpu, VcpuEnd};
+use crate::hcall::Effects;
+use crate::rendezvous::Delivered;
+use crate::stats::VcpuStats;
+use crate::vm_ops::VmOps;
+use kvm_ioctls::VcpuFd;
+use std::time::Instant;
+
+/// Applies the delivery another vCPU's batch left for `index` (its flush, a root switch).
+fn apply_delivery(
+    fd: &VcpuFd,
+    vm: &dyn VmOps,
+    index: usize,
+    style: FlushStyle,
+    stats: &mut VcpuStats,
+) -> Result<(), String> {
+    let fx = vm.take_delivery(index);
+    stats.smp.deliveries_applied += 1;
+    effects::apply(fd, &fx, false, style, stats)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Records what a delivery cost the issuer.
+fn record_delivery(stats: &mut VcpuStats, d: &Delivered, wait_ns: u64) {
+    stats.smp.remote_sent += u64::from(d.sent);
+    stats.smp.kicks += u64::from(d.kicks);
+    for &ns in &d.kick_rtt_ns {
+        stats.smp.kick_rtt.record(ns);
+    }
+    if d.sent > 0 {
+        stats.effect("remote_delivery_wait", wait_ns);
+    }
+}
+
+impl Vcpu {
+    /// How this vCPU flushes: with a CR4.PGE toggle where no host resync drops globals.
+    fn style(&self) -> FlushStyle {
+        FlushStyle {
+            pge: !self.pool_resync,
+        }
+    }
+
+    /// Outside `KVM_RUN` before entering: applies a pending delivery and parks for another
+    /// vCPU's world stop.
+    pub(super) fn service(&mut self) {
+        let t = Instant::now();
+        let (index, style) = (self.index, self.style());
+        let (fd, vm, stats, err) = (
+            &self.fd,
+            &*self.vm,
+            &mut self.stats,
+            &mut self.delivery_error,
+        );
+        let mut apply = || {
+            if let Err(e) = apply_delivery(fd, vm, index, style, stats) {
+                err.get_or_insert(e);
+            }
+        };
+        self.sync.service(index, &mut apply);
+        self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// Carries out a hypercall's effects: remote deliveries and the host resync (if any),
+    /// then the caller's own CR3 load or flush. `Some` ends the loop.
+    pub(super) fn apply_hypercall(&mut self, fx: Effects) -> Option<VcpuEnd> {
+        let mut covered = false;
+        if fx.violation.is_none() && fx.exit.is_none() && (fx.host_resync || !fx.remote.is_empty())
+        {
+            covered = self.coherence(&fx);
+            if let Some(e) = self.delivery_error.take() {
+                return Some(VcpuEnd::VmmFailure(e));
+            }
+        }
+        effects::apply(&self.fd, &fx, covered, self.style(), &mut self.stats)
+            .unwrap_or_else(|e| Some(VcpuEnd::VmmFailure(e.to_string())))
+    }
+
+    /// Delivers `fx.remote` and performs `fx.host_resync`; true if a host resync after the
+    /// batch covered the caller's own flush.
+    fn coherence(&mut self, fx: &Effects) -> bool {
+        let (index, style) = (self.index, self.style());
+        self.stats.smp.remote_requested += u64::from(fx.remote.len());
+        self.stats.smp.remote_avoided += u64::from(fx.remote_avoided);
+        let stop = self.stop.clone();
+        let sync = self.sync.clone();
+        let pool = self.pool_slot.clone().filter(|_| self.pool_resync);
+        let (fd, vm, stats, err) = (
+            &self.fd,
+            &*self.vm,
+            &mut self.stats,
+            &mut self.delivery_error,
+        );
+        let mut applied = Vec::new();
+        let mut apply = || {
+            let mut s = VcpuStats::default();
+            if let Err(e) = apply_delivery(fd, vm, index, style, &mut s) {
+                err.get_or_insert(e);
+            }
+            applied.push(s);
+        };
+        let resync_needed = fx.host_resync && pool.is_some();
+        let t = Instant::now();
+        let (delivered, resync) = if resync_needed {
+            let mut resync_ns = 0;
+            let mut ran = false;
+            let (r, cost) = sync.stop_world(index, &stop, &mut apply, |apply| {
+                let t = Instant::now();
+                let d = sync.deliver(index, fx.remote, &stop, apply);
+                let wait = t.elapsed().as_nanos() as u64;
+                let covered = vm.host_resync(fx.resync_gen, &mut || {
+                    let t = Instant::now();
+                    ran = true;
+                    let ok = pool.as_ref().is_some_and(|p| {
+                        p.resync()
+                            .map_err(|e| log::error!("host resync: {e}"))
+                            .is_ok()
+                    });
+                    resync_ns = t.elapsed().as_nanos() as u64;
+                    ok
+                });
+                (d, wait, covered)
+            });
+            stats.smp.world_stops += 1;
+            stats.smp.world_stop_kicks += u64::from(cost.kicks);
+            stats.smp.world_stop.record(cost.park_ns + cost.work_ns);
+            stats.effect("world_stop_park", cost.park_ns);
+            if ran {
+                stats.effect("host_resync", resync_ns);
+            } else {
+                stats.smp.resyncs_merged += 1;
+            }
+            match r {
+                Some((d, wait, covered)) => ((d, wait), covered),
+                None => ((Delivered::default(), 0), false),
+            }
+        } else {
+            let d = sync.deliver(index, fx.remote, &stop, &mut apply);
+            let wait = t.elapsed().as_nanos() as u64;
+            if fx.host_resync {
+                // Nothing to re-register here: the freed frames are clean once every vCPU
+                // that could hold them has flushed.
+                vm.host_resync(fx.resync_gen, &mut || true);
+            }
+            ((d, wait), false)
+        };
+        for s in &applied {
+            stats.merge(s);
+        }
+        record_delivery(stats, &delivered.0, delivered.1);
+        resync
+    }
+}
