@@ -233,6 +233,11 @@ impl ShadowMmu {
         f
     }
 
+    /// Whether a root switch (`DETACH`) waits for `vcpu` in [`ShadowMmu::take_delivery`].
+    pub fn root_switch_pending(&self, vcpu: usize) -> bool {
+        self.new_cr3.get(vcpu).is_some_and(Option::is_some)
+    }
+
     /// The flush pending for `vcpu`, without taking it (not counted).
     pub fn flush_pending(&self, vcpu: usize) -> Option<FlushReason> {
         self.pending.peek(vcpu)

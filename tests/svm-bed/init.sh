@@ -12,6 +12,8 @@
 #
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
+#        smpdrop:<mmu mode>:<transport>  SMP tests with --vcpus 2 and the VMM's remote flushes
+#                                        dropped (--debug-drop-remote-flushes): must fail
 #        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and the guest's shootdowns
 #                                       off (break=no_shootdown): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
@@ -88,6 +90,13 @@ smpbreak() { # name mode transport
         --hypercall "$3" --vcpus 2 --mem 256M </dev/null
 }
 
+# The SMP tests with the VMM's remote flush delivery dropped (issue 13): where no host
+# resync flushes every vCPU (nested paging), smp_dirty and the shootdown tests must fail.
+smpdrop() { # name mode transport
+    run_pvmm "$1" --kernel "$GUEST" --cmdline "${BREAK_CMDLINE% break=*} mmu=$2" \
+        --hypercall "$3" --vcpus 2 --mem 256M --debug-drop-remote-flushes </dev/null
+}
+
 npt0() {
     say "BED-BEGIN npt0"
     rmmod kvm_amd
@@ -142,6 +151,7 @@ EOF
     suite) suite "$s" "$mode" "$transport" 1 ;;
     smp) suite "$s" "$mode" "$transport" 2 ;;
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
+    smpdrop) smpdrop "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;

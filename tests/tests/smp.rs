@@ -262,9 +262,19 @@ fn dropped_remote_flushes_fail_the_shootdown_and_dirty_tests() {
         let (out, tap, _, _) = run_smp(mode, 2, sel, &[]);
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(tap.points.iter().all(|p| p.ok), "{mode}: {console}");
-        // ... and fail without it.
-        let (out, tap, _, _) = run_smp(mode, 2, sel, &[switch.as_str()]);
+        // ... and fail without it, where nothing else flushes the other vCPU: on a host
+        // that needs the pool resync (a software-shadowing KVM), the world-stopped resync
+        // drops every vCPU's translations, so delivery is not what keeps them coherent
+        // there; the SVM bed's smpdrop step (nested paging, no resync) checks the switch.
+        let (out, tap, stats, _) = run_smp(mode, 2, sel, &[switch.as_str()]);
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
+        if stats["vm"]["pool_resync"]["needed"] == Value::Bool(true) {
+            eprintln!(
+                "SKIP {mode} {switch}: this host resyncs the pool with the world stopped, \
+                 which flushes every vCPU (tests/svm-bed smpdrop checks the switch)"
+            );
+            continue;
+        }
         for name in ["smp_unmap", "smp_mprotect", "smp_dirty"] {
             let p = tap
                 .get(name)

@@ -182,7 +182,7 @@ pub struct RunArgs {
     pub debug_pt_trap_no_harvest: bool,
     /// Test only: other vCPUs apply root switches but drop the TLB flushes a batch needs on
     /// them (the SMP TLB selftests must then fail).
-    #[arg(long, hide = true)]
+    #[arg(long, hide_short_help = true)]
     pub debug_drop_remote_flushes: bool,
     /// Host resync of the shadow pool: auto (probe), always, never.
     #[arg(long, value_enum, default_value = "auto")]

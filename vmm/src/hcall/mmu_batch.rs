@@ -8,7 +8,9 @@ use crate::layout::Layout;
 use crate::ptwrite::Alias;
 use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, Response};
 use serde_json::{json, Map, Value};
-use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, WriteMode};
+use shadow::{
+    AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode,
+};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -26,8 +28,9 @@ pub struct MmuOptions {
     pub unguarded_response: bool,
     /// Test-only switches of the page-table write trap (`--debug-pt-trap-*`).
     pub trap_debug: shadow::TrapDebug,
-    /// Test-only: remote vCPUs apply their root switches but drop their flushes
-    /// (`--debug-drop-remote-flushes`; the e2e suite expects the SMP TLB selftests to fail).
+    /// Test-only: a batch's remote flushes are not delivered (no kick; the target takes
+    /// them only with its own next batch), root switches still are
+    /// (`--debug-drop-remote-flushes`; the SVM bed expects the SMP TLB selftests to fail).
     pub drop_remote_flushes: bool,
 }
 
@@ -172,7 +175,14 @@ impl MmuBatch {
         ctx.effects.host_resync = engine.take_host_resync_needed() || flushed;
         ctx.effects.resync_gen = self.resync_gen.load(Ordering::Acquire);
         ctx.effects.flush = out.flush.is_some();
-        ctx.effects.remote = out.remote;
+        ctx.effects.remote = if self.options.drop_remote_flushes {
+            // The debug switch: no delivery (no kick) for a remote flush; a root switch is
+            // still delivered (a CR3 left on a freed shadow would only crash the guest).
+            let keep = out.remote.iter().filter(|&w| engine.root_switch_pending(w));
+            keep.fold(VcpuSet::EMPTY, |s, w| s | VcpuSet::one(w))
+        } else {
+            out.remote
+        };
         ctx.effects.remote_avoided = out.remote_avoided;
         if self.options.check_shadow {
             if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
