@@ -8,9 +8,7 @@ use crate::layout::Layout;
 use crate::ptwrite::Alias;
 use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, Response};
 use serde_json::{json, Map, Value};
-use shadow::{
-    AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode,
-};
+use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
