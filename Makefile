@@ -69,4 +69,4 @@ clean:
 # target/mutants.out/missed.txt; equivalent ones are explained in shadow/README.md.
 mutants:
 	@command -v cargo-mutants >/dev/null || $(CARGO) install cargo-mutants --locked
-	$(CARGO) mutants -p shadow -e shadow/src/debug.rs --timeout-multiplier 3 -j 1 -o target $(MUTANTS_ARGS)
+	$(CARGO) mutants -p shadow -e shadow/src/debug.rs --timeout-multiplier 3 -j 1 --cargo-test-arg=--tests -o target $(MUTANTS_ARGS)
