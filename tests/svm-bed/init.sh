@@ -12,8 +12,9 @@
 #
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
-#        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and the guest's shootdowns
-#                                       off (break=no_shootdown): they must fail
+#        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and remote flushes off
+#                                       (native: the guest's break=no_shootdown; PV: pvmm's
+#                                       --debug-drop-remote-flushes): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
@@ -84,8 +85,10 @@ suite() { # name mode transport vcpus
 }
 
 smpbreak() { # name mode transport
+    drop=""
+    [ "$2" != native ] && drop=--debug-drop-remote-flushes
     run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
-        --hypercall "$3" --vcpus 2 --mem 256M </dev/null
+        --hypercall "$3" --vcpus 2 --mem 256M $drop </dev/null
 }
 
 npt0() {
