@@ -160,8 +160,8 @@ fn smp_suite_passes_on_1_2_4_vcpus_pv_lazy() {
     }
 }
 
-/// The VMM's SMP counter `key` (`remote_requested`, `remote_sent`, `kicks`, ...): the
-/// merged figure if the report has one, else the sum over its vCPUs; None if absent.
+/// The VMM's SMP counter `key` (`remote_flushes_requested`, `remote_flushes_sent`, `kicks`,
+/// ...): the merged figure if the report has one, else the sum over its vCPUs; None if absent.
 fn smp_counter(v: &Value, key: &str) -> Option<u64> {
     if let Some(n) = v["merged"]["smp"][key].as_u64() {
         return Some(n);
@@ -203,7 +203,7 @@ fn untouched_unmaps_send_no_remote_flush_on_4_vcpus() {
         big.get("vcpus").and_then(Value::as_array).map(Vec::len) == Some(4),
         "{console}"
     );
-    for key in ["remote_requested", "remote_sent", "kicks"] {
+    for key in ["remote_flushes_requested", "remote_flushes_sent", "kicks"] {
         let get = |v: &Value| {
             smp_counter(v, key).unwrap_or_else(|| {
                 panic!("the VMM's stats have no SMP counter {key} (issue 13): {v}")
