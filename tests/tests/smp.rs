@@ -160,8 +160,8 @@ fn smp_suite_passes_on_1_2_4_vcpus_pv_lazy() {
     }
 }
 
-/// The VMM's SMP counter `key` (`remote_flushes_requested`, `remote_flushes_sent`, `kicks`, ...): the
-/// merged figure if the report has one, else the sum over its vCPUs; None if absent.
+/// The VMM's SMP counter `key` (`remote_flushes_requested`, `remote_flushes_sent`, `kicks`,
+/// ...): the merged figure if the report has one, else the sum over its vCPUs; None if absent.
 fn smp_counter(v: &Value, key: &str) -> Option<u64> {
     if let Some(n) = v["merged"]["smp"][key].as_u64() {
         return Some(n);

@@ -344,6 +344,7 @@ fn main() {
         "errors": errors});
     let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
     smp::section(&mut md, &smp_points);
+    strategies::smp_note(&mut md, &smp_points);
     let json = serde_json::to_string_pretty(&results).unwrap_or_default();
     let mut failed = false;
     for (file, text) in [("results.json", json), ("report.md", md)] {

@@ -186,3 +186,29 @@ pub fn section(o: &mut String, points: &[Point], software_kvm: bool) {
     conclusion(o, points, software_kvm);
     let _ = writeln!(o);
 }
+
+/// Geometric mean over the SMP cells of `a ÷ b` remote flushes sent per operation.
+fn smp_ratio(points: &[crate::smp::SmpPoint], a: &str, b: &str) -> Option<f64> {
+    let sent = |p: &crate::smp::SmpPoint| p.remote_sent_per_op.as_ref().map(|s| s.median);
+    let rs: Vec<f64> = points
+        .iter()
+        .filter(|p| p.mmu == a)
+        .filter_map(|x| {
+            let y = points
+                .iter()
+                .find(|y| y.mmu == b && y.workload == x.workload && y.vcpus == x.vcpus)?;
+            Some((sent(x)?, sent(y)?))
+        })
+        .filter(|(x, y)| *x > 0.0 && *y > 0.0)
+        .map(|(x, y)| (x / y).ln())
+        .collect();
+    (!rs.is_empty()).then(|| (rs.iter().sum::<f64>() / rs.len() as f64).exp())
+}
+
+/// The SMP comparison of the trap modes, after the SMP table (computed from its cells).
+pub fn smp_note(o: &mut String, points: &[crate::smp::SmpPoint]) {
+    let r = |a| smp_ratio(points, a, "pv-lazy");
+    if let (Some(w), Some(e)) = (r("wrpt"), r("emulate")) {
+        let _ = writeln!(o, "\nRemote flushes sent per operation, geometric mean over the SMP cells: wrpt ÷ pv-lazy = {w:.2}, emulate ÷ pv-lazy = {e:.2} (every unhook drops a parent entry other vCPUs may hold; every trapped store that needs a flush is one delivery).");
+    }
+}
