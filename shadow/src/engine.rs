@@ -11,7 +11,7 @@ use crate::mem::table;
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
 use crate::rules::{self, Rule};
-use crate::targets::VcpuSet;
+use crate::vcpuset::VcpuSet;
 
 /// Internal result: refusals carry their rule.
 pub(crate) type R<T> = Result<T, Rule>;

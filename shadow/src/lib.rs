@@ -17,7 +17,8 @@
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
-//! * [`targets`] — which vCPUs a flush is for (loaded and held roots), [`VcpuSet`];
+//! * `targets`: which vCPUs a flush is for (loaded and held roots);
+//! * [`vcpuset`] — [`VcpuSet`], a set of vCPUs;
 //! * [`counters`] — statistics;
 //! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
 //! * `debug`: test helpers (translation through the shadow).
@@ -36,7 +37,8 @@ mod pool;
 pub mod pte;
 pub mod rules;
 mod shadow;
-pub mod targets;
+mod targets;
+pub mod vcpuset;
 
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
@@ -44,7 +46,7 @@ pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
-pub use targets::VcpuSet;
+pub use vcpuset::VcpuSet;
 
 #[cfg(test)]
 mod integrity_tests;
