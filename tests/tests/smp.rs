@@ -160,7 +160,7 @@ fn smp_suite_passes_on_1_2_4_vcpus_pv_lazy() {
     }
 }
 
-/// The VMM's SMP counter `key` (`remote_requested`, `remote_sent`, `kicks`, ...): the
+/// The VMM's SMP counter `key` (`remote_flushes_requested`, `remote_flushes_sent`, `kicks`, ...): the
 /// merged figure if the report has one, else the sum over its vCPUs; None if absent.
 fn smp_counter(v: &Value, key: &str) -> Option<u64> {
     if let Some(n) = v["merged"]["smp"][key].as_u64() {
@@ -203,7 +203,7 @@ fn untouched_unmaps_send_no_remote_flush_on_4_vcpus() {
         big.get("vcpus").and_then(Value::as_array).map(Vec::len) == Some(4),
         "{console}"
     );
-    for key in ["remote_requested", "remote_sent", "kicks"] {
+    for key in ["remote_flushes_requested", "remote_flushes_sent", "kicks"] {
         let get = |v: &Value| {
             smp_counter(v, key).unwrap_or_else(|| {
                 panic!("the VMM's stats have no SMP counter {key} (issue 13): {v}")
@@ -237,25 +237,15 @@ fn untouched_unmaps_send_no_remote_flush_on_4_vcpus() {
     }
 }
 
-/// The VMM's switch that drops remote flushes (issue 13), as `pvmm run --help` lists it.
-fn drop_switch() -> String {
-    let out = std::process::Command::new(pvmm_bin())
-        .args(["run", "--help"])
-        .output()
-        .expect("pvmm run --help");
-    let help = String::from_utf8_lossy(&out.stdout).into_owned();
-    help.split_whitespace()
-        .find(|w| w.starts_with("--debug") && w.contains("remote"))
-        .map(|w| w.trim_end_matches(',').to_string())
-        .unwrap_or_else(|| panic!("pvmm has no --debug-...remote... switch (issue 13):\n{help}"))
-}
+/// The VMM's (hidden) switch that drops remote flushes (issue 13).
+const DROP_SWITCH: &str = "--debug-drop-remote-flushes";
 
 #[test]
 fn dropped_remote_flushes_fail_the_shootdown_and_dirty_tests() {
     if !kvm_available("dropped_remote_flushes_fail_the_shootdown_and_dirty_tests") {
         return;
     }
-    let switch = drop_switch();
+    let switch = DROP_SWITCH;
     let sel = "selftest=smp_unmap,smp_mprotect,smp_remap,smp_dirty";
     for mode in ["pv", "pv-lazy"] {
         // The same tests pass with delivery on ...
@@ -265,13 +255,13 @@ fn dropped_remote_flushes_fail_the_shootdown_and_dirty_tests() {
         // ... and fail without it, where nothing else flushes the other vCPU: on a host
         // that needs the pool resync (a software-shadowing KVM), the world-stopped resync
         // drops every vCPU's translations, so delivery is not what keeps them coherent
-        // there; the SVM bed's smpdrop step (nested paging, no resync) checks the switch.
-        let (out, tap, stats, _) = run_smp(mode, 2, sel, &[switch.as_str()]);
+        // there; the SVM bed's PV smpbreak step (nested paging, no resync) checks the switch.
+        let (out, tap, stats, _) = run_smp(mode, 2, sel, &[switch]);
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         if stats["vm"]["pool_resync"]["needed"] == Value::Bool(true) {
             eprintln!(
                 "SKIP {mode} {switch}: this host resyncs the pool with the world stopped, \
-                 which flushes every vCPU (tests/svm-bed smpdrop checks the switch)"
+                 which flushes every vCPU (tests/svm-bed smpbreak:pv checks the switch)"
             );
             continue;
         }

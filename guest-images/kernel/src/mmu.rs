@@ -507,7 +507,10 @@ impl Mmu {
         if self.loaded() == dead {
             tlb::set_loaded(kernel_l4);
             self.c.switches += 1;
-            self.push(MmuEntry::new_baseptr(kernel_l4));
+            // DETACH moves this vCPU to its kernel root too (one hypercall even in `pv`).
+            if !self.smp_tlb {
+                self.push(MmuEntry::new_baseptr(kernel_l4));
+            }
         }
         let flags = if self.smp_tlb {
             hypercall::unpin_flags::DETACH

@@ -222,7 +222,12 @@ fn mmap(sp: &mut Space, m: &mut Mmu, len: u64, prot: u64, flags: u64, addr: u64)
         return EINVAL;
     }
     let va = if flags & 8 != 0 {
-        if !pages_ok(addr, len) || addr < vm::MMAP_BASE || (addr..addr + len).step_by(4096).any(|a| sp.find(a).is_some()) {
+        if !pages_ok(addr, len)
+            || addr < vm::MMAP_BASE
+            || (addr..addr + len)
+                .step_by(4096)
+                .any(|a| sp.find(a).is_some())
+        {
             return EINVAL;
         }
         addr

@@ -51,7 +51,10 @@ pub fn test_main(a: Args) -> i32 {
         check!(hc == 1, "PV teardown took {} MMU hypercalls", hc);
         check!(ipis == 0, "PV sent {} flush IPIs", ipis);
     } else if n > 1 {
-        check!(ipis >= 1, "native: the lazy CPU was never told to drop the root");
+        check!(
+            ipis >= 1,
+            "native: the lazy CPU was never told to drop the root"
+        );
     }
     0
 }

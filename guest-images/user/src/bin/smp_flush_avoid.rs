@@ -31,12 +31,20 @@ pub fn test_main(a: Args) -> i32 {
     }
     smp::wait_until(|| RUNNING.load(SeqCst) == helpers);
     let pages = a.pages.max(1);
-    let (f0, s0, h0) = (stat(st::FLUSH_IPIS), stat(st::SHOOTDOWNS), stat(st::HYPERCALLS));
+    let (f0, s0, h0) = (
+        stat(st::FLUSH_IPIS),
+        stat(st::SHOOTDOWNS),
+        stat(st::HYPERCALLS),
+    );
     for _ in 0..4 {
         let x = mmap(pages * 4096, RW, MAP_POPULATE);
         check!(munmap(x, pages * 4096) == pages, "munmap");
     }
-    let (f1, s1, h1) = (stat(st::FLUSH_IPIS), stat(st::SHOOTDOWNS), stat(st::HYPERCALLS));
+    let (f1, s1, h1) = (
+        stat(st::FLUSH_IPIS),
+        stat(st::SHOOTDOWNS),
+        stat(st::HYPERCALLS),
+    );
     STOP.store(1, SeqCst);
     for t in ts.iter_mut().take(helpers as usize) {
         check!(t.take().map(|t| t.join()) == Some(0), "spinner");

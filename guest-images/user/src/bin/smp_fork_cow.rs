@@ -40,7 +40,12 @@ fn child(x: u64) -> i32 {
         }
         for (i, f) in first.iter().enumerate() {
             if rd(x + i as u64 * 4096) != *f {
-                diag!("child: page {} changed from {} to {}", i, f, rd(x + i as u64 * 4096));
+                diag!(
+                    "child: page {} changed from {} to {}",
+                    i,
+                    f,
+                    rd(x + i as u64 * 4096)
+                );
                 return 1;
             }
         }
@@ -67,7 +72,12 @@ pub fn test_main(_a: Args) -> i32 {
     STOP.store(1, SeqCst);
     check!(t.join() == 0, "writer");
     let g = GEN.load(SeqCst);
-    check!(rd(x) == g, "the parent lost the sibling's writes: {} vs {}", rd(x), g);
+    check!(
+        rd(x) == g,
+        "the parent lost the sibling's writes: {} vs {}",
+        rd(x),
+        g
+    );
     diag!(
         "smp_fork_cow: 4 forks on {} CPUs while a sibling wrote ({} generations): {} children saw a change",
         smp::ncpus(),

@@ -74,6 +74,9 @@ pub fn test_main(_a: Args) -> i32 {
         bad
     );
     check!(bad == 0, "{} failures", bad);
-    check!(munmap(shared, threads * SLICE * 4096) == threads * SLICE, "munmap shared");
+    check!(
+        munmap(shared, threads * SLICE * 4096) == threads * SLICE,
+        "munmap shared"
+    );
     0
 }

@@ -20,7 +20,10 @@ pub fn test_main(_a: Args) -> i32 {
         check!(munmap(x, 4096) == 1, "munmap");
         // The freed frame goes to a filler mapping, so the new one is a different frame.
         let filler = mmap(4096, RW, MAP_POPULATE);
-        check!(mmap_at(x, 4096, RW, MAP_POPULATE) == x, "mmap at the same address");
+        check!(
+            mmap_at(x, 4096, RW, MAP_POPULATE) == x,
+            "mmap at the same address"
+        );
         wr(x, 0x0e30_0000 + r);
         HOT.expect(0x0e30_0000 + r);
         let seen = HOT.changed(r);

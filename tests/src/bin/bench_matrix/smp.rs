@@ -137,7 +137,7 @@ fn sample(w: &str, mmu: &str, vcpus: u32, b: &Base) -> Result<Raw, String> {
     if !tap.get(w).is_some_and(|p| p.ok && p.skip.is_none()) {
         return Err(format!("{w} {mmu} --vcpus {vcpus}: not ok or skipped"));
     }
-    let keys = ["remote_requested", "remote_sent", "kicks"];
+    let keys = ["remote_flushes_requested", "remote_flushes_sent", "kicks"];
     let vmm = keys.map(|k| Some(smp_counter(&v, k)? - smp_counter(base, k).unwrap_or(0.0)));
     let vmm = if vmm.iter().all(Option::is_some) {
         Some(vmm.map(|x| x.unwrap_or(0.0)))
