@@ -11,8 +11,8 @@ use crate::mem::table;
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
 use crate::rules::{self, Rule};
-use crate::targets::VcpuSet;
 use crate::trap_state::TrapState;
+use crate::vcpuset::VcpuSet;
 
 /// Internal result: refusals carry their rule.
 pub(crate) type R<T> = Result<T, Rule>;

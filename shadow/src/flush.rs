@@ -105,7 +105,7 @@ impl Pending {
     }
 }
 
-use crate::targets::VcpuSet;
+use crate::vcpuset::VcpuSet;
 
 #[cfg(test)]
 mod tests {

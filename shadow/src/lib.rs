@@ -19,7 +19,8 @@
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
 //! * [`trap`] — trapped page-table stores (`emulate`, `wrpt` write modes);
 //! * `wrpt`: unhooking and re-hooking L1s (writable page tables);
-//! * [`targets`] — which vCPUs a flush is for (loaded and held roots), [`VcpuSet`];
+//! * `targets`: which vCPUs a flush is for (loaded and held roots);
+//! * [`vcpuset`] — [`VcpuSet`], a set of vCPUs;
 //! * [`counters`] — statistics;
 //! * [`invariants`] — the invariant checker ([`ShadowMmu::check_invariants`]);
 //! * `debug`: test helpers (translation through the shadow).
@@ -38,9 +39,10 @@ mod pool;
 pub mod pte;
 pub mod rules;
 mod shadow;
-pub mod targets;
+mod targets;
 pub mod trap;
 mod trap_state;
+pub mod vcpuset;
 mod wrpt;
 
 pub use counters::{Counters, OpKind};
@@ -49,8 +51,8 @@ pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
 pub use rules::Rule;
-pub use targets::VcpuSet;
 pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
+pub use vcpuset::VcpuSet;
 
 #[cfg(test)]
 mod integrity_tests;

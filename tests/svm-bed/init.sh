@@ -12,10 +12,9 @@
 #
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
-#        smpdrop:<mmu mode>:<transport>  SMP tests with --vcpus 2 and the VMM's remote flushes
-#                                        dropped (--debug-drop-remote-flushes): must fail
-#        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and the guest's shootdowns
-#                                       off (break=no_shootdown): they must fail
+#        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and remote flushes off
+#                                       (native: the guest's break=no_shootdown; PV: pvmm's
+#                                       --debug-drop-remote-flushes): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
@@ -86,15 +85,10 @@ suite() { # name mode transport vcpus
 }
 
 smpbreak() { # name mode transport
+    drop=""
+    [ "$2" != native ] && drop=--debug-drop-remote-flushes
     run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
-        --hypercall "$3" --vcpus 2 --mem 256M </dev/null
-}
-
-# The SMP tests with the VMM's remote flush delivery dropped (issue 13): where no host
-# resync flushes every vCPU (nested paging), smp_dirty and the shootdown tests must fail.
-smpdrop() { # name mode transport
-    run_pvmm "$1" --kernel "$GUEST" --cmdline "${BREAK_CMDLINE% break=*} mmu=$2" \
-        --hypercall "$3" --vcpus 2 --mem 256M --debug-drop-remote-flushes </dev/null
+        --hypercall "$3" --vcpus 2 --mem 256M $drop </dev/null
 }
 
 npt0() {
@@ -151,7 +145,6 @@ EOF
     suite) suite "$s" "$mode" "$transport" 1 ;;
     smp) suite "$s" "$mode" "$transport" 2 ;;
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
-    smpdrop) smpdrop "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;

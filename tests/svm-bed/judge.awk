@@ -71,7 +71,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base) {
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
     if (kind == "suite" || kind == "smp") why = judge_suite(transport)
-    else if (kind == "smpbreak" || kind == "smpdrop") why = judge_break()
+    else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "

@@ -255,13 +255,13 @@ fn dropped_remote_flushes_fail_the_shootdown_and_dirty_tests() {
         // ... and fail without it, where nothing else flushes the other vCPU: on a host
         // that needs the pool resync (a software-shadowing KVM), the world-stopped resync
         // drops every vCPU's translations, so delivery is not what keeps them coherent
-        // there; the SVM bed's smpdrop step (nested paging, no resync) checks the switch.
+        // there; the SVM bed's PV smpbreak step (nested paging, no resync) checks the switch.
         let (out, tap, stats, _) = run_smp(mode, 2, sel, &[switch]);
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         if stats["vm"]["pool_resync"]["needed"] == Value::Bool(true) {
             eprintln!(
                 "SKIP {mode} {switch}: this host resyncs the pool with the world stopped, \
-                 which flushes every vCPU (tests/svm-bed smpdrop checks the switch)"
+                 which flushes every vCPU (tests/svm-bed smpbreak:pv checks the switch)"
             );
             continue;
         }

@@ -177,11 +177,11 @@ pub struct VcpuReport {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SmpReport {
     /// Other vCPUs this vCPU's batches needed a flush or root switch on.
-    pub remote_requested: u64,
+    pub remote_flushes_requested: u64,
     /// Requests posted to live vCPUs.
-    pub remote_sent: u64,
+    pub remote_flushes_sent: u64,
     /// Other vCPUs a flush-needing batch did not interrupt (nothing held there).
-    pub remote_avoided: u64,
+    pub remote_flushes_avoided: u64,
     /// Kick signals sent for deliveries.
     pub kicks: u64,
     /// Kick round trips (first kick to acknowledgement).
@@ -294,9 +294,9 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
         hypercalls: hypercall_rows(s),
         kvm: kvm_counters(s),
         smp: SmpReport {
-            remote_requested: s.smp.remote_requested,
-            remote_sent: s.smp.remote_sent,
-            remote_avoided: s.smp.remote_avoided,
+            remote_flushes_requested: s.smp.remote_requested,
+            remote_flushes_sent: s.smp.remote_sent,
+            remote_flushes_avoided: s.smp.remote_avoided,
             kicks: s.smp.kicks,
             kick_rtt: Dist::from(&s.smp.kick_rtt),
             deliveries_applied: s.smp.deliveries_applied,

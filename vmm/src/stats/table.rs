@@ -48,6 +48,7 @@ pub fn to_table(r: &Report) -> String {
     mmu_phases(&mut o, r);
     if r.vcpus.len() > 1 {
         per_vcpu(&mut o, r);
+        smp(&mut o, r);
     }
     if let Some(mmu) = &r.mmu {
         let _ = writeln!(o, "\nShadow MMU (whole VM):");
@@ -74,6 +75,14 @@ fn header(o: &mut String, r: &Report) {
         ms(r.vm.wall_ns),
         r.vm.hypercall_transport,
     );
+    let pr = &r.vm.pool_resync;
+    let how = match (pr.choice.as_str(), pr.probe_cached) {
+        ("auto", true) => "auto, cached probe verdict".to_string(),
+        ("auto", false) => format!("auto, probe {} ms", ms(pr.probe_ns)),
+        (how, _) => how.to_string(),
+    };
+    let verdict = if pr.needed { "needed" } else { "not needed" };
+    let _ = writeln!(o, "pool resync: {verdict} ({how})");
     let cpu = m.kvm_run_ns + m.vmm_ns;
     let _ = writeln!(
         o,
@@ -332,6 +341,40 @@ fn per_vcpu(o: &mut String, r: &Report) {
             v.exits_total,
             ms(v.kvm_run_ns),
             ms(v.vmm_ns)
+        );
+    }
+}
+
+/// Remote flush delivery and world stops, per vCPU (the vCPU whose batches caused them).
+fn smp(o: &mut String, r: &Report) {
+    let _ = writeln!(o, "\nSMP TLB (per issuing vCPU):");
+    let _ = writeln!(
+        o,
+        "{:<6} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
+        "vcpu",
+        "requested",
+        "sent",
+        "avoided",
+        "kicks",
+        "kick p50 µs",
+        "kick p99 µs",
+        "w.stops",
+        "w.stop mean µs"
+    );
+    for v in &r.vcpus {
+        let s = &v.smp;
+        let _ = writeln!(
+            o,
+            "{:<6} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
+            v.vcpu.unwrap_or(0),
+            s.remote_flushes_requested,
+            s.remote_flushes_sent,
+            s.remote_flushes_avoided,
+            s.kicks,
+            us(s.kick_rtt.p50_ns),
+            us(s.kick_rtt.p99_ns),
+            s.world_stops,
+            us(s.world_stop.mean_ns)
         );
     }
 }
