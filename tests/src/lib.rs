@@ -174,6 +174,29 @@ impl Tap {
         self.points.iter().find(|p| p.name == name)
     }
 
+    /// The number just before `word` in the diagnostic line of `test` that starts with
+    /// `prefix` (words split at spaces, commas, colons and parentheses). Panics with the
+    /// line when the test, the line, the word or the number is missing.
+    pub fn diag_count(&self, test: &str, prefix: &str, word: &str) -> u64 {
+        let p = self.get(test).unwrap_or_else(|| panic!("no test {test}"));
+        let line = p
+            .diag
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{test}: no '{prefix}' line in {:?}", p.diag));
+        let words: Vec<&str> = line
+            .split([' ', ',', ':', '(', ')'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        let i = words
+            .iter()
+            .position(|w| *w == word)
+            .unwrap_or_else(|| panic!("no '{word}' in '{line}'"));
+        i.checked_sub(1)
+            .and_then(|j| words[j].parse().ok())
+            .unwrap_or_else(|| panic!("no count before '{word}' in '{line}'"))
+    }
+
     /// Number of `not ok` points.
     pub fn failures(&self) -> usize {
         self.points.iter().filter(|p| !p.ok).count()

@@ -268,27 +268,6 @@ fn a_broken_backend_is_caught() {
     assert_eq!(out.status.code(), Some(tap.failures() as i32));
 }
 
-/// The `<n>` before `word` in the diagnostic line of `test` that starts with `prefix`.
-fn diag_count(tap: &Tap, test: &str, prefix: &str, word: &str) -> u64 {
-    let p = tap.get(test).unwrap_or_else(|| panic!("no test {test}"));
-    let line = p
-        .diag
-        .iter()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("{test}: no '{prefix}' line in {:?}", p.diag));
-    let words: Vec<&str> = line
-        .split([' ', ',', '(', ')'])
-        .filter(|w| !w.is_empty())
-        .collect();
-    let i = words
-        .iter()
-        .position(|w| *w == word)
-        .unwrap_or_else(|| panic!("no '{word}' in '{line}'"));
-    words[i - 1]
-        .parse()
-        .unwrap_or_else(|_| panic!("no count before '{word}' in '{line}'"))
-}
-
 /// One run of `selftest=<sel>` with `fault_around=<fa>`: its TAP and stats JSON.
 fn fa_run(mode: &str, sel: &str, fa: u32) -> (Tap, Value) {
     let (out, tap, stats) = suite(mode, &format!("selftest={sel} fault_around={fa}"));
@@ -312,25 +291,25 @@ fn fault_around_prefaults_old_pages_and_reclaim_needs_no_flush() {
         let (off, off_stats) = fa_run(mode, "populate,fault_around", 0);
         // The demand-zero sweep of 256 pages: one fault per 16-page window, 256 without.
         let dz = "demand-zero of 256 pages";
-        assert_eq!(diag_count(&on, "populate", dz, "faults"), 16, "{mode}");
-        assert_eq!(diag_count(&off, "populate", dz, "faults"), 256, "{mode}");
+        assert_eq!(on.diag_count("populate", dz, "faults"), 16, "{mode}");
+        assert_eq!(off.diag_count("populate", dz, "faults"), 256, "{mode}");
         assert_eq!(
-            diag_count(&on, "populate", dz, "PTE"),
+            on.diag_count("populate", dz, "PTE"),
             256 + 1,
             "{mode}: the pages and their L1"
         );
         if mode == "pv-lazy" {
             // One batch per fault: 16 PTE updates per exit on the fault path.
-            assert_eq!(diag_count(&on, "populate", dz, "MMU"), 16, "{mode}");
-            assert_eq!(diag_count(&off, "populate", dz, "MMU"), 256, "{mode}");
+            assert_eq!(on.diag_count("populate", dz, "MMU"), 16, "{mode}");
+            assert_eq!(off.diag_count("populate", dz, "MMU"), 256, "{mode}");
         }
         // Reclaim: the prefaulted pages never touched are found and unmapped; without
         // fault-around there are none.
         let re = "reclaim:";
-        let dropped = diag_count(&on, "fault_around", re, "prefaulted");
+        let dropped = on.diag_count("fault_around", re, "prefaulted");
         assert!(dropped > 100, "{mode}: only {dropped} pages reclaimed");
-        assert_eq!(diag_count(&off, "fault_around", re, "prefaulted"), 0);
-        assert_eq!(diag_count(&on, "fault_around", re, "guest"), 0, "{mode}");
+        assert_eq!(off.diag_count("fault_around", re, "prefaulted"), 0);
+        assert_eq!(on.diag_count("fault_around", re, "guest"), 0, "{mode}");
         if mode == "native" {
             continue;
         }

@@ -71,27 +71,6 @@ fn config_value(console: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The `<n>` before `word` in the diagnostic line of `test` that starts with `prefix`.
-fn diag_count(tap: &Tap, test: &str, prefix: &str, word: &str) -> u64 {
-    let p = tap.get(test).unwrap_or_else(|| panic!("no test {test}"));
-    let line = p
-        .diag
-        .iter()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("{test}: no '{prefix}' line in {:?}", p.diag));
-    let words: Vec<&str> = line
-        .split([' ', ',', ':'])
-        .filter(|w| !w.is_empty())
-        .collect();
-    let i = words
-        .iter()
-        .position(|w| *w == word)
-        .unwrap_or_else(|| panic!("no '{word}' in '{line}'"));
-    words[i - 1]
-        .parse()
-        .unwrap_or_else(|_| panic!("no count before '{word}' in '{line}'"))
-}
-
 /// `selftest=all` in `mode` on 1, 2 and 4 vCPUs: every test `ok`, the SMP tests run (not
 /// skipped) on more than one vCPU, and the PV teardown of a lazily loaded root is one
 /// hypercall without IPIs.
@@ -127,15 +106,15 @@ fn suite_on_1_2_4(mode: &str) {
         let em = "smp_exit_mmap: teardown";
         if vcpus > 1 {
             assert!(
-                diag_count(&tap, "smp_exit_mmap", em, "other") >= 1,
+                tap.diag_count("smp_exit_mmap", em, "other") >= 1,
                 "lazy root"
             );
         }
         if mode != "native" {
-            assert_eq!(diag_count(&tap, "smp_exit_mmap", em, "MMU"), 1, "{mode}");
-            assert_eq!(diag_count(&tap, "smp_exit_mmap", em, "flush"), 0, "{mode}");
+            assert_eq!(tap.diag_count("smp_exit_mmap", em, "MMU"), 1, "{mode}");
+            assert_eq!(tap.diag_count("smp_exit_mmap", em, "flush"), 0, "{mode}");
         }
-        assert_eq!(diag_count(&tap, "smp_dirty", "smp_dirty:", "lost"), 0);
+        assert_eq!(tap.diag_count("smp_dirty", "smp_dirty:", "lost"), 0);
     }
 }
 
