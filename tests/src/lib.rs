@@ -222,4 +222,15 @@ mod tests {
         assert!(Tap::parse("ok 1 x").is_err());
         assert!(Tap::parse("TAP version 13\nok 2 x\n1..1").is_err());
     }
+
+    #[test]
+    fn diag_count_reads_the_number_before_a_word() {
+        let t = Tap::parse("TAP version 13\n1..1\n# reclaim: 111 prefaulted pages (17 munmaps, 0 flushes)\nok 1 fault_around\n").unwrap();
+        let r = "reclaim:";
+        assert_eq!(t.diag_count("fault_around", r, "prefaulted"), 111);
+        assert_eq!(t.diag_count("fault_around", r, "munmaps"), 17);
+        assert_eq!(t.diag_count("fault_around", r, "flushes"), 0);
+        let missing = std::panic::catch_unwind(|| t.diag_count("fault_around", r, "reclaim"));
+        assert!(missing.is_err(), "no number before the first word");
+    }
 }
