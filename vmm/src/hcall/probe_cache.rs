@@ -1,7 +1,8 @@
 //! Probe verdicts, cached per host: the `auto` transport probe costs about 200 ms on a host
 //! where `vmcall` never exits (the pool-resync probe a few ms), so each answer is kept in a
 //! small file keyed by everything that could change it (kernel build, KVM API version, CPU
-//! model, the KVM device) and the verdict's name, and reused.
+//! model, the KVM modules' paging parameters, the KVM device) and the verdict's name, and
+//! reused.
 
 use std::path::PathBuf;
 
@@ -20,8 +21,28 @@ pub fn dir() -> Option<PathBuf> {
     }
 }
 
+/// KVM module parameters that change how guest page tables are handled (nested paging on or
+/// off, the TDP MMU): reloading `kvm_amd npt=0` turns a host that needs no pool resync into
+/// one that does, with the same kernel and CPU.
+const PAGING_PARAMS: [&str; 3] = [
+    "/sys/module/kvm_amd/parameters/npt",
+    "/sys/module/kvm_intel/parameters/ept",
+    "/sys/module/kvm/parameters/tdp_mmu",
+];
+
+/// The values of the parameter files `paths` (`-` where a module or parameter is absent).
+fn paging_params(paths: &[&str]) -> String {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p).map_or_else(|_| "-".to_string(), |v| v.trim().to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What identifies this host's answer: kernel release and build, KVM API version, CPU
-/// signature, and the KVM device node.
+/// signature, the KVM modules' paging parameters, and the KVM device node.
 pub fn host_key(kvm_api_version: i32, device: &str) -> String {
     // SAFETY: utsname is plain data; uname fills it.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
@@ -34,8 +55,11 @@ pub fn host_key(kvm_api_version: i32, device: &str) -> String {
     let id = std::arch::x86_64::__cpuid(1).eax;
     let vendor = std::arch::x86_64::__cpuid(0);
     format!(
-        "{FORMAT}|{release}|{version}|api{kvm_api_version}|{:08x}{:08x}{:08x}|{id:08x}|{device}",
-        vendor.ebx, vendor.edx, vendor.ecx
+        "{FORMAT}|{release}|{version}|api{kvm_api_version}|{:08x}{:08x}{:08x}|{id:08x}|{}|{device}",
+        vendor.ebx,
+        vendor.edx,
+        vendor.ecx,
+        paging_params(&PAGING_PARAMS)
     )
 }
 
@@ -95,6 +119,22 @@ pub fn store_flag(key: &str, name: &str, value: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paging_parameters_are_part_of_the_key() {
+        let f = std::env::temp_dir().join(format!("pvmm-npt-{}", std::process::id()));
+        std::fs::write(&f, "Y\n").unwrap();
+        let present = f.to_str().unwrap();
+        assert_eq!(paging_params(&[present, "/nonexistent/npt"]), "Y,-");
+        std::fs::write(&f, "0\n").unwrap();
+        assert_eq!(
+            paging_params(&[present]),
+            "0",
+            "a reloaded module changes the key"
+        );
+        let _ = std::fs::remove_file(&f);
+        assert!(host_key(12, "/dev/kvm").contains(&paging_params(&PAGING_PARAMS)));
+    }
 
     #[test]
     fn a_verdict_round_trips_and_other_hosts_miss() {
