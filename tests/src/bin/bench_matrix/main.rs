@@ -343,7 +343,11 @@ fn main() {
         "host": host, "exit_floor": floor, "points": points, "smp": smp_points,
         "errors": errors});
     let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
-    smp::section(&mut md, &smp_points);
+    smp::section(
+        &mut md,
+        &smp_points,
+        floor["floor_ns"].as_f64().unwrap_or(0.0),
+    );
     strategies::smp_note(&mut md, &smp_points);
     let json = serde_json::to_string_pretty(&results).unwrap_or_default();
     let mut failed = false;

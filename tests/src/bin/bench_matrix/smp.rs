@@ -49,6 +49,23 @@ pub struct SmpPoint {
     pub guest_flush_ipis_per_op: Stat,
     /// Guest µs per operation (TSC of the whole test).
     pub us_per_op: Stat,
+    /// The issuer's wait for remote deliveries (`remote_delivery_wait`) per remote flush
+    /// sent, µs (None: nothing was sent).
+    pub delivery_us_per_target: Option<Stat>,
+    /// Stopped-world pool resyncs' park time (`world_stop_park`) per remote flush sent, µs:
+    /// what a remote flush costs on a host that needs the resync (None: none).
+    pub world_stop_us_per_target: Option<Stat>,
+}
+
+/// Total time of the merged effect `name`, ns (0 when absent).
+fn effect_ns(v: &Value, name: &str) -> f64 {
+    v["merged"]["effects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["total_ns"].as_f64())
+        .unwrap_or(0.0)
 }
 
 /// The VMM's SMP counter `key`: the merged figure, else the sum over vCPUs.
@@ -107,8 +124,9 @@ fn counter(tap: &Tap, name: &str, key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One sample: (remote requested, sent, kicks) less the baseline, guest IPIs, cycles.
-type Raw = (Option<[f64; 3]>, f64, f64);
+/// One sample: (remote requested, sent, kicks) less the baseline, guest IPIs, cycles, and
+/// (delivery wait, world-stop park) ns less the baseline.
+type Raw = (Option<[f64; 3]>, f64, f64, [f64; 2]);
 
 /// A baseline: the VMM's stats and, where the baseline runs the workload itself, its guest
 /// counters (flush IPIs, cycles) to subtract too.
@@ -144,10 +162,13 @@ fn sample(w: &str, mmu: &str, vcpus: u32, b: &Base) -> Result<Raw, String> {
     } else {
         None
     };
+    let waits =
+        ["remote_delivery_wait", "world_stop_park"].map(|e| effect_ns(&v, e) - effect_ns(base, e));
     Ok((
         vmm,
         counter(&tap, w, "flush_ipis") - b.guest.0,
         counter(&tap, w, "cycles") - b.guest.1,
+        waits,
     ))
 }
 
@@ -179,6 +200,16 @@ pub fn measure(repeat: u32, hz: f64, tick: &dyn Fn(&str)) -> (Vec<SmpPoint>, Vec
                     let v: Option<Vec<f64>> = ss.iter().map(|s| Some(s.0?[i] / ops)).collect();
                     v.map(stat)
                 };
+                let per_target = |i: usize| -> Option<Stat> {
+                    let v: Vec<f64> = ss
+                        .iter()
+                        .filter_map(|s| {
+                            let sent = s.0?[1];
+                            (sent > 0.0).then(|| s.3[i] / sent / 1000.0)
+                        })
+                        .collect();
+                    (!v.is_empty()).then(|| stat(v))
+                };
                 points.push(SmpPoint {
                     workload: w.into(),
                     mmu: mmu.into(),
@@ -189,6 +220,8 @@ pub fn measure(repeat: u32, hz: f64, tick: &dyn Fn(&str)) -> (Vec<SmpPoint>, Vec
                     kicks_per_op: vmm(2),
                     guest_flush_ipis_per_op: stat(ss.iter().map(|s| s.1 / ops).collect()),
                     us_per_op: stat(ss.iter().map(|s| s.2 / hz * 1e6 / ops).collect()),
+                    delivery_us_per_target: per_target(0),
+                    world_stop_us_per_target: per_target(1),
                 });
             }
         }
@@ -202,12 +235,17 @@ pub fn runs(repeat: u32) -> u64 {
 }
 
 /// The report's SMP section.
-pub fn section(o: &mut String, points: &[SmpPoint]) {
+pub fn section(o: &mut String, points: &[SmpPoint], floor_ns: f64) {
     use std::fmt::Write;
     let _ = writeln!(o, "\n## SMP: remote flushes per operation\n");
     let _ = writeln!(o, "An operation is one round of the workload (an unmap, mprotect or dirty harvest with a thread on another vCPU holding the translation; for `smp_flush_avoid` a map+unmap of never-touched pages with the space live on every vCPU). VMM counters less a boot with the same vCPU count; `-`: the VMM reports no SMP counters. Medians.\n");
-    let _ = writeln!(o, "| workload | mmu | vCPUs | remote requested/op | remote sent/op | kicks/op | guest IPIs/op | µs/op |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "The cost of a remote flush per target vCPU, in exit floors measured in the same run ({:.1} µs): `delivery` is the issuer's wait until every target acknowledged (`remote_delivery_wait`), `world stop` the park time of the stopped-world pool resyncs (`world_stop_park`, only where the host needs the resync), both per remote flush sent. Goal: ≤ 2 exit floors per target.\n", floor_ns / 1000.0);
+    let _ = writeln!(o, "| workload | mmu | vCPUs | remote requested/op | remote sent/op | kicks/op | guest IPIs/op | µs/op | delivery ÷ floor per target | world stop ÷ floor per target |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+    let floors = |s: &Option<Stat>| match s {
+        Some(s) if floor_ns > 0.0 => format!("{:.1}", s.median * 1000.0 / floor_ns),
+        _ => "-".to_string(),
+    };
     let f = |s: &Option<Stat>| {
         s.as_ref()
             .map_or("-".to_string(), |s| format!("{:.2}", s.median))
@@ -215,7 +253,7 @@ pub fn section(o: &mut String, points: &[SmpPoint]) {
     for p in points {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {} |",
             p.workload,
             p.mmu,
             p.vcpus,
@@ -223,7 +261,9 @@ pub fn section(o: &mut String, points: &[SmpPoint]) {
             f(&p.remote_sent_per_op),
             f(&p.kicks_per_op),
             p.guest_flush_ipis_per_op.median,
-            p.us_per_op.median
+            p.us_per_op.median,
+            floors(&p.delivery_us_per_target),
+            floors(&p.world_stop_us_per_target)
         );
     }
 }
