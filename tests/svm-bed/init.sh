@@ -12,6 +12,7 @@
 #
 # Steps: suite:<mmu mode>:<transport>   the whole selftest suite, one pvmm run
 #        smp:<mmu mode>:<transport>     the suite with --vcpus 2
+#        smp4:<mmu mode>:<transport>    the suite with --vcpus 4 (on QEMU's 2 CPUs)
 #        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and remote flushes off
 #                                       (native: the guest's break=no_shootdown; PV: pvmm's
 #                                       --debug-drop-remote-flushes): they must fail
@@ -144,6 +145,7 @@ EOF
     case "$kind" in
     suite) suite "$s" "$mode" "$transport" 1 ;;
     smp) suite "$s" "$mode" "$transport" 2 ;;
+    smp4) suite "$s" "$mode" "$transport" 4 ;;
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;

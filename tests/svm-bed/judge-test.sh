@@ -40,6 +40,11 @@ suite '# mmu=pv cpus=2\n1..2\nok 1 a\nok 2 smp_unmap # SKIP x\n' 0 'vmcall (forc
     judge smp:pv:vmcall FAIL "an SMP step whose smp_* tests all skipped fails"
 suite '# mmu=pv cpus=2\n1..2\nok 1 a\nnot ok 2 smp_unmap\n' 1 'vmcall (forced)' | smp |
     judge smp:pv:vmcall FAIL "a failing smp_* test fails the SMP step"
+smp4() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp4:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp4:pv:vmcall/'; }
+suite '# mmu=pv cpus=4\n1..2\nok 1 a\nok 2 smp_unmap\n' 0 'vmcall (forced)' | smp4 |
+    judge smp4:pv:vmcall PASS "an SMP suite on 4 CPUs passes the 4-vCPU step"
+suite "$smp_good" 0 'vmcall (forced)' | smp4 |
+    judge smp4:pv:vmcall FAIL "a 4-vCPU step whose guest saw 2 CPUs fails"
 
 brk() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpbreak:native:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpbreak:native:vmcall/'; }
 suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_dirty # x\n' 1 'vmcall (forced)' | brk |

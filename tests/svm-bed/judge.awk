@@ -63,20 +63,21 @@ function judge_linux(want_cpus,    why, d) {
     return why
 }
 
-function finish(name,    kind, parts, mode, transport, why, verdict, base) {
+function finish(name,    kind, parts, mode, transport, why, verdict, base, want) {
     # A step name is kind:mode:transport, optionally @tag (e.g. @npt0 after the reload).
     base = name; sub(/@.*/, "", base)
     split(base, parts, ":"); kind = parts[1]; mode = parts[2]; transport = parts[3]
     if (mode == "") mode = "-"
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
-    if (kind == "suite" || kind == "smp") why = judge_suite(transport)
+    if (kind == "suite" || kind == "smp" || kind == "smp4") why = judge_suite(transport)
     else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
-    if (kind == "smp") {
-        if (num(g_cpus) < 2) why = why "the guest ran on " (g_cpus == "" ? "?" : g_cpus) " CPUs, want 2 or more; "
+    if (kind == "smp" || kind == "smp4") {
+        want = (kind == "smp4") ? 4 : 2
+        if (num(g_cpus) != want) why = why "the guest ran on " (g_cpus == "" ? "?" : g_cpus) " CPUs, want " want "; "
         if (smp_tests == 0) why = why "no smp_* test ran; "
     }
     verdict = (why == "") ? "PASS" : "FAIL"
