@@ -227,8 +227,11 @@ impl Rendezvous {
         while !wait.is_empty() {
             self.service(me, apply);
             wait.retain(|&(w, seq, kicked, _)| {
-                let s = &self.slots[w];
-                let acked = s.done.load(SeqCst) >= seq || s.state.load(SeqCst) == ENDED;
+                // `w` was checked against `slots` when it was posted.
+                let acked = self
+                    .slots
+                    .get(w)
+                    .is_none_or(|s| s.done.load(SeqCst) >= seq || s.state.load(SeqCst) == ENDED);
                 if let (true, Some(t)) = (acked, kicked) {
                     out.kick_rtt_ns.push(t.elapsed().as_nanos() as u64);
                 }
