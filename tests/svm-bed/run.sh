@@ -25,7 +25,7 @@ PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
 GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
 TIMEOUT=${SVM_BED_TIMEOUT:-1200}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
 # Not in the default plan: linux:2 (a stock Linux with --vcpus 2 under -smp 2) passed 7 of 8
 # runs; one produced no output for 20 minutes from the L2 kernel's boot on (pvmm's own
 # --timeout never answered either) until QEMU was killed. Run it with SVM_BED_BOOTS="2=linux:2";
