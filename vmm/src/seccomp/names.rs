@@ -25,6 +25,7 @@ table![
     SYS_rt_sigaction,
     SYS_rt_sigprocmask,
     SYS_rt_sigreturn,
+    SYS_restart_syscall,
     SYS_ioctl,
     SYS_pread64,
     SYS_pwrite64,

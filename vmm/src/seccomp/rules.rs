@@ -103,6 +103,10 @@ fn common() -> Vec<Allowed> {
             "return from the kick and SIGSYS handlers",
         ),
         any(
+            libc::SYS_restart_syscall,
+            "the kernel resumes a timed wait (futex, nanosleep) a handled signal interrupted",
+        ),
+        any(
             libc::SYS_rt_sigprocmask,
             "glibc masks signals around pthread_kill and thread exit",
         ),
