@@ -10,8 +10,12 @@
 //! operation, µs per operation.
 //!
 //! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`), `--modes=five` (only
-//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows).
+//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows),
+//! `--hypercall=pio|vmcall|auto` (pio; the UP runs), `--floor-iterations=N` (20000, of the
+//! exit floor), `--host-note=TEXT` (said about the host in the report), `--bed=DIR` (render
+//! the SVM bed's matrix, `DIR/results.json`, beside this host's; `bed`).
 
+mod bed;
 mod plot;
 mod report;
 mod run;
@@ -20,7 +24,7 @@ mod strategies;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use run::{Mode, Sample, FA_DEFAULT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -37,7 +41,7 @@ pub const WORKLOADS: [&str; 6] = [
 ];
 
 /// Median and spread of one metric over repetitions.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stat {
     /// Median.
     pub median: f64,
@@ -57,7 +61,7 @@ fn stat(mut v: Vec<f64>) -> Stat {
 }
 
 /// One operation's figures over the repetitions.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct OpPoint {
     /// PTE updates per MMU_BATCH exit (ZERO_FRAME not counted).
     pub updates_per_exit: Stat,
@@ -74,7 +78,7 @@ pub struct OpPoint {
 }
 
 /// One (workload, mode) cell.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Point {
     /// Workload.
     pub workload: String,
@@ -195,16 +199,11 @@ fn tsc_hz() -> f64 {
     (c1 - c0) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn exit_floor() -> Value {
+fn exit_floor(iterations: u32) -> Value {
     let out = Command::new(pvmm_e2e::pvmm_bin())
-        .args([
-            "bench-exits",
-            "--iterations",
-            "20000",
-            "--repeat",
-            "5",
-            "--json",
-        ])
+        .args(["bench-exits", "--iterations"])
+        .arg(iterations.to_string())
+        .args(["--repeat", "5", "--json"])
         .output();
     match out {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
@@ -244,39 +243,67 @@ fn modes() -> Vec<Mode> {
 }
 
 /// Command-line settings.
-struct Args {
-    pages: u32,
-    repeat: u32,
-    out: std::path::PathBuf,
+pub struct Args {
+    /// `--pages=N`.
+    pub pages: u32,
+    /// `--repeat=N`.
+    pub repeat: u32,
+    /// `--out=DIR`.
+    pub out: std::path::PathBuf,
+    /// `--hypercall=pio|vmcall|auto` (default pio), passed to every UP run.
+    pub transport: String,
+    /// `--floor-iterations=N`: iterations of `pvmm bench-exits` (default 20000).
+    pub floor_iterations: u32,
+    /// `--bed=DIR`: the SVM bed's matrix (`DIR/results.json`) rendered beside this host's.
+    pub bed: Option<std::path::PathBuf>,
+    /// `--host-note=TEXT`: what the report says about the host besides what it detects.
+    pub host_note: Option<String>,
 }
 
-fn args() -> Args {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str, d: u32| {
-        args.iter()
-            .find_map(|a| a.strip_prefix(k).and_then(|v| v.parse().ok()))
-            .unwrap_or(d)
+fn args() -> Result<Args, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = |k: &str| args.iter().find_map(|a| a.strip_prefix(k));
+    let get = |k: &str, d: u32| match text(k) {
+        None => Ok(d),
+        Some(v) => v
+            .parse::<u32>()
+            .map(|n| n.max(1))
+            .map_err(|_| format!("{k}{v}: not a positive number")),
     };
-    Args {
-        pages: get("--pages=", 256).max(1),
-        repeat: get("--repeat=", 3).max(1),
-        out: args
-            .iter()
-            .find_map(|a| a.strip_prefix("--out="))
-            .unwrap_or("bench")
-            .into(),
+    let transport = text("--hypercall=").unwrap_or("pio").to_string();
+    if !["pio", "vmcall", "auto"].contains(&transport.as_str()) {
+        return Err(format!("--hypercall={transport}: want pio, vmcall or auto"));
     }
+    Ok(Args {
+        pages: get("--pages=", 256)?,
+        repeat: get("--repeat=", 3)?,
+        out: text("--out=").unwrap_or("bench").into(),
+        transport,
+        floor_iterations: get("--floor-iterations=", 20000)?,
+        bed: text("--bed=").map(Into::into),
+        host_note: text("--host-note=").map(Into::into),
+    })
 }
 
-/// Runs every (mode, workload) `a.repeat` times; returns the points and the errors.
-fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
+/// What the matrix measured: its points, the errors, and the VMM's own view of the host
+/// (the `vm` object of the first baseline run's stats: transport, pool-resync verdict).
+struct Measured {
+    points: Vec<Point>,
+    errors: Vec<String>,
+    vm: Value,
+}
+
+/// Runs every (mode, workload) `a.repeat` times.
+fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> Measured {
     let mut points = Vec::new();
     let mut errors = Vec::new();
+    let mut vm = Value::Null;
     for m in &modes() {
         bar.set_message(format!("{} baseline", m.label()));
         let mut bases = Vec::new();
         for _ in 0..a.repeat {
-            match run::run_guest(&format!("console=ttyS0 selftest=none {}", m.cmdline())) {
+            let cmd = format!("console=ttyS0 selftest=none {}", m.cmdline());
+            match run::run_guest(&cmd, &a.transport) {
                 Ok((v, _)) => bases.push(v),
                 Err(e) => errors.push(e),
             }
@@ -285,6 +312,9 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
         let Some(base) = bases.first().cloned() else {
             continue;
         };
+        if vm.is_null() {
+            vm = base["vm"].clone();
+        }
         for w in WORKLOADS {
             bar.set_message(format!("{} {w}", m.label()));
             let mut ss = Vec::new();
@@ -294,7 +324,8 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
                     a.pages,
                     m.cmdline()
                 );
-                match run::run_guest(&cmd).and_then(|(v, c)| run::sample(&v, &c, w, &base)) {
+                let r = run::run_guest(&cmd, &a.transport);
+                match r.and_then(|(v, c)| run::sample(&v, &c, w, &base)) {
                     Ok(s) => ss.push(s),
                     Err(e) => errors.push(e),
                 }
@@ -305,77 +336,97 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
             }
         }
     }
-    (points, errors)
+    Measured { points, errors, vm }
 }
 
-fn main() {
-    let a = args();
-    let hz = tsc_hz();
-    let floor = exit_floor();
-    let host = report::host_facts();
-    let total =
-        (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp::runs(a.repeat);
+/// The UP matrix, then the SMP rows unless `--smp=off` (they need every PV mode to run on 2
+/// and 4 vCPUs).
+fn measure_all(a: &Args, hz: f64) -> (Measured, Vec<smp::SmpPoint>) {
+    let smp_on = !std::env::args().any(|x| x == "--smp=off");
+    let smp_runs = if smp_on { smp::runs(a.repeat) } else { 0 };
+    let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp_runs;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (points, mut errors) = measure(&a, hz, &bar);
-    let tick = |m: &str| {
-        bar.set_message(m.to_string());
+    let mut m = measure(a, hz, &bar);
+    let tick = |msg: &str| {
+        bar.set_message(msg.to_string());
         bar.inc(1);
     };
-    // `--smp=off`: the UP matrix only (the SMP rows need every PV mode to run on 2 and 4
-    // vCPUs).
-    let smp_on = !std::env::args().any(|x| x == "--smp=off");
-    let (smp_points, smp_errors) = if smp_on {
-        smp::measure(a.repeat, hz, &tick)
+    let smp_points = if smp_on {
+        let (p, e) = smp::measure(a.repeat, hz, &tick);
+        m.errors.extend(e);
+        p
     } else {
-        (Vec::new(), Vec::new())
+        Vec::new()
     };
-    errors.extend(smp_errors);
     bar.finish_with_message("done");
-    if let Err(e) = std::fs::create_dir_all(&a.out) {
-        eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
-        std::process::exit(1);
+    (m, smp_points)
+}
+
+/// Writes `results.json`, `report.md` and the plots into `a.out`; false if one failed.
+fn write_outputs(a: &Args, m: &Measured, smp_points: &[smp::SmpPoint], results: &Value) -> bool {
+    let (host, floor) = (&results["host"], &results["exit_floor"]);
+    let mut md = report::report(&m.points, floor, host, a.pages, a.repeat);
+    if let Some(dir) = &a.bed {
+        bed::section(&mut md, &m.points, floor, host, dir);
     }
-    let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
-        "host": host, "exit_floor": floor, "points": points, "smp": smp_points,
-        "errors": errors});
-    let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
     smp::section(
         &mut md,
-        &smp_points,
+        smp_points,
         floor["floor_ns"].as_f64().unwrap_or(0.0),
     );
-    strategies::smp_note(&mut md, &smp_points);
-    let json = serde_json::to_string_pretty(&results).unwrap_or_default();
-    let mut failed = false;
+    strategies::smp_note(&mut md, smp_points);
+    let json = serde_json::to_string_pretty(results).unwrap_or_default();
+    let mut ok = true;
     for (file, text) in [("results.json", json), ("report.md", md)] {
         if let Err(e) = std::fs::write(a.out.join(file), text) {
             eprintln!("bench-matrix: {file}: {e}");
-            failed = true;
+            ok = false;
         }
     }
     for (metric, file, title) in [
         ("exits", "exits_per_op.svg", "exits per operation (page)"),
         ("us", "us_per_op.svg", "guest µs per operation (page)"),
     ] {
-        if let Err(e) = plot::plot(&points, metric, &a.out.join(file), title) {
+        if let Err(e) = plot::plot(&m.points, metric, &a.out.join(file), title) {
             eprintln!("plot {file}: {e}");
-            failed = true;
+            ok = false;
         }
     }
+    ok
+}
+
+fn main() {
+    let a = args().unwrap_or_else(|e| {
+        eprintln!("bench-matrix: {e}");
+        std::process::exit(2);
+    });
+    let hz = tsc_hz();
+    let floor = exit_floor(a.floor_iterations);
+    let (m, smp_points) = measure_all(&a, hz);
+    let host = report::host_facts(&a, &m.vm);
+    if let Err(e) = std::fs::create_dir_all(&a.out) {
+        eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
+        std::process::exit(1);
+    }
+    println!("bench-matrix: host {}", report::host_line(&host));
+    let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
+        "host": host, "exit_floor": floor, "points": m.points, "smp": smp_points,
+        "errors": m.errors});
+    let ok = write_outputs(&a, &m, &smp_points, &results);
     println!(
         "wrote {}/results.json, report.md, exits_per_op.svg, us_per_op.svg ({} points, {} errors)",
         a.out.display(),
-        points.len(),
-        errors.len()
+        m.points.len(),
+        m.errors.len()
     );
-    for e in errors.iter().take(5) {
+    for e in m.errors.iter().take(5) {
         eprintln!("error: {}", e.lines().next().unwrap_or(""));
     }
-    if failed || !errors.is_empty() || points.is_empty() {
+    if !ok || !m.errors.is_empty() || m.points.is_empty() {
         std::process::exit(1);
     }
 }

@@ -7,8 +7,21 @@ use crate::{Point, WORKLOADS};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
-/// What the report says about the host: CPU, kernel, hardware virtualization, transport.
-pub fn host_facts() -> Value {
+/// The nested-paging switches of the loaded KVM module (`kvm_amd npt=Y`), or "".
+fn kvm_paging() -> String {
+    [
+        ("kvm_amd npt", "/sys/module/kvm_amd/parameters/npt"),
+        ("kvm_intel ept", "/sys/module/kvm_intel/parameters/ept"),
+    ]
+    .iter()
+    .filter_map(|(k, p)| Some(format!("{k}={}", std::fs::read_to_string(p).ok()?.trim())))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// What the report says about the host: CPU, kernel, hardware virtualization, the transport
+/// and pool-resync verdict the VMM reported (`vm`: a baseline run's stats), `--host-note`.
+pub fn host_facts(a: &crate::Args, vm: &Value) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |k: &str| {
         cpuinfo
@@ -21,13 +34,50 @@ pub fn host_facts() -> Value {
     let flags = field("flags");
     let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let used = vm["hypercall_transport"].as_str().unwrap_or("?");
+    let transport = if a.transport == "pio" {
+        format!("{used} (forced with --hypercall pio in every run)")
+    } else {
+        format!(
+            "{used} (--hypercall {} in every UP run; the SMP rows force pio)",
+            a.transport
+        )
+    };
     json!({
         "cpu": field("model name"),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "kernel": kernel.trim(),
         "hardware_virtualization": hw,
-        "transport": "pio (forced with --hypercall pio in every run)",
+        "kvm_paging": kvm_paging(),
+        "transport": transport,
+        "hypercall_transport": used,
+        "pool_resync_needed": vm["pool_resync"]["needed"],
+        "pool_resync_choice": vm["pool_resync"]["choice"],
+        "note": a.host_note,
     })
+}
+
+/// One line of machine-readable host facts (the SVM bed's judge reads it).
+pub fn host_line(host: &Value) -> String {
+    format!(
+        "transport={} resync_needed={} hw_virt={} kvm_paging={}",
+        host["hypercall_transport"].as_str().unwrap_or("?"),
+        host["pool_resync_needed"],
+        host["hardware_virtualization"],
+        host["kvm_paging"].as_str().unwrap_or("").replace(' ', "_"),
+    )
+}
+
+/// The pool-resync verdict of `host` and the resyncs counted in `points`, in words.
+pub fn resync_verdict(host: &Value, points: &[Point]) -> String {
+    let resyncs: f64 = points.iter().map(|p| p.host_resyncs.median).sum();
+    let counted = format!("{resyncs:.0} host resyncs counted over the cells (medians)");
+    match host["pool_resync_needed"].as_bool() {
+        Some(true) => format!("needed (the VMM's verdict, `vm.pool_resync.needed`): memslot re-registration after flushes (this KVM caches translations from the pool and sees only guest writes to it; host_resync time is an effect, outside MMU_BATCH time); {counted}"),
+        Some(false) => format!("not needed (the VMM's verdict, `vm.pool_resync.needed`: its pool writes reach the running guest, nested paging); {counted}"),
+        None if resyncs > 0.0 => format!("memslot re-registration after flushes; {counted}"),
+        None => format!("none seen; {counted}"),
+    }
 }
 
 fn find<'a>(points: &'a [Point], w: &str, mode: &str) -> Option<&'a Point> {
@@ -43,11 +93,11 @@ fn div(a: Option<&Point>, b: Option<&Point>, f: fn(&Point) -> f64) -> String {
 }
 
 fn host_section(o: &mut String, points: &[Point], host: &Value, floor: &Value) {
-    let resyncs: f64 = points.iter().map(|p| p.host_resyncs.median).sum();
     let hw = host["hardware_virtualization"].as_bool().unwrap_or(false);
+    let paging = host["kvm_paging"].as_str().unwrap_or("");
     let _ = writeln!(
         o,
-        "Host: {} ({} CPUs), Linux {}, {}. Transport: {}. Resync: {}.\n",
+        "Host: {} ({} CPUs), Linux {}, {}{}. Transport: {}. Resync: {}.\n",
         host["cpu"].as_str().unwrap_or("?"),
         host["cpus"],
         host["kernel"].as_str().unwrap_or("?"),
@@ -56,17 +106,21 @@ fn host_section(o: &mut String, points: &[Point], host: &Value, floor: &Value) {
         } else {
             "no vmx/svm: a software KVM"
         },
-        host["transport"].as_str().unwrap_or("?"),
-        if resyncs > 0.0 {
-            "memslot re-registration after flushes (this host's KVM caches translations from the pool and sees only guest writes to it; host_resync time is an effect, outside MMU_BATCH time)"
+        if paging.is_empty() {
+            String::new()
         } else {
-            "none seen"
-        }
+            format!(" ({paging})")
+        },
+        host["transport"].as_str().unwrap_or("?"),
+        resync_verdict(host, points),
     );
+    if let Some(note) = host["note"].as_str() {
+        let _ = writeln!(o, "{note}\n");
+    }
     if !floor.is_null() {
         let _ = writeln!(
             o,
-            "Exit floor (bare port write): {:.0} ns; NULL hypercall: {:.0} ns; ratio {:.3}.\n",
+            "Exit floor (bare port write, measured in this run): {:.0} ns; NULL hypercall (pio doorbell): {:.0} ns; ratio {:.3}.\n",
             floor["floor_ns"].as_f64().unwrap_or(0.0),
             floor["null_ns"].as_f64().unwrap_or(0.0),
             floor["ratio"].as_f64().unwrap_or(0.0)
@@ -141,12 +195,16 @@ fn fault_section(o: &mut String, points: &[Point]) {
     }
 }
 
-fn ratio_section(o: &mut String, points: &[Point]) {
+fn ratio_section(o: &mut String, points: &[Point], host: &Value) {
     let _ = writeln!(
         o,
         "\n## Per workload: faults/op, µs/op, VMM ns/update, pv-lazy ÷ native\n"
     );
-    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME phase, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time. Ratios divide guest µs/op, which on this host are dominated by the host resyncs (memslot re-registrations of 0.6–9 ms each, varying with the host's load), so they spread widely between repetitions.\n");
+    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME phase, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time. {}\n", if host["pool_resync_needed"].as_bool() == Some(false) {
+        "Ratios divide guest µs/op; this host needs no resync, so there are none in them."
+    } else {
+        "Ratios divide guest µs/op, which on this host are dominated by the host resyncs (memslot re-registrations of 0.6–9 ms each, varying with the host's load), so they spread widely between repetitions."
+    });
     let _ = writeln!(o, "| workload | native µs/op | pv-lazy/1024 µs/op | pv-lazy ÷ native | native fa=0 µs/op | pv-lazy/1024 fa=0 µs/op | pv-lazy ÷ native (fa=0) | faults/op pv-lazy (fa=0) | VMM ns/update pv | VMM ns/update pv-lazy/1024 (fa=0) |\n|---|---|---|---|---|---|---|---|---|---|");
     let us = |p: &Point| p.guest_us_per_op.median;
     for w in WORKLOADS {
@@ -176,25 +234,53 @@ fn ratio_section(o: &mut String, points: &[Point]) {
     }
 }
 
+/// The MMU_BATCH phases, in report order.
+pub const PHASES: [&str; 6] = [
+    "request",
+    "copy_in",
+    "apply",
+    "zero_frame",
+    "end_batch",
+    "response",
+];
+
+/// The PT_UPDATEs of mode `m` summed over the workloads, each phase's ns per PT_UPDATE (in
+/// `PHASES` order) and their total without zero_frame; None if the mode applied none.
+pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f64)> {
+    let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
+    let updates: f64 = ps.iter().map(|p| p.vmm_pte_updates.median).sum();
+    if ps.is_empty() || updates <= 0.0 {
+        return None;
+    }
+    let phase = |n: &str| -> f64 {
+        ps.iter()
+            .filter_map(|p| p.phases_ns.get(n))
+            .map(|s| s.median)
+            .sum::<f64>()
+            / updates
+            + 0.0 // an empty sum is -0.0
+    };
+    let per: Vec<f64> = PHASES.iter().map(|n| phase(n)).collect();
+    let total = PHASES
+        .iter()
+        .zip(&per)
+        .filter(|(n, _)| **n != "zero_frame")
+        .map(|(_, v)| v)
+        .sum();
+    Some((updates, per, total))
+}
+
 fn phases_section(o: &mut String, points: &[Point]) {
     let _ = writeln!(o, "\n## MMU_BATCH phases\n");
     let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `response`: the guarded response write.\n");
-    let names = [
-        "request",
-        "copy_in",
-        "apply",
-        "zero_frame",
-        "end_batch",
-        "response",
-    ];
     let _ = write!(o, "| mode | PT_UPDATEs |");
-    for n in names {
+    for n in PHASES {
         let _ = write!(o, " {n} |");
     }
     let _ = writeln!(
         o,
         " total without zero_frame |\n|---|---|{}---|",
-        "---|".repeat(names.len())
+        "---|".repeat(PHASES.len())
     );
     for m in [
         "pv",
@@ -203,27 +289,13 @@ fn phases_section(o: &mut String, points: &[Point]) {
         "pv-lazy/1024 fa=0",
         "pv-lazy/16",
     ] {
-        let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
-        let updates: f64 = ps.iter().map(|p| p.vmm_pte_updates.median).sum();
-        if ps.is_empty() || updates <= 0.0 {
+        let Some((updates, per, total)) = phases_per_update(points, m) else {
             continue;
-        }
-        let phase = |n: &str| -> f64 {
-            ps.iter()
-                .filter_map(|p| p.phases_ns.get(n))
-                .map(|s| s.median)
-                .sum::<f64>()
-                / updates
         };
         let _ = write!(o, "| {m} | {updates:.0} |");
-        for n in names {
-            let _ = write!(o, " {:.0} |", phase(n));
+        for v in per {
+            let _ = write!(o, " {v:.0} |");
         }
-        let total: f64 = names
-            .iter()
-            .filter(|n| **n != "zero_frame")
-            .map(|n| phase(n))
-            .sum();
         let _ = writeln!(o, " {total:.0} |");
     }
 }
@@ -260,7 +332,7 @@ pub fn report(points: &[Point], floor: &Value, host: &Value, pages: u32, repeat:
     crate::strategies::section(&mut o, points, software_kvm);
     ops_section(&mut o, points);
     fault_section(&mut o, points);
-    ratio_section(&mut o, points);
+    ratio_section(&mut o, points, host);
     phases_section(&mut o, points);
     all_section(&mut o, points, floor);
     let _ = writeln!(

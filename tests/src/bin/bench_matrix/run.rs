@@ -149,8 +149,8 @@ pub fn op_lines(workload: &str, pv: bool) -> &'static [(&'static str, &'static s
     }
 }
 
-/// Runs the guest once; returns (stats JSON, console).
-pub fn run_guest(cmdline: &str) -> Result<(Value, String), String> {
+/// Runs the guest once over `--hypercall transport`; returns (stats JSON, console).
+pub fn run_guest(cmdline: &str, transport: &str) -> Result<(Value, String), String> {
     let f = temp(&format!(
         "bench-{}-{}.json",
         std::process::id(),
@@ -161,7 +161,7 @@ pub fn run_guest(cmdline: &str) -> Result<(Value, String), String> {
         .arg(guest())
         .args(["--cmdline", cmdline, "--stats", "json", "--stats-file"])
         .arg(&f)
-        .args(["--timeout", "300", "--hypercall", "pio"])
+        .args(["--timeout", "300", "--hypercall", transport])
         .output()
         .map_err(|e| format!("{}: {e}", pvmm_bin().display()))?;
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
