@@ -18,6 +18,10 @@
 #                                       --debug-drop-remote-flushes): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
+#        bench:<pages>x<repeat>:<transport> the bench matrix (/bed/bench-matrix: the five
+#                                       strategies, UP, exit floor in the same run) at that
+#                                       size; its output directory comes out on the console
+#                                       as a BED-FILE block (a base64 tar.gz, see emit_dir)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -135,6 +139,40 @@ linux() { # step name, vCPUs
     rm -f /tmp/linux-in
 }
 
+# Prints directory $1 (under /tmp) as a gzipped tar in base64 between
+#   BED-FILE-BEGIN <name>.tar.gz lines=<base64 lines> md5=<md5 of those lines>
+#   BED-FILE-END <name>.tar.gz
+# (run.sh checks both and unpacks it).
+emit_dir() {
+    (cd /tmp && tar czf - "${1#/tmp/}") | base64 >/tmp/emit.b64
+    say "BED-FILE-BEGIN ${1##*/}.tar.gz lines=$(wc -l </tmp/emit.b64) md5=$(md5sum </tmp/emit.b64 | cut -d' ' -f1)"
+    cat /tmp/emit.b64
+    say "BED-FILE-END ${1##*/}.tar.gz"
+    rm -f /tmp/emit.b64
+}
+
+BENCH_NOTE="QEMU TCG + SVM/NPT bed (pvmm and its guest run under kvm_amd in a stock Debian kernel, itself emulated by QEMU TCG): absolute µs are emulation-inflated; compare ratios."
+
+bench() { # step name, <pages>x<repeat>, transport
+    say "BED-BEGIN $1"
+    t0=$(now_cs)
+    rm -rf /tmp/bench
+    if [ -x /bed/bench-matrix ]; then
+        PVMM_BIN=$PVMM PVMM_GUEST=$GUEST /bed/bench-matrix --modes=five --smp=off \
+            --pages="${2%x*}" --repeat="${2#*x}" --hypercall="$3" --floor-iterations=5000 \
+            --out=/tmp/bench --host-note="$BENCH_NOTE" </dev/null 2>/tmp/bench-stderr
+        rc=$?
+        # stderr is a file, so that no progress bar is drawn; its errors follow the summary.
+        sed 's/^/bench-matrix stderr: /' /tmp/bench-stderr | tail -n 20
+    else
+        say "no /bed/bench-matrix in the initramfs"
+        rc=127
+    fi
+    secs=$(secs_since "$t0")
+    [ -d /tmp/bench ] && emit_dir /tmp/bench
+    say "BED-END $1 rc=$rc secs=$secs"
+}
+
 TOKEN=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.token=//p')
 steps=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^bed\.steps=//p')
 for s in $(echo "$steps" | tr ',' ' '); do
@@ -149,6 +187,7 @@ EOF
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
+    bench) bench "$s" "$mode" "$transport" ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;
     esac
 done

@@ -67,4 +67,21 @@ linux 20 6.05 tok-1 0 | sed 's/BED-BEGIN linux/&:2/; s/BED-END linux/&:2/; s/^LI
 linux 20 6.05 tok-1 0 | sed 's/BED-BEGIN linux/&:2/; s/BED-END linux/&:2/; s/^LINUX-MARKER.*/&\nLINUX-CPUS 1/' |
     judge linux:2 FAIL "a 2-vCPU Linux that brought up only 1 CPU fails"
 
+bench() { # $1: rc, $2: points, $3: errors, $4: transport used, $5: block lines declared, $6: lines sent
+    printf 'BED-BEGIN bench:16x1:vmcall\r\nbench-matrix: host transport=%s resync_needed=false hw_virt=true kvm_paging=kvm_amd_npt=1\r\n' "$4"
+    printf 'wrote /tmp/bench/results.json, report.md, exits_per_op.svg, us_per_op.svg (%s points, %s errors)\r\n' "$2" "$3"
+    printf 'BED-FILE-BEGIN bench.tar.gz lines=%s md5=x\r\n' "$5"
+    for _ in $(seq "$6"); do printf 'H4sIAAAAAAAAA+3R\r\n'; done
+    printf 'BED-FILE-END bench.tar.gz\r\nBED-END bench:16x1:vmcall rc=%s secs=60.00\r\n' "$1"
+}
+bench 0 30 0 vmcall 3 3 | judge bench:16x1:vmcall PASS "bench: a whole matrix over vmcall with its output block passes"
+bench 1 30 0 vmcall 3 3 | judge bench:16x1:vmcall FAIL "bench: a non-zero bench-matrix status fails"
+bench 0 29 1 vmcall 3 3 | judge bench:16x1:vmcall FAIL "bench: a failed run fails"
+bench 0 0 0 vmcall 3 3 | judge bench:16x1:vmcall FAIL "bench: no points fails"
+bench 0 30 0 pio 3 3 | judge bench:16x1:vmcall FAIL "bench: runs over pio fail a vmcall step"
+bench 0 30 0 vmcall 3 2 | judge bench:16x1:vmcall FAIL "bench: an output block cut short fails"
+bench 0 30 0 vmcall 3 3 | grep -v '^BED-FILE-END' | judge bench:16x1:vmcall FAIL "bench: an output block without its end fails"
+bench 0 30 0 vmcall 3 3 | grep -v '^wrote' | judge bench:16x1:vmcall FAIL "bench: a run without the summary line fails"
+bench 0 30 0 vmcall 3 3 | grep -v '^BED-FILE' | grep -v '^H4s' | judge bench:16x1:vmcall FAIL "bench: no output block fails"
+
 [ "$fails" = 0 ] && echo "judge-test: all passed" || { echo "judge-test: $fails failed"; exit 1; }

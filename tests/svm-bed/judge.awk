@@ -6,7 +6,10 @@
 #   step  mode  transport  verdict  passed  failed  secs  via  exits  hypercalls  resyncs  why
 # verdict is PASS or FAIL. An SMP step must also show the guest running on every vCPU
 # (the guest's `# mmu=... cpus=N` line) and its smp_* tests run. An smpbreak step (the
-# guest's shootdowns switched off) passes only if the dirty-race test failed.
+# guest's shootdowns switched off) passes only if the dirty-race test failed. A bench step
+# passes if bench-matrix ended with status 0 and measured points without errors, over the
+# transport asked for, and its output block came out whole (its line count; run.sh also
+# checks its md5); passed/failed are its points/errors, resyncs its resync verdict.
 # Exit status: 0 if no step is FAIL.
 
 function reset_step() {
@@ -14,6 +17,25 @@ function reset_step() {
     via = "-"; exits = "-"; hcalls = 0; resyncs = 0; in_stats = 0; in_hc = 0
     lx_marker = 0; lx_before = ""; lx_after = ""; lx_up0 = ""; lx_up1 = ""; lx_echo = ""; lx_cpus = ""
     kvm_line = ""; g_cpus = ""; smp_tests = 0; failed_names = " "
+    bm_points = ""; bm_errors = ""; bm_resync = ""; f_name = ""; f_want = -1; f_got = 0; f_done = 0; in_file = 0
+}
+
+# Verdict for a bench step (see the header).
+function judge_bench(transport,    why) {
+    why = ""
+    if (rc != 0) why = why "bench-matrix exit status " rc "; "
+    if (bm_points == "") why = why "no 'wrote ... (N points, M errors)' line; "
+    else {
+        if (num(bm_points) == 0) why = why "no points measured; "
+        if (num(bm_errors) > 0) why = why bm_errors " runs failed; "
+    }
+    if (transport != "pio" && via != "vmcall") why = why "runs went via '" via "', want vmcall; "
+    if (transport == "pio" && via != "pio") why = why "runs went via '" via "', want pio; "
+    if (f_name == "") why = why "no output block; "
+    else if (!f_done || f_got != f_want) why = why "output block cut off (" f_got " of " f_want " lines); "
+    nok = num(bm_points); nnot = num(bm_errors)
+    resyncs = bm_resync == "" ? 0 : "needed=" bm_resync
+    return why
 }
 
 function num(s) { return s + 0 }
@@ -73,6 +95,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base, want)
     if (kind == "suite" || kind == "smp" || kind == "smp4") why = judge_suite(transport)
     else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
+    else if (kind == "bench") why = judge_bench(transport)
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
     if (kind == "smp" || kind == "smp4") {
@@ -101,6 +124,28 @@ cur == "" { next }
     }
     cur = ""
     next
+}
+
+# A bench step's output block: count its lines (run.sh checks the md5 and unpacks it).
+/^BED-FILE-BEGIN / {
+    f_name = $2; f_got = 0; f_done = 0
+    for (i = 3; i <= NF; i++) if ($i ~ /^lines=/) f_want = num(substr($i, 7))
+    in_file = 1; next
+}
+in_file && $0 == "BED-FILE-END " f_name { in_file = 0; f_done = 1; next }
+in_file { f_got++; next }
+/^bench-matrix: host / {
+    for (i = 3; i <= NF; i++) {
+        if ($i ~ /^transport=/) via = substr($i, 11)
+        if ($i ~ /^resync_needed=/) bm_resync = substr($i, 15)
+    }
+}
+/^wrote .* points, [0-9]+ errors\)$/ {
+    for (i = 2; i <= NF; i++) {
+        if ($(i + 1) == "points,") bm_points = $i
+        if ($(i + 1) == "errors)") bm_errors = $i
+    }
+    sub(/^\(/, "", bm_points)
 }
 
 /^BED-STATS-BEGIN/ { in_stats = 1; next }

@@ -15,6 +15,10 @@
 #   SVM_BED_TIMEOUT    seconds per QEMU boot (default 1200; a full boot 1 takes 3-4 minutes)
 #   SVM_BED_VERBOSE=1  stream the whole serial console (default: step progress only)
 #   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
+#   BENCH_MATRIX_BIN   the bench matrix for `bench:` steps (default target/release/bench-matrix)
+#   SVM_BED_BENCH_OUT  a directory: the last `bench:` step's output (results.json, report.md,
+#                      plots) is unpacked there (`make bench`); a bed that skips writes its
+#                      reason to DIR/SKIPPED instead
 #   SVM_BED_QEMU       the QEMU binary (default qemu-system-x86_64)
 set -uo pipefail
 
@@ -23,13 +27,16 @@ HERE="$ROOT/tests/svm-bed"
 BED=${SVM_BED_DIR:-$ROOT/target/svm-bed}
 PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
 GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
+BENCH_MATRIX=${BENCH_MATRIX_BIN:-$ROOT/target/release/bench-matrix}
 TIMEOUT=${SVM_BED_TIMEOUT:-1200}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
 # Not in the default plan: linux:2 (a stock Linux with --vcpus 2 under -smp 2) passed 7 of 8
 # runs; one produced no output for 20 minutes from the L2 kernel's boot on (pvmm's own
 # --timeout never answered either) until QEMU was killed. Run it with SVM_BED_BOOTS="2=linux:2";
 # BED-HEARTBEAT lines show pvmm's thread states if it hangs again.
+# bench:16x1:vmcall (about 30 s) keeps `make bench`'s bed part from breaking silently: the
+# matrix of the five strategies must run whole inside the bed and its output come out intact.
 BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
 PACKAGES="qemu-system-x86 busybox-static cpio"
 QEMU=${SVM_BED_QEMU:-qemu-system-x86_64}
@@ -37,6 +44,9 @@ QEMU=${SVM_BED_QEMU:-qemu-system-x86_64}
 log() { echo "svm-bed: $*"; }
 
 skip() {
+    if [ -n "${SVM_BED_BENCH_OUT:-}" ]; then
+        mkdir -p "$SVM_BED_BENCH_OUT" && echo "the SVM bed skipped: $*" >"$SVM_BED_BENCH_OUT/SKIPPED"
+    fi
     if [ "${REQUIRE_SVM:-0}" = 1 ]; then
         echo "FAIL svm-bed: $* (and REQUIRE_SVM=1)"
         exit 1
@@ -127,6 +137,11 @@ build_initramfs() {
     install -m 755 "$HERE/linux-init.sh" "$l/init"
     copy_with_libs "$r" "$PVMM" /bed/pvmm
     install -m 644 "$GUEST" "$r/bed/pvmm-guest"
+    case ";$BOOTS," in *[=,]bench:*)
+        [ -x "$BENCH_MATRIX" ] || { log "$BENCH_MATRIX not found: cargo build --release -p pvmm-e2e"; exit 1; }
+        copy_with_libs "$r" "$BENCH_MATRIX" /bed/bench-matrix
+        ;;
+    esac
     for m in virt/lib/irqbypass drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
         if [ -f "$mods/$m.ko" ]; then
             cp "$mods/$m.ko" "$r/bed/modules/"
@@ -164,6 +179,28 @@ boot() {
     return "${PIPESTATUS[0]}"
 }
 
+# Unpacks every BED-FILE block of log $1 into $BED/files/<name without .tar.gz>/ after
+# checking its line count and md5; returns 1 if a block is damaged.
+extract_files() {
+    local log=$1 name lines md5 got dir bad=0
+    while read -r name lines md5; do
+        dir="$BED/files/${name%.tar.gz}"
+        awk -v n="$name" '{ sub(/\r+$/, "") } $0 == "BED-FILE-END " n { on = 0 } on { print } $1 == "BED-FILE-BEGIN" && $2 == n { on = 1 }' \
+            "$log" >"$BED/files/$name.b64"
+        got=$(md5sum <"$BED/files/$name.b64" | cut -d' ' -f1)
+        if [ "$(wc -l <"$BED/files/$name.b64")" != "$lines" ] || [ "$got" != "$md5" ]; then
+            log "$name from $log is damaged (want $lines lines, md5 $md5; got $(wc -l <"$BED/files/$name.b64"), $got)"
+            bad=1
+            continue
+        fi
+        rm -rf "$dir" && mkdir -p "$dir"
+        base64 -d <"$BED/files/$name.b64" | tar xzf - -C "$dir" --strip-components=1 || { log "cannot unpack $name"; bad=1; continue; }
+        log "unpacked $name into $dir"
+        LAST_BENCH_DIR=$dir
+    done < <(tr -d '\r' <"$log" | awk '$1 == "BED-FILE-BEGIN" { sub(/^lines=/, "", $3); sub(/^md5=/, "", $4); print $2, $3, $4 }')
+    return "$bad"
+}
+
 main() {
     mkdir -p "$BED"
     "$HERE/judge-test.sh" >"$BED/judge-test.log" || { cat "$BED/judge-test.log"; log "judge.awk self-test failed"; exit 1; }
@@ -194,9 +231,23 @@ main() {
         all_steps="$all_steps${all_steps:+,}$steps"
         logs+=("$out")
     done
-    local table rc
+    local table rc files_ok=1
+    LAST_BENCH_DIR=""
+    mkdir -p "$BED/files"
+    for out in "${logs[@]}"; do extract_files "$out" || files_ok=0; done
+    if [ -n "${SVM_BED_BENCH_OUT:-}" ]; then
+        mkdir -p "$SVM_BED_BENCH_OUT"
+        rm -f "$SVM_BED_BENCH_OUT"/{results.json,report.md,exits_per_op.svg,us_per_op.svg,SKIPPED}
+        if [ -n "$LAST_BENCH_DIR" ]; then
+            cp -r "$LAST_BENCH_DIR"/. "$SVM_BED_BENCH_OUT"/
+            log "the bed's bench output is in $SVM_BED_BENCH_OUT"
+        else
+            echo "the SVM bed ran but brought no bench output back" >"$SVM_BED_BENCH_OUT/SKIPPED"
+        fi
+    fi
     table=$(cat "${logs[@]}" | awk -v steps="$all_steps" -v token="$TOKEN" -f "$HERE/judge.awk")
     rc=$?
+    [ "$files_ok" = 1 ] || rc=1
     echo
     echo "=== SVM bed summary (kernel $KVER, total wall $((SECONDS - started)) s) ==="
     {
