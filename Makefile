@@ -8,8 +8,8 @@ BENCH_PAGES ?= 256
 BENCH_REPEAT ?= 3
 # The SVM bed's column set of the bench report (BENCH_SVM=0 skips it).
 BENCH_SVM ?= 1
-BENCH_SVM_PAGES ?= 256
-BENCH_SVM_REPEAT ?= 1
+BENCH_SVM_PAGES ?= $(BENCH_PAGES)
+BENCH_SVM_REPEAT ?= $(BENCH_REPEAT)
 BENCH_BED := bench/svm-bed
 
 export PVMM_BIN   := $(abspath $(PVMM))

@@ -258,6 +258,8 @@ pub struct Args {
     pub bed: Option<std::path::PathBuf>,
     /// `--host-note=TEXT`: what the report says about the host besides what it detects.
     pub host_note: Option<String>,
+    /// Not `--smp=off`: the SMP rows run too (they need every PV mode on 2 and 4 vCPUs).
+    pub smp: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -282,6 +284,7 @@ fn args() -> Result<Args, String> {
         floor_iterations: get("--floor-iterations=", 20000)?,
         bed: text("--bed=").map(Into::into),
         host_note: text("--host-note=").map(Into::into),
+        smp: !args.iter().any(|x| x == "--smp=off"),
     })
 }
 
@@ -339,10 +342,9 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> Measured {
     Measured { points, errors, vm }
 }
 
-/// The UP matrix, then the SMP rows unless `--smp=off` (they need every PV mode to run on 2
-/// and 4 vCPUs).
+/// The UP matrix, then the SMP rows unless `--smp=off`.
 fn measure_all(a: &Args, hz: f64) -> (Measured, Vec<smp::SmpPoint>) {
-    let smp_on = !std::env::args().any(|x| x == "--smp=off");
+    let smp_on = a.smp;
     let smp_runs = if smp_on { smp::runs(a.repeat) } else { 0 };
     let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp_runs;
     let bar = ProgressBar::new(total);

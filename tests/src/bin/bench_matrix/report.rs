@@ -39,8 +39,13 @@ pub fn host_facts(a: &crate::Args, vm: &Value) -> Value {
         format!("{used} (forced with --hypercall pio in every run)")
     } else {
         format!(
-            "{used} (--hypercall {} in every UP run; the SMP rows force pio)",
-            a.transport
+            "{used} (--hypercall {} in every UP run{})",
+            a.transport,
+            if a.smp {
+                "; the SMP rows force pio"
+            } else {
+                ""
+            }
         )
     };
     json!({
