@@ -45,7 +45,9 @@ log() { echo "svm-bed: $*"; }
 
 skip() {
     if [ -n "${SVM_BED_BENCH_OUT:-}" ]; then
-        mkdir -p "$SVM_BED_BENCH_OUT" && echo "the SVM bed skipped: $*" >"$SVM_BED_BENCH_OUT/SKIPPED"
+        mkdir -p "$SVM_BED_BENCH_OUT"
+        rm -f "$SVM_BED_BENCH_OUT"/{results.json,report.md,exits_per_op.svg,us_per_op.svg}
+        echo "the SVM bed skipped: $*" >"$SVM_BED_BENCH_OUT/SKIPPED"
     fi
     if [ "${REQUIRE_SVM:-0}" = 1 ]; then
         echo "FAIL svm-bed: $* (and REQUIRE_SVM=1)"

@@ -21,18 +21,15 @@ struct Bed {
     errors: usize,
 }
 
-/// Reads `dir/results.json`; the error says why there is none (`dir/SKIPPED` holds the
-/// reason when the bed could not run).
+/// Reads `dir/results.json`; the error says why there is none. `dir/SKIPPED` holds the
+/// reason when the bed could not run, and wins over an older `results.json`.
 fn load(dir: &Path) -> Result<Bed, String> {
+    if let Ok(why) = std::fs::read_to_string(dir.join("SKIPPED")) {
+        return Err(why.trim().to_string());
+    }
     let file = dir.join("results.json");
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) => {
-            return Err(std::fs::read_to_string(dir.join("SKIPPED"))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| format!("no {} ({e})", file.display())))
-        }
-    };
+    let text =
+        std::fs::read_to_string(&file).map_err(|e| format!("no {} ({e})", file.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     let points: Vec<Point> = serde_json::from_value(v["points"].clone())
         .map_err(|e| format!("{}: points: {e}", file.display()))?;
@@ -351,6 +348,7 @@ mod tests {
     fn a_skipped_bed_says_why() {
         let d = dir("bed-skipped");
         std::fs::write(d.join("SKIPPED"), "the SVM bed skipped: no QEMU\n").unwrap();
+        std::fs::write(d.join("results.json"), "{\"points\": []}").unwrap();
         let mut o = String::new();
         section(&mut o, &[], &Value::Null, &Value::Null, &d);
         assert!(
