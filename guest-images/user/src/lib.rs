@@ -297,6 +297,17 @@ macro_rules! check {
     };
 }
 
+/// Like [`check!`], in a function that returns `Result<_, i32>`: `Err` with the failing line.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($t:tt)*) => {
+        if !$cond {
+            $crate::diag!("FAIL line {}: {}", line!(), format_args!($($t)*));
+            return Err($crate::fail_code(line!()));
+        }
+    };
+}
+
 /// xorshift64.
 pub struct Rng(pub u64);
 impl Rng {

@@ -184,6 +184,25 @@ fn access(a: u64, write: bool, v: u64) -> u64 {
     }
 }
 
+/// Runs `rounds` rounds of the [`HOT`] protocol against a [`prober`] thread on CPU 1:
+/// `round(r)` makes round `r`'s change and returns whether the prober saw it stale. Returns
+/// the number of stale rounds, or the failing line of a check (of a round or the join).
+pub fn probe_rounds(
+    rounds: u64,
+    mut round: impl FnMut(u64) -> Result<bool, i32>,
+) -> Result<u64, i32> {
+    catch_faults();
+    let t = spawn(prober, rounds, 1);
+    let mut stale = 0;
+    for r in 1..=rounds {
+        if round(r)? {
+            stale += 1;
+        }
+    }
+    crate::ensure!(t.join() == 0, "prober");
+    Ok(stale)
+}
+
 /// Accesses the prober makes after a change (besides the first).
 const AFTER: u64 = 15;
 

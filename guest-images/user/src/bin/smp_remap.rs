@@ -10,31 +10,32 @@ const ROUNDS: u64 = 8;
 /// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(_a: Args) -> i32 {
-    smp::catch_faults();
-    let t = smp::spawn(smp::prober, ROUNDS, 1);
-    let mut stale = 0;
-    for r in 1..=ROUNDS {
+    let stale = smp::probe_rounds(ROUNDS, |r| {
         let x = mmap(4096, RW, MAP_POPULATE);
         wr(x, 0x01d0_0000 + r);
         HOT.start(r, x, false);
-        check!(munmap(x, 4096) == 1, "munmap");
+        ensure!(munmap(x, 4096) == 1, "munmap");
         // The freed frame goes to a filler mapping, so the new one is a different frame.
         let filler = mmap(4096, RW, MAP_POPULATE);
-        check!(
+        ensure!(
             mmap_at(x, 4096, RW, MAP_POPULATE) == x,
             "mmap at the same address"
         );
         wr(x, 0x0e30_0000 + r);
         HOT.expect(0x0e30_0000 + r);
         let seen = HOT.changed(r);
-        if seen != 0x0e30_0000 + r {
+        let stale = seen != 0x0e30_0000 + r;
+        if stale {
             diag!("round {}: the other CPU read {:#x}", r, seen);
-            stale += 1;
         }
-        check!(munmap(x, 4096) == 1, "munmap");
-        check!(munmap(filler, 4096) == 1, "munmap filler");
-    }
-    check!(t.join() == 0, "prober");
+        ensure!(munmap(x, 4096) == 1, "munmap");
+        ensure!(munmap(filler, 4096) == 1, "munmap filler");
+        Ok(stale)
+    });
+    let stale = match stale {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
     diag!(
         "smp_remap: {} rounds on {} CPUs, {} stale reads of the old frame",
         ROUNDS,

@@ -11,19 +11,17 @@ const ROUNDS: u64 = 8;
 /// The test: 0 on success, else the failing line (`check!`).
 #[no_mangle]
 pub fn test_main(_a: Args) -> i32 {
-    smp::catch_faults();
-    let t = smp::spawn(smp::prober, ROUNDS, 1);
-    let mut stale = 0;
-    for r in 1..=ROUNDS {
+    let stale = smp::probe_rounds(ROUNDS, |r| {
         let x = mmap(4 * 4096, RW, MAP_POPULATE);
         fill(x, 4, r);
         HOT.start(r, x + 4096, false);
-        check!(munmap(x, 4 * 4096) == 4, "munmap");
-        if HOT.changed(r) != smp::FAULTED {
-            stale += 1;
-        }
-    }
-    check!(t.join() == 0, "prober");
+        ensure!(munmap(x, 4 * 4096) == 4, "munmap");
+        Ok(HOT.changed(r) != smp::FAULTED)
+    });
+    let stale = match stale {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
     diag!(
         "smp_unmap: {} rounds on {} CPUs, {} stale reads after munmap, {} flush IPIs",
         ROUNDS,
