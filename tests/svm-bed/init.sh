@@ -89,11 +89,28 @@ suite() { # name mode transport vcpus
         --hypercall "$3" --vcpus "$4" --mem 256M </dev/null
 }
 
+# A stale translation lives only until the target vCPU's next exit to the bed's KVM (QEMU
+# drops its TLB on the way back in), and under TCG one often comes before the prober looks:
+# a run can miss the missing flush. Up to BREAK_ATTEMPTS runs; the first in which a test
+# fails is the one judged (the last if none does). Where the mechanism were not needed, no
+# attempt would fail and the judge fails the step.
+BREAK_ATTEMPTS=${BREAK_ATTEMPTS:-4}
 smpbreak() { # name mode transport
     drop=""
     [ "$2" != native ] && drop=--debug-drop-remote-flushes
-    run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
-        --hypercall "$3" --vcpus 2 --mem 256M $drop </dev/null
+    n=1
+    while :; do
+        run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
+            --hypercall "$3" --vcpus 2 --mem 256M $drop </dev/null >/tmp/break.log 2>&1
+        if grep -q '^not ok' /tmp/break.log || [ "$n" -ge "$BREAK_ATTEMPTS" ]; then
+            break
+        fi
+        say "BED-NOTE $1: attempt $n saw no stale translation; again"
+        n=$((n + 1))
+    done
+    cat /tmp/break.log
+    say "BED-NOTE $1: judged attempt $n of at most $BREAK_ATTEMPTS"
+    rm -f /tmp/break.log
 }
 
 npt0() {

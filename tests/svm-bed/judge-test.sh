@@ -49,8 +49,12 @@ suite "$smp_good" 0 'vmcall (forced)' | smp4 |
 brk() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpbreak:native:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpbreak:native:vmcall/'; }
 suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_dirty # x\n' 1 'vmcall (forced)' | brk |
     judge smpbreak:native:vmcall PASS "smpbreak: a failing dirty-race test passes the step"
+suite '# mmu=native cpus=2\n1..2\nnot ok 1 smp_unmap # x\nok 2 smp_dirty\n' 1 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall PASS "smpbreak: a failing shootdown test passes the step"
 suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nok 2 smp_dirty\n' 0 'vmcall (forced)' | brk |
-    judge smpbreak:native:vmcall FAIL "smpbreak: a dirty-race test that passes without shootdowns fails the step"
+    judge smpbreak:native:vmcall FAIL "smpbreak: TLB tests that pass without shootdowns fail the step"
+suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_fork_cow # x\n' 1 'vmcall (forced)' | brk |
+    judge smpbreak:native:vmcall FAIL "smpbreak: a failure outside the TLB tests does not pass the step"
 
 linux() { # $1: timer after, $2: uptime after, $3: echoed token, $4: rc
     printf 'BED-BEGIN linux\nLINUX-MARKER userspace reached: 6.1\nLINUX-TIMER before=10 after=%s\n' "$1"
