@@ -63,8 +63,7 @@ impl ShadowMmu {
             if pte::present(e2) && pte::is_2m_leaf(2, e2) {
                 let shadow = self
                     .frames
-                    .info(l2)
-                    .and_then(|f| f.shadow)
+                    .shadow(l2)
                     .and_then(|s| table(mem, self.pool.pfn(s)).ok())
                     .map(|st| st.get(idx(21)))
                     .filter(|&s| pte::present(s))
@@ -84,7 +83,7 @@ impl ShadowMmu {
                 p += n2;
                 continue;
             };
-            let shadow = self.frames.info(l1).and_then(|f| f.shadow);
+            let shadow = self.frames.shadow(l1);
             let Ok(l1t) = table(mem, l1) else { break };
             for k in 0..n2 {
                 let i = idx(12) + k as usize;

@@ -79,7 +79,7 @@ impl ShadowMmu {
         let end = layout.ram_end_pfn();
         let pool = Pool::new(layout.pool_base, layout.pool_frames, end);
         Ok(ShadowMmu {
-            frames: Frames::new(end),
+            frames: Frames::new(&layout),
             counters: Counters::new(pool.total()),
             pool,
             layout,
@@ -268,7 +268,7 @@ impl ShadowMmu {
     /// The address space `vcpu` has loaded.
     pub fn loaded_root(&self, vcpu: usize) -> Option<LoadedRoot> {
         let l4 = (*self.roots.get(vcpu)?)?;
-        let s = self.frames.info(l4)?.shadow?;
+        let s = self.frames.shadow(l4)?;
         Some(LoadedRoot {
             guest_l4: l4 << 12,
             shadow_root: self.pool.pfn(s) << 12,
@@ -392,11 +392,16 @@ impl ShadowMmu {
         let k = rules::entry_flags_allowed(level, e)?;
         match k {
             Kind::NotPresent => {}
+            // The dense RAM bit is exactly `layout.classify(pfn) == Ram`: the rule itself
+            // runs only where it refuses (and names why).
+            Kind::Leaf4k { pfn } if self.frames.is_ram(pfn) => {}
             Kind::Leaf4k { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, 1)?,
             Kind::Leaf2m { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, pte::FRAMES_2M)?,
             Kind::Table { pfn } => {
                 rules::not_self_map(table_pfn, pfn)?;
-                rules::table_is_guest_ram(&self.layout, pfn)?;
+                if !self.frames.is_ram(pfn) {
+                    rules::table_is_guest_ram(&self.layout, pfn)?;
+                }
                 rules::table_level_matches(level, self.frames.level(pfn))?;
             }
         }
@@ -576,12 +581,13 @@ impl ShadowMmu {
     ) -> R<()> {
         let tpfn = ptr >> 12;
         let i = ((ptr & 0xfff) >> 3) as usize;
-        let level = rules::ptr_in_table(self.frames.level(tpfn))?;
+        let typed = self.frames.table(tpfn);
+        let level = rules::ptr_in_table(typed.map(|(l, _)| l))?;
+        let sidx = typed.and_then(|(_, s)| s);
         let gt = table(mem, tpfn)?;
         let old = gt.get(i);
         let new_kind = self.check_entry(level, tpfn, val)?;
         let old_kind = rules::entry_flags_allowed(level, old).unwrap_or(Kind::NotPresent);
-        let sidx = self.frames.info(tpfn).and_then(|f| f.shadow);
 
         // Same entry modulo A/D: the shadow is unchanged and keeps what the CPU recorded.
         if pte::present(old) && pte::present(val) && (old ^ val) & !AD == 0 {
@@ -786,7 +792,7 @@ impl ShadowMmu {
         )?;
         let (ot, nt) = (table(mem, old)?, table(mem, new)?);
         let mut content = ot.snapshot();
-        let sidx = self.frames.info(old).and_then(|f| f.shadow);
+        let sidx = self.frames.shadow(old);
         if let Some(sidx) = sidx {
             let st = table(mem, self.pool.pfn(sidx))?;
             for (i, e) in content.iter_mut().enumerate() {
@@ -820,6 +826,7 @@ impl ShadowMmu {
         };
         let parents = info.parents.clone();
         self.frames.set_type(new, info);
+        self.frames.set_shadow(new, sidx);
         for (i, &e) in content.iter().enumerate() {
             nt.set(i, e);
             if let (true, Ok(Kind::Table { pfn: c })) =

@@ -158,7 +158,7 @@ impl ShadowMmu {
                     refs.entry(c).or_default().push((pfn << 12) + 8 * i as u64);
                 }
             }
-            if let Some(s) = info.shadow {
+            if let Some(s) = self.frames.shadow(pfn) {
                 let want = Owner::Table {
                     pfn,
                     level: info.level,
@@ -208,7 +208,7 @@ impl ShadowMmu {
         };
         let gt = self.validated_view(mem, gpfn)?;
         match split {
-            None if self.frames.info(gpfn).and_then(|i| i.shadow) != Some(idx) => {
+            None if self.frames.shadow(gpfn) != Some(idx) => {
                 return fail(
                     InvariantKind::Pool,
                     format!("orphan shadow {idx} of {gpfn:#x}"),
@@ -288,7 +288,7 @@ impl ShadowMmu {
                 format!("split {idx} for non-2M {l2:#x}[{j}] = {e:#x}"),
             );
         }
-        let parent = self.frames.info(l2).and_then(|i| i.shadow);
+        let parent = self.frames.shadow(l2);
         let linked = match parent {
             Some(p) => open(mem, self.pool.pfn(p))?.get(j) & ADDR == self.pool.pfn(idx) << 12,
             None => false,
@@ -391,7 +391,7 @@ impl ShadowMmu {
             }
             return Ok(());
         }
-        let cs = info.and_then(|f| f.shadow);
+        let cs = info.and(self.frames.shadow(child));
         let want = cs.map(|c| self.pool.pfn(c) << 12);
         if !pte::present(s) || Some(s & ADDR) != want {
             return fail(
@@ -416,7 +416,7 @@ impl ShadowMmu {
             let info = self.frames.info(r);
             let ok = rules::baseptr_allowed(self.frames.level(r), info.is_some_and(|i| i.pinned))
                 .is_ok();
-            if !ok || info.and_then(|i| i.shadow).is_none() {
+            if !ok || self.frames.shadow(r).is_none() {
                 return fail(
                     InvariantKind::Root,
                     format!("vcpu {v} root {r:#x} is not a pinned, shadowed L4"),

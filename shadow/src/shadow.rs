@@ -98,17 +98,14 @@ impl ShadowMmu {
 
     /// The shadow of typed table `pfn`, built (with its whole subtree) if missing.
     pub(crate) fn ensure_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<u32> {
-        let info = self.frames.info(pfn).ok_or(Rule::PtrNotTable)?;
-        let level = info.level;
-        if let Some(s) = info.shadow {
+        let (level, shadow) = self.frames.table(pfn).ok_or(Rule::PtrNotTable)?;
+        if let Some(s) = shadow {
             self.pool.touch(s, self.epoch);
             return Ok(s);
         }
         let g = table(mem, pfn)?.snapshot();
         let sidx = self.alloc_shadow(mem, Owner::Table { pfn, level })?;
-        if let Some(i) = self.frames.info_mut(pfn) {
-            i.shadow = Some(sidx);
-        }
+        self.frames.set_shadow(pfn, Some(sidx));
         let st = table(mem, self.pool.pfn(sidx))?;
         for (i, &e) in g.iter().enumerate() {
             // Re-checked: the shadow never holds anything the rules refuse.
@@ -133,7 +130,7 @@ impl ShadowMmu {
     /// Returns whether a dropped entry (leaf or not) had been used by the CPU (A=1): the
     /// TLB may hold translations made through it, so the caller must request a flush.
     pub(crate) fn drop_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> bool {
-        let Some(sidx) = self.frames.info_mut(pfn).and_then(|i| i.shadow.take()) else {
+        let Some(sidx) = self.frames.take_shadow(pfn) else {
             return false;
         };
         self.free_shadow_table(mem, sidx)
@@ -255,7 +252,7 @@ impl ShadowMmu {
             .roots
             .iter()
             .flatten()
-            .filter_map(|r| self.frames.info(*r).and_then(|i| i.shadow))
+            .filter_map(|r| self.frames.shadow(*r))
             .collect();
         stack.extend(self.unhooked_shadows());
         stack.extend(

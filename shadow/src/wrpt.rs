@@ -64,7 +64,7 @@ impl ShadowMmu {
         };
         let info = self.frames.info(pfn);
         let parents = info.map(|i| i.parents.clone()).unwrap_or_default();
-        let shadow = info.and_then(|i| i.shadow);
+        let shadow = self.frames.shadow(pfn);
         if !self.trap.debug.keep_parents {
             for p in parents {
                 self.set_parent_shadow(mem, p, None);
@@ -154,7 +154,7 @@ impl ShadowMmu {
     /// flush if the CPU used it) or relinked to the shadow of `child`.
     fn set_parent_shadow<M: GuestMemory>(&mut self, mem: &M, backref: u64, child: Option<u64>) {
         let (l2, j) = (backref >> 12, ((backref & 0xfff) >> 3) as usize);
-        let Some(s) = self.frames.info(l2).and_then(|i| i.shadow) else {
+        let Some(s) = self.frames.shadow(l2) else {
             return;
         };
         let Ok(st) = table(mem, self.pool.pfn(s)) else {
@@ -190,7 +190,7 @@ impl ShadowMmu {
         self.trap
             .unhooked
             .iter()
-            .filter_map(|u| self.frames.info(u.pfn).and_then(|i| i.shadow))
+            .filter_map(|u| self.frames.shadow(u.pfn))
             .collect()
     }
 }
