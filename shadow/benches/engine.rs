@@ -1,5 +1,6 @@
-//! Criterion benches of the hot paths: a 512-entry PT_UPDATE batch, pinning a full L1, and
-//! SYNC_AD over 512 leaves; and two models of the in-VM condition, where the guest runs on
+//! Criterion benches of the hot paths: a 512-entry PT_UPDATE batch (through
+//! `ShadowMmu::batch`, and entry by entry through `ShadowMmu::apply`), pinning a full L1,
+//! and SYNC_AD over 512 leaves; and two models of the in-VM condition, where the guest runs on
 //! the same core between hypercalls and the engine's data is cold:
 //! * `pt_update_spread_512`: each 512-entry batch spreads over 512 of 2048 L1s (one entry
 //!   per L1, 1M entries cycled through, as demand-fault populate spreads over fresh L1s);
@@ -95,7 +96,7 @@ fn setup_spread() -> (GuestMemoryMmap, ShadowMmu) {
 fn spread_op(n: u64) -> MmuOp {
     let l1 = n % SPREAD_L1S;
     let idx = (n / SPREAD_L1S) % 512;
-    let mapped = (n / (SPREAD_L1S * 512)) % 2 == 0;
+    let mapped = (n / (SPREAD_L1S * 512)).is_multiple_of(2);
     // Scattered targets (a multiplicative hash of the entry).
     let target = 0x2000 + (n.wrapping_mul(0x9e37_79b9) >> 7) % SPREAD_TARGETS;
     MmuOp::PtUpdate {
@@ -105,16 +106,20 @@ fn spread_op(n: u64) -> MmuOp {
     }
 }
 
-/// The hot batch: 512 updates of one L1, remapping every leaf to another frame.
+/// Update `i` of the hot batch: remaps leaf `i` of the L1 to another frame.
+fn hot_op(i: u64, flip: u64) -> MmuOp {
+    MmuOp::PtUpdate {
+        ptr: L1 + 8 * i,
+        val: ((0x100 + i + flip * 0x200) << 12) | T,
+        preserve_ad: false,
+    }
+}
+
+/// The hot batch through [`ShadowMmu::batch`] (as the VMM applies a batch).
 fn batch_512(mem: &GuestMemoryMmap, mmu: &mut ShadowMmu, flip: u64) {
+    let mut b = mmu.batch(mem);
     for i in 0..512u64 {
-        let val = ((0x100 + i + flip * 0x200) << 12) | T;
-        let op = MmuOp::PtUpdate {
-            ptr: L1 + 8 * i,
-            val,
-            preserve_ad: false,
-        };
-        mmu.apply(mem, 0, &op).unwrap();
+        b.apply(0, &hot_op(i, flip)).unwrap();
     }
     black_box(mmu.end_batch(0));
 }
@@ -140,12 +145,25 @@ fn hot_benches(c: &mut Criterion) {
         })
     });
 
+    let (mem, mut mmu) = setup();
+    let mut flip = 0u64;
+    g.bench_function("pt_update_batch_512_apply", |b| {
+        b.iter(|| {
+            flip ^= 1;
+            for i in 0..512u64 {
+                mmu.apply(&mem, 0, &hot_op(i, flip)).unwrap();
+            }
+            mmu.end_batch(0)
+        })
+    });
+
     let (mem, mut mmu) = setup_spread();
     let mut n = 0u64;
     g.bench_function("pt_update_spread_512", |b| {
         b.iter(|| {
+            let mut batch = mmu.batch(&mem);
             for _ in 0..512 {
-                mmu.apply(&mem, 0, &spread_op(n)).unwrap();
+                batch.apply(0, &spread_op(n)).unwrap();
                 n += 1;
             }
             mmu.end_batch(0)

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
-use crate::mem::{table, Table};
+use crate::mem::{table, Mem, Table};
 use crate::pte::{self, A, AD, ADDR, D, G};
 use crate::rules::{self, Rule};
 
@@ -34,7 +34,7 @@ impl ShadowMmu {
     /// rooted at guest L4 `root`.
     pub(crate) fn leaves_in<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         root: u64,
         va: u64,
         pages: u64,
@@ -107,7 +107,7 @@ impl ShadowMmu {
     #[allow(clippy::type_complexity)]
     fn open_leaf_tables<'m, 'c, M: GuestMemory>(
         &self,
-        mem: &'m M,
+        mem: &Mem<'m, M>,
         l: &LeafAt,
         gt: &'c mut Option<(u64, Table<'m>)>,
         st: &'c mut Option<(u32, Table<'m>)>,
@@ -158,7 +158,7 @@ impl ShadowMmu {
     /// set in a shadow: the TLB may hold it).
     pub(crate) fn sync_ad<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         va: u64,
         pages: u64,
@@ -188,7 +188,7 @@ impl ShadowMmu {
     /// `bitmap_gpa`; guest PTEs are not changed.
     pub(crate) fn query_ad<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         va: u64,
         pages: u64,
@@ -218,7 +218,8 @@ impl ShadowMmu {
                 }
             }
         }
-        mem.write_slice(&bits, GuestAddress(gpa))
+        mem.guest()
+            .write_slice(&bits, GuestAddress(gpa))
             .map_err(|_| Rule::Unbacked)
     }
 }

@@ -57,6 +57,8 @@ const SHADOW_SHIFT: u32 = 8;
 pub(crate) struct Frames {
     words: Vec<u32>,
     info: FrameMap<FrameInfo>,
+    /// Bumped by every change of a type or a back-reference (see [`Frames::generation`]).
+    generation: u64,
 }
 
 impl Frames {
@@ -82,9 +84,11 @@ impl Frames {
         Frames {
             words,
             info: FrameMap::default(),
+            generation: 0,
         }
     }
 
+    #[inline]
     fn word(&self, pfn: u64) -> u32 {
         usize::try_from(pfn)
             .ok()
@@ -93,6 +97,7 @@ impl Frames {
             .unwrap_or(NOT_RAM)
     }
 
+    #[inline]
     fn word_mut(&mut self, pfn: u64) -> Option<&mut u32> {
         usize::try_from(pfn)
             .ok()
@@ -100,6 +105,7 @@ impl Frames {
     }
 
     /// The type of `pfn`, if typed.
+    #[inline]
     pub fn level(&self, pfn: u64) -> Option<u8> {
         match (self.word(pfn) & LEVEL) as u8 {
             0 => None,
@@ -108,11 +114,13 @@ impl Frames {
     }
 
     /// Whether `pfn` is usable RAM: exactly `layout.classify(pfn) == FrameClass::Ram`.
+    #[inline]
     pub fn is_ram(&self, pfn: u64) -> bool {
         self.word(pfn) & NOT_RAM == 0
     }
 
     /// The type of `pfn` (if typed) and the pool index of its shadow (if built), in one load.
+    #[inline]
     pub fn table(&self, pfn: u64) -> Option<(u8, Option<u32>)> {
         let w = self.word(pfn);
         let level = (w & LEVEL) as u8;
@@ -120,6 +128,7 @@ impl Frames {
     }
 
     /// The pool index of the shadow of `pfn`, if typed and built.
+    #[inline]
     pub fn shadow(&self, pfn: u64) -> Option<u32> {
         self.table(pfn).and_then(|(_, s)| s)
     }
@@ -140,18 +149,28 @@ impl Frames {
     }
 
     /// Details of a typed frame.
+    #[inline]
     pub fn info(&self, pfn: u64) -> Option<&FrameInfo> {
         self.info.get(&pfn)
     }
 
+    /// Changes whenever a frame gains or loses a type or a back-reference (and at every
+    /// mutable access to details): what is derived from the reference graph (flush targets)
+    /// stays valid while it is unchanged.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Mutable details of a typed frame.
     pub fn info_mut(&mut self, pfn: u64) -> Option<&mut FrameInfo> {
+        self.generation += 1;
         self.info.get_mut(&pfn)
     }
 
     /// Gives `pfn` (a RAM frame) the type `level` (1..=4), without a shadow. Returns false
     /// if `pfn` is out of range.
     pub fn set_type(&mut self, pfn: u64, info: FrameInfo) -> bool {
+        self.generation += 1;
         match self.word_mut(pfn) {
             Some(w) => {
                 *w = (*w & NOT_RAM) | (u32::from(info.level) & LEVEL);
@@ -164,6 +183,7 @@ impl Frames {
 
     /// Removes the type (and the shadow record) of `pfn`, returning its details.
     pub fn clear_type(&mut self, pfn: u64) -> Option<FrameInfo> {
+        self.generation += 1;
         if let Some(w) = self.word_mut(pfn) {
             *w &= NOT_RAM;
         }
@@ -177,6 +197,7 @@ impl Frames {
 
     /// Adds a back-reference to `pfn`.
     pub fn add_parent(&mut self, pfn: u64, entry: u64) {
+        self.generation += 1;
         if let Some(i) = self.info.get_mut(&pfn) {
             i.parents.push(entry);
         }
@@ -185,6 +206,7 @@ impl Frames {
     /// Removes one back-reference; returns true if the frame is now unpinned and
     /// unreferenced (it must lose its type).
     pub fn remove_parent(&mut self, pfn: u64, entry: u64) -> bool {
+        self.generation += 1;
         match self.info.get_mut(&pfn) {
             Some(i) => {
                 if let Some(pos) = i.parents.iter().rposition(|&p| p == entry) {

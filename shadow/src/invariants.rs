@@ -9,7 +9,7 @@ use vm_memory::GuestMemory;
 
 use crate::engine::ShadowMmu;
 use crate::layout::FrameClass;
-use crate::mem::{table, Table};
+use crate::mem::{table, Mem, Table};
 use crate::pool::{Meta, Owner};
 use crate::pte::{self, Kind, A, AD, ADDR, RW};
 use crate::rules::{self, Rule};
@@ -76,7 +76,7 @@ fn fail(kind: InvariantKind, detail: String) -> Check {
     Err(InvariantViolation { kind, detail })
 }
 
-fn open<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_>, InvariantViolation> {
+fn open<'m, M: GuestMemory>(mem: &Mem<'m, M>, pfn: u64) -> Result<Table<'m>, InvariantViolation> {
     table(mem, pfn).map_err(|r: Rule| InvariantViolation {
         kind: InvariantKind::Unbacked,
         detail: format!("frame {pfn:#x}: {}", r.name()),
@@ -103,6 +103,7 @@ impl ShadowMmu {
     /// `mem` must be the memory object given to [`ShadowMmu::apply`]. Call it under the same
     /// lock as the batches (between two batches); it reads, never writes.
     pub fn check_invariants<M: GuestMemory>(&self, mem: &M) -> Check {
+        let mem = &Mem::new(mem);
         let refs = self.check_typed_tables(mem)?;
         self.check_references(&refs)?;
         let mut tables = 0;
@@ -129,7 +130,7 @@ impl ShadowMmu {
     /// the entries referencing it.
     fn check_typed_tables<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
     ) -> Result<HashMap<u64, Vec<u64>>, InvariantViolation> {
         let mut refs: HashMap<u64, Vec<u64>> = HashMap::new();
         for (pfn, info) in self.frames.iter() {
@@ -200,7 +201,7 @@ impl ShadowMmu {
 
     /// Pool frame `idx` is a live shadow and each of its entries is derived from its guest
     /// entry.
-    fn check_shadow<M: GuestMemory>(&self, mem: &M, idx: u32, m: Meta) -> Check {
+    fn check_shadow<M: GuestMemory>(&self, mem: &Mem<'_, M>, idx: u32, m: Meta) -> Check {
         let st = open(mem, self.pool.pfn(idx))?;
         let (gpfn, level, split) = match m.owner {
             Owner::Table { pfn, level } => (pfn, level, None),
@@ -271,7 +272,7 @@ impl ShadowMmu {
     /// an unhooked L1 (the guest may be writing it), else its content.
     fn validated_view<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         pfn: u64,
     ) -> Result<[u64; 512], InvariantViolation> {
         match self.unhooked_snapshot(pfn) {
@@ -280,7 +281,13 @@ impl ShadowMmu {
         }
     }
 
-    fn check_split_parent<M: GuestMemory>(&self, mem: &M, idx: u32, l2: u64, j: usize) -> Check {
+    fn check_split_parent<M: GuestMemory>(
+        &self,
+        mem: &Mem<'_, M>,
+        idx: u32,
+        l2: u64,
+        j: usize,
+    ) -> Check {
         let e = open(mem, l2)?.get(j);
         if !pte::is_2m_leaf(2, e) || !pte::present(e) || self.frames.level(l2) != Some(2) {
             return fail(

@@ -106,31 +106,37 @@ impl Pool {
     }
 
     /// Frames in use.
+    #[inline]
     pub fn used(&self) -> u64 {
         self.used
     }
 
     /// Most frames ever in use.
+    #[inline]
     pub fn high_water(&self) -> u64 {
         self.high_water
     }
 
     /// Frames in use holding the shadow of a guest table (split tables excluded).
+    #[inline]
     pub fn tables(&self) -> u64 {
         self.tables
     }
 
     /// Most guest-table shadows ever in use at once.
+    #[inline]
     pub fn tables_high_water(&self) -> u64 {
         self.tables_high_water
     }
 
     /// Frame number of pool frame `idx`.
+    #[inline]
     pub fn pfn(&self, idx: u32) -> u64 {
         (self.base >> 12) + u64::from(idx)
     }
 
     /// Pool index of guest-physical address `gpa`, if inside the pool.
+    #[inline]
     pub fn index_of(&self, gpa: u64) -> Option<u32> {
         let off = gpa.checked_sub(self.base)? >> 12;
         (off < self.total()).then_some(off as u32)
@@ -184,16 +190,19 @@ impl Pool {
     }
 
     /// Owner record of pool frame `idx`.
+    #[inline]
     pub fn meta(&self, idx: u32) -> Option<Meta> {
         self.meta.get(idx as usize).copied().flatten()
     }
 
     /// Mutable owner record.
+    #[inline]
     pub fn meta_mut(&mut self, idx: u32) -> Option<&mut Meta> {
         self.meta.get_mut(idx as usize).and_then(|m| m.as_mut())
     }
 
     /// Marks a shadow as used by the current op.
+    #[inline]
     pub fn touch(&mut self, idx: u32, epoch: u64) {
         if let Some(m) = self.meta_mut(idx) {
             m.epoch = epoch;
@@ -209,6 +218,7 @@ impl Pool {
     }
 
     /// Links `slot` into the reverse map of guest frame `pfn`.
+    #[inline]
     pub fn rmap_add(&mut self, slot: Slot, pfn: u64) {
         let Some(head) = usize::try_from(pfn)
             .ok()
@@ -236,6 +246,7 @@ impl Pool {
     }
 
     /// Unlinks `slot` from the reverse map, if linked.
+    #[inline]
     pub fn rmap_remove(&mut self, slot: Slot) {
         let Some(link) = self.links.get_mut(slot as usize).filter(|l| l.target != 0) else {
             return;
@@ -262,6 +273,7 @@ impl Pool {
     }
 
     /// Whether `slot` is in the reverse map.
+    #[inline]
     pub fn rmap_linked(&self, slot: Slot) -> bool {
         self.links.get(slot as usize).is_some_and(|l| l.target != 0)
     }
