@@ -897,6 +897,13 @@ impl ShadowMmu {
     /// `ZERO_FRAME(pfn)`.
     fn zero_frame<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> R<()> {
         rules::zero_allowed(&self.layout, pfn, self.frames.level(pfn))?;
+        // Stored in place (no 4 KiB zero source read through the cache, which evicted the
+        // engine's data between the entries of a populate batch); a frame that is not in
+        // one region is written through the memory object.
+        if let Ok(t) = table(mem, pfn) {
+            t.zero();
+            return Ok(());
+        }
         mem.guest()
             .write_slice(&[0u8; 4096], GuestAddress(pfn << 12))
             .map_err(|_| Rule::Unbacked)

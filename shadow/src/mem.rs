@@ -194,8 +194,10 @@ impl Table<'_> {
     /// Zeroes the table.
     pub fn zero(&self) {
         for i in 0..512 {
-            self.set(i, 0);
+            self.at(i).store(0, Ordering::Relaxed);
         }
+        // What was zeroed is seen before anything stored after it.
+        std::sync::atomic::fence(Ordering::Release);
     }
 }
 
