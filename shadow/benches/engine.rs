@@ -1,6 +1,7 @@
 //! Criterion benches of the hot paths: a 512-entry PT_UPDATE batch (through
-//! `ShadowMmu::batch`, and entry by entry through `ShadowMmu::apply`), pinning a full L1,
-//! and SYNC_AD over 512 leaves; and two models of the in-VM condition, where the guest runs on
+//! `ShadowMmu::batch`, and entry by entry through `ShadowMmu::apply`; and with A/D set in
+//! every shadow leaf, as zap or mprotect of used pages), pinning a full L1, and SYNC_AD
+//! over 512 leaves; and two models of the in-VM condition, where the guest runs on
 //! the same core between hypercalls and the engine's data is cold:
 //! * `pt_update_spread_512`: each 512-entry batch spreads over 512 of 2048 L1s (one entry
 //!   per L1, 1M entries cycled through, as demand-fault populate spreads over fresh L1s);
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hypercall::MmuOp;
-use shadow::pte::{P, RW, US};
+use shadow::pte::{AD, P, RW, US};
 use shadow::{Layout, ShadowMmu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -124,6 +125,15 @@ fn batch_512(mem: &GuestMemoryMmap, mmu: &mut ShadowMmu, flip: u64) {
     black_box(mmu.end_batch(0));
 }
 
+/// Sets A and D in the 512 shadow leaves of the hot L1, as the CPU does on use.
+fn mark_used(mem: &GuestMemoryMmap, mmu: &ShadowMmu) {
+    for i in 0..512u64 {
+        if let Some(l) = mmu.debug_translate(mem, 0, i << 12) {
+            w(mem, l.slot_gpa, l.value | AD);
+        }
+    }
+}
+
 /// Writes one byte per cache line of a 32 MiB buffer (caches and TLB evicted).
 fn evict(buf: &mut [u8], round: u8) {
     for b in buf.iter_mut().step_by(64) {
@@ -154,6 +164,24 @@ fn hot_benches(c: &mut Criterion) {
                 mmu.apply(&mem, 0, &hot_op(i, flip)).unwrap();
             }
             mmu.end_batch(0)
+        })
+    });
+
+    // Zap/mprotect of used pages: the CPU set A and D in every shadow leaf (the update
+    // harvests them into the guest entry and needs a flush).
+    let (mem, mut mmu) = setup();
+    let mut flip = 0u64;
+    g.bench_function("pt_update_used_512", |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                flip ^= 1;
+                mark_used(&mem, &mmu);
+                let s = Instant::now();
+                batch_512(&mem, &mut mmu, flip);
+                t += s.elapsed();
+            }
+            t
         })
     });
 
