@@ -20,21 +20,27 @@ pub(crate) struct Table<'a> {
     _mem: PhantomData<&'a ()>,
 }
 
-/// A host mapping of guest memory: guest-physical `start..end` is host
-/// `base..base + (end - start)` (a whole region, or one frame). `end == 0`: empty record.
+/// A host mapping of guest memory: guest-physical `start..` is host `base..`, and a whole
+/// frame fits from every `gpa` in `start..=last` (a whole region, or one frame). The empty
+/// record has `start > last`.
 #[derive(Clone, Copy)]
 struct Region {
     start: u64,
-    end: u64,
+    last: u64,
     base: *const u8,
 }
 
 impl Region {
     const EMPTY: Region = Region {
-        start: 0,
-        end: 0,
+        start: u64::MAX,
+        last: 0,
         base: std::ptr::null(),
     };
+
+    #[inline]
+    fn holds(&self, gpa: u64) -> bool {
+        self.start <= gpa && gpa <= self.last
+    }
 }
 
 /// Regions remembered by a [`Mem`] (a VM has RAM below and above the PCI hole, and the pool).
@@ -77,18 +83,27 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
         self.mem
     }
 
-    /// A host range holding all of `gpa..gpa + 4096`: a remembered region, or the memory
-    /// object's region holding `gpa` (remembered if the whole frame is inside it); without
-    /// remembering, just that frame.
+    /// A host range holding all of `gpa..gpa + 4096`: a remembered region, or what
+    /// [`Self::resolve`] finds.
     #[inline]
     fn region(&self, gpa: u64) -> Option<Region> {
-        let end = gpa.checked_add(4096)?;
-        let inside = |r: &Region| r.start <= gpa && end <= r.end;
         if self.remember {
-            if let Some(r) = self.regions.iter().map(Cell::get).find(inside) {
-                return Some(r);
+            for c in &self.regions {
+                let r = c.get();
+                if r.holds(gpa) {
+                    return Some(r);
+                }
             }
         }
+        self.resolve(gpa)
+    }
+
+    /// The memory object's region holding `gpa` (remembered if the whole frame is inside
+    /// it); without remembering, just that frame. Out of line: a batch needs it once per
+    /// region.
+    #[cold]
+    #[inline(never)]
+    fn resolve(&self, gpa: u64) -> Option<Region> {
         let pm = self.mem.physical_memory()?;
         let (region, off) = pm.to_region_addr(GuestAddress(gpa))?;
         if !self.remember {
@@ -98,7 +113,7 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
             let base = region.get_host_address(off).ok()?;
             return Some(Region {
                 start: gpa,
-                end,
+                last: gpa,
                 base,
             });
         }
@@ -107,10 +122,10 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
         let start = region.start_addr().raw_value();
         let r = Region {
             start,
-            end: start.checked_add(slice.len() as u64)?,
+            last: start.checked_add(slice.len() as u64)?.checked_sub(4096)?,
             base: slice.ptr_guard().as_ptr(),
         };
-        if !inside(&r) {
+        if !r.holds(gpa) {
             return None;
         }
         let n = self.next.get();
@@ -129,7 +144,7 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
 pub(crate) fn table<'m, M: GuestMemory>(mem: &Mem<'m, M>, pfn: u64) -> Result<Table<'m>, Rule> {
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
     let r = mem.region(gpa).ok_or(Rule::Unbacked)?;
-    // `gpa - r.start + 4096 <= r.end - r.start` (checked in `region`): inside the region.
+    // `r.start <= gpa <= r.last` (checked in `region`): the frame is inside the range.
     let off = usize::try_from(gpa - r.start).map_err(|_| Rule::Unbacked)?;
     let base = r.base.wrapping_add(off) as *const AtomicU64;
     if !base.is_aligned() {
@@ -146,9 +161,10 @@ impl Table<'_> {
     fn at(&self, i: usize) -> &AtomicU64 {
         // SAFETY: `base` is the 8-byte aligned host address of a 4096-byte range inside one
         // region of the memory object (the frame's host address, or an offset inside the
-        // region's whole volatile slice, see `Mem::region`), which stays mapped while the
-        // object is borrowed (`'a`); `i & 511` keeps the access inside the range. Guest memory is shared with
-        // the guest and the CPU, so only atomic accesses are made through it.
+        // region's whole volatile slice, see `Mem::resolve`), which stays mapped while the
+        // object is borrowed (`'a`); `i & 511` keeps the access inside the range. Guest
+        // memory is shared with the guest and the CPU, so only atomic accesses are made
+        // through it.
         unsafe { &*self.base.add(i & 511) }
     }
 
