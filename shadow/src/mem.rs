@@ -84,39 +84,44 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
     }
 
     /// A host range holding all of `gpa..gpa + 4096`: a remembered region, or what
-    /// [`Self::resolve`] finds.
+    /// [`Self::resolve`] finds; without remembering, just that frame ([`Self::frame`]).
     #[inline]
     fn region(&self, gpa: u64) -> Option<Region> {
-        if self.remember {
-            for c in &self.regions {
-                let r = c.get();
-                if r.holds(gpa) {
-                    return Some(r);
-                }
+        if !self.remember {
+            return self.frame(gpa);
+        }
+        for c in &self.regions {
+            let r = c.get();
+            if r.holds(gpa) {
+                return Some(r);
             }
         }
         self.resolve(gpa)
     }
 
-    /// The memory object's region holding `gpa` (remembered if the whole frame is inside
-    /// it); without remembering, just that frame. Out of line: a batch needs it once per
-    /// region.
+    /// The host mapping of the frame at `gpa` alone, from the memory object.
+    #[inline(never)]
+    fn frame(&self, gpa: u64) -> Option<Region> {
+        let pm = self.mem.physical_memory()?;
+        let (region, off) = pm.to_region_addr(GuestAddress(gpa))?;
+        if off.raw_value().checked_add(4096)? > region.len() {
+            return None;
+        }
+        let base = region.get_host_address(off).ok()?;
+        Some(Region {
+            start: gpa,
+            last: gpa,
+            base,
+        })
+    }
+
+    /// The memory object's region holding `gpa`, remembered if the whole frame is inside
+    /// it. Out of line: a batch needs it once per region.
     #[cold]
     #[inline(never)]
     fn resolve(&self, gpa: u64) -> Option<Region> {
         let pm = self.mem.physical_memory()?;
-        let (region, off) = pm.to_region_addr(GuestAddress(gpa))?;
-        if !self.remember {
-            if off.raw_value().checked_add(4096)? > region.len() {
-                return None;
-            }
-            let base = region.get_host_address(off).ok()?;
-            return Some(Region {
-                start: gpa,
-                last: gpa,
-                base,
-            });
-        }
+        let (region, _) = pm.to_region_addr(GuestAddress(gpa))?;
         // The whole region as one slice: one host range of `len` bytes.
         let slice = region.as_volatile_slice().ok()?;
         let start = region.start_addr().raw_value();
