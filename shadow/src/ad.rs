@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
-use crate::mem::{table, Table};
+use crate::mem::{table, Mem, Table};
 use crate::pte::{self, A, AD, ADDR, D, G};
 use crate::rules::{self, Rule};
 
@@ -34,7 +34,7 @@ impl ShadowMmu {
     /// rooted at guest L4 `root`.
     pub(crate) fn leaves_in<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         root: u64,
         va: u64,
         pages: u64,
@@ -63,8 +63,7 @@ impl ShadowMmu {
             if pte::present(e2) && pte::is_2m_leaf(2, e2) {
                 let shadow = self
                     .frames
-                    .info(l2)
-                    .and_then(|f| f.shadow)
+                    .shadow(l2)
                     .and_then(|s| table(mem, self.pool.pfn(s)).ok())
                     .map(|st| st.get(idx(21)))
                     .filter(|&s| pte::present(s))
@@ -84,7 +83,7 @@ impl ShadowMmu {
                 p += n2;
                 continue;
             };
-            let shadow = self.frames.info(l1).and_then(|f| f.shadow);
+            let shadow = self.frames.shadow(l1);
             let Ok(l1t) = table(mem, l1) else { break };
             for k in 0..n2 {
                 let i = idx(12) + k as usize;
@@ -108,7 +107,7 @@ impl ShadowMmu {
     #[allow(clippy::type_complexity)]
     fn open_leaf_tables<'m, 'c, M: GuestMemory>(
         &self,
-        mem: &'m M,
+        mem: &Mem<'m, M>,
         l: &LeafAt,
         gt: &'c mut Option<(u64, Table<'m>)>,
         st: &'c mut Option<(u32, Table<'m>)>,
@@ -159,7 +158,7 @@ impl ShadowMmu {
     /// set in a shadow: the TLB may hold it).
     pub(crate) fn sync_ad<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         va: u64,
         pages: u64,
@@ -189,7 +188,7 @@ impl ShadowMmu {
     /// `bitmap_gpa`; guest PTEs are not changed.
     pub(crate) fn query_ad<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         va: u64,
         pages: u64,
@@ -219,7 +218,8 @@ impl ShadowMmu {
                 }
             }
         }
-        mem.write_slice(&bits, GuestAddress(gpa))
+        mem.guest()
+            .write_slice(&bits, GuestAddress(gpa))
             .map_err(|_| Rule::Unbacked)
     }
 }

@@ -4,7 +4,7 @@
 use vm_memory::GuestMemory;
 
 use crate::engine::ShadowMmu;
-use crate::mem::table;
+use crate::mem::{table, Mem};
 use crate::pte::{self, RW};
 
 /// A shadow leaf found by [`ShadowMmu::debug_translate`].
@@ -30,6 +30,7 @@ impl ShadowMmu {
         vcpu: usize,
         va: u64,
     ) -> Option<ShadowLeaf> {
+        let mem = &Mem::new(mem);
         let root = self.loaded_root(vcpu)?.shadow_root;
         let mut t = root >> 12;
         let (mut w, mut u) = (true, true);
@@ -58,6 +59,7 @@ impl ShadowMmu {
     /// Guest-physical addresses of every present shadow leaf slot in the pool.
     #[doc(hidden)]
     pub fn debug_shadow_leaf_slots<M: GuestMemory>(&self, mem: &M) -> Vec<u64> {
+        let mem = &Mem::new(mem);
         let mut out = Vec::new();
         for (idx, m) in self.pool.used_frames() {
             if m.owner.level() != 1 {

@@ -7,10 +7,11 @@ use crate::counters::{Counters, OpKind};
 use crate::flush::{AvoidReason, FlushReason, Pending};
 use crate::frames::{FrameInfo, Frames};
 use crate::layout::{Layout, ShadowError};
-use crate::mem::table;
+use crate::mem::{table, Mem};
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
 use crate::rules::{self, Rule};
+use crate::targets::TargetsMemo;
 use crate::trap_state::TrapState;
 use crate::vcpuset::VcpuSet;
 
@@ -67,6 +68,10 @@ pub struct ShadowMmu {
     pub(crate) counters: Counters,
     /// Trapped page-table writes (`trap`, `wrpt`).
     pub(crate) trap: TrapState,
+    /// Bumped whenever `roots` or `held` change (see `targets`).
+    pub(crate) roots_generation: u64,
+    /// Recent flush-target answers (see `targets`).
+    pub(crate) targets_memo: TargetsMemo,
 }
 
 impl ShadowMmu {
@@ -79,7 +84,7 @@ impl ShadowMmu {
         let end = layout.ram_end_pfn();
         let pool = Pool::new(layout.pool_base, layout.pool_frames, end);
         Ok(ShadowMmu {
-            frames: Frames::new(end),
+            frames: Frames::new(&layout),
             counters: Counters::new(pool.total()),
             pool,
             layout,
@@ -92,13 +97,26 @@ impl ShadowMmu {
             new_cr3: vec![None; vcpus],
             epoch: 0,
             trap: TrapState::default(),
+            roots_generation: 0,
+            targets_memo: TargetsMemo::default(),
         })
     }
 
     /// Applies one decoded entry for `vcpu`. Never panics; every refusal is counted by rule.
+    /// A batch of entries is cheaper through [`ShadowMmu::batch`] (same effect).
     pub fn apply<M: GuestMemory>(
         &mut self,
         mem: &M,
+        vcpu: usize,
+        op: &MmuOp,
+    ) -> Result<(), HcError> {
+        self.apply_in(&Mem::new(mem), vcpu, op)
+    }
+
+    /// [`Self::apply`] through `mem`.
+    pub(crate) fn apply_in<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         op: &MmuOp,
     ) -> Result<(), HcError> {
@@ -114,6 +132,7 @@ impl ShadowMmu {
         })
     }
 
+    #[inline]
     fn update_pool_counters(&mut self) {
         let c = &mut self.counters;
         c.pool_frames_used = self.pool.used();
@@ -123,7 +142,7 @@ impl ShadowMmu {
         c.split_tables_live = self.pool.used() - self.pool.tables();
     }
 
-    fn dispatch<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, op: &MmuOp) -> R<()> {
+    fn dispatch<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, vcpu: usize, op: &MmuOp) -> R<()> {
         match *op {
             MmuOp::PtUpdate {
                 ptr,
@@ -268,7 +287,7 @@ impl ShadowMmu {
     /// The address space `vcpu` has loaded.
     pub fn loaded_root(&self, vcpu: usize) -> Option<LoadedRoot> {
         let l4 = (*self.roots.get(vcpu)?)?;
-        let s = self.frames.info(l4)?.shadow?;
+        let s = self.frames.shadow(l4)?;
         Some(LoadedRoot {
             guest_l4: l4 << 12,
             shadow_root: self.pool.pfn(s) << 12,
@@ -333,12 +352,14 @@ impl ShadowMmu {
     }
 
     /// Counts A/D bits `newly` written from a shadow into a guest PTE.
+    #[inline]
     pub(crate) fn count_propagated(&mut self, newly: u64) {
         self.counters.a_bits_propagated += u64::from(newly & A != 0);
         self.counters.d_bits_propagated += u64::from(newly & D != 0);
     }
 
     /// A change that needed no flush.
+    #[inline]
     pub(crate) fn avoid(&mut self, r: AvoidReason) {
         Counters::bump(&mut self.counters.flushes_avoided, AvoidReason::ALL, r);
     }
@@ -367,6 +388,7 @@ impl ShadowMmu {
 
     /// A removed or changed shadow entry `old` of guest table `table` (a leaf if `leaf`):
     /// flush the vCPUs that may hold it if the CPU used it.
+    #[inline]
     pub(crate) fn retire(&mut self, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
             self.need_flush(table, !leaf || old & G != 0, r);
@@ -388,15 +410,21 @@ impl ShadowMmu {
 
     /// Every rule a present entry at `level` of table `table_pfn` must pass before it is
     /// written (typing of a referenced untyped table is done by [`Self::get_type`]).
+    #[inline(always)]
     pub(crate) fn check_entry(&self, level: u8, table_pfn: u64, e: u64) -> R<Kind> {
         let k = rules::entry_flags_allowed(level, e)?;
         match k {
             Kind::NotPresent => {}
+            // The dense RAM bit is exactly `layout.classify(pfn) == Ram`: the rule itself
+            // runs only where it refuses (and names why).
+            Kind::Leaf4k { pfn } if self.frames.is_ram(pfn) => {}
             Kind::Leaf4k { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, 1)?,
             Kind::Leaf2m { pfn } => rules::leaf_maps_guest_ram(&self.layout, pfn, pte::FRAMES_2M)?,
             Kind::Table { pfn } => {
                 rules::not_self_map(table_pfn, pfn)?;
-                rules::table_is_guest_ram(&self.layout, pfn)?;
+                if !self.frames.is_ram(pfn) {
+                    rules::table_is_guest_ram(&self.layout, pfn)?;
+                }
                 rules::table_level_matches(level, self.frames.level(pfn))?;
             }
         }
@@ -407,7 +435,7 @@ impl ShadowMmu {
     /// and typing it (recursively) if it is untyped.
     pub(crate) fn get_type<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         pfn: u64,
         level: u8,
         backref: u64,
@@ -425,7 +453,7 @@ impl ShadowMmu {
 
     /// Drops the reference of the entry at `backref`; the table loses its type when no pin
     /// and no reference remain.
-    pub(crate) fn put_type<M: GuestMemory>(&mut self, mem: &M, pfn: u64, backref: u64) {
+    pub(crate) fn put_type<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64, backref: u64) {
         if self.frames.remove_parent(pfn, backref) {
             // The vCPUs that reached the table through that entry until now.
             let reached = self.targets_of_table(backref >> 12, true);
@@ -437,7 +465,7 @@ impl ShadowMmu {
     /// every reference it took on failure.
     pub(crate) fn validate_and_type<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         pfn: u64,
         level: u8,
     ) -> R<()> {
@@ -475,13 +503,13 @@ impl ShadowMmu {
 
     /// Removes the type of `pfn`: harvests and drops its shadow, releases its references
     /// to lower tables (recursively) and makes it writable again where the guest says RW.
-    pub(crate) fn untype<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+    pub(crate) fn untype<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) {
         self.untype_with(mem, pfn, VcpuSet::EMPTY);
     }
 
     /// [`Self::untype`], where the vCPUs of `reached` may have reached `pfn` through an
     /// entry that was just removed: a used shadow dropped here flushes them too.
-    fn untype_with<M: GuestMemory>(&mut self, mem: &M, pfn: u64, reached: VcpuSet) {
+    fn untype_with<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64, reached: VcpuSet) {
         let Some(level) = self.frames.level(pfn) else {
             return;
         };
@@ -508,7 +536,7 @@ impl ShadowMmu {
 
     /// `pfn` became a page table: every shadow leaf whose guest entry maps it RW becomes
     /// read-only.
-    pub(crate) fn downgrade_writers<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+    pub(crate) fn downgrade_writers<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) {
         let mut cur = self.pool.rmap_first(pfn);
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
@@ -536,7 +564,7 @@ impl ShadowMmu {
     }
 
     /// `pfn` lost its page-table type: shadow leaves whose guest entry says RW get RW back.
-    pub(crate) fn restore_writers<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+    pub(crate) fn restore_writers<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) {
         let mut cur = self.pool.rmap_first(pfn);
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);
@@ -567,21 +595,23 @@ impl ShadowMmu {
     /// `PT_UPDATE(ptr, val)`: validate `val`, take its reference, update the shadow (if the
     /// table has one) harvesting the replaced shadow entry, write the guest PTE, release the
     /// old reference.
+    #[inline(never)]
     fn pt_update<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         ptr: u64,
         val: u64,
         preserve_ad: bool,
     ) -> R<()> {
         let tpfn = ptr >> 12;
         let i = ((ptr & 0xfff) >> 3) as usize;
-        let level = rules::ptr_in_table(self.frames.level(tpfn))?;
+        let typed = self.frames.table(tpfn);
+        let level = rules::ptr_in_table(typed.map(|(l, _)| l))?;
+        let sidx = typed.and_then(|(_, s)| s);
         let gt = table(mem, tpfn)?;
         let old = gt.get(i);
         let new_kind = self.check_entry(level, tpfn, val)?;
         let old_kind = rules::entry_flags_allowed(level, old).unwrap_or(Kind::NotPresent);
-        let sidx = self.frames.info(tpfn).and_then(|f| f.shadow);
 
         // Same entry modulo A/D: the shadow is unchanged and keeps what the CPU recorded.
         if pte::present(old) && pte::present(val) && (old ^ val) & !AD == 0 {
@@ -596,10 +626,12 @@ impl ShadowMmu {
         if let Some(sidx) = sidx {
             self.pool.touch(sidx, self.epoch);
             let st = table(mem, self.pool.pfn(sidx));
-            let built = st
-                .as_ref()
-                .map_err(|r| *r)
-                .and_then(|_| self.make_shadow_entry(mem, level, tpfn, i, val, new_kind));
+            let built = match (&st, new_kind) {
+                (Err(r), _) => Err(*r),
+                // The common case, without the call (what `make_shadow_entry` returns).
+                (Ok(_), Kind::Leaf4k { .. }) => Ok(self.shadow_leaf(val)),
+                (Ok(_), _) => self.make_shadow_entry(mem, level, tpfn, i, val, new_kind),
+            };
             let new_s = match built {
                 Ok(s) => s,
                 Err(rule) => {
@@ -675,7 +707,7 @@ impl ShadowMmu {
     }
 
     /// `PIN_L<level>(pfn)`: type (validating) and pin, then build its shadow.
-    fn pin<M: GuestMemory>(&mut self, mem: &M, level: u8, pfn: u64) -> R<()> {
+    fn pin<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, level: u8, pfn: u64) -> R<()> {
         rules::table_is_guest_ram(&self.layout, pfn)?;
         let ty = self.frames.level(pfn);
         let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
@@ -700,7 +732,7 @@ impl ShadowMmu {
 
     /// `UNPIN(pfn)`: drop the pin; an unreferenced, unloaded table then loses its type,
     /// its shadows are harvested (A/D into the guest PTEs) and dropped, recursively.
-    fn unpin<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+    fn unpin<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> R<()> {
         let (pinned, refs) = self
             .frames
             .info(pfn)
@@ -716,10 +748,11 @@ impl ShadowMmu {
     }
 
     /// `NEW_BASEPTR(pfn)`: load a pinned L4, (re)building its shadow if needed.
-    fn new_baseptr<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, pfn: u64) -> R<()> {
+    fn new_baseptr<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, vcpu: usize, pfn: u64) -> R<()> {
         let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
         rules::baseptr_allowed(self.frames.level(pfn), pinned)?;
         let s = self.ensure_shadow(mem, pfn)?;
+        self.roots_changed();
         if let (Some(r), Some(c)) = (self.roots.get_mut(vcpu), self.new_cr3.get_mut(vcpu)) {
             *r = Some(pfn);
             *c = Some(self.pool.pfn(s) << 12);
@@ -730,7 +763,12 @@ impl ShadowMmu {
 
     /// `SET_KERNEL_ROOT(pfn)`: register a pinned L4 (with a shadow) as `vcpu`'s kernel root;
     /// `None` clears the registration.
-    fn set_kernel_root<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, pfn: Option<u64>) -> R<()> {
+    fn set_kernel_root<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        vcpu: usize,
+        pfn: Option<u64>,
+    ) -> R<()> {
         if let Some(pfn) = pfn {
             let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
             rules::baseptr_allowed(self.frames.level(pfn), pinned)?;
@@ -745,7 +783,7 @@ impl ShadowMmu {
 
     /// `UNPIN` with `DETACH`, before the unpin itself: every vCPU that has `pfn` loaded is
     /// switched to its kernel root (all or none: each must have one, with a shadow).
-    fn detach<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+    fn detach<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> R<()> {
         let pinned = self.frames.info(pfn).is_some_and(|i| i.pinned);
         let refs = self.frames.info(pfn).map_or(0, |i| i.parents.len());
         rules::unpin_allowed(pinned, false, refs)?;
@@ -761,6 +799,7 @@ impl ShadowMmu {
         for &(_, k) in &plan {
             shadows.push(self.ensure_shadow(mem, k)?);
         }
+        self.roots_changed();
         for (&(v, k), s) in plan.iter().zip(shadows) {
             let cr3 = self.pool.pfn(s) << 12;
             if let (Some(r), Some(c)) = (self.roots.get_mut(v), self.new_cr3.get_mut(v)) {
@@ -777,7 +816,7 @@ impl ShadowMmu {
     /// `RELOCATE_TABLE(old, new)`: move content (with harvested A/D), type, pin, references,
     /// shadow and loaded roots from `old` to `new`; rewrite the guest parent entries. The
     /// shadow itself does not move, so no shadow parent entry changes and no flush is needed.
-    fn relocate<M: GuestMemory>(&mut self, mem: &M, old: u64, new: u64) -> R<()> {
+    fn relocate<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, old: u64, new: u64) -> R<()> {
         let level = rules::relocate_allowed(
             &self.layout,
             self.frames.level(old),
@@ -786,7 +825,7 @@ impl ShadowMmu {
         )?;
         let (ot, nt) = (table(mem, old)?, table(mem, new)?);
         let mut content = ot.snapshot();
-        let sidx = self.frames.info(old).and_then(|f| f.shadow);
+        let sidx = self.frames.shadow(old);
         if let Some(sidx) = sidx {
             let st = table(mem, self.pool.pfn(sidx))?;
             for (i, e) in content.iter_mut().enumerate() {
@@ -820,6 +859,7 @@ impl ShadowMmu {
         };
         let parents = info.parents.clone();
         self.frames.set_type(new, info);
+        self.frames.set_shadow(new, sidx);
         for (i, &e) in content.iter().enumerate() {
             nt.set(i, e);
             if let (true, Ok(Kind::Table { pfn: c })) =
@@ -836,6 +876,7 @@ impl ShadowMmu {
                 pt.set(idx, (e & !ADDR) | (new << 12));
             }
         }
+        self.roots_changed();
         for r in self.roots.iter_mut().chain(self.kernel_root.iter_mut()) {
             if *r == Some(old) {
                 *r = Some(new);
@@ -854,9 +895,17 @@ impl ShadowMmu {
     }
 
     /// `ZERO_FRAME(pfn)`.
-    fn zero_frame<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<()> {
+    fn zero_frame<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> R<()> {
         rules::zero_allowed(&self.layout, pfn, self.frames.level(pfn))?;
-        mem.write_slice(&[0u8; 4096], GuestAddress(pfn << 12))
+        // Stored in place (no 4 KiB zero source read through the cache, which evicted the
+        // engine's data between the entries of a populate batch); a frame that is not in
+        // one region is written through the memory object.
+        if let Ok(t) = table(mem, pfn) {
+            t.zero();
+            return Ok(());
+        }
+        mem.guest()
+            .write_slice(&[0u8; 4096], GuestAddress(pfn << 12))
             .map_err(|_| Rule::Unbacked)
     }
 }

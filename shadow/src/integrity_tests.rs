@@ -21,12 +21,7 @@ impl Vm {
     }
     /// GPA of the shadow of typed table `gpa`.
     fn shadow_of(&self, gpa: u64) -> u64 {
-        let s = self
-            .mmu
-            .frames
-            .info(gpa >> 12)
-            .and_then(|i| i.shadow)
-            .unwrap();
+        let s = self.mmu.frames.shadow(gpa >> 12).unwrap();
         self.mmu.pool.pfn(s) << 12
     }
 }

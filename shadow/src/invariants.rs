@@ -9,7 +9,7 @@ use vm_memory::GuestMemory;
 
 use crate::engine::ShadowMmu;
 use crate::layout::FrameClass;
-use crate::mem::{table, Table};
+use crate::mem::{table, Mem, Table};
 use crate::pool::{Meta, Owner};
 use crate::pte::{self, Kind, A, AD, ADDR, RW};
 use crate::rules::{self, Rule};
@@ -76,7 +76,7 @@ fn fail(kind: InvariantKind, detail: String) -> Check {
     Err(InvariantViolation { kind, detail })
 }
 
-fn open<M: GuestMemory>(mem: &M, pfn: u64) -> Result<Table<'_>, InvariantViolation> {
+fn open<'m, M: GuestMemory>(mem: &Mem<'m, M>, pfn: u64) -> Result<Table<'m>, InvariantViolation> {
     table(mem, pfn).map_err(|r: Rule| InvariantViolation {
         kind: InvariantKind::Unbacked,
         detail: format!("frame {pfn:#x}: {}", r.name()),
@@ -103,6 +103,7 @@ impl ShadowMmu {
     /// `mem` must be the memory object given to [`ShadowMmu::apply`]. Call it under the same
     /// lock as the batches (between two batches); it reads, never writes.
     pub fn check_invariants<M: GuestMemory>(&self, mem: &M) -> Check {
+        let mem = &Mem::new(mem);
         let refs = self.check_typed_tables(mem)?;
         self.check_references(&refs)?;
         let mut tables = 0;
@@ -129,7 +130,7 @@ impl ShadowMmu {
     /// the entries referencing it.
     fn check_typed_tables<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
     ) -> Result<HashMap<u64, Vec<u64>>, InvariantViolation> {
         let mut refs: HashMap<u64, Vec<u64>> = HashMap::new();
         for (pfn, info) in self.frames.iter() {
@@ -158,7 +159,7 @@ impl ShadowMmu {
                     refs.entry(c).or_default().push((pfn << 12) + 8 * i as u64);
                 }
             }
-            if let Some(s) = info.shadow {
+            if let Some(s) = self.frames.shadow(pfn) {
                 let want = Owner::Table {
                     pfn,
                     level: info.level,
@@ -200,7 +201,7 @@ impl ShadowMmu {
 
     /// Pool frame `idx` is a live shadow and each of its entries is derived from its guest
     /// entry.
-    fn check_shadow<M: GuestMemory>(&self, mem: &M, idx: u32, m: Meta) -> Check {
+    fn check_shadow<M: GuestMemory>(&self, mem: &Mem<'_, M>, idx: u32, m: Meta) -> Check {
         let st = open(mem, self.pool.pfn(idx))?;
         let (gpfn, level, split) = match m.owner {
             Owner::Table { pfn, level } => (pfn, level, None),
@@ -208,7 +209,7 @@ impl ShadowMmu {
         };
         let gt = self.validated_view(mem, gpfn)?;
         match split {
-            None if self.frames.info(gpfn).and_then(|i| i.shadow) != Some(idx) => {
+            None if self.frames.shadow(gpfn) != Some(idx) => {
                 return fail(
                     InvariantKind::Pool,
                     format!("orphan shadow {idx} of {gpfn:#x}"),
@@ -271,7 +272,7 @@ impl ShadowMmu {
     /// an unhooked L1 (the guest may be writing it), else its content.
     fn validated_view<M: GuestMemory>(
         &self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         pfn: u64,
     ) -> Result<[u64; 512], InvariantViolation> {
         match self.unhooked_snapshot(pfn) {
@@ -280,7 +281,13 @@ impl ShadowMmu {
         }
     }
 
-    fn check_split_parent<M: GuestMemory>(&self, mem: &M, idx: u32, l2: u64, j: usize) -> Check {
+    fn check_split_parent<M: GuestMemory>(
+        &self,
+        mem: &Mem<'_, M>,
+        idx: u32,
+        l2: u64,
+        j: usize,
+    ) -> Check {
         let e = open(mem, l2)?.get(j);
         if !pte::is_2m_leaf(2, e) || !pte::present(e) || self.frames.level(l2) != Some(2) {
             return fail(
@@ -288,7 +295,7 @@ impl ShadowMmu {
                 format!("split {idx} for non-2M {l2:#x}[{j}] = {e:#x}"),
             );
         }
-        let parent = self.frames.info(l2).and_then(|i| i.shadow);
+        let parent = self.frames.shadow(l2);
         let linked = match parent {
             Some(p) => open(mem, self.pool.pfn(p))?.get(j) & ADDR == self.pool.pfn(idx) << 12,
             None => false,
@@ -391,7 +398,7 @@ impl ShadowMmu {
             }
             return Ok(());
         }
-        let cs = info.and_then(|f| f.shadow);
+        let cs = info.and(self.frames.shadow(child));
         let want = cs.map(|c| self.pool.pfn(c) << 12);
         if !pte::present(s) || Some(s & ADDR) != want {
             return fail(
@@ -416,7 +423,7 @@ impl ShadowMmu {
             let info = self.frames.info(r);
             let ok = rules::baseptr_allowed(self.frames.level(r), info.is_some_and(|i| i.pinned))
                 .is_ok();
-            if !ok || info.and_then(|i| i.shadow).is_none() {
+            if !ok || self.frames.shadow(r).is_none() {
                 return fail(
                     InvariantKind::Root,
                     format!("vcpu {v} root {r:#x} is not a pinned, shadowed L4"),

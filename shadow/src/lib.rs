@@ -9,11 +9,14 @@
 //!
 //! Modules, one job each:
 //! * [`layout`] — RAM / reserved / pool ranges and frame classification;
+//! * `mem`: bounds-checked 4 KiB tables in guest memory, region mappings remembered;
 //! * [`pte`] — entry bits, the per-level flag whitelist, entry classification;
 //! * [`rules`] — every validation rule as a named function with its error;
-//! * `frames`: page-table types, pins, references and back-references;
+//! * `frames`: page-table types, pins, references and back-references (a dense word per
+//!   frame for what the update path reads);
 //! * `pool`: the shadow pool allocator and the reverse map of writable mappings;
 //! * `engine`: the [`ShadowMmu`] and one method per op;
+//! * `batch`: [`Batch`], a batch's entries applied against one memory object;
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
@@ -27,6 +30,7 @@
 #![deny(missing_docs)]
 
 mod ad;
+mod batch;
 pub mod counters;
 mod debug;
 mod engine;
@@ -45,6 +49,7 @@ mod trap_state;
 pub mod vcpuset;
 mod wrpt;
 
+pub use batch::Batch;
 pub use counters::{Counters, OpKind};
 pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
 pub use flush::{AvoidReason, FlushReason};

@@ -468,7 +468,7 @@ fn cache_attributes_reach_the_shadow_and_software_bits_do_not() {
 impl Vm {
     /// GPA of the shadow of typed table `gpa`.
     fn shadow_gpa(&self, gpa: u64) -> u64 {
-        let s = self.mmu.frames.info(gpa >> 12).and_then(|i| i.shadow);
+        let s = self.mmu.frames.shadow(gpa >> 12);
         self.mmu.pool.pfn(s.unwrap()) << 12
     }
 
@@ -635,8 +635,7 @@ fn invariant_checker_catches_bad_roots() {
     })
     .unwrap();
     v.check();
-    let info = v.mmu.frames.info_mut(l4b >> 12).unwrap();
-    let s = info.shadow.take().unwrap();
+    let s = v.mmu.frames.take_shadow(l4b >> 12).unwrap();
     v.mmu.pool.free(s);
     v.check();
     v.mmu.roots[1] = Some(l4b >> 12);

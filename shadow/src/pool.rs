@@ -67,10 +67,18 @@ pub(crate) struct Pool {
     tables_high_water: u64,
     // Reverse map: a doubly linked list per guest frame of slots, stored as slot + 1 (0 = nil).
     heads: Vec<u32>,
-    next: Vec<u32>,
-    prev: Vec<u32>,
-    /// Target frame + 1 of a slot in the reverse map, 0 if not linked.
-    target: Vec<u64>,
+    /// Per slot, its links (one record, so linking or unlinking a slot touches one line).
+    links: Vec<Link>,
+}
+
+/// The reverse-map record of one slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct Link {
+    next: u32,
+    prev: u32,
+    /// Target frame + 1 while in the reverse map, 0 if not linked (frames are below 2^28:
+    /// RAM ends below 1 TiB).
+    target: u32,
 }
 
 impl Pool {
@@ -88,9 +96,7 @@ impl Pool {
             tables: 0,
             tables_high_water: 0,
             heads: vec![0; end_pfn as usize],
-            next: vec![0; slots],
-            prev: vec![0; slots],
-            target: vec![0; slots],
+            links: vec![Link::default(); slots],
         }
     }
 
@@ -100,31 +106,37 @@ impl Pool {
     }
 
     /// Frames in use.
+    #[inline]
     pub fn used(&self) -> u64 {
         self.used
     }
 
     /// Most frames ever in use.
+    #[inline]
     pub fn high_water(&self) -> u64 {
         self.high_water
     }
 
     /// Frames in use holding the shadow of a guest table (split tables excluded).
+    #[inline]
     pub fn tables(&self) -> u64 {
         self.tables
     }
 
     /// Most guest-table shadows ever in use at once.
+    #[inline]
     pub fn tables_high_water(&self) -> u64 {
         self.tables_high_water
     }
 
     /// Frame number of pool frame `idx`.
+    #[inline]
     pub fn pfn(&self, idx: u32) -> u64 {
         (self.base >> 12) + u64::from(idx)
     }
 
     /// Pool index of guest-physical address `gpa`, if inside the pool.
+    #[inline]
     pub fn index_of(&self, gpa: u64) -> Option<u32> {
         let off = gpa.checked_sub(self.base)? >> 12;
         (off < self.total()).then_some(off as u32)
@@ -178,16 +190,19 @@ impl Pool {
     }
 
     /// Owner record of pool frame `idx`.
+    #[inline]
     pub fn meta(&self, idx: u32) -> Option<Meta> {
         self.meta.get(idx as usize).copied().flatten()
     }
 
     /// Mutable owner record.
+    #[inline]
     pub fn meta_mut(&mut self, idx: u32) -> Option<&mut Meta> {
         self.meta.get_mut(idx as usize).and_then(|m| m.as_mut())
     }
 
     /// Marks a shadow as used by the current op.
+    #[inline]
     pub fn touch(&mut self, idx: u32, epoch: u64) {
         if let Some(m) = self.meta_mut(idx) {
             m.epoch = epoch;
@@ -203,53 +218,64 @@ impl Pool {
     }
 
     /// Links `slot` into the reverse map of guest frame `pfn`.
+    #[inline]
     pub fn rmap_add(&mut self, slot: Slot, pfn: u64) {
-        let s = slot as usize;
-        if self.target.get(s).is_none_or(|&t| t != 0) {
+        let Some(head) = usize::try_from(pfn)
+            .ok()
+            .and_then(|p| self.heads.get_mut(p))
+        else {
             return;
-        }
-        let Some(head) = self.heads.get_mut(pfn as usize) else {
+        };
+        let Some(link) = self.links.get_mut(slot as usize).filter(|l| l.target == 0) else {
             return;
         };
         let old = *head;
         *head = slot + 1;
-        self.next[s] = old;
-        self.prev[s] = 0;
-        self.target[s] = pfn + 1;
-        if old != 0 {
-            if let Some(p) = self.prev.get_mut(old as usize - 1) {
-                *p = slot + 1;
-            }
+        // `pfn` indexes `heads` (below 2^28 frames): `pfn + 1` fits.
+        *link = Link {
+            next: old,
+            prev: 0,
+            target: pfn as u32 + 1,
+        };
+        if let Some(l) = old
+            .checked_sub(1)
+            .and_then(|o| self.links.get_mut(o as usize))
+        {
+            l.prev = slot + 1;
         }
     }
 
     /// Unlinks `slot` from the reverse map, if linked.
+    #[inline]
     pub fn rmap_remove(&mut self, slot: Slot) {
-        let s = slot as usize;
-        let Some(t) = self.target.get(s).copied().filter(|&t| t != 0) else {
+        let Some(link) = self.links.get_mut(slot as usize).filter(|l| l.target != 0) else {
             return;
         };
-        let (n, p) = (self.next[s], self.prev[s]);
-        if p != 0 {
-            if let Some(x) = self.next.get_mut(p as usize - 1) {
-                *x = n;
+        let Link { next, prev, target } = std::mem::take(link);
+        match prev.checked_sub(1) {
+            Some(p) => {
+                if let Some(l) = self.links.get_mut(p as usize) {
+                    l.next = next;
+                }
             }
-        } else if let Some(h) = self.heads.get_mut(t as usize - 1) {
-            *h = n;
-        }
-        if n != 0 {
-            if let Some(x) = self.prev.get_mut(n as usize - 1) {
-                *x = p;
+            None => {
+                if let Some(h) = self.heads.get_mut(target as usize - 1) {
+                    *h = next;
+                }
             }
         }
-        self.target[s] = 0;
-        self.next[s] = 0;
-        self.prev[s] = 0;
+        if let Some(l) = next
+            .checked_sub(1)
+            .and_then(|n| self.links.get_mut(n as usize))
+        {
+            l.prev = prev;
+        }
     }
 
     /// Whether `slot` is in the reverse map.
+    #[inline]
     pub fn rmap_linked(&self, slot: Slot) -> bool {
-        self.target.get(slot as usize).is_some_and(|&t| t != 0)
+        self.links.get(slot as usize).is_some_and(|l| l.target != 0)
     }
 
     /// The first slot of the reverse map of `pfn`.
@@ -260,7 +286,7 @@ impl Pool {
 
     /// The slot after `slot` in its reverse-map list.
     pub fn rmap_next(&self, slot: Slot) -> Option<Slot> {
-        self.next.get(slot as usize)?.checked_sub(1)
+        self.links.get(slot as usize)?.next.checked_sub(1)
     }
 
     /// The slots whose guest entry maps `pfn` writable.
@@ -268,9 +294,9 @@ impl Pool {
     pub fn rmap_slots(&self, pfn: u64) -> Vec<Slot> {
         let mut out = Vec::new();
         let mut cur = self.heads.get(pfn as usize).copied().unwrap_or(0);
-        while cur != 0 && out.len() <= self.next.len() {
+        while cur != 0 && out.len() <= self.links.len() {
             out.push(cur - 1);
-            cur = self.next.get(cur as usize - 1).copied().unwrap_or(0);
+            cur = self.links.get(cur as usize - 1).map_or(0, |l| l.next);
         }
         out
     }

@@ -86,16 +86,19 @@ pub enum Kind {
 }
 
 /// Whether `e` is present.
+#[inline]
 pub const fn present(e: u64) -> bool {
     e & P != 0
 }
 
 /// Frame number of a 4 KiB-aligned entry.
+#[inline]
 pub const fn pfn_of(e: u64) -> u64 {
     (e & ADDR) >> 12
 }
 
 /// Whether an entry at `level` with bits `e` is a 2 MiB leaf.
+#[inline]
 pub const fn is_2m_leaf(level: u8, e: u64) -> bool {
     level == 2 && e & PS != 0
 }
@@ -108,6 +111,7 @@ pub const fn split_leaf(e: u64, j: u64) -> u64 {
 
 /// True when `new` grants at least what `old` granted on the same frame with the same
 /// attributes: replacing `old` by `new` needs no TLB flush.
+#[inline]
 pub const fn is_upgrade(old: u64, new: u64) -> bool {
     let same = P | PWT | PCD | PAT_4K | G | ADDR;
     (old & same) == (new & same)

@@ -90,6 +90,7 @@ rules! {
 /// A leaf may map only usable guest RAM: the pool → `EPERM` ([`Rule::LeafMapsPool`]), a
 /// reserved range → `EPERM` ([`Rule::LeafMapsReserved`]), anything else outside RAM →
 /// `EPERM` ([`Rule::LeafOutsideRam`]). `frames` is 1 for 4 KiB leaves, 512 for 2 MiB.
+#[inline]
 pub fn leaf_maps_guest_ram(layout: &Layout, pfn: u64, frames: u64) -> Result<(), Rule> {
     match layout.classify_range(pfn << 12, frames << 12) {
         FrameClass::Ram => Ok(()),
@@ -101,6 +102,7 @@ pub fn leaf_maps_guest_ram(layout: &Layout, pfn: u64, frames: u64) -> Result<(),
 
 /// A page table (pinned frame, non-leaf target, relocation target) must be usable RAM:
 /// `EPERM` ([`Rule::TableNotRam`]) otherwise.
+#[inline]
 pub fn table_is_guest_ram(layout: &Layout, pfn: u64) -> Result<(), Rule> {
     match layout.classify(pfn) {
         FrameClass::Ram => Ok(()),
@@ -117,6 +119,7 @@ pub fn table_is_guest_ram(layout: &Layout, pfn: u64) -> Result<(), Rule> {
 ///   key bits 59-62, ...) → `EINVAL` ([`Rule::ReservedBits`]).
 ///
 /// Not-present entries are not checked (the guest may keep swap entries in them).
+#[inline]
 pub fn entry_flags_allowed(level: u8, e: u64) -> Result<Kind, Rule> {
     if !pte::present(e) {
         return Ok(Kind::NotPresent);
@@ -160,6 +163,7 @@ pub fn entry_flags_allowed(level: u8, e: u64) -> Result<Kind, Rule> {
 /// A non-leaf entry must not reference its own table (recursive self-map): `EINVAL`
 /// ([`Rule::SelfMap`]). References to any other table of the same or a higher level are
 /// refused by [`table_level_matches`].
+#[inline]
 pub fn not_self_map(table_pfn: u64, target_pfn: u64) -> Result<(), Rule> {
     if table_pfn == target_pfn {
         Err(Rule::SelfMap)
@@ -172,6 +176,7 @@ pub fn not_self_map(table_pfn: u64, target_pfn: u64) -> Result<(), Rule> {
 /// `level - 1`; a target already typed at another level (including tables being validated
 /// higher up, which is how linear/recursive mappings are caught) → `EINVAL`
 /// ([`Rule::WrongLevel`]).
+#[inline]
 pub fn table_level_matches(level: u8, target_type: Option<u8>) -> Result<(), Rule> {
     match target_type {
         Some(t) if t + 1 != level => Err(Rule::WrongLevel),
@@ -181,6 +186,7 @@ pub fn table_level_matches(level: u8, target_type: Option<u8>) -> Result<(), Rul
 
 /// `PT_UPDATE` may only write into a frame typed as a page table: `EINVAL`
 /// ([`Rule::PtrNotTable`]) otherwise (including pool and non-RAM addresses).
+#[inline]
 pub fn ptr_in_table(ty: Option<u8>) -> Result<u8, Rule> {
     ty.ok_or(Rule::PtrNotTable)
 }
@@ -298,6 +304,7 @@ pub fn relocate_allowed(
 }
 
 /// A vCPU index must be below the number of vCPUs: `EINVAL` ([`Rule::BadVcpu`]).
+#[inline]
 pub fn vcpu_valid(vcpu: usize, vcpus: usize) -> Result<(), Rule> {
     if vcpu < vcpus {
         Ok(())

@@ -5,14 +5,14 @@ use vm_memory::GuestMemory;
 
 use crate::engine::{ShadowMmu, R};
 use crate::flush::FlushReason;
-use crate::mem::table;
+use crate::mem::{table, Mem};
 use crate::pool::Owner;
 use crate::pte::{self, Kind, A, AD, ADDR, P, RW, US};
 use crate::rules::{self, Rule};
 
 impl ShadowMmu {
     /// A zeroed pool frame for `owner`; reclaims unreachable shadows if the pool is full.
-    fn alloc_shadow<M: GuestMemory>(&mut self, mem: &M, owner: Owner) -> R<u32> {
+    fn alloc_shadow<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, owner: Owner) -> R<u32> {
         let idx = match self.pool.alloc(owner, self.epoch) {
             Some(i) => i,
             None => {
@@ -37,6 +37,7 @@ impl ShadowMmu {
     /// The 4 KiB shadow leaf for guest leaf bits `g` (4 KiB form): guest rights with A=D=0,
     /// protected if the target is a page table (read-only, or at its alias when stores
     /// trap, unless it is an unhooked L1).
+    #[inline]
     pub(crate) fn shadow_leaf(&self, g: u64) -> u64 {
         let s = g & pte::SHADOW_LEAF_KEEP;
         if self.frames.level(pte::pfn_of(g)).is_some() {
@@ -51,7 +52,7 @@ impl ShadowMmu {
     /// non-leaf entry. Does not write the slot nor link a 4 KiB leaf in the reverse map.
     pub(crate) fn make_shadow_entry<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         level: u8,
         tpfn: u64,
         i: usize,
@@ -97,18 +98,15 @@ impl ShadowMmu {
     }
 
     /// The shadow of typed table `pfn`, built (with its whole subtree) if missing.
-    pub(crate) fn ensure_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> R<u32> {
-        let info = self.frames.info(pfn).ok_or(Rule::PtrNotTable)?;
-        let level = info.level;
-        if let Some(s) = info.shadow {
+    pub(crate) fn ensure_shadow<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> R<u32> {
+        let (level, shadow) = self.frames.table(pfn).ok_or(Rule::PtrNotTable)?;
+        if let Some(s) = shadow {
             self.pool.touch(s, self.epoch);
             return Ok(s);
         }
         let g = table(mem, pfn)?.snapshot();
         let sidx = self.alloc_shadow(mem, Owner::Table { pfn, level })?;
-        if let Some(i) = self.frames.info_mut(pfn) {
-            i.shadow = Some(sidx);
-        }
+        self.frames.set_shadow(pfn, Some(sidx));
         let st = table(mem, self.pool.pfn(sidx))?;
         for (i, &e) in g.iter().enumerate() {
             // Re-checked: the shadow never holds anything the rules refuse.
@@ -132,15 +130,15 @@ impl ShadowMmu {
     /// Drops the shadow of table `pfn` (if any), harvesting leaf A/D into the guest.
     /// Returns whether a dropped entry (leaf or not) had been used by the CPU (A=1): the
     /// TLB may hold translations made through it, so the caller must request a flush.
-    pub(crate) fn drop_shadow<M: GuestMemory>(&mut self, mem: &M, pfn: u64) -> bool {
-        let Some(sidx) = self.frames.info_mut(pfn).and_then(|i| i.shadow.take()) else {
+    pub(crate) fn drop_shadow<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) -> bool {
+        let Some(sidx) = self.frames.take_shadow(pfn) else {
             return false;
         };
         self.free_shadow_table(mem, sidx)
     }
 
     /// OR of the A/D bits of the leaves of split table `split`.
-    pub(crate) fn split_ad<M: GuestMemory>(&self, mem: &M, split: u32) -> u64 {
+    pub(crate) fn split_ad<M: GuestMemory>(&self, mem: &Mem<'_, M>, split: u32) -> u64 {
         table(mem, self.pool.pfn(split))
             .map_or(0, |st| (0..512).fold(0, |acc, j| acc | (st.get(j) & AD)))
     }
@@ -149,7 +147,11 @@ impl ShadowMmu {
     /// (atomically, so A/D the CPU sets up to that instant are seen), unlinks its leaves
     /// from the reverse map and ORs leaf A/D into the guest entries they shadow. Returns
     /// whether any dropped entry, at any level, had A=1.
-    pub(crate) fn free_shadow_table<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> bool {
+    pub(crate) fn free_shadow_table<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        sidx: u32,
+    ) -> bool {
         let Some(meta) = self.pool.meta(sidx) else {
             return false;
         };
@@ -171,7 +173,7 @@ impl ShadowMmu {
 
     /// Frees split table `sidx` without touching the guest L2 entry; returns the OR of its
     /// leaves' A/D (the caller decides where they go).
-    pub(crate) fn free_split<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> u64 {
+    pub(crate) fn free_split<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, sidx: u32) -> u64 {
         let ad = self.clear_split(mem, sidx);
         self.pool.free(sidx);
         ad
@@ -179,7 +181,7 @@ impl ShadowMmu {
 
     /// Clears the leaves of split `sidx` (unlinking them from the reverse map); returns the
     /// OR of their A/D.
-    fn clear_split<M: GuestMemory>(&mut self, mem: &M, sidx: u32) -> u64 {
+    fn clear_split<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, sidx: u32) -> u64 {
         let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
             return 0;
         };
@@ -193,7 +195,7 @@ impl ShadowMmu {
 
     /// Clears the leaves of the shadow L1 `sidx` of guest table `pfn`, harvesting their
     /// A/D into the guest entries; returns whether one had A=1.
-    fn drop_l1_entries<M: GuestMemory>(&mut self, mem: &M, sidx: u32, pfn: u64) -> bool {
+    fn drop_l1_entries<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, sidx: u32, pfn: u64) -> bool {
         let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
             return false;
         };
@@ -214,7 +216,12 @@ impl ShadowMmu {
 
     /// Clears the non-leaf entries of shadow `sidx` (level 2..4), freeing the splits
     /// under a shadow L2; returns whether an entry (or a split leaf) had A=1.
-    fn drop_upper_entries<M: GuestMemory>(&mut self, mem: &M, sidx: u32, level: u8) -> bool {
+    fn drop_upper_entries<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        sidx: u32,
+        level: u8,
+    ) -> bool {
         let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
             return false;
         };
@@ -248,14 +255,14 @@ impl ShadowMmu {
 
     /// Pool exhaustion: drops every shadow not reachable from a loaded root or from a
     /// shadow the current op touched (harvesting A/D first).
-    pub(crate) fn reclaim<M: GuestMemory>(&mut self, mem: &M) {
+    pub(crate) fn reclaim<M: GuestMemory>(&mut self, mem: &Mem<'_, M>) {
         self.counters.reclaims += 1;
         let mut keep = vec![false; self.pool.total() as usize];
         let mut stack: Vec<u32> = self
             .roots
             .iter()
             .flatten()
-            .filter_map(|r| self.frames.info(*r).and_then(|i| i.shadow))
+            .filter_map(|r| self.frames.shadow(*r))
             .collect();
         stack.extend(self.unhooked_shadows());
         stack.extend(

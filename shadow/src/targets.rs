@@ -12,8 +12,27 @@
 //! entry, whose subtree may hold G leaves). Everything else is left alone: its TLB cannot
 //! hold a translation made through `T`.
 
+use std::cell::Cell;
+
 use crate::engine::ShadowMmu;
 use crate::vcpuset::VcpuSet;
+
+/// One remembered [`ShadowMmu::targets_of_table`] answer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memo {
+    /// Key: `pfn << 1 | global`, plus one (0 = empty).
+    key: u64,
+    /// [`ShadowMmu::targets_generation`] when it was computed.
+    generation: u64,
+    set: VcpuSet,
+}
+
+/// Recent flush-target answers, direct-mapped by table (a batch that changes many entries
+/// of a few tables walks the back-references of each once). An answer is used only while
+/// nothing it was derived from changed: back-references and types (the frames'
+/// generation), loaded and held roots (`roots_generation`).
+#[derive(Default)]
+pub(crate) struct TargetsMemo([Cell<Memo>; 8]);
 
 impl ShadowMmu {
     /// Every L4 frame from which guest table `pfn` is reachable through validated
@@ -44,6 +63,44 @@ impl ShadowMmu {
     /// The vCPUs that may hold a translation made through an entry of guest table `pfn`;
     /// `global`: the entry may have produced a global translation (see the module doc).
     pub(crate) fn targets_of_table(&self, pfn: u64, global: bool) -> VcpuSet {
+        let key = ((pfn << 1) | u64::from(global)).wrapping_add(1);
+        let generation = self.targets_generation();
+        let cell = self.targets_memo.0.get((pfn & 7) as usize);
+        if let Some(m) = cell.map(Cell::get) {
+            if m.key == key && m.generation == generation {
+                #[cfg(test)]
+                assert_eq!(
+                    m.set,
+                    self.compute_targets(pfn, global),
+                    "stale flush targets"
+                );
+                return m.set;
+            }
+        }
+        let set = self.compute_targets(pfn, global);
+        if let Some(c) = cell {
+            c.set(Memo {
+                key,
+                generation,
+                set,
+            });
+        }
+        set
+    }
+
+    /// What the remembered flush targets depend on: changes whenever a type, a
+    /// back-reference, a loaded root or a held root changes.
+    fn targets_generation(&self) -> u64 {
+        self.frames.generation().wrapping_add(self.roots_generation)
+    }
+
+    /// A loaded or held root changed (remembered flush targets are stale).
+    pub(crate) fn roots_changed(&mut self) {
+        self.roots_generation += 1;
+    }
+
+    /// [`Self::targets_of_table`], computed.
+    fn compute_targets(&self, pfn: u64, global: bool) -> VcpuSet {
         let roots = self.roots_reaching(pfn);
         let mut set = VcpuSet::EMPTY;
         for (v, loaded) in self.roots.iter().enumerate() {
@@ -82,6 +139,7 @@ impl ShadowMmu {
 
     /// `vcpu` loaded `root` (`NEW_BASEPTR`, a `DETACH` switch): it joins the held roots.
     pub(crate) fn hold(&mut self, vcpu: usize, root: u64) {
+        self.roots_changed();
         if let Some(h) = self.held.get_mut(vcpu) {
             if !h.contains(&root) {
                 h.push(root);
@@ -91,6 +149,7 @@ impl ShadowMmu {
 
     /// `vcpu` performed a full flush: it holds translations of its loaded root only.
     pub(crate) fn flushed_fully(&mut self, vcpu: usize) {
+        self.roots_changed();
         let loaded = self.roots.get(vcpu).copied().flatten();
         if let Some(h) = self.held.get_mut(vcpu) {
             h.clear();
@@ -100,6 +159,7 @@ impl ShadowMmu {
 
     /// L4 `pfn` lost its type without a flush: no vCPU holds translations through it.
     pub(crate) fn forget_root(&mut self, pfn: u64) {
+        self.roots_changed();
         for (v, h) in self.held.iter_mut().enumerate() {
             if self.roots.get(v) != Some(&Some(pfn)) {
                 h.retain(|&r| r != pfn);

@@ -370,9 +370,13 @@ fn new_baseptr_needs_pinned_l4() {
 fn zero_frame_rules() {
     let mut v = vm();
     v.load();
-    v.w(0x50_008, 7);
+    for off in (0..4096).step_by(8) {
+        v.w(0x50_000 + off, 7 + off);
+    }
+    v.w(0x51_000, 9);
     v.op(MmuOp::ZeroFrame { frame: 0x50_000 }).unwrap();
-    assert_eq!(v.r(0x50_008), 0);
+    assert!((0..4096).step_by(8).all(|off| v.r(0x50_000 + off) == 0));
+    assert_eq!(v.r(0x51_000), 9, "only the frame");
     assert_eq!(v.op(MmuOp::ZeroFrame { frame: L1 }), Err(HcError::Ebusy));
     assert_eq!(v.op(MmuOp::ZeroFrame { frame: POOL }), Err(HcError::Eperm));
     assert_eq!(

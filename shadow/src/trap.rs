@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::engine::ShadowMmu;
 use crate::layout::FrameClass;
-use crate::mem::table;
+use crate::mem::{table, Mem};
 use crate::pte::{self, A, ADDR, D, MAXPHYADDR, RW};
 use crate::rules::Rule;
 pub use crate::trap_state::{TrapCounters, TrapDebug, WriteMode, DEFAULT_MAX_UNHOOKED};
@@ -86,11 +86,13 @@ impl ShadowMmu {
     }
 
     /// Whether stores are trapped (emulate or wrpt).
+    #[inline]
     pub(crate) fn traps(&self) -> bool {
         self.trap.mode != WriteMode::Hypercall
     }
 
     /// The alias frame number of RAM frame `pfn`.
+    #[inline]
     pub(crate) fn alias_pfn(&self, pfn: u64) -> u64 {
         (self.trap.alias_base >> 12) + pfn
     }
@@ -107,6 +109,7 @@ impl ShadowMmu {
     /// The protected form of shadow leaf `s` (4 KiB form, guest rights) whose target is a
     /// page table: read-only in hypercall mode; writable at the alias with trapped stores;
     /// unchanged when the target is an unhooked L1.
+    #[inline]
     pub(crate) fn protect_leaf(&self, s: u64) -> u64 {
         let pfn = pte::pfn_of(s);
         if !self.traps() {
@@ -140,6 +143,7 @@ impl ShadowMmu {
         gpa: u64,
         data: &[u8],
     ) -> TrapResult {
+        let mem = &Mem::new(mem);
         self.trap.counters.trapped_writes += 1;
         if data.is_empty() || data.len() > 8 || gpa.checked_add(data.len() as u64).is_none() {
             self.trap.counters.refused_writes += 1;
@@ -161,7 +165,7 @@ impl ShadowMmu {
     /// A store of `bytes` at `gpa` that stays inside one 8-byte entry.
     fn trapped_entry<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         gpa: u64,
         bytes: &[u8],
@@ -189,7 +193,7 @@ impl ShadowMmu {
     /// Validates and applies a store into a typed (hooked) table like a `PT_UPDATE`.
     fn emulate<M: GuestMemory>(
         &mut self,
-        mem: &M,
+        mem: &Mem<'_, M>,
         vcpu: usize,
         gpa: u64,
         bytes: &[u8],
@@ -221,7 +225,7 @@ impl ShadowMmu {
             val,
             preserve_ad: false,
         };
-        match self.apply(mem, vcpu, &op) {
+        match self.apply_in(mem, vcpu, &op) {
             Ok(()) => {
                 self.trap.counters.emulated_writes += 1;
                 TrapResult::Emulated
@@ -234,9 +238,14 @@ impl ShadowMmu {
     }
 
     /// Writes a store into a frame that is no (hooked) page table; only usable RAM.
-    fn store_plain<M: GuestMemory>(&mut self, mem: &M, gpa: u64, bytes: &[u8]) -> TrapResult {
+    fn store_plain<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        gpa: u64,
+        bytes: &[u8],
+    ) -> TrapResult {
         let ram = self.layout.classify_range(gpa, bytes.len() as u64) == FrameClass::Ram;
-        if ram && mem.write_slice(bytes, GuestAddress(gpa)).is_ok() {
+        if ram && mem.guest().write_slice(bytes, GuestAddress(gpa)).is_ok() {
             self.trap.counters.passthrough_writes += 1;
             return TrapResult::Passthrough;
         }
@@ -247,7 +256,7 @@ impl ShadowMmu {
     /// A store reached frame `pfn` through one of its writable mappings; the exit does not
     /// say which, so every writable shadow leaf of the frame records A and D (no dirty bit
     /// is lost; one may be reported for a sibling mapping that was not used).
-    fn mark_written<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+    fn mark_written<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) {
         let mut cur = self.pool.rmap_first(pfn);
         while let Some(slot) = cur {
             cur = self.pool.rmap_next(slot);

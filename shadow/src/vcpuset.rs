@@ -11,6 +11,7 @@ impl VcpuSet {
     pub const EMPTY: VcpuSet = VcpuSet(0);
 
     /// The set holding only `v` (empty if `v` is out of range).
+    #[inline]
     pub fn one(v: usize) -> VcpuSet {
         VcpuSet(1u64.checked_shl(v as u32).unwrap_or(0))
     }
@@ -25,11 +26,13 @@ impl VcpuSet {
     }
 
     /// Whether `v` is in the set.
+    #[inline]
     pub fn contains(self, v: usize) -> bool {
         !(self & VcpuSet::one(v)).is_empty()
     }
 
     /// Whether the set is empty.
+    #[inline]
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
@@ -40,6 +43,7 @@ impl VcpuSet {
     }
 
     /// The set without `v`.
+    #[inline]
     pub fn without(self, v: usize) -> VcpuSet {
         VcpuSet(self.0 & !VcpuSet::one(v).0)
     }
@@ -52,12 +56,14 @@ impl VcpuSet {
 
 impl core::ops::BitOr for VcpuSet {
     type Output = VcpuSet;
+    #[inline]
     fn bitor(self, o: VcpuSet) -> VcpuSet {
         VcpuSet(self.0 | o.0)
     }
 }
 
 impl core::ops::BitOrAssign for VcpuSet {
+    #[inline]
     fn bitor_assign(&mut self, o: VcpuSet) {
         self.0 |= o.0;
     }
@@ -65,6 +71,7 @@ impl core::ops::BitOrAssign for VcpuSet {
 
 impl core::ops::BitAnd for VcpuSet {
     type Output = VcpuSet;
+    #[inline]
     fn bitand(self, o: VcpuSet) -> VcpuSet {
         VcpuSet(self.0 & o.0)
     }

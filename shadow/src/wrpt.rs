@@ -12,7 +12,7 @@ use vm_memory::GuestMemory;
 
 use crate::engine::ShadowMmu;
 use crate::flush::FlushReason;
-use crate::mem::table;
+use crate::mem::{table, Mem};
 use crate::pte::{self, Kind, AD};
 use crate::rules;
 use crate::trap_state::Unhooked;
@@ -48,7 +48,7 @@ impl ShadowMmu {
 
     /// Unhooks L1 `pfn` (see the module documentation); re-hooks the least recently
     /// unhooked one first if the bound is reached.
-    pub(crate) fn unhook<M: GuestMemory>(&mut self, mem: &M, pfn: u64) {
+    pub(crate) fn unhook<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, pfn: u64) {
         while self.trap.unhooked.len() >= self.trap.max_unhooked.max(1) {
             let lru = self.trap.unhooked.first().map(|u| u.pfn);
             match lru {
@@ -64,7 +64,7 @@ impl ShadowMmu {
         };
         let info = self.frames.info(pfn);
         let parents = info.map(|i| i.parents.clone()).unwrap_or_default();
-        let shadow = info.and_then(|i| i.shadow);
+        let shadow = self.frames.shadow(pfn);
         if !self.trap.debug.keep_parents {
             for p in parents {
                 self.set_parent_shadow(mem, p, None);
@@ -93,6 +93,11 @@ impl ShadowMmu {
 
     /// Re-hooks every unhooked L1 (any MMU hypercall, a spurious fault).
     pub fn rehook_all<M: GuestMemory>(&mut self, mem: &M, vcpu: usize) {
+        self.rehook_all_in(&Mem::new(mem), vcpu);
+    }
+
+    /// [`Self::rehook_all`] through `mem`.
+    fn rehook_all_in<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, vcpu: usize) {
         while let Some(pfn) = self.trap.unhooked.first().map(|u| u.pfn) {
             self.rehook(mem, vcpu, pfn);
         }
@@ -107,7 +112,7 @@ impl ShadowMmu {
 
     /// Re-hooks L1 `pfn`: read-only again, changed entries validated in one pass, parents
     /// relinked.
-    pub(crate) fn rehook<M: GuestMemory>(&mut self, mem: &M, vcpu: usize, pfn: u64) {
+    pub(crate) fn rehook<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, vcpu: usize, pfn: u64) {
         let Some(pos) = self.trap.unhooked.iter().position(|u| u.pfn == pfn) else {
             return;
         };
@@ -135,7 +140,7 @@ impl ShadowMmu {
                 val: cur,
                 preserve_ad: false,
             };
-            if self.apply(mem, vcpu, &op).is_err() {
+            if self.apply_in(mem, vcpu, &op).is_err() {
                 self.trap.counters.refused_writes += 1;
             }
         }
@@ -152,9 +157,14 @@ impl ShadowMmu {
 
     /// Sets the shadow of the L2 entry at guest-physical `backref`: dropped (`None`, with a
     /// flush if the CPU used it) or relinked to the shadow of `child`.
-    fn set_parent_shadow<M: GuestMemory>(&mut self, mem: &M, backref: u64, child: Option<u64>) {
+    fn set_parent_shadow<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        backref: u64,
+        child: Option<u64>,
+    ) {
         let (l2, j) = (backref >> 12, ((backref & 0xfff) >> 3) as usize);
-        let Some(s) = self.frames.info(l2).and_then(|i| i.shadow) else {
+        let Some(s) = self.frames.shadow(l2) else {
             return;
         };
         let Ok(st) = table(mem, self.pool.pfn(s)) else {
@@ -190,7 +200,7 @@ impl ShadowMmu {
         self.trap
             .unhooked
             .iter()
-            .filter_map(|u| self.frames.info(u.pfn).and_then(|i| i.shadow))
+            .filter_map(|u| self.frames.shadow(u.pfn))
             .collect()
     }
 }
