@@ -89,14 +89,15 @@ fn apply_entries(
     zero_ns: &mut u64,
 ) -> (u32, Option<(u32, HcError)>) {
     let mem = ctx.ram.memory();
+    let mut engine = engine.batch(mem);
     let mut done = 0u32;
     for (i, entry) in batch_entries(buf, count).enumerate() {
         let r = entry.and_then(|op| {
             if !matches!(op, MmuOp::ZeroFrame { .. }) {
-                return engine.apply(mem, ctx.vcpu, &op);
+                return engine.apply(ctx.vcpu, &op);
             }
             let t = Instant::now();
-            let r = engine.apply(mem, ctx.vcpu, &op);
+            let r = engine.apply(ctx.vcpu, &op);
             *zero_ns += elapsed_ns(t);
             r
         });
