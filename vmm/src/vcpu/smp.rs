@@ -2,9 +2,10 @@
 //! it, delivering its own batch's remote flushes and root switches before the hypercall
 //! returns, and the host resync with the world stopped (docs/pv-abi.md §6.4).
 //!
-//! Order after a batch that needs a host resync: stop the world (every other vCPU parked
-//! outside `KVM_RUN`), deliver the remote flushes and root switches (parked vCPUs apply
-//! them on their own threads), re-register the pool memslot under the engine lock, and
+//! Order after a batch that needs a host resync: post the remote flushes and root switches,
+//! stop the world (every other vCPU parked outside `KVM_RUN`; each applies its delivery on
+//! its own thread on the way to parking, so one kick serves both), wait for the
+//! acknowledgements, re-register the pool memslot under the engine lock, and
 //! only then mark the freed pool frames clean; release the world; apply the caller's own
 //! CR3 load. Without a resync (the probe found VMM writes visible to a running guest), the
 //! deliveries are kicks and the frames become clean once they are acknowledged.
@@ -39,6 +40,11 @@ fn record_delivery(stats: &mut VcpuStats, d: &Delivered, wait_ns: u64) {
     stats.smp.kicks += u64::from(d.kicks);
     for &ns in &d.kick_rtt_ns {
         stats.smp.kick_rtt.record(ns);
+    }
+    for p in &d.kick_phases {
+        stats.smp.kick_exit.record(p.exit_ns);
+        stats.smp.kick_apply.record(p.apply_ns);
+        stats.smp.kick_wake.record(p.wake_ns);
     }
     if d.sent > 0 {
         stats.effect("remote_delivery_wait", wait_ns);
@@ -116,9 +122,12 @@ impl Vcpu {
         let (delivered, resync) = if resync_needed {
             let mut resync_ns = 0;
             let mut ran = false;
+            // Posted before the stop and not kicked: the stop kicks every vCPU inside
+            // KVM_RUN, and each applies its request on its way to parking.
+            let posted = sync.post(index, fx.remote, false);
             let (r, cost) = sync.stop_world(index, &stop, &mut apply, |apply| {
                 let t = Instant::now();
-                let d = sync.deliver(index, fx.remote, &stop, apply);
+                let d = sync.wait_acks(index, posted, &stop, apply);
                 let wait = t.elapsed().as_nanos() as u64;
                 let covered = vm.host_resync(fx.resync_gen, &mut || {
                     let t = Instant::now();
