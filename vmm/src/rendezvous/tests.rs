@@ -226,18 +226,18 @@ fn a_sleeping_waiter_is_counted_while_it_sleeps_and_sees_the_change() {
     );
 }
 
-/// A simulated vCPU that stays in "KVM_RUN" until `n` kicks were sent in all.
+/// A simulated vCPU that stays in "KVM_RUN" until every vCPU of `all` was kicked.
 fn runner_until_kicks(
     r: Arc<Rendezvous>,
     f: Arc<Flags>,
     me: usize,
-    n: u32,
+    all: std::ops::Range<usize>,
     applied: Arc<AtomicU32>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         assert!(r.enter(me));
         f.in_guest.fetch_add(1, SeqCst);
-        while f.kicks.load(SeqCst) < n {
+        while !all.clone().all(|w| f.kicked[w].load(SeqCst)) {
             std::thread::yield_now();
         }
         f.in_guest.fetch_sub(1, SeqCst);
@@ -253,10 +253,11 @@ fn runner_until_kicks(
 fn kicks_to_several_targets_all_go_out_before_the_issuer_waits() {
     let (r, f) = world(4);
     let applied = Arc::new(AtomicU32::new(0));
-    // Each target leaves only once all three were kicked: an issuer that waited for the
-    // first acknowledgement before kicking the next would never return.
+    // Each target leaves only once all three were kicked (re-kicks of one do not count):
+    // an issuer that waited for the first acknowledgement before kicking the next would
+    // never return.
     let ts: Vec<_> = (1..4)
-        .map(|v| runner_until_kicks(r.clone(), f.clone(), v, 3, applied.clone()))
+        .map(|v| runner_until_kicks(r.clone(), f.clone(), v, 1..4, applied.clone()))
         .collect();
     while (1..4).any(|v| r.state(v) != IN_RUN) {
         std::thread::yield_now();
@@ -264,7 +265,7 @@ fn kicks_to_several_targets_all_go_out_before_the_issuer_waits() {
     let stop = AtomicBool::new(false);
     let d = r.deliver(0, VcpuSet::first(4), &stop, &mut || {});
     assert_eq!(applied.load(SeqCst), 3);
-    assert_eq!((d.sent, d.kicks), (3, 3), "{d:?}");
+    assert!(d.sent == 3 && d.kicks >= 3, "{d:?}");
     assert_eq!((d.kick_rtt_ns.len(), d.kick_phases.len()), (3, 3));
     for t in ts {
         t.join().unwrap();

@@ -543,7 +543,7 @@ mod tests {
             keys(&v["vm"]["pool_resync"]),
             ["choice", "needed", "probe_cached", "probe_ns"]
         );
-        assert_eq!(keys(&v["merged"]["smp"]).len(), 10);
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 13);
     }
 
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys
