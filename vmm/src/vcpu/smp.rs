@@ -10,7 +10,7 @@
 //! CR3 load. Without a resync (the probe found VMM writes visible to a running guest), the
 //! deliveries are kicks and the frames become clean once they are acknowledged.
 
-use super::effects::{self, FlushStyle};
+use super::effects;
 use super::{Vcpu, VcpuEnd};
 use crate::hcall::Effects;
 use crate::rendezvous::Delivered;
@@ -24,12 +24,11 @@ fn apply_delivery(
     fd: &VcpuFd,
     vm: &dyn VmOps,
     index: usize,
-    style: FlushStyle,
     stats: &mut VcpuStats,
 ) -> Result<(), String> {
     let fx = vm.take_delivery(index);
     stats.smp.deliveries_applied += 1;
-    effects::apply(fd, &fx, false, style, stats)
+    effects::apply(fd, &fx, false, stats)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -52,18 +51,11 @@ fn record_delivery(stats: &mut VcpuStats, d: &Delivered, wait_ns: u64) {
 }
 
 impl Vcpu {
-    /// How this vCPU flushes: with a CR4.PGE toggle where no host resync drops globals.
-    fn style(&self) -> FlushStyle {
-        FlushStyle {
-            pge: !self.pool_resync,
-        }
-    }
-
     /// Outside `KVM_RUN` before entering: applies a pending delivery and parks for another
     /// vCPU's world stop.
     pub(super) fn service(&mut self) {
         let t = Instant::now();
-        let (index, style) = (self.index, self.style());
+        let index = self.index;
         let (fd, vm, stats, err) = (
             &self.fd,
             &*self.vm,
@@ -71,7 +63,7 @@ impl Vcpu {
             &mut self.delivery_error,
         );
         let mut apply = || {
-            if let Err(e) = apply_delivery(fd, vm, index, style, stats) {
+            if let Err(e) = apply_delivery(fd, vm, index, stats) {
                 err.get_or_insert(e);
             }
         };
@@ -90,14 +82,14 @@ impl Vcpu {
                 return Some(VcpuEnd::VmmFailure(e));
             }
         }
-        effects::apply(&self.fd, &fx, covered, self.style(), &mut self.stats)
+        effects::apply(&self.fd, &fx, covered, &mut self.stats)
             .unwrap_or_else(|e| Some(VcpuEnd::VmmFailure(e.to_string())))
     }
 
     /// Delivers `fx.remote` and performs `fx.host_resync`; true if a host resync after the
     /// batch covered the caller's own flush.
     fn coherence(&mut self, fx: &Effects) -> bool {
-        let (index, style) = (self.index, self.style());
+        let index = self.index;
         self.stats.smp.remote_requested += u64::from(fx.remote.len());
         self.stats.smp.remote_avoided += u64::from(fx.remote_avoided);
         let stop = self.stop.clone();
@@ -112,7 +104,7 @@ impl Vcpu {
         let mut applied = Vec::new();
         let mut apply = || {
             let mut s = VcpuStats::default();
-            if let Err(e) = apply_delivery(fd, vm, index, style, &mut s) {
+            if let Err(e) = apply_delivery(fd, vm, index, &mut s) {
                 err.get_or_insert(e);
             }
             applied.push(s);
