@@ -6,7 +6,9 @@
 //! is inside `KVM_RUN` (the kick signal also sets the target's `immediate_exit`, so a kick
 //! that lands just before `KVM_RUN` is never lost), and waits until the target's `done`
 //! reaches the posted number. A target applies its delivery on its own thread (only the
-//! owning thread may call `KVM_SET_SREGS`) before it enters `KVM_RUN` again; `enter` and
+//! owning thread may call `KVM_SET_SREGS`) before it enters `KVM_RUN` again, in two parts
+//! around the acknowledgement ([`Apply`]): the engine's hand-over before, its own ioctls
+//! right after (off the issuer's wait); `enter` and
 //! `post` are ordered (both `SeqCst`, Dekker style) so that either the issuer sees the
 //! target inside `KVM_RUN` and kicks it, or the target sees the request before it enters.
 //!
@@ -32,6 +34,25 @@ const SPIN_FOR: Duration = Duration::from_micros(30);
 const SPINS: u32 = 64;
 /// A target still inside `KVM_RUN` after this is kicked again.
 const REKICK: Duration = Duration::from_millis(2);
+
+/// How a vCPU applies a delivery, in two parts around its acknowledgement. `take` runs
+/// before it: whatever the issuer's next steps rely on (the engine's bookkeeping of what
+/// the target holds). `finish` runs right after it, on the same thread and before the vCPU
+/// can enter `KVM_RUN` again (`finish` is called inside the same [`Rendezvous`] step that
+/// acknowledged): the target's own KVM ioctls, which nothing else observes and which
+/// therefore need not delay the issuer. A plain closure is all `take`.
+pub trait Apply {
+    /// The part before the acknowledgement.
+    fn take(&mut self);
+    /// The part after it, before the vCPU runs guest code again.
+    fn finish(&mut self) {}
+}
+
+impl<F: FnMut()> Apply for F {
+    fn take(&mut self) {
+        self()
+    }
+}
 
 /// How a vCPU thread interrupts another (the real-time kick signal in the VMM; a recorder in
 /// tests).
@@ -254,17 +275,19 @@ impl Rendezvous {
         self.changed();
     }
 
-    /// Applies `me`'s delivery with `apply` if one was requested, and acknowledges it; then,
+    /// Applies `me`'s delivery with `apply` if one was requested, acknowledging it between
+    /// [`Apply::take`] and [`Apply::finish`]; then,
     /// if another vCPU is stopping the world, parks until it is done (servicing meanwhile).
-    pub fn service(&self, me: usize, apply: &mut dyn FnMut()) {
+    pub fn service(&self, me: usize, apply: &mut dyn Apply) {
         self.ack(me, apply);
         if self.stopping.load(SeqCst) {
             self.park(me, apply);
         }
     }
 
-    /// Applies and acknowledges a pending request of `me`; true if there was one.
-    fn ack(&self, me: usize, apply: &mut dyn FnMut()) -> bool {
+    /// Applies and acknowledges a pending request of `me` (take, acknowledge, finish); true
+    /// if there was one.
+    fn ack(&self, me: usize, apply: &mut dyn Apply) -> bool {
         let Some(s) = self.slots.get(me) else {
             return false;
         };
@@ -272,15 +295,16 @@ impl Rendezvous {
         if r <= s.done.load(SeqCst) {
             return false;
         }
-        apply();
+        apply.take();
         s.acked_ns.store(self.now_ns(), SeqCst);
         s.done.store(r, SeqCst);
         self.changed();
+        apply.finish();
         true
     }
 
     /// Parks `me` while a world stop led by another vCPU is on.
-    fn park(&self, me: usize, apply: &mut dyn FnMut()) {
+    fn park(&self, me: usize, apply: &mut dyn Apply) {
         let mut g = self.gate();
         if g.leader.is_none_or(|l| l == me) {
             return;
@@ -309,7 +333,7 @@ impl Rendezvous {
         me: usize,
         targets: VcpuSet,
         stop: &AtomicBool,
-        apply: &mut dyn FnMut(),
+        apply: &mut dyn Apply,
     ) -> Delivered {
         let posted = self.post(me, targets, true);
         self.wait_acks(me, posted, stop, apply)
@@ -361,7 +385,7 @@ impl Rendezvous {
         me: usize,
         posted: Posted,
         stop: &AtomicBool,
-        apply: &mut dyn FnMut(),
+        apply: &mut dyn Apply,
     ) -> Delivered {
         let Posted { mut wait, mut out } = posted;
         while !wait.is_empty() {
@@ -422,8 +446,8 @@ impl Rendezvous {
         &self,
         me: usize,
         stop: &AtomicBool,
-        apply: &mut dyn FnMut(),
-        work: impl FnOnce(&mut dyn FnMut()) -> R,
+        apply: &mut dyn Apply,
+        work: impl FnOnce(&mut dyn Apply) -> R,
     ) -> (Option<R>, Stopped) {
         let t0 = Instant::now();
         let mut cost = Stopped::default();

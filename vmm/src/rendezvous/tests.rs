@@ -325,3 +325,46 @@ fn a_vcpu_waiting_in_the_rendezvous_is_not_kicked_and_still_applies() {
     assert_eq!(one.join().unwrap().kicks, 0);
     assert_eq!(f.kicks.load(SeqCst), 0);
 }
+
+/// Records where each part of a delivery ran relative to the acknowledgement.
+struct Parts<'a> {
+    r: &'a Rendezvous,
+    me: usize,
+    log: Vec<(&'static str, bool)>,
+}
+
+impl Apply for Parts<'_> {
+    fn take(&mut self) {
+        let s = &self.r.slots[self.me];
+        let acked = s.done.load(SeqCst) >= s.requested.load(SeqCst);
+        self.log.push(("take", acked));
+    }
+    fn finish(&mut self) {
+        let s = &self.r.slots[self.me];
+        let acked = s.done.load(SeqCst) >= s.requested.load(SeqCst);
+        self.log.push(("finish", acked));
+    }
+}
+
+#[test]
+fn take_runs_before_the_acknowledgement_and_finish_after_it_before_service_returns() {
+    let (r, _f) = world(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let r2 = r.clone();
+    let s2 = stop.clone();
+    let issuer = std::thread::spawn(move || r2.deliver(0, VcpuSet::one(1), &s2, &mut || {}));
+    while r.slots[1].requested.load(SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let mut parts = Parts {
+        r: &r,
+        me: 1,
+        log: Vec::new(),
+    };
+    assert!(!r.enter(1));
+    r.service(1, &mut parts);
+    // Both parts ran inside `service`, so before vCPU 1 could enter again.
+    assert_eq!(parts.log, [("take", false), ("finish", true)]);
+    assert_eq!(issuer.join().unwrap().sent, 1);
+    assert!(r.enter(1));
+}

@@ -13,24 +13,47 @@
 use super::effects;
 use super::{Vcpu, VcpuEnd};
 use crate::hcall::Effects;
-use crate::rendezvous::Delivered;
+use crate::rendezvous::{Apply, Delivered};
 use crate::stats::VcpuStats;
 use crate::vm_ops::VmOps;
 use kvm_ioctls::VcpuFd;
 use std::time::Instant;
 
-/// Applies the delivery another vCPU's batch left for `index` (its flush, a root switch).
-fn apply_delivery(
-    fd: &VcpuFd,
-    vm: &dyn VmOps,
+/// Applies the deliveries other vCPUs' batches left for `index` (a flush, a root switch):
+/// the engine hands it over before the acknowledgement, the `KVM_SET_SREGS` that carries it
+/// out follows right after, before this vCPU enters `KVM_RUN` again (nothing runs guest code
+/// on it in between, so no translation it holds can be used), off the issuer's wait.
+struct Applier<'a> {
+    fd: &'a VcpuFd,
+    vm: &'a dyn VmOps,
     index: usize,
-    stats: &mut VcpuStats,
-) -> Result<(), String> {
-    let fx = vm.take_delivery(index);
-    stats.smp.deliveries_applied += 1;
-    effects::apply(fd, &fx, false, stats)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    stats: &'a mut VcpuStats,
+    err: &'a mut Option<String>,
+    taken: Option<Effects>,
+}
+
+impl Apply for Applier<'_> {
+    fn take(&mut self) {
+        let fx = self.vm.take_delivery(self.index);
+        self.stats.smp.deliveries_applied += 1;
+        // Two takes before one finish cannot happen (finish follows each acknowledgement);
+        // merge anyway rather than lose one.
+        self.taken = Some(match self.taken.take() {
+            Some(old) => Effects {
+                flush: old.flush || fx.flush,
+                new_cr3: fx.new_cr3.or(old.new_cr3),
+                ..Effects::default()
+            },
+            None => fx,
+        });
+    }
+
+    fn finish(&mut self) {
+        let Some(fx) = self.taken.take() else { return };
+        if let Err(e) = effects::apply(self.fd, &fx, false, self.stats) {
+            self.err.get_or_insert(e.to_string());
+        }
+    }
 }
 
 /// Records what a delivery cost the issuer.
@@ -56,16 +79,13 @@ impl Vcpu {
     pub(super) fn service(&mut self) {
         let t = Instant::now();
         let index = self.index;
-        let (fd, vm, stats, err) = (
-            &self.fd,
-            &*self.vm,
-            &mut self.stats,
-            &mut self.delivery_error,
-        );
-        let mut apply = || {
-            if let Err(e) = apply_delivery(fd, vm, index, stats) {
-                err.get_or_insert(e);
-            }
+        let mut apply = Applier {
+            fd: &self.fd,
+            vm: &*self.vm,
+            index,
+            stats: &mut self.stats,
+            err: &mut self.delivery_error,
+            taken: None,
         };
         self.sync.service(index, &mut apply);
         self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
@@ -95,19 +115,15 @@ impl Vcpu {
         let stop = self.stop.clone();
         let sync = self.sync.clone();
         let pool = self.pool_slot.clone().filter(|_| self.pool_resync);
-        let (fd, vm, stats, err) = (
-            &self.fd,
-            &*self.vm,
-            &mut self.stats,
-            &mut self.delivery_error,
-        );
-        let mut applied = Vec::new();
-        let mut apply = || {
-            let mut s = VcpuStats::default();
-            if let Err(e) = apply_delivery(fd, vm, index, &mut s) {
-                err.get_or_insert(e);
-            }
-            applied.push(s);
+        let (vm, stats) = (&*self.vm, &mut self.stats);
+        let mut applied = VcpuStats::default();
+        let mut apply = Applier {
+            fd: &self.fd,
+            vm,
+            index,
+            stats: &mut applied,
+            err: &mut self.delivery_error,
+            taken: None,
         };
         let resync_needed = fx.host_resync && pool.is_some();
         let t = Instant::now();
@@ -152,14 +168,14 @@ impl Vcpu {
             let wait = t.elapsed().as_nanos() as u64;
             if fx.host_resync {
                 // Nothing to re-register here: the freed frames are clean once every vCPU
-                // that could hold them has flushed.
+                // that could hold them has acknowledged (each finishes its flush before it
+                // runs guest code again).
                 vm.host_resync(fx.resync_gen, &mut || true);
             }
             ((d, wait), false)
         };
-        for s in &applied {
-            stats.merge(s);
-        }
+        drop(apply);
+        stats.merge(&applied);
         record_delivery(stats, &delivered.0, delivered.1);
         resync
     }
