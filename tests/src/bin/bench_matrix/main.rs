@@ -9,13 +9,18 @@
 //! The SMP rows (`smp`): the SMP workloads on 2 and 4 vCPUs, remote flushes and kicks per
 //! operation, µs per operation.
 //!
+//! The SMP cost rows (`smp_cost`): remote-flush cost per target vCPU in exit floors of the
+//! same run, on 1, 2 and 4 vCPUs, world-stop and (forced) kick delivery.
+//!
 //! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`), `--modes=five` (only
-//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows).
+//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows), `--smp=only`
+//! (the SMP rows and cost rows only: no UP matrix, no plots).
 
 mod plot;
 mod report;
 mod run;
 mod smp;
+mod smp_cost;
 mod strategies;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -308,31 +313,52 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> (Vec<Point>, Vec<String>) {
     (points, errors)
 }
 
+/// The SMP rows and the cost rows; `--smp=off`: neither (the UP matrix only; the SMP rows
+/// need every PV mode to run on 2 and 4 vCPUs).
+fn measure_smp(
+    repeat: u32,
+    hz: f64,
+    floor_ns: f64,
+    tick: &dyn Fn(&str),
+) -> (
+    Vec<smp::SmpPoint>,
+    Vec<smp_cost::CostPoint>,
+    smp_cost::Load,
+    Vec<String>,
+) {
+    if std::env::args().any(|x| x == "--smp=off") {
+        return (Vec::new(), Vec::new(), Default::default(), Vec::new());
+    }
+    let (points, mut errors) = smp::measure(repeat, hz, tick);
+    let (cost, load, e) = smp_cost::measure(repeat, floor_ns, tick);
+    errors.extend(e);
+    (points, cost, load, errors)
+}
+
 fn main() {
     let a = args();
     let hz = tsc_hz();
     let floor = exit_floor();
     let host = report::host_facts();
-    let total =
-        (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp::runs(a.repeat);
+    let smp_only = std::env::args().any(|x| x == "--smp=only");
+    let up_runs = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
+    let total = if smp_only { 0 } else { up_runs } + smp::runs(a.repeat) + smp_cost::runs(a.repeat);
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (points, mut errors) = measure(&a, hz, &bar);
+    let (points, mut errors) = if smp_only {
+        (Vec::new(), Vec::new())
+    } else {
+        measure(&a, hz, &bar)
+    };
     let tick = |m: &str| {
         bar.set_message(m.to_string());
         bar.inc(1);
     };
-    // `--smp=off`: the UP matrix only (the SMP rows need every PV mode to run on 2 and 4
-    // vCPUs).
-    let smp_on = !std::env::args().any(|x| x == "--smp=off");
-    let (smp_points, smp_errors) = if smp_on {
-        smp::measure(a.repeat, hz, &tick)
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let floor_ns = floor["floor_ns"].as_f64().unwrap_or(0.0);
+    let (smp_points, cost, load, smp_errors) = measure_smp(a.repeat, hz, floor_ns, &tick);
     errors.extend(smp_errors);
     bar.finish_with_message("done");
     if let Err(e) = std::fs::create_dir_all(&a.out) {
@@ -341,14 +367,11 @@ fn main() {
     }
     let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
         "host": host, "exit_floor": floor, "points": points, "smp": smp_points,
-        "errors": errors});
+        "smp_cost": cost, "errors": errors});
     let mut md = report::report(&points, &floor, &host, a.pages, a.repeat);
-    smp::section(
-        &mut md,
-        &smp_points,
-        floor["floor_ns"].as_f64().unwrap_or(0.0),
-    );
+    smp::section(&mut md, &smp_points, floor_ns);
     strategies::smp_note(&mut md, &smp_points);
+    smp_cost::section(&mut md, &cost, &load, floor_ns);
     let json = serde_json::to_string_pretty(&results).unwrap_or_default();
     let mut failed = false;
     for (file, text) in [("results.json", json), ("report.md", md)] {
@@ -361,6 +384,9 @@ fn main() {
         ("exits", "exits_per_op.svg", "exits per operation (page)"),
         ("us", "us_per_op.svg", "guest µs per operation (page)"),
     ] {
+        if smp_only {
+            break;
+        }
         if let Err(e) = plot::plot(&points, metric, &a.out.join(file), title) {
             eprintln!("plot {file}: {e}");
             failed = true;
@@ -375,7 +401,7 @@ fn main() {
     for e in errors.iter().take(5) {
         eprintln!("error: {}", e.lines().next().unwrap_or(""));
     }
-    if failed || !errors.is_empty() || points.is_empty() {
+    if failed || !errors.is_empty() || (points.is_empty() && !smp_only) {
         std::process::exit(1);
     }
 }
