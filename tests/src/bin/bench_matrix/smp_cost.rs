@@ -67,7 +67,8 @@ struct Raw {
     kicks: f64,
     stops: f64,
     per_target_ns: Option<f64>,
-    kick_p50_ns: Option<[f64; 4]>,
+    kick_p50_ns: Option<f64>,
+    kick_parts_p50_ns: Option<[f64; 3]>,
     stop_ns: Option<f64>,
     ok: bool,
 }
@@ -88,15 +89,17 @@ fn raw(v: &Value, b: &Value, ok: bool) -> Raw {
         .sum::<f64>();
     let stops = counter(v, b, "world_stops");
     let stop_total = dist(v, "world_stop", "total_ns") - dist(b, "world_stop", "total_ns");
+    // A VMM without the parts (an older build) reports only the round trip.
     let kicked = dist(v, "kick_rtt", "count") > 0.0;
+    let parts = kicked && v["merged"]["smp"]["kick_exit"].is_object();
     Raw {
         sent,
         kicks: counter(v, b, "kicks"),
         stops,
         per_target_ns: (sent > 0.0).then(|| wait / sent),
-        kick_p50_ns: kicked.then(|| {
-            ["kick_rtt", "kick_exit", "kick_apply", "kick_wake"].map(|k| dist(v, k, "p50_ns"))
-        }),
+        kick_p50_ns: kicked.then(|| dist(v, "kick_rtt", "p50_ns")),
+        kick_parts_p50_ns: parts
+            .then(|| ["kick_exit", "kick_apply", "kick_wake"].map(|k| dist(v, k, "p50_ns"))),
         stop_ns: (stops > 0.0).then(|| stop_total / stops),
         ok,
     }
@@ -136,8 +139,8 @@ fn point(w: &str, vcpus: u32, resync: &str, ss: &[Raw], floor_ns: f64) -> CostPo
         let v: Vec<f64> = ss.iter().filter_map(f).map(fl).collect();
         (!v.is_empty()).then(|| stat(v))
     };
-    let part = |i: usize| opt(&|s| s.kick_p50_ns.map(|k| k[i]));
-    let parts = match (part(1), part(2), part(3)) {
+    let part = |i: usize| opt(&|s| s.kick_parts_p50_ns.map(|k| k[i]));
+    let parts = match (part(0), part(1), part(2)) {
         (Some(a), Some(b), Some(c)) => Some([a, b, c]),
         _ => None,
     };
@@ -151,7 +154,7 @@ fn point(w: &str, vcpus: u32, resync: &str, ss: &[Raw], floor_ns: f64) -> CostPo
         kicks: stat(ss.iter().map(|s| s.kicks).collect()),
         world_stops: stat(ss.iter().map(|s| s.stops).collect()),
         per_target_floors: opt(&|s| s.per_target_ns),
-        kick_rtt_p50_floors: part(0),
+        kick_rtt_p50_floors: opt(&|s| s.kick_p50_ns),
         kick_parts_p50_floors: parts,
         world_stop_per_stop_floors: opt(&|s| s.stop_ns),
     }
