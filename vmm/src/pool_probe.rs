@@ -3,7 +3,7 @@
 //! A throwaway VM reads one word through a page table that lives in its own memslot (like the
 //! shadow pool), so KVM has derived a translation from it. The VMM then rewrites that table
 //! entry from userspace to map another frame and flushes the way pvmm flushes without a
-//! resync (a CR3 and CR4.PGE change through `KVM_SET_SREGS`), and the guest reads again. With
+//! resync (a CR3 change through `KVM_SET_SREGS`), and the guest reads again. With
 //! nested paging (EPT/NPT) the CPU walks the table itself and sees the new frame: no resync
 //! is needed. A KVM that shadows guest page tables in software keeps its stale translation
 //! (it never saw the write) and needs the memslot re-registered.
@@ -11,7 +11,6 @@
 use crate::cli::PoolResync;
 use crate::cpu;
 use crate::hcall::probe_cache;
-use crate::x86::CR4_PGE;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use std::sync::mpsc;
@@ -56,7 +55,7 @@ const URW: u64 = 7;
 const PS: u64 = 0x80;
 const PORT: u16 = 0x80;
 /// The cached verdict's name (bump the version when the probe changes meaning).
-const POOL_VERDICT: &str = "pool_resync_needed.v2";
+const POOL_VERDICT: &str = "pool_resync_needed.v3";
 
 /// The verdict for `mode` on `kvm` (device node `device`, for the cache key).
 pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
@@ -197,11 +196,9 @@ pub fn probe(kvm: &Kvm) -> Result<bool, BoxError> {
 fn read_twice(mut vcpu: VcpuFd, mem: &GuestMemoryMmap) -> Result<(u32, u32), BoxError> {
     let first = read_once(&mut vcpu)?;
     mem.write_obj(PDPT_B | URW, GuestAddress(ROOT + 8))?;
+    // The flush the VMM uses where no resync happens (vcpu::effects): a CR3 change.
     let mut s = vcpu.get_sregs()?;
-    s.cr3 ^= 1 << 3;
-    s.cr4 &= !CR4_PGE;
-    vcpu.set_sregs(&s)?;
-    s.cr4 |= CR4_PGE;
+    s.cr3 ^= crate::vcpu::CR3_FLUSH_TOGGLE;
     vcpu.set_sregs(&s)?;
     Ok((first, read_once(&mut vcpu)?))
 }

@@ -6,7 +6,9 @@
 //! is inside `KVM_RUN` (the kick signal also sets the target's `immediate_exit`, so a kick
 //! that lands just before `KVM_RUN` is never lost), and waits until the target's `done`
 //! reaches the posted number. A target applies its delivery on its own thread (only the
-//! owning thread may call `KVM_SET_SREGS`) before it enters `KVM_RUN` again; `enter` and
+//! owning thread may call `KVM_SET_SREGS`) before it enters `KVM_RUN` again, in two parts
+//! around the acknowledgement ([`Apply`]): the engine's hand-over before, its own ioctls
+//! right after (off the issuer's wait); `enter` and
 //! `post` are ordered (both `SeqCst`, Dekker style) so that either the issuer sees the
 //! target inside `KVM_RUN` and kicks it, or the target sees the request before it enters.
 //!
@@ -16,7 +18,7 @@
 //! delivered (it never runs guest code again); the wait also ends when the VM is stopping.
 
 use shadow::VcpuSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,8 +28,28 @@ const ENDED: u8 = 2;
 
 /// How long a waiter sleeps between checks (it is woken by every acknowledgement).
 const POLL: Duration = Duration::from_micros(500);
+
 /// A target still inside `KVM_RUN` after this is kicked again.
 const REKICK: Duration = Duration::from_millis(2);
+
+/// How a vCPU applies a delivery, in two parts around its acknowledgement. `take` runs
+/// before it: whatever the issuer's next steps rely on (the engine's bookkeeping of what
+/// the target holds). `finish` runs right after it, on the same thread and before the vCPU
+/// can enter `KVM_RUN` again (`finish` is called inside the same [`Rendezvous`] step that
+/// acknowledged): the target's own KVM ioctls, which nothing else observes and which
+/// therefore need not delay the issuer. A plain closure is all `take`.
+pub trait Apply {
+    /// The part before the acknowledgement.
+    fn take(&mut self);
+    /// The part after it, before the vCPU runs guest code again.
+    fn finish(&mut self) {}
+}
+
+impl<F: FnMut()> Apply for F {
+    fn take(&mut self) {
+        self()
+    }
+}
 
 /// How a vCPU thread interrupts another (the real-time kick signal in the VMM; a recorder in
 /// tests).
@@ -41,6 +63,10 @@ struct Slot {
     state: AtomicU8,
     requested: AtomicU64,
     done: AtomicU64,
+    /// When it last left `KVM_RUN` (ns since [`Rendezvous::base`]).
+    left_ns: AtomicU64,
+    /// When it last acknowledged a request (ns since [`Rendezvous::base`]).
+    acked_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -53,6 +79,19 @@ struct Gate {
     epoch: u64,
 }
 
+/// Where one kick's round trip went, ns: kick to the target leaving `KVM_RUN` (signal,
+/// `EINTR` exit and any wait for a CPU), leaving to acknowledging (the target's flush
+/// ioctls), acknowledging to the issuer noticing (its wake-up).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KickPhases {
+    /// Kick to the target's exit from `KVM_RUN`.
+    pub exit_ns: u64,
+    /// The exit to the acknowledgement.
+    pub apply_ns: u64,
+    /// The acknowledgement to the issuer seeing it.
+    pub wake_ns: u64,
+}
+
 /// What one delivery cost the issuer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delivered {
@@ -62,6 +101,24 @@ pub struct Delivered {
     pub kicks: u32,
     /// Per kicked target: ns from its first kick to its acknowledgement.
     pub kick_rtt_ns: Vec<u64>,
+    /// Per kicked target: where that round trip went.
+    pub kick_phases: Vec<KickPhases>,
+}
+
+/// Requests posted by [`Rendezvous::post`], to wait for with [`Rendezvous::wait_acks`].
+pub struct Posted {
+    wait: Vec<Pending>,
+    out: Delivered,
+}
+
+/// One target an issuer waits for.
+struct Pending {
+    vcpu: usize,
+    seq: u64,
+    /// When it was first kicked (ns since [`Rendezvous::base`]), if it was.
+    kicked: Option<u64>,
+    /// When it was last kicked or posted to.
+    last: Instant,
 }
 
 /// What one world stop cost the leader.
@@ -86,7 +143,8 @@ impl Drop for Release<'_> {
         // No parked bit outlives its stop: the next leader waits for fresh ones.
         g.parked = VcpuSet::EMPTY;
         self.0.stopping.store(false, SeqCst);
-        self.0.cv.notify_all();
+        drop(g);
+        self.0.changed();
     }
 }
 
@@ -96,7 +154,15 @@ pub struct Rendezvous {
     stopping: AtomicBool,
     gate: Mutex<Gate>,
     cv: Condvar,
+    /// Changes of state so far (see [`Rendezvous::changed`]).
+    events: AtomicU64,
+    /// Threads asleep on `cv` (or about to be): a change of state notifies only if non-zero.
+    sleepers: AtomicU32,
+    /// Waits that went to sleep on `cv` (the rest saw the change at once).
+    sleeps: AtomicU64,
     kicker: Box<dyn Kicker>,
+    /// The origin of the slots' timestamps.
+    base: Instant,
 }
 
 impl Rendezvous {
@@ -107,8 +173,56 @@ impl Rendezvous {
             stopping: AtomicBool::new(false),
             gate: Mutex::new(Gate::default()),
             cv: Condvar::new(),
+            events: AtomicU64::new(0),
+            sleepers: AtomicU32::new(0),
+            sleeps: AtomicU64::new(0),
             kicker,
+            base: Instant::now(),
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Publishes a change of state (an acknowledgement, a request, a park, an end, a new
+    /// leader, a release) to the waiters. The change itself is stored (`SeqCst`) before
+    /// this bumps `events` and reads `sleepers`; a sleeper counts itself in under the gate
+    /// lock before it re-reads `events`, so either it sees the bump or it is counted here
+    /// and woken under the lock.
+    fn changed(&self) {
+        self.events.fetch_add(1, SeqCst);
+        if self.sleepers.load(SeqCst) > 0 {
+            let _g = self.gate();
+            self.cv.notify_all();
+        }
+    }
+
+    /// The current change count, read before a waiter checks its condition.
+    fn seen(&self) -> u64 {
+        self.events.load(SeqCst)
+    }
+
+    /// Waits until some state changed since `seen` or about `POLL` passed: a sleep on the
+    /// condvar that every change wakes (see [`Rendezvous::changed`]). No spin and no
+    /// `sched_yield` first: a kick's round trip is never shorter than tens of µs here, and
+    /// where threads outnumber free cores (the measured hosts: 2 cores shared with other
+    /// work, the SVM bed's 2 emulated CPUs) a spinning waiter takes the CPU the vCPU it
+    /// waits for needs, and a yielding one hands it to other work for a whole time slice;
+    /// both measured slower than sleeping at once.
+    fn wait_change(&self, seen: u64) {
+        let g = self.gate();
+        self.sleepers.fetch_add(1, SeqCst);
+        let g = if self.events.load(SeqCst) == seen {
+            self.sleeps.fetch_add(1, SeqCst);
+            self.cv
+                .wait_timeout(g, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0)
+        } else {
+            g
+        };
+        self.sleepers.fetch_sub(1, SeqCst);
+        drop(g);
     }
 
     fn gate(&self) -> MutexGuard<'_, Gate> {
@@ -136,6 +250,7 @@ impl Rendezvous {
     /// vCPU `me` left `KVM_RUN`.
     pub fn left(&self, me: usize) {
         if let Some(s) = self.slots.get(me) {
+            s.left_ns.store(self.now_ns(), SeqCst);
             s.state.store(OUTSIDE, SeqCst);
         }
     }
@@ -145,21 +260,22 @@ impl Rendezvous {
         if let Some(s) = self.slots.get(me) {
             s.state.store(ENDED, SeqCst);
         }
-        let _g = self.gate();
-        self.cv.notify_all();
+        self.changed();
     }
 
-    /// Applies `me`'s delivery with `apply` if one was requested, and acknowledges it; then,
+    /// Applies `me`'s delivery with `apply` if one was requested, acknowledging it between
+    /// [`Apply::take`] and [`Apply::finish`]; then,
     /// if another vCPU is stopping the world, parks until it is done (servicing meanwhile).
-    pub fn service(&self, me: usize, apply: &mut dyn FnMut()) {
+    pub fn service(&self, me: usize, apply: &mut dyn Apply) {
         self.ack(me, apply);
         if self.stopping.load(SeqCst) {
             self.park(me, apply);
         }
     }
 
-    /// Applies and acknowledges a pending request of `me`; true if there was one.
-    fn ack(&self, me: usize, apply: &mut dyn FnMut()) -> bool {
+    /// Applies and acknowledges a pending request of `me` (take, acknowledge, finish); true
+    /// if there was one.
+    fn ack(&self, me: usize, apply: &mut dyn Apply) -> bool {
         let Some(s) = self.slots.get(me) else {
             return false;
         };
@@ -167,48 +283,57 @@ impl Rendezvous {
         if r <= s.done.load(SeqCst) {
             return false;
         }
-        apply();
+        apply.take();
+        s.acked_ns.store(self.now_ns(), SeqCst);
         s.done.store(r, SeqCst);
-        let _g = self.gate();
-        self.cv.notify_all();
+        self.changed();
+        apply.finish();
         true
     }
 
     /// Parks `me` while a world stop led by another vCPU is on.
-    fn park(&self, me: usize, apply: &mut dyn FnMut()) {
+    fn park(&self, me: usize, apply: &mut dyn Apply) {
         let mut g = self.gate();
         if g.leader.is_none_or(|l| l == me) {
             return;
         }
         let epoch = g.epoch;
         g.parked |= VcpuSet::one(me);
-        self.cv.notify_all();
-        while g.epoch == epoch {
-            drop(g);
+        drop(g);
+        self.changed();
+        loop {
+            let seen = self.seen();
             self.ack(me, apply);
-            g = self.gate();
-            if g.epoch != epoch {
+            if self.gate().epoch != epoch {
                 break;
             }
-            g = self
-                .cv
-                .wait_timeout(g, POLL)
-                .map_or_else(|p| p.into_inner().0, |r| r.0);
+            self.wait_change(seen);
         }
     }
 
-    /// Posts a delivery request to every vCPU of `targets` (not `me`), kicks those inside
-    /// `KVM_RUN`, and waits until each has acknowledged (or ended, or `stop` is set),
-    /// servicing `me`'s own mailbox and world stops meanwhile.
+    /// Posts a delivery request to every vCPU of `targets` (not `me`), then kicks those
+    /// inside `KVM_RUN` (all before waiting, so the targets flush in parallel), and waits
+    /// until each has acknowledged (or ended, or `stop` is set), servicing `me`'s own
+    /// mailbox and world stops meanwhile. Targets outside `KVM_RUN` get no signal: they
+    /// apply before they enter, and those waiting in the rendezvous are woken.
     pub fn deliver(
         &self,
         me: usize,
         targets: VcpuSet,
         stop: &AtomicBool,
-        apply: &mut dyn FnMut(),
+        apply: &mut dyn Apply,
     ) -> Delivered {
+        let posted = self.post(me, targets, true);
+        self.wait_acks(me, posted, stop, apply)
+    }
+
+    /// Posts a delivery request to every live vCPU of `targets` but `me`; with `kick`, kicks
+    /// those inside `KVM_RUN` once every request is out. Without `kick` the caller must
+    /// get them out otherwise (a world stop kicks every vCPU inside `KVM_RUN`, and each
+    /// applies its request before it parks). Wait with [`Rendezvous::wait_acks`].
+    pub fn post(&self, me: usize, targets: VcpuSet, kick: bool) -> Posted {
         let mut out = Delivered::default();
-        let mut wait: Vec<(usize, u64, Option<Instant>, Instant)> = Vec::new();
+        let mut wait: Vec<Pending> = Vec::new();
         for w in targets.without(me).iter() {
             let Some(s) = self.slots.get(w) else { continue };
             if s.state.load(SeqCst) == ENDED {
@@ -216,55 +341,101 @@ impl Rendezvous {
             }
             let seq = s.requested.fetch_add(1, SeqCst) + 1;
             out.sent += 1;
-            let now = Instant::now();
-            let kicked = (s.state.load(SeqCst) == IN_RUN).then(|| {
-                self.kicker.kick(w);
-                out.kicks += 1;
-                now
+            let last = Instant::now();
+            wait.push(Pending {
+                vcpu: w,
+                seq,
+                kicked: None,
+                last,
             });
-            wait.push((w, seq, kicked, now));
         }
-        while !wait.is_empty() {
-            self.service(me, apply);
-            wait.retain(|&(w, seq, kicked, _)| {
-                // `w` was checked against `slots` when it was posted.
-                let acked = self
-                    .slots
-                    .get(w)
-                    .is_none_or(|s| s.done.load(SeqCst) >= seq || s.state.load(SeqCst) == ENDED);
-                if let (true, Some(t)) = (acked, kicked) {
-                    out.kick_rtt_ns.push(t.elapsed().as_nanos() as u64);
+        if wait.is_empty() {
+            return Posted { wait, out };
+        }
+        self.changed();
+        if kick {
+            for p in &mut wait {
+                if self.state(p.vcpu) == IN_RUN {
+                    p.kicked = Some(self.now_ns());
+                    self.kicker.kick(p.vcpu);
+                    out.kicks += 1;
                 }
-                !acked
-            });
+            }
+        }
+        Posted { wait, out }
+    }
+
+    /// Waits until every target of `posted` acknowledged (or ended, or `stop` is set),
+    /// servicing `me`'s mailbox and world stops meanwhile, and re-kicking a target still
+    /// inside `KVM_RUN` after `REKICK`.
+    pub fn wait_acks(
+        &self,
+        me: usize,
+        posted: Posted,
+        stop: &AtomicBool,
+        apply: &mut dyn Apply,
+    ) -> Delivered {
+        let Posted { mut wait, mut out } = posted;
+        while !wait.is_empty() {
+            let seen = self.seen();
+            self.service(me, apply);
+            wait.retain(|p| !self.acked(p, &mut out));
             if wait.is_empty() || stop.load(SeqCst) {
                 break;
             }
-            for (w, _, kicked, last) in wait.iter_mut() {
-                if self.state(*w) == IN_RUN && last.elapsed() >= REKICK {
-                    self.kicker.kick(*w);
-                    out.kicks += 1;
-                    *last = Instant::now();
-                    kicked.get_or_insert(*last);
-                }
-            }
-            let g = self.gate();
-            drop(self.cv.wait_timeout(g, POLL));
+            self.rekick(&mut wait, &mut out);
+            self.wait_change(seen);
         }
         out
     }
 
+    /// Whether the target of `p` acknowledged (or ended); records the kick's round trip.
+    fn acked(&self, p: &Pending, out: &mut Delivered) -> bool {
+        let Some(s) = self.slots.get(p.vcpu) else {
+            return true;
+        };
+        if s.done.load(SeqCst) >= p.seq {
+            if let Some(k) = p.kicked {
+                let now = self.now_ns();
+                // Approximate when the target acknowledged several requests meanwhile.
+                let acked = s.acked_ns.load(SeqCst).clamp(k, now);
+                let left = s.left_ns.load(SeqCst).min(acked);
+                out.kick_rtt_ns.push(now - k);
+                out.kick_phases.push(KickPhases {
+                    exit_ns: left.saturating_sub(k),
+                    apply_ns: acked - left.max(k),
+                    wake_ns: now - acked,
+                });
+            }
+            return true;
+        }
+        s.state.load(SeqCst) == ENDED
+    }
+
+    /// Kicks again the targets still inside `KVM_RUN` `REKICK` after their last kick.
+    fn rekick(&self, wait: &mut [Pending], out: &mut Delivered) {
+        for p in wait.iter_mut() {
+            if self.state(p.vcpu) == IN_RUN && p.last.elapsed() >= REKICK {
+                p.kicked.get_or_insert(self.now_ns());
+                self.kicker.kick(p.vcpu);
+                out.kicks += 1;
+                p.last = Instant::now();
+            }
+        }
+    }
+
     /// Stops the world: waits to become the leader (parking for other leaders meanwhile),
-    /// kicks every vCPU inside `KVM_RUN`, waits until every other vCPU is parked or ended
-    /// (or `stop` is set), runs `work` (given `apply`, to deliver while the world is
-    /// stopped), and releases them. `me` services its mailbox while
-    /// it waits. Returns `work`'s result (`None` if the VM stopped first) and the cost.
+    /// kicks every vCPU inside `KVM_RUN` (only those: the others park on their way in, or
+    /// are woken where they wait), waits until every other vCPU is parked or ended (or
+    /// `stop` is set), runs `work` (given `apply`, to deliver while the world is stopped),
+    /// and releases them. `me` services its mailbox while it waits. Returns `work`'s result
+    /// (`None` if the VM stopped first) and the cost.
     pub fn stop_world<R>(
         &self,
         me: usize,
         stop: &AtomicBool,
-        apply: &mut dyn FnMut(),
-        work: impl FnOnce(&mut dyn FnMut()) -> R,
+        apply: &mut dyn Apply,
+        work: impl FnOnce(&mut dyn Apply) -> R,
     ) -> (Option<R>, Stopped) {
         let t0 = Instant::now();
         let mut cost = Stopped::default();
@@ -281,17 +452,19 @@ impl Rendezvous {
                 return (None, cost);
             }
         }
+        self.changed();
         let others = VcpuSet::first(self.slots.len()).without(me);
         let mut last_kick: Option<Instant> = None;
         loop {
+            let seen = self.seen();
             self.ack(me, apply);
             let g = self.gate();
             let waiting: Vec<usize> = others
                 .iter()
                 .filter(|&w| !g.parked.contains(w) && self.state(w) != ENDED)
                 .collect();
+            drop(g);
             if waiting.is_empty() || stop.load(SeqCst) {
-                drop(g);
                 break;
             }
             if last_kick.is_none_or(|t| t.elapsed() >= REKICK) {
@@ -303,7 +476,7 @@ impl Rendezvous {
                 }
                 last_kick = Some(Instant::now());
             }
-            drop(self.cv.wait_timeout(g, POLL));
+            self.wait_change(seen);
         }
         cost.park_ns = t0.elapsed().as_nanos() as u64;
         let t1 = Instant::now();

@@ -189,3 +189,182 @@ fn a_stopping_vm_ends_every_wait() {
     assert_eq!(w, None);
     assert!(r.gate().leader.is_none(), "the stop was released");
 }
+
+#[test]
+fn a_change_made_before_the_wait_ends_it_without_sleeping() {
+    let (r, _f) = world(2);
+    let seen = r.seen();
+    r.changed();
+    r.wait_change(seen);
+    assert_eq!(r.sleeps.load(SeqCst), 0);
+    assert_eq!(r.sleepers.load(SeqCst), 0);
+}
+
+#[test]
+fn a_sleeping_waiter_is_counted_while_it_sleeps_and_sees_the_change() {
+    let (r, _f) = world(2);
+    let flag = Arc::new(AtomicBool::new(false));
+    let (r2, f2) = (r.clone(), flag.clone());
+    let waiter = std::thread::spawn(move || loop {
+        let seen = r2.seen();
+        if f2.load(SeqCst) {
+            return;
+        }
+        r2.wait_change(seen);
+    });
+    // Let the waiter reach its sleep at least once (it counts itself in first).
+    while r.sleeps.load(SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    flag.store(true, SeqCst);
+    r.changed();
+    waiter.join().unwrap();
+    assert_eq!(
+        r.sleepers.load(SeqCst),
+        0,
+        "every sleeper counted itself out"
+    );
+}
+
+/// A simulated vCPU that stays in "KVM_RUN" until every vCPU of `all` was kicked.
+fn runner_until_kicks(
+    r: Arc<Rendezvous>,
+    f: Arc<Flags>,
+    me: usize,
+    all: std::ops::Range<usize>,
+    applied: Arc<AtomicU32>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        assert!(r.enter(me));
+        f.in_guest.fetch_add(1, SeqCst);
+        while !all.clone().all(|w| f.kicked[w].load(SeqCst)) {
+            std::thread::yield_now();
+        }
+        f.in_guest.fetch_sub(1, SeqCst);
+        r.left(me);
+        r.service(me, &mut || {
+            applied.fetch_add(1, SeqCst);
+        });
+        r.ended(me);
+    })
+}
+
+#[test]
+fn kicks_to_several_targets_all_go_out_before_the_issuer_waits() {
+    let (r, f) = world(4);
+    let applied = Arc::new(AtomicU32::new(0));
+    // Each target leaves only once all three were kicked (re-kicks of one do not count):
+    // an issuer that waited for the first acknowledgement before kicking the next would
+    // never return.
+    let ts: Vec<_> = (1..4)
+        .map(|v| runner_until_kicks(r.clone(), f.clone(), v, 1..4, applied.clone()))
+        .collect();
+    while (1..4).any(|v| r.state(v) != IN_RUN) {
+        std::thread::yield_now();
+    }
+    let stop = AtomicBool::new(false);
+    let d = r.deliver(0, VcpuSet::first(4), &stop, &mut || {});
+    assert_eq!(applied.load(SeqCst), 3);
+    assert!(d.sent == 3 && d.kicks >= 3, "{d:?}");
+    assert_eq!((d.kick_rtt_ns.len(), d.kick_phases.len()), (3, 3));
+    for t in ts {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_request_posted_before_a_world_stop_is_applied_on_the_way_to_parking_with_no_delivery_kick() {
+    let (r, f) = world(2);
+    let end = Arc::new(AtomicBool::new(false));
+    let applied = Arc::new(AtomicU32::new(0));
+    let t = runner(r.clone(), f.clone(), 1, end.clone(), applied.clone());
+    while r.state(1) != IN_RUN {
+        std::thread::yield_now();
+    }
+    let stop = AtomicBool::new(false);
+    let posted = r.post(0, VcpuSet::one(1), false);
+    assert_eq!(
+        f.kicks.load(SeqCst),
+        0,
+        "posting without kick sends no signal"
+    );
+    let (d, cost) = r.stop_world(0, &stop, &mut || {}, |apply| {
+        // Parked, and already applied: parking services the mailbox first.
+        assert_eq!(applied.load(SeqCst), 1);
+        r.wait_acks(0, posted, &stop, apply)
+    });
+    let d = d.unwrap();
+    assert_eq!((d.sent, d.kicks), (1, 0), "{d:?}");
+    assert!(cost.kicks >= 1, "the stop kicked the running vCPU");
+    end.store(true, SeqCst);
+    f.kicked[1].store(true, SeqCst);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_vcpu_waiting_in_the_rendezvous_is_not_kicked_and_still_applies() {
+    let (r, f) = world(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let applied = Arc::new(AtomicU32::new(0));
+    // vCPU 1 is outside KVM_RUN, itself waiting for a delivery to vCPU 0 (which never
+    // enters): it must apply vCPU 0's request meanwhile, with no kick.
+    let (r1, s1, a1) = (r.clone(), stop.clone(), applied.clone());
+    let one = std::thread::spawn(move || {
+        r1.deliver(1, VcpuSet::one(0), &s1, &mut || {
+            a1.fetch_add(1, SeqCst);
+        })
+    });
+    while r.slots[0].requested.load(SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let d = r.deliver(0, VcpuSet::one(1), &stop, &mut || {});
+    assert_eq!((d.sent, d.kicks), (1, 0), "{d:?}");
+    assert_eq!(applied.load(SeqCst), 1);
+    // Let vCPU 1's own wait end: vCPU 0 services its mailbox.
+    r.service(0, &mut || {});
+    assert_eq!(one.join().unwrap().kicks, 0);
+    assert_eq!(f.kicks.load(SeqCst), 0);
+}
+
+/// Records where each part of a delivery ran relative to the acknowledgement.
+struct Parts<'a> {
+    r: &'a Rendezvous,
+    me: usize,
+    log: Vec<(&'static str, bool)>,
+}
+
+impl Apply for Parts<'_> {
+    fn take(&mut self) {
+        let s = &self.r.slots[self.me];
+        let acked = s.done.load(SeqCst) >= s.requested.load(SeqCst);
+        self.log.push(("take", acked));
+    }
+    fn finish(&mut self) {
+        let s = &self.r.slots[self.me];
+        let acked = s.done.load(SeqCst) >= s.requested.load(SeqCst);
+        self.log.push(("finish", acked));
+    }
+}
+
+#[test]
+fn take_runs_before_the_acknowledgement_and_finish_after_it_before_service_returns() {
+    let (r, _f) = world(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let r2 = r.clone();
+    let s2 = stop.clone();
+    let issuer = std::thread::spawn(move || r2.deliver(0, VcpuSet::one(1), &s2, &mut || {}));
+    while r.slots[1].requested.load(SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let mut parts = Parts {
+        r: &r,
+        me: 1,
+        log: Vec::new(),
+    };
+    assert!(!r.enter(1));
+    r.service(1, &mut parts);
+    // Both parts ran inside `service`, so before vCPU 1 could enter again.
+    assert_eq!(parts.log, [("take", false), ("finish", true)]);
+    assert_eq!(issuer.join().unwrap().sent, 1);
+    assert!(r.enter(1));
+}

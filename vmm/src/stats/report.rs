@@ -186,6 +186,12 @@ pub struct SmpReport {
     pub kicks: u64,
     /// Kick round trips (first kick to acknowledgement).
     pub kick_rtt: Dist,
+    /// Their parts: kick to the target leaving `KVM_RUN`.
+    pub kick_exit: Dist,
+    /// Leaving `KVM_RUN` to the acknowledgement (the target's flush).
+    pub kick_apply: Dist,
+    /// The acknowledgement to the issuer noticing it.
+    pub kick_wake: Dist,
     /// Deliveries of other vCPUs' batches applied on this vCPU.
     pub deliveries_applied: u64,
     /// World stops led for host resyncs.
@@ -299,6 +305,9 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             remote_flushes_avoided: s.smp.remote_avoided,
             kicks: s.smp.kicks,
             kick_rtt: Dist::from(&s.smp.kick_rtt),
+            kick_exit: Dist::from(&s.smp.kick_exit),
+            kick_apply: Dist::from(&s.smp.kick_apply),
+            kick_wake: Dist::from(&s.smp.kick_wake),
             deliveries_applied: s.smp.deliveries_applied,
             world_stops: s.smp.world_stops,
             world_stop_kicks: s.smp.world_stop_kicks,
@@ -534,7 +543,7 @@ mod tests {
             keys(&v["vm"]["pool_resync"]),
             ["choice", "needed", "probe_cached", "probe_ns"]
         );
-        assert_eq!(keys(&v["merged"]["smp"]).len(), 10);
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 13);
     }
 
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys

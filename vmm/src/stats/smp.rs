@@ -18,6 +18,13 @@ pub struct SmpStats {
     pub kicks: u64,
     /// Kick round trips: from the first kick of a target to its acknowledgement, ns.
     pub kick_rtt: Latency,
+    /// Their first part: the kick to the target leaving `KVM_RUN` (signal, `EINTR` exit,
+    /// any wait for a CPU), ns.
+    pub kick_exit: Latency,
+    /// The target's work: leaving `KVM_RUN` to acknowledging (its flush ioctls), ns.
+    pub kick_apply: Latency,
+    /// The issuer's wake-up: the acknowledgement to the issuer seeing it, ns.
+    pub kick_wake: Latency,
     /// Deliveries this vCPU applied for other vCPUs' batches.
     pub deliveries_applied: u64,
     /// World stops this vCPU led for a host resync.
@@ -38,6 +45,9 @@ impl SmpStats {
         self.remote_avoided += o.remote_avoided;
         self.kicks += o.kicks;
         self.kick_rtt.merge(&o.kick_rtt);
+        self.kick_exit.merge(&o.kick_exit);
+        self.kick_apply.merge(&o.kick_apply);
+        self.kick_wake.merge(&o.kick_wake);
         self.deliveries_applied += o.deliveries_applied;
         self.world_stops += o.world_stops;
         self.world_stop_kicks += o.world_stop_kicks;
@@ -53,6 +63,9 @@ impl SmpStats {
             remote_avoided: self.remote_avoided.saturating_sub(e.remote_avoided),
             kicks: self.kicks.saturating_sub(e.kicks),
             kick_rtt: self.kick_rtt.since(&e.kick_rtt),
+            kick_exit: self.kick_exit.since(&e.kick_exit),
+            kick_apply: self.kick_apply.since(&e.kick_apply),
+            kick_wake: self.kick_wake.since(&e.kick_wake),
             deliveries_applied: self.deliveries_applied.saturating_sub(e.deliveries_applied),
             world_stops: self.world_stops.saturating_sub(e.world_stops),
             world_stop_kicks: self.world_stop_kicks.saturating_sub(e.world_stop_kicks),

@@ -377,6 +377,21 @@ fn smp(o: &mut String, r: &Report) {
             us(s.world_stop.mean_ns)
         );
     }
+    let _ = writeln!(
+        o,
+        "kick p50 parts (µs): kick -> target out of KVM_RUN / -> acknowledged / -> issuer awake"
+    );
+    for v in r.vcpus.iter().filter(|v| v.smp.kick_rtt.count > 0) {
+        let s = &v.smp;
+        let _ = writeln!(
+            o,
+            "{:<6} {:>12} {:>12} {:>12}",
+            v.vcpu.unwrap_or(0),
+            us(s.kick_exit.p50_ns),
+            us(s.kick_apply.p50_ns),
+            us(s.kick_wake.p50_ns)
+        );
+    }
 }
 
 fn kvm_counters(o: &mut String, m: &VcpuReport) {

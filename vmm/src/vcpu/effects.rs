@@ -6,7 +6,6 @@ use super::end::VcpuEnd;
 use crate::hcall::Effects;
 use crate::memory::MemoryError;
 use crate::stats::VcpuStats;
-use crate::x86::CR4_PGE;
 use kvm_ioctls::VcpuFd;
 use std::time::Instant;
 
@@ -43,21 +42,17 @@ pub fn next_cr3(current: u64, new_root: Option<u64>, flush: bool) -> Option<u64>
     }
 }
 
-/// How the vCPU flushes its TLB when a flush is not already covered by a host resync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlushStyle {
-    /// Also toggle CR4.PGE (drops global translations architecturally; KVM resets the
-    /// vCPU's MMU context on a CR4 change): used where no host resync happens.
-    pub pge: bool,
-}
-
 /// Applies `fx` on `fd`; returns the end reason when the guest asked to exit. `covered`: a
 /// host resync after the batch already dropped every translation (the flush is done).
+///
+/// A flush is one `KVM_SET_SREGS` with a changed CR3: KVM then resets the vCPU's MMU
+/// context and flushes the guest's TLB as a whole (`KVM_REQ_TLB_FLUSH_GUEST`, the
+/// equivalent of a CR4.PGE toggle, global translations included), so no CR4 toggle (a
+/// second ioctl) is needed.
 pub fn apply(
     fd: &VcpuFd,
     fx: &Effects,
     covered: bool,
-    style: FlushStyle,
     stats: &mut VcpuStats,
 ) -> Result<Option<VcpuEnd>, EffectError> {
     if let Some(v) = &fx.violation {
@@ -75,11 +70,6 @@ pub fn apply(
     let mut s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     if let Some(cr3) = next_cr3(s.cr3, fx.new_cr3, flush) {
         s.cr3 = cr3;
-        if flush && style.pge && s.cr4 & CR4_PGE != 0 {
-            s.cr4 &= !CR4_PGE;
-            fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
-            s.cr4 |= CR4_PGE;
-        }
         fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
     }
     let name = if fx.new_cr3.is_some() {

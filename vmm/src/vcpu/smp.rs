@@ -2,35 +2,58 @@
 //! it, delivering its own batch's remote flushes and root switches before the hypercall
 //! returns, and the host resync with the world stopped (docs/pv-abi.md §6.4).
 //!
-//! Order after a batch that needs a host resync: stop the world (every other vCPU parked
-//! outside `KVM_RUN`), deliver the remote flushes and root switches (parked vCPUs apply
-//! them on their own threads), re-register the pool memslot under the engine lock, and
+//! Order after a batch that needs a host resync: post the remote flushes and root switches,
+//! stop the world (every other vCPU parked outside `KVM_RUN`; each applies its delivery on
+//! its own thread on the way to parking, so one kick serves both), wait for the
+//! acknowledgements, re-register the pool memslot under the engine lock, and
 //! only then mark the freed pool frames clean; release the world; apply the caller's own
 //! CR3 load. Without a resync (the probe found VMM writes visible to a running guest), the
 //! deliveries are kicks and the frames become clean once they are acknowledged.
 
-use super::effects::{self, FlushStyle};
+use super::effects;
 use super::{Vcpu, VcpuEnd};
 use crate::hcall::Effects;
-use crate::rendezvous::Delivered;
+use crate::rendezvous::{Apply, Delivered};
 use crate::stats::VcpuStats;
 use crate::vm_ops::VmOps;
 use kvm_ioctls::VcpuFd;
 use std::time::Instant;
 
-/// Applies the delivery another vCPU's batch left for `index` (its flush, a root switch).
-fn apply_delivery(
-    fd: &VcpuFd,
-    vm: &dyn VmOps,
+/// Applies the deliveries other vCPUs' batches left for `index` (a flush, a root switch):
+/// the engine hands it over before the acknowledgement, the `KVM_SET_SREGS` that carries it
+/// out follows right after, before this vCPU enters `KVM_RUN` again (nothing runs guest code
+/// on it in between, so no translation it holds can be used), off the issuer's wait.
+struct Applier<'a> {
+    fd: &'a VcpuFd,
+    vm: &'a dyn VmOps,
     index: usize,
-    style: FlushStyle,
-    stats: &mut VcpuStats,
-) -> Result<(), String> {
-    let fx = vm.take_delivery(index);
-    stats.smp.deliveries_applied += 1;
-    effects::apply(fd, &fx, false, style, stats)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    stats: &'a mut VcpuStats,
+    err: &'a mut Option<String>,
+    taken: Option<Effects>,
+}
+
+impl Apply for Applier<'_> {
+    fn take(&mut self) {
+        let fx = self.vm.take_delivery(self.index);
+        self.stats.smp.deliveries_applied += 1;
+        // Two takes before one finish cannot happen (finish follows each acknowledgement);
+        // merge anyway rather than lose one.
+        self.taken = Some(match self.taken.take() {
+            Some(old) => Effects {
+                flush: old.flush || fx.flush,
+                new_cr3: fx.new_cr3.or(old.new_cr3),
+                ..Effects::default()
+            },
+            None => fx,
+        });
+    }
+
+    fn finish(&mut self) {
+        let Some(fx) = self.taken.take() else { return };
+        if let Err(e) = effects::apply(self.fd, &fx, false, self.stats) {
+            self.err.get_or_insert(e.to_string());
+        }
+    }
 }
 
 /// Records what a delivery cost the issuer.
@@ -40,34 +63,29 @@ fn record_delivery(stats: &mut VcpuStats, d: &Delivered, wait_ns: u64) {
     for &ns in &d.kick_rtt_ns {
         stats.smp.kick_rtt.record(ns);
     }
+    for p in &d.kick_phases {
+        stats.smp.kick_exit.record(p.exit_ns);
+        stats.smp.kick_apply.record(p.apply_ns);
+        stats.smp.kick_wake.record(p.wake_ns);
+    }
     if d.sent > 0 {
         stats.effect("remote_delivery_wait", wait_ns);
     }
 }
 
 impl Vcpu {
-    /// How this vCPU flushes: with a CR4.PGE toggle where no host resync drops globals.
-    fn style(&self) -> FlushStyle {
-        FlushStyle {
-            pge: !self.pool_resync,
-        }
-    }
-
     /// Outside `KVM_RUN` before entering: applies a pending delivery and parks for another
     /// vCPU's world stop.
     pub(super) fn service(&mut self) {
         let t = Instant::now();
-        let (index, style) = (self.index, self.style());
-        let (fd, vm, stats, err) = (
-            &self.fd,
-            &*self.vm,
-            &mut self.stats,
-            &mut self.delivery_error,
-        );
-        let mut apply = || {
-            if let Err(e) = apply_delivery(fd, vm, index, style, stats) {
-                err.get_or_insert(e);
-            }
+        let index = self.index;
+        let mut apply = Applier {
+            fd: &self.fd,
+            vm: &*self.vm,
+            index,
+            stats: &mut self.stats,
+            err: &mut self.delivery_error,
+            taken: None,
         };
         self.sync.service(index, &mut apply);
         self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
@@ -84,41 +102,40 @@ impl Vcpu {
                 return Some(VcpuEnd::VmmFailure(e));
             }
         }
-        effects::apply(&self.fd, &fx, covered, self.style(), &mut self.stats)
+        effects::apply(&self.fd, &fx, covered, &mut self.stats)
             .unwrap_or_else(|e| Some(VcpuEnd::VmmFailure(e.to_string())))
     }
 
     /// Delivers `fx.remote` and performs `fx.host_resync`; true if a host resync after the
     /// batch covered the caller's own flush.
     fn coherence(&mut self, fx: &Effects) -> bool {
-        let (index, style) = (self.index, self.style());
+        let index = self.index;
         self.stats.smp.remote_requested += u64::from(fx.remote.len());
         self.stats.smp.remote_avoided += u64::from(fx.remote_avoided);
         let stop = self.stop.clone();
         let sync = self.sync.clone();
         let pool = self.pool_slot.clone().filter(|_| self.pool_resync);
-        let (fd, vm, stats, err) = (
-            &self.fd,
-            &*self.vm,
-            &mut self.stats,
-            &mut self.delivery_error,
-        );
-        let mut applied = Vec::new();
-        let mut apply = || {
-            let mut s = VcpuStats::default();
-            if let Err(e) = apply_delivery(fd, vm, index, style, &mut s) {
-                err.get_or_insert(e);
-            }
-            applied.push(s);
+        let (vm, stats) = (&*self.vm, &mut self.stats);
+        let mut applied = VcpuStats::default();
+        let mut apply = Applier {
+            fd: &self.fd,
+            vm,
+            index,
+            stats: &mut applied,
+            err: &mut self.delivery_error,
+            taken: None,
         };
         let resync_needed = fx.host_resync && pool.is_some();
         let t = Instant::now();
         let (delivered, resync) = if resync_needed {
             let mut resync_ns = 0;
             let mut ran = false;
+            // Posted before the stop and not kicked: the stop kicks every vCPU inside
+            // KVM_RUN, and each applies its request on its way to parking.
+            let posted = sync.post(index, fx.remote, false);
             let (r, cost) = sync.stop_world(index, &stop, &mut apply, |apply| {
                 let t = Instant::now();
-                let d = sync.deliver(index, fx.remote, &stop, apply);
+                let d = sync.wait_acks(index, posted, &stop, apply);
                 let wait = t.elapsed().as_nanos() as u64;
                 let covered = vm.host_resync(fx.resync_gen, &mut || {
                     let t = Instant::now();
@@ -151,14 +168,14 @@ impl Vcpu {
             let wait = t.elapsed().as_nanos() as u64;
             if fx.host_resync {
                 // Nothing to re-register here: the freed frames are clean once every vCPU
-                // that could hold them has flushed.
+                // that could hold them has acknowledged (each finishes its flush before it
+                // runs guest code again).
                 vm.host_resync(fx.resync_gen, &mut || true);
             }
             ((d, wait), false)
         };
-        for s in &applied {
-            stats.merge(s);
-        }
+        drop(apply);
+        stats.merge(&applied);
         record_delivery(stats, &delivered.0, delivered.1);
         resync
     }

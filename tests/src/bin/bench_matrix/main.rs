@@ -10,7 +10,8 @@
 //! operation, µs per operation.
 //!
 //! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`), `--modes=five` (only
-//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows),
+//! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows), `--smp=only`
+//! (the SMP rows and cost rows only: no UP matrix, no plots),
 //! `--hypercall=pio|vmcall|auto` (pio; the UP runs), `--floor-iterations=N` (20000, of the
 //! exit floor), `--host-note=TEXT` (said about the host in the report), `--bed=DIR` (render
 //! the SVM bed's matrix, `DIR/results.json`, beside this host's; `bed`).
@@ -20,6 +21,7 @@ mod plot;
 mod report;
 mod run;
 mod smp;
+mod smp_cost;
 mod strategies;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -260,6 +262,8 @@ pub struct Args {
     pub host_note: Option<String>,
     /// Not `--smp=off`: the SMP rows run too (they need every PV mode on 2 and 4 vCPUs).
     pub smp: bool,
+    /// `--smp=only`: the SMP rows and cost rows only (no UP matrix, no plots).
+    pub smp_only: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -285,6 +289,7 @@ fn args() -> Result<Args, String> {
         bed: text("--bed=").map(Into::into),
         host_note: text("--host-note=").map(Into::into),
         smp: !args.iter().any(|x| x == "--smp=off"),
+        smp_only: args.iter().any(|x| x == "--smp=only"),
     })
 }
 
@@ -342,45 +347,60 @@ fn measure(a: &Args, hz: f64, bar: &ProgressBar) -> Measured {
     Measured { points, errors, vm }
 }
 
-/// The UP matrix, then the SMP rows unless `--smp=off`.
-fn measure_all(a: &Args, hz: f64) -> (Measured, Vec<smp::SmpPoint>) {
-    let smp_on = a.smp;
-    let smp_runs = if smp_on { smp::runs(a.repeat) } else { 0 };
-    let total = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat) + smp_runs;
+/// The SMP rows, the remote-flush cost rows and the host's load while they ran.
+#[derive(Default)]
+struct SmpMeasured {
+    points: Vec<smp::SmpPoint>,
+    cost: Vec<smp_cost::CostPoint>,
+    load: smp_cost::Load,
+}
+
+/// The UP matrix (unless `--smp=only`), then the SMP and cost rows (unless `--smp=off`).
+fn measure_all(a: &Args, hz: f64, floor_ns: f64) -> (Measured, SmpMeasured) {
+    let up_runs = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
+    let smp_runs = smp::runs(a.repeat) + smp_cost::runs(a.repeat);
+    let total = if a.smp_only { 0 } else { up_runs } + if a.smp { smp_runs } else { 0 };
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut m = measure(a, hz, &bar);
+    let mut m = if a.smp_only {
+        Measured {
+            points: Vec::new(),
+            errors: Vec::new(),
+            vm: Value::Null,
+        }
+    } else {
+        measure(a, hz, &bar)
+    };
     let tick = |msg: &str| {
         bar.set_message(msg.to_string());
         bar.inc(1);
     };
-    let smp_points = if smp_on {
-        let (p, e) = smp::measure(a.repeat, hz, &tick);
+    let mut out = SmpMeasured::default();
+    if a.smp {
+        let (points, e) = smp::measure(a.repeat, hz, &tick);
         m.errors.extend(e);
-        p
-    } else {
-        Vec::new()
-    };
+        let (cost, load, e) = smp_cost::measure(a.repeat, floor_ns, &tick);
+        m.errors.extend(e);
+        out = SmpMeasured { points, cost, load };
+    }
     bar.finish_with_message("done");
-    (m, smp_points)
+    (m, out)
 }
 
 /// Writes `results.json`, `report.md` and the plots into `a.out`; false if one failed.
-fn write_outputs(a: &Args, m: &Measured, smp_points: &[smp::SmpPoint], results: &Value) -> bool {
+fn write_outputs(a: &Args, m: &Measured, smp: &SmpMeasured, results: &Value) -> bool {
     let (host, floor) = (&results["host"], &results["exit_floor"]);
     let mut md = report::report(&m.points, floor, host, a.pages, a.repeat);
     if let Some(dir) = &a.bed {
         bed::section(&mut md, &m.points, floor, host, dir);
     }
-    smp::section(
-        &mut md,
-        smp_points,
-        floor["floor_ns"].as_f64().unwrap_or(0.0),
-    );
-    strategies::smp_note(&mut md, smp_points);
+    let floor_ns = floor["floor_ns"].as_f64().unwrap_or(0.0);
+    smp::section(&mut md, &smp.points, floor_ns);
+    strategies::smp_note(&mut md, &smp.points);
+    smp_cost::section(&mut md, &smp.cost, &smp.load, floor_ns);
     let json = serde_json::to_string_pretty(results).unwrap_or_default();
     let mut ok = true;
     for (file, text) in [("results.json", json), ("report.md", md)] {
@@ -393,6 +413,9 @@ fn write_outputs(a: &Args, m: &Measured, smp_points: &[smp::SmpPoint], results: 
         ("exits", "exits_per_op.svg", "exits per operation (page)"),
         ("us", "us_per_op.svg", "guest µs per operation (page)"),
     ] {
+        if a.smp_only {
+            break;
+        }
         if let Err(e) = plot::plot(&m.points, metric, &a.out.join(file), title) {
             eprintln!("plot {file}: {e}");
             ok = false;
@@ -408,7 +431,7 @@ fn main() {
     });
     let hz = tsc_hz();
     let floor = exit_floor(a.floor_iterations);
-    let (m, smp_points) = measure_all(&a, hz);
+    let (m, smp) = measure_all(&a, hz, floor["floor_ns"].as_f64().unwrap_or(0.0));
     let host = report::host_facts(&a, &m.vm);
     if let Err(e) = std::fs::create_dir_all(&a.out) {
         eprintln!("bench-matrix: cannot create {}: {e}", a.out.display());
@@ -416,9 +439,9 @@ fn main() {
     }
     println!("bench-matrix: host {}", report::host_line(&host));
     let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
-        "host": host, "exit_floor": floor, "points": m.points, "smp": smp_points,
-        "errors": m.errors});
-    let ok = write_outputs(&a, &m, &smp_points, &results);
+        "host": host, "exit_floor": floor, "points": m.points, "smp": smp.points,
+        "smp_cost": smp.cost, "errors": m.errors});
+    let ok = write_outputs(&a, &m, &smp, &results);
     println!(
         "wrote {}/results.json, report.md, exits_per_op.svg, us_per_op.svg ({} points, {} errors)",
         a.out.display(),
@@ -428,7 +451,7 @@ fn main() {
     for e in m.errors.iter().take(5) {
         eprintln!("error: {}", e.lines().next().unwrap_or(""));
     }
-    if !ok || !m.errors.is_empty() || m.points.is_empty() {
+    if !ok || !m.errors.is_empty() || (m.points.is_empty() && !a.smp_only) {
         std::process::exit(1);
     }
 }

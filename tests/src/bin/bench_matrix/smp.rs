@@ -58,7 +58,7 @@ pub struct SmpPoint {
 }
 
 /// Total time of the merged effect `name`, ns (0 when absent).
-fn effect_ns(v: &Value, name: &str) -> f64 {
+pub fn effect_ns(v: &Value, name: &str) -> f64 {
     v["merged"]["effects"]
         .as_array()
         .into_iter()
@@ -69,7 +69,7 @@ fn effect_ns(v: &Value, name: &str) -> f64 {
 }
 
 /// The VMM's SMP counter `key`: the merged figure, else the sum over vCPUs.
-fn smp_counter(v: &Value, key: &str) -> Option<f64> {
+pub fn smp_counter(v: &Value, key: &str) -> Option<f64> {
     if let Some(n) = v["merged"]["smp"][key].as_f64() {
         return Some(n);
     }
@@ -83,10 +83,25 @@ fn smp_counter(v: &Value, key: &str) -> Option<f64> {
 
 /// One run with `--vcpus`; (stats, console).
 fn run(cmdline: &str, vcpus: u32) -> Result<(Value, String), String> {
+    let (v, console, code) = run_with(cmdline, vcpus, &[])?;
+    if code != Some(0) {
+        return Err(format!("{cmdline} --vcpus {vcpus}: exit {code:?}"));
+    }
+    Ok((v, console))
+}
+
+/// One run with `--vcpus` and `extra` pvmm flags, whatever the guest's verdict: (stats,
+/// console, pvmm's exit code).
+pub fn run_with(
+    cmdline: &str,
+    vcpus: u32,
+    extra: &[&str],
+) -> Result<(Value, String, Option<i32>), String> {
     let f = temp(&format!(
-        "bench-smp-{}-{vcpus}-{}.json",
+        "bench-smp-{}-{vcpus}-{}-{}.json",
         std::process::id(),
-        cmdline.len()
+        cmdline.len(),
+        extra.len()
     ));
     let out = Command::new(pvmm_bin())
         .args(["run", "--kernel"])
@@ -95,19 +110,14 @@ fn run(cmdline: &str, vcpus: u32) -> Result<(Value, String), String> {
         .args(["--stats", "json", "--stats-file"])
         .arg(&f)
         .args(["--timeout", "300", "--hypercall", "pio"])
+        .args(extra)
         .output()
         .map_err(|e| format!("{}: {e}", pvmm_bin().display()))?;
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
     let text = std::fs::read_to_string(&f).map_err(|e| format!("{cmdline}: no stats ({e})"))?;
     let _ = std::fs::remove_file(&f);
-    if out.status.code() != Some(0) {
-        return Err(format!(
-            "{cmdline} --vcpus {vcpus}: exit {:?}",
-            out.status.code()
-        ));
-    }
     let v = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    Ok((v, console))
+    Ok((v, console, out.status.code()))
 }
 
 /// `key=value` of the counter line `# <name>: ...`.
@@ -239,7 +249,7 @@ pub fn section(o: &mut String, points: &[SmpPoint], floor_ns: f64) {
     use std::fmt::Write;
     let _ = writeln!(o, "\n## SMP: remote flushes per operation\n");
     let _ = writeln!(o, "An operation is one round of the workload (an unmap, mprotect or dirty harvest with a thread on another vCPU holding the translation; for `smp_flush_avoid` a map+unmap of never-touched pages with the space live on every vCPU). VMM counters less a boot with the same vCPU count; `-`: the VMM reports no SMP counters. Medians.\n");
-    let _ = writeln!(o, "The cost of a remote flush per target vCPU, in exit floors measured in the same run ({:.1} µs): `delivery` is the issuer's wait until every target acknowledged (`remote_delivery_wait`), `world stop` the park time of the stopped-world pool resyncs (`world_stop_park`, only where the host needs the resync), both per remote flush sent. Goal: ≤ 2 exit floors per target.\n", floor_ns / 1000.0);
+    let _ = writeln!(o, "The cost of a remote flush per target vCPU, in exit floors measured in the same run ({:.1} µs): `delivery` is the issuer's wait until every target acknowledged (`remote_delivery_wait`), `world stop` the park time of the stopped-world pool resyncs (`world_stop_park`, only where the host needs the resync; the targets apply their deliveries on the way to parking, so it includes them and `delivery` is then near 0), both per remote flush sent. Goal: ≤ 2 exit floors per target; the cost rows below have it on 1, 2 and 4 vCPUs and for kick delivery.\n", floor_ns / 1000.0);
     let _ = writeln!(o, "| workload | mmu | vCPUs | remote requested/op | remote sent/op | kicks/op | guest IPIs/op | µs/op | delivery ÷ floor per target | world stop ÷ floor per target |");
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
     let floors = |s: &Option<Stat>| match s {
