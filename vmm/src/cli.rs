@@ -93,7 +93,8 @@ pub enum PoolResync {
     Auto,
     /// Always resync (a software-shadowing KVM needs it).
     Always,
-    /// Never resync: flushes are CR3/CR4.PGE loads only (wrong on a software-shadowing KVM).
+    /// Never resync: flushes are CR3 loads through KVM_SET_SREGS only (wrong on a
+    /// software-shadowing KVM).
     Never,
 }
 

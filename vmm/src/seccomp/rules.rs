@@ -154,7 +154,7 @@ fn vcpu(ctx: &Context) -> Vec<Allowed> {
         ),
         ioctl(
             ioctls::KVM_SET_SREGS(),
-            "CR3 load or CR3-toggle (and CR4.PGE-toggle) flush after MMU batches",
+            "CR3 load or CR3-toggle flush after MMU batches",
         ),
         ioctl(
             ioctls::KVM_GET_REGS(),
