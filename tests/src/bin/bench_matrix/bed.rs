@@ -5,7 +5,7 @@
 //! figures are counts (exits, updates per exit) and ratios within each host's own run (to
 //! its exit floor, pv-lazy ÷ native).
 
-use crate::report::{phases_per_update, resync_verdict, PHASES};
+use crate::report::{phases_header, phases_per_update, resync_verdict};
 use crate::{strategies::FIVE, Point, WORKLOADS};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -213,15 +213,7 @@ fn ratio_table(o: &mut String, here: &[Point], bed: &Bed) {
 
 fn phases_table(o: &mut String, here: &[Point], bed: &Bed) {
     let _ = writeln!(o, "\nMMU_BATCH phases, ns per PT_UPDATE applied (summed over the workloads, as in the phases table above):\n");
-    let _ = write!(o, "| mode | host | PT_UPDATEs |");
-    for n in PHASES {
-        let _ = write!(o, " {n} |");
-    }
-    let _ = writeln!(
-        o,
-        " total without zero_frame |\n|---|---|---|{}---|",
-        "---|".repeat(PHASES.len())
-    );
+    phases_header(o, &["mode", "host", "PT_UPDATEs"]);
     for m in ["pv", "pv-lazy/1024", "emulate", "wrpt"] {
         for (who, pts) in [("here", here), ("bed", &bed.points[..])] {
             let Some((updates, per, total)) = phases_per_update(pts, m) else {

@@ -239,6 +239,19 @@ fn ratio_section(o: &mut String, points: &[Point], host: &Value) {
     }
 }
 
+/// The header of a phases table: the leading `columns`, one per phase, then the total.
+pub fn phases_header(o: &mut String, columns: &[&str]) {
+    let _ = write!(o, "|");
+    for c in columns.iter().chain(&PHASES) {
+        let _ = write!(o, " {c} |");
+    }
+    let _ = writeln!(
+        o,
+        " total without zero_frame |\n|{}---|",
+        "---|".repeat(columns.len() + PHASES.len())
+    );
+}
+
 /// The MMU_BATCH phases, in report order.
 pub const PHASES: [&str; 6] = [
     "request",
@@ -278,15 +291,7 @@ pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f6
 fn phases_section(o: &mut String, points: &[Point]) {
     let _ = writeln!(o, "\n## MMU_BATCH phases\n");
     let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `response`: the guarded response write.\n");
-    let _ = write!(o, "| mode | PT_UPDATEs |");
-    for n in PHASES {
-        let _ = write!(o, " {n} |");
-    }
-    let _ = writeln!(
-        o,
-        " total without zero_frame |\n|---|---|{}---|",
-        "---|".repeat(PHASES.len())
-    );
+    phases_header(o, &["mode", "PT_UPDATEs"]);
     for m in [
         "pv",
         "pv fa=0",
