@@ -11,7 +11,7 @@ use crate::mem::{table, Mem};
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
 use crate::rules::{self, Rule};
-use crate::targets::TargetsMemo;
+use crate::targets_memo::TargetsMemo;
 use crate::trap_state::TrapState;
 use crate::vcpuset::VcpuSet;
 

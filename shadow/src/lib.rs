@@ -44,6 +44,7 @@ pub mod pte;
 pub mod rules;
 mod shadow;
 mod targets;
+mod targets_memo;
 pub mod trap;
 mod trap_state;
 pub mod vcpuset;

@@ -12,27 +12,8 @@
 //! entry, whose subtree may hold G leaves). Everything else is left alone: its TLB cannot
 //! hold a translation made through `T`.
 
-use std::cell::Cell;
-
 use crate::engine::ShadowMmu;
 use crate::vcpuset::VcpuSet;
-
-/// One remembered [`ShadowMmu::targets_of_table`] answer.
-#[derive(Clone, Copy, Debug, Default)]
-struct Memo {
-    /// Key: `pfn << 1 | global`, plus one (0 = empty).
-    key: u64,
-    /// [`ShadowMmu::targets_generation`] when it was computed.
-    generation: u64,
-    set: VcpuSet,
-}
-
-/// Recent flush-target answers, direct-mapped by table (a batch that changes many entries
-/// of a few tables walks the back-references of each once). An answer is used only while
-/// nothing it was derived from changed: back-references and types (the frames'
-/// generation), loaded and held roots (`roots_generation`).
-#[derive(Default)]
-pub(crate) struct TargetsMemo([Cell<Memo>; 8]);
 
 impl ShadowMmu {
     /// Every L4 frame from which guest table `pfn` is reachable through validated
@@ -63,28 +44,18 @@ impl ShadowMmu {
     /// The vCPUs that may hold a translation made through an entry of guest table `pfn`;
     /// `global`: the entry may have produced a global translation (see the module doc).
     pub(crate) fn targets_of_table(&self, pfn: u64, global: bool) -> VcpuSet {
-        let key = ((pfn << 1) | u64::from(global)).wrapping_add(1);
         let generation = self.targets_generation();
-        let cell = self.targets_memo.0.get((pfn & 7) as usize);
-        if let Some(m) = cell.map(Cell::get) {
-            if m.key == key && m.generation == generation {
-                #[cfg(test)]
-                assert_eq!(
-                    m.set,
-                    self.compute_targets(pfn, global),
-                    "stale flush targets"
-                );
-                return m.set;
-            }
+        if let Some(set) = self.targets_memo.get(pfn, global, generation) {
+            #[cfg(test)]
+            assert_eq!(
+                set,
+                self.compute_targets(pfn, global),
+                "stale flush targets"
+            );
+            return set;
         }
         let set = self.compute_targets(pfn, global);
-        if let Some(c) = cell {
-            c.set(Memo {
-                key,
-                generation,
-                set,
-            });
-        }
+        self.targets_memo.put(pfn, global, generation, set);
         set
     }
 
