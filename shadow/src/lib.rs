@@ -62,6 +62,8 @@ pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 pub use vcpuset::VcpuSet;
 
 #[cfg(test)]
+mod fast_tests;
+#[cfg(test)]
 mod integrity_tests;
 #[cfg(test)]
 mod mutant_tests;
