@@ -1662,7 +1662,8 @@ fn fast_path_matches_general_path() {
     assert!(hits.get() > 0, "the fast path never ran");
 }
 
-/// The long differential run: at least 300,000 engine ops
+/// The long differential run: at least 100,000 engine ops (memory is compared after
+/// every batch, so it is slower per op than the model run)
 /// (`cargo test -p shadow --release --test tlb_model -- --ignored --nocapture`).
 #[test]
 #[ignore]
@@ -1670,7 +1671,7 @@ fn fast_path_matches_general_path_long() {
     use proptest::test_runner::{Config, TestRunner};
     let (ops, hits) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let mut runner = TestRunner::new(Config {
-        cases: 800,
+        cases: 250,
         failure_persistence: None,
         max_shrink_iters: 0,
         ..Config::default()
@@ -1693,7 +1694,7 @@ fn fast_path_matches_general_path_long() {
         ops.get(),
         hits.get()
     );
-    assert!(ops.get() >= 300_000, "only {} ops", ops.get());
+    assert!(ops.get() >= 100_000, "only {} ops", ops.get());
     assert!(hits.get() > 0, "the fast path never ran");
 }
 
