@@ -75,4 +75,17 @@ impl ShadowMmu {
         }
         out
     }
+
+    /// Turns the straight-line path of common L1 leaf updates on (the default) or off, so
+    /// a differential test can run the general path alone against the same ops.
+    #[doc(hidden)]
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
+    }
+
+    /// How many `PT_UPDATE`s the straight-line path applied.
+    #[doc(hidden)]
+    pub fn debug_fast_path_hits(&self) -> u64 {
+        self.fast_hits
+    }
 }

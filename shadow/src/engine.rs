@@ -72,6 +72,11 @@ pub struct ShadowMmu {
     pub(crate) roots_generation: u64,
     /// Recent flush-target answers (see `targets`).
     pub(crate) targets_memo: TargetsMemo,
+    /// Whether common L1 leaf updates take the straight-line path (`fast`); only the
+    /// differential tests turn it off (`set_fast_path`).
+    pub(crate) fast_path: bool,
+    /// `PT_UPDATE`s the straight-line path applied (tests check it ran).
+    pub(crate) fast_hits: u64,
 }
 
 impl ShadowMmu {
@@ -99,6 +104,8 @@ impl ShadowMmu {
             trap: TrapState::default(),
             roots_generation: 0,
             targets_memo: TargetsMemo::default(),
+            fast_path: true,
+            fast_hits: 0,
         })
     }
 
@@ -149,7 +156,9 @@ impl ShadowMmu {
                 val,
                 preserve_ad,
             } => {
-                self.pt_update(mem, ptr, val, preserve_ad)?;
+                if !self.pt_update_fast(mem, ptr, val, preserve_ad) {
+                    self.pt_update(mem, ptr, val, preserve_ad)?;
+                }
                 self.counters.updates += 1;
             }
             MmuOp::Pin { level, frame } => {

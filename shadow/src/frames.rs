@@ -119,6 +119,12 @@ impl Frames {
         self.word(pfn) & NOT_RAM == 0
     }
 
+    /// Whether `pfn` is usable RAM and untyped (so it has no shadow either), in one load.
+    #[inline]
+    pub fn is_untyped_ram(&self, pfn: u64) -> bool {
+        self.word(pfn) & (LEVEL | NOT_RAM) == 0
+    }
+
     /// The type of `pfn` (if typed) and the pool index of its shadow (if built), in one load.
     #[inline]
     pub fn table(&self, pfn: u64) -> Option<(u8, Option<u32>)> {

@@ -16,6 +16,7 @@
 //!   frame for what the update path reads);
 //! * `pool`: the shadow pool allocator and the reverse map of writable mappings;
 //! * `engine`: the [`ShadowMmu`] and one method per op;
+//! * `fast`: the straight-line `PT_UPDATE` of an L1 leaf (the common case);
 //! * `batch`: [`Batch`], a batch's entries applied against one memory object;
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
@@ -34,6 +35,7 @@ mod batch;
 pub mod counters;
 mod debug;
 mod engine;
+mod fast;
 pub mod flush;
 mod frames;
 pub mod invariants;
@@ -60,6 +62,8 @@ pub use rules::Rule;
 pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 pub use vcpuset::VcpuSet;
 
+#[cfg(test)]
+mod fast_tests;
 #[cfg(test)]
 mod integrity_tests;
 #[cfg(test)]

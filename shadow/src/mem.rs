@@ -85,7 +85,7 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
 
     /// A host range holding all of `gpa..gpa + 4096`: a remembered region, or what
     /// [`Self::resolve`] finds; without remembering, just that frame ([`Self::frame`]).
-    #[inline]
+    #[inline(always)]
     fn region(&self, gpa: u64) -> Option<Region> {
         if !self.remember {
             return self.frame(gpa);
@@ -145,7 +145,7 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
 /// Opens the table at frame number `pfn`. The memory object must be physical memory
 /// (`GuestMemory::physical_memory()`, true of every `GuestMemoryBackend` such as
 /// `GuestMemoryMmap`) backing the whole frame in one region; `Rule::Unbacked` otherwise.
-#[inline]
+#[inline(always)]
 pub(crate) fn table<'m, M: GuestMemory>(mem: &Mem<'m, M>, pfn: u64) -> Result<Table<'m>, Rule> {
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
     let r = mem.region(gpa).ok_or(Rule::Unbacked)?;

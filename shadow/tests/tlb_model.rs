@@ -319,6 +319,17 @@ struct World {
     /// The mechanism switched off (tests that expect the model to catch it): remote
     /// deliveries are taken but not applied.
     drop_remote: bool,
+    /// Differential runs: a second engine with the straight-line `PT_UPDATE` path off, on
+    /// its own copy of memory, fed the same entries and the same CPU and guest stores.
+    twin: Option<Box<Twin>>,
+}
+
+/// The general-path engine of a differential run and its memory.
+struct Twin {
+    mem: GuestMemoryMmap,
+    mmu: ShadowMmu,
+    /// Buffers for comparing the memories after every batch.
+    bufs: [Vec<u8>; 2],
 }
 
 type Res = Result<(), String>;
@@ -451,6 +462,7 @@ impl World {
             history: Vec::new(),
             flush_asked: 0,
             drop_remote: false,
+            twin: None,
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -480,7 +492,74 @@ impl World {
     }
 
     fn wr(&self, gpa: u64, v: u64) {
-        self.mem.write_obj(v, GuestAddress(gpa)).unwrap()
+        self.mem.write_obj(v, GuestAddress(gpa)).unwrap();
+        if let Some(t) = &self.twin {
+            t.mem.write_obj(v, GuestAddress(gpa)).unwrap();
+        }
+    }
+
+    /// Makes this a differential run (before any entry is applied): a twin engine with the
+    /// fast path off starts from a copy of the memory.
+    fn add_twin(&mut self, vcpus: usize, pool: u64) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), RAM_END as usize),
+            (GuestAddress(POOL), (pool * 4096) as usize),
+        ])
+        .unwrap();
+        let mut buf = vec![0u8; RAM_END as usize];
+        self.mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        mem.write_slice(&buf, GuestAddress(0)).unwrap();
+        let mut mmu = ShadowMmu::new(self.mmu.layout().clone(), vcpus).unwrap();
+        mmu.set_fast_path(false);
+        self.twin = Some(Box::new(Twin {
+            mem,
+            mmu,
+            bufs: [Vec::new(), Vec::new()],
+        }));
+    }
+
+    /// Differential runs: the two engines agree on guest memory, pool memory, counters,
+    /// loaded roots and pending flushes.
+    fn compare_twin(&mut self) -> Res {
+        let Some(t) = self.twin.as_deref_mut() else {
+            return Ok(());
+        };
+        if self.mmu.counters() != t.mmu.counters() {
+            return Err(format!(
+                "fast path: counters differ:\n{:?}\n{:?}",
+                self.mmu.counters(),
+                t.mmu.counters()
+            ));
+        }
+        let pool = self.mmu.counters().pool_frames_total;
+        for (base, len) in [(0, RAM_END), (POOL, pool * 4096)] {
+            let [a, b] = &mut t.bufs;
+            a.resize(len as usize, 0);
+            b.resize(len as usize, 0);
+            self.mem.read_slice(a, GuestAddress(base)).unwrap();
+            t.mem.read_slice(b, GuestAddress(base)).unwrap();
+            if a != b {
+                let i = (0..a.len())
+                    .step_by(8)
+                    .find(|&i| a[i..i + 8] != b[i..i + 8]);
+                let i = i.unwrap_or(0);
+                let word = |x: &[u8]| u64::from_le_bytes(x[i..i + 8].try_into().unwrap());
+                return Err(format!(
+                    "fast path: memory differs at {:#x}: {:#x} (fast) vs {:#x} (general)",
+                    base + i as u64,
+                    word(a),
+                    word(b)
+                ));
+            }
+        }
+        for v in 0..self.vcpus {
+            if self.mmu.loaded_root(v) != t.mmu.loaded_root(v)
+                || self.mmu.flush_pending(v) != t.mmu.flush_pending(v)
+            {
+                return Err(format!("fast path: vcpu {v} root or pending flush differs"));
+            }
+        }
+        Ok(())
     }
     fn rd(&self, gpa: u64) -> u64 {
         self.mem.read_obj(GuestAddress(gpa)).unwrap()
@@ -793,6 +872,12 @@ impl World {
             }
         }
         let out = self.mmu.end_batch(v);
+        if let Some(t) = self.twin.as_deref_mut() {
+            let o2 = t.mmu.end_batch(v);
+            if out != o2 {
+                return Err(format!("fast path: end_batch {out:?} vs {o2:?} (general)"));
+            }
+        }
         if out.remote_avoided > 0 {
             cov(Cov::RemoteAvoided);
         }
@@ -811,6 +896,12 @@ impl World {
         // DETACH, a flush), each applied before the batch returns.
         for w in out.remote.iter() {
             let d = self.mmu.take_delivery(w);
+            if let Some(t) = self.twin.as_deref_mut() {
+                let d2 = t.mmu.take_delivery(w);
+                if d != d2 {
+                    return Err(format!("fast path: delivery {d:?} vs {d2:?} (general)"));
+                }
+            }
             if self.drop_remote {
                 continue;
             }
@@ -842,9 +933,19 @@ impl World {
                 out.remote
             ));
         }
-        if self.mmu.take_host_resync_needed() {
+        let resync = self.mmu.take_host_resync_needed();
+        if resync {
             self.mmu.host_resynced();
         }
+        if let Some(t) = self.twin.as_deref_mut() {
+            if t.mmu.take_host_resync_needed() != resync {
+                return Err("fast path: host resync verdicts differ".into());
+            }
+            if resync {
+                t.mmu.host_resynced();
+            }
+        }
+        self.compare_twin()?;
         let loaded: Vec<u64> = self.vroot.iter().flatten().copied().collect();
         let mut distinct = loaded.clone();
         distinct.sort_unstable();
@@ -1064,6 +1165,11 @@ impl World {
             self.mem
                 .write_slice(&[0u8; 4096], GuestAddress(f << 12))
                 .unwrap();
+            if let Some(t) = &self.twin {
+                t.mem
+                    .write_slice(&[0u8; 4096], GuestAddress(f << 12))
+                    .unwrap();
+            }
         }
         self.wr(l4 << 12, (l3 << 12) | T);
         self.wr((l4 << 12) + 8 * 256, (self.kern[0] << 12) | T);
@@ -1088,7 +1194,24 @@ impl World {
             MmuOp::PtUpdate { ptr, .. } => self.mem.read_obj::<u64>(GuestAddress(ptr)).ok(),
             _ => None,
         };
-        let r = self.mmu.apply(&self.mem, v, e);
+        let r = match self.twin.as_deref_mut() {
+            None => self.mmu.apply(&self.mem, v, e),
+            Some(t) => {
+                // The fast engine through a batch (the VMM's way), the general one entry by
+                // entry: the results must agree.
+                let r = self.mmu.batch(&self.mem).apply(v, e);
+                let r2 = t.mmu.apply(&t.mem, v, e);
+                if r != r2 || self.mmu.counters() != t.mmu.counters() {
+                    return Err(format!(
+                        "fast path: {e:x?} on vcpu {v}: {r:?} vs {r2:?} (general), counters \
+                         {:?} vs {:?}",
+                        self.mmu.counters(),
+                        t.mmu.counters()
+                    ));
+                }
+                r
+            }
+        };
         if self.history.len() == 24 {
             self.history.remove(0);
         }
@@ -1454,7 +1577,17 @@ impl World {
 }
 
 fn run(vcpus: usize, pool: u64, steps: &[Step]) -> Result<(u64, u64), TestCaseError> {
+    run_world(World::new(vcpus, pool), vcpus, steps).map(|(o, a, _)| (o, a))
+}
+
+/// A differential run ([`World::add_twin`]): returns (ops, accesses, fast-path updates).
+fn run_twin(vcpus: usize, pool: u64, steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
     let mut w = World::new(vcpus, pool);
+    w.add_twin(vcpus, pool);
+    run_world(w, vcpus, steps)
+}
+
+fn run_world(mut w: World, vcpus: usize, steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
     w.boot()
         .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
     for (i, s) in steps.iter().enumerate() {
@@ -1473,7 +1606,7 @@ fn run(vcpus: usize, pool: u64, steps: &[Step]) -> Result<(u64, u64), TestCaseEr
                 .map_err(|e| TestCaseError::fail(format!("final sync: {e}")))?;
         }
     }
-    Ok((w.ops, w.accesses))
+    Ok((w.ops, w.accesses, w.mmu.debug_fast_path_hits()))
 }
 
 fn case() -> impl Strategy<Value = (usize, u64, Vec<Step>)> {
@@ -1503,6 +1636,66 @@ fn tlb_model_matches() {
     for (c, n) in coverage() {
         assert!(n > 0, "never exercised: {c:?} ({:?})", coverage());
     }
+}
+
+/// Differential run: the engine with its straight-line `PT_UPDATE` path and a twin with
+/// only the general path, fed the same entries, CPU accesses and guest stores, agree on every
+/// entry's result and the counters after each entry, and on guest memory, pool memory,
+/// counters, batch outcomes, deliveries, roots and pending flushes after every batch.
+#[test]
+fn fast_path_matches_general_path() {
+    use proptest::test_runner::{Config, TestRunner};
+    let hits = std::cell::Cell::new(0u64);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&case(), |(vcpus, pool, steps)| {
+            let (_, _, h) = run_twin(vcpus, pool, &steps)?;
+            hits.set(hits.get() + h);
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("fast path updates: {}", hits.get());
+    assert!(hits.get() > 0, "the fast path never ran");
+}
+
+/// The long differential run: at least 100,000 engine ops (memory is compared after
+/// every batch, so it is slower per op than the model run)
+/// (`cargo test -p shadow --release --test tlb_model -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn fast_path_matches_general_path_long() {
+    use proptest::test_runner::{Config, TestRunner};
+    let (ops, hits) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let mut runner = TestRunner::new(Config {
+        cases: 250,
+        failure_persistence: None,
+        max_shrink_iters: 0,
+        ..Config::default()
+    });
+    let long = (
+        prop::sample::select(vec![2usize, 4]),
+        prop::sample::select(vec![11u64, 16, 64]),
+        prop::collection::vec(step_strategy(), 250..300),
+    );
+    runner
+        .run(&long, |(vcpus, pool, steps)| {
+            let (o, _, h) = run_twin(vcpus, pool, &steps)?;
+            ops.set(ops.get() + o);
+            hits.set(hits.get() + h);
+            Ok(())
+        })
+        .unwrap();
+    eprintln!(
+        "differential: {} engine ops, {} fast-path updates",
+        ops.get(),
+        hits.get()
+    );
+    assert!(ops.get() >= 100_000, "only {} ops", ops.get());
+    assert!(hits.get() > 0, "the fast path never ran");
 }
 
 /// The long run: at least 1,000,000 engine ops with TLBs on 2 and 4 vCPUs
