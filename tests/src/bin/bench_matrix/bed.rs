@@ -5,7 +5,7 @@
 //! figures are counts (exits, updates per exit) and ratios within each host's own run (to
 //! its exit floor, pv-lazy ÷ native).
 
-use crate::report::{phases_header, phases_per_update, resync_verdict};
+use crate::report::{phases_header, phases_row, resync_verdict};
 use crate::{strategies::FIVE, Point, WORKLOADS};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -216,14 +216,7 @@ fn phases_table(o: &mut String, here: &[Point], bed: &Bed) {
     phases_header(o, &["mode", "host", "PT_UPDATEs"]);
     for m in ["pv", "pv-lazy/1024", "emulate", "wrpt"] {
         for (who, pts) in [("here", here), ("bed", &bed.points[..])] {
-            let Some((updates, per, total)) = phases_per_update(pts, m) else {
-                continue;
-            };
-            let _ = write!(o, "| {m} | {who} | {updates:.0} |");
-            for v in per {
-                let _ = write!(o, " {v:.0} |");
-            }
-            let _ = writeln!(o, " {total:.0} |");
+            phases_row(o, &format!("| {m} | {who}"), m, pts);
         }
     }
 }

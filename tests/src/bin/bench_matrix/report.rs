@@ -299,15 +299,21 @@ fn phases_section(o: &mut String, points: &[Point]) {
         "pv-lazy/1024 fa=0",
         "pv-lazy/16",
     ] {
-        let Some((updates, per, total)) = phases_per_update(points, m) else {
-            continue;
-        };
-        let _ = write!(o, "| {m} | {updates:.0} |");
-        for v in per {
-            let _ = write!(o, " {v:.0} |");
-        }
-        let _ = writeln!(o, " {total:.0} |");
+        phases_row(o, &format!("| {m}"), m, points);
     }
+}
+
+/// One row of a phases table for mode `m` of `points`, led by `lead` (`| a | b` without the
+/// closing bar); nothing where the mode has no PT_UPDATEs.
+pub fn phases_row(o: &mut String, lead: &str, m: &str, points: &[Point]) {
+    let Some((updates, per, total)) = phases_per_update(points, m) else {
+        return;
+    };
+    let _ = write!(o, "{lead} | {updates:.0} |");
+    for v in per {
+        let _ = write!(o, " {v:.0} |");
+    }
+    let _ = writeln!(o, " {total:.0} |");
 }
 
 fn all_section(o: &mut String, points: &[Point], floor: &Value) {
