@@ -22,6 +22,8 @@
 #                                       strategies, UP, exit floor in the same run) at that
 #                                       size; its output directory comes out on the console
 #                                       as a BED-FILE block (a base64 tar.gz, see emit_dir)
+#        benchsmp:<pages>x<repeat>:<transport> the same with the SMP and remote-flush cost
+#                                       rows (2 and 4 vCPUs: boot it on QEMU's 2 CPUs)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -37,6 +39,9 @@ MODDIR=/bed/modules
 SUITE_CMDLINE="console=ttyS0 selftest=all pages=256"
 BREAK_CMDLINE="console=ttyS0 selftest=smp_unmap,smp_mprotect,smp_remap,smp_dirty,smp_fork_cow break=no_shootdown"
 STEP_TIMEOUT=900
+# One smpbreak attempt takes 2-3 s; with the flushes gone the guest may corrupt itself and
+# hang, which must cost one attempt, not the boot's whole QEMU timeout.
+BREAK_TIMEOUT=${BREAK_TIMEOUT:-60}
 
 say() { echo "$*"; }
 
@@ -73,8 +78,12 @@ run_pvmm() { # step name, then pvmm arguments; stdin from the caller
     shift
     say "BED-BEGIN $name"
     t0=$(now_cs)
-    "$PVMM" run "$@" --stats table --stats-file /tmp/stats.txt --timeout "$STEP_TIMEOUT"
+    limit=${RUN_TIMEOUT:-$STEP_TIMEOUT}
+    # The outer kill is a backstop: pvmm must end by itself within STOP_GRACE of --timeout.
+    timeout -s KILL $((limit + 30)) "$PVMM" run "$@" --stats table --stats-file /tmp/stats.txt \
+        --timeout "$limit"
     rc=$?
+    [ "$rc" = 137 ] && say "BED-NOTE $name: pvmm outlived its --timeout $limit by 30 s and was killed"
     secs=$(secs_since "$t0")
     say ""
     say "BED-STATS-BEGIN"
@@ -100,8 +109,11 @@ smpbreak() { # name mode transport
     [ "$2" != native ] && drop=--debug-drop-remote-flushes
     n=1
     while :; do
+        RUN_TIMEOUT=$BREAK_TIMEOUT
         run_pvmm "$1" --kernel "$GUEST" --cmdline "$BREAK_CMDLINE mmu=$2" \
             --hypercall "$3" --vcpus 2 --mem 256M $drop </dev/null >/tmp/break.log 2>&1
+        RUN_TIMEOUT=
+        grep -q "rc=205 " /tmp/break.log && say "BED-NOTE $1: attempt $n hit the ${BREAK_TIMEOUT}s timeout"
         if grep -qE '^not ok [0-9]+ smp_(unmap|mprotect|remap|dirty)( |$)' /tmp/break.log ||
             [ "$n" -ge "$BREAK_ATTEMPTS" ]; then
             break
@@ -171,12 +183,12 @@ emit_dir() {
 
 BENCH_NOTE="QEMU TCG + SVM/NPT bed (pvmm and its guest run under kvm_amd in a stock Debian kernel, itself emulated by QEMU TCG): absolute µs are emulation-inflated; compare ratios."
 
-bench() { # step name, <pages>x<repeat>, transport
+bench() { # step name, <pages>x<repeat>, transport, --smp= value
     say "BED-BEGIN $1"
     t0=$(now_cs)
     rm -rf /tmp/bench
     if [ -x /bed/bench-matrix ]; then
-        PVMM_BIN=$PVMM PVMM_GUEST=$GUEST /bed/bench-matrix --modes=five --smp=off \
+        PVMM_BIN=$PVMM PVMM_GUEST=$GUEST /bed/bench-matrix --modes=five --smp="$4" \
             --pages="${2%x*}" --repeat="${2#*x}" --hypercall="$3" --floor-iterations=5000 \
             --out=/tmp/bench --host-note="$BENCH_NOTE" </dev/null 2>/tmp/bench-stderr
         rc=$?
@@ -205,7 +217,8 @@ EOF
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
-    bench) bench "$s" "$mode" "$transport" ;;
+    bench) bench "$s" "$mode" "$transport" off ;;
+    benchsmp) bench "$s" "$mode" "$transport" on ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;
     esac
 done

@@ -203,6 +203,15 @@ extract_files() {
     return "$bad"
 }
 
+# What a boot that did not reach BED-DONE left: its status, the last console lines (the
+# step it was in, the guest's last output) and QEMU's stderr.
+cut_off_report() { # boot number, QEMU status, seconds, log
+    echo "svm-bed: boot $1 did not reach BED-DONE (QEMU status $2 after $3 s); last console lines and QEMU's stderr:"
+    grep -a '^BED-BEGIN' "$4" | tail -n 1 | sed 's/^/    last step: /'
+    tail -n 15 "$4" | tr -d '\r' | sed 's/^/    /'
+    sed 's/^/    qemu: /' "$4.qemu-stderr"
+}
+
 main() {
     mkdir -p "$BED"
     "$HERE/judge-test.sh" >"$BED/judge-test.log" || { cat "$BED/judge-test.log"; log "judge.awk self-test failed"; exit 1; }
@@ -213,7 +222,7 @@ main() {
     log "kernel $KVER"
     build_initramfs
     TOKEN="bed-token-$(date +%s)"
-    local started=$SECONDS all_steps="" i=0 spec cpus steps qrc logs=()
+    local started=$SECONDS all_steps="" i=0 spec cpus steps qrc logs=() cut_off=()
     IFS=';' read -ra specs <<<"$BOOTS"
     for spec in "${specs[@]}"; do
         cpus=${spec%%=*}
@@ -226,9 +235,8 @@ main() {
         log "boot $i ended (status $qrc) after $((SECONDS - t0)) s; log: $out"
         [ "$qrc" = 124 ] && log "boot $i hit the ${TIMEOUT}s timeout"
         if ! grep -q '^BED-DONE' "$out"; then
-            log "boot $i did not reach BED-DONE; last console lines and QEMU's stderr:"
-            tail -n 15 "$out" | sed 's/^/    /'
-            sed 's/^/    qemu: /' "$out.qemu-stderr"
+            cut_off+=("$(cut_off_report "$i" "$qrc" "$((SECONDS - t0))" "$out")")
+            printf '%s\n' "${cut_off[-1]}"
         fi
         all_steps="$all_steps${all_steps:+,}$steps"
         logs+=("$out")
@@ -257,6 +265,8 @@ main() {
         echo "$table"
     } | awk -F'\t' '{ for (i = 1; i <= NF; i++) { c[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR; if (NF > nf) nf = NF }
         END { for (r = 1; r <= n; r++) { l = ""; for (i = 1; i <= nf; i++) l = l sprintf(i < nf ? "%-" w[i] "s  " : "%s", c[r, i]); print l } }'
+    # Repeated last: CI shows the tail of the output.
+    [ "${#cut_off[@]}" -gt 0 ] && printf '%s\n' "${cut_off[@]}"
     if [ "$rc" = 0 ]; then
         echo "svm-bed: PASS"
     else

@@ -30,6 +30,8 @@ struct Applier<'a> {
     stats: &'a mut VcpuStats,
     err: &'a mut Option<String>,
     taken: Option<Effects>,
+    /// A root switch (`NEW_BASEPTR`'s or `DETACH`'s CR3) was loaded by [`Apply::finish`].
+    switched_root: bool,
 }
 
 impl Apply for Applier<'_> {
@@ -50,6 +52,7 @@ impl Apply for Applier<'_> {
 
     fn finish(&mut self) {
         let Some(fx) = self.taken.take() else { return };
+        self.switched_root |= fx.new_cr3.is_some();
         if let Err(e) = effects::apply(self.fd, &fx, false, self.stats) {
             self.err.get_or_insert(e.to_string());
         }
@@ -86,6 +89,7 @@ impl Vcpu {
             stats: &mut self.stats,
             err: &mut self.delivery_error,
             taken: None,
+            switched_root: false,
         };
         self.sync.service(index, &mut apply);
         self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
@@ -93,11 +97,13 @@ impl Vcpu {
 
     /// Carries out a hypercall's effects: remote deliveries and the host resync (if any),
     /// then the caller's own CR3 load or flush. `Some` ends the loop.
-    pub(super) fn apply_hypercall(&mut self, fx: Effects) -> Option<VcpuEnd> {
+    pub(super) fn apply_hypercall(&mut self, mut fx: Effects) -> Option<VcpuEnd> {
         let mut covered = false;
         if fx.violation.is_none() && fx.exit.is_none() && (fx.host_resync || !fx.remote.is_empty())
         {
-            covered = self.coherence(&fx);
+            let done = self.coherence(&fx);
+            covered = done.covered;
+            fx.new_cr3 = own_root(fx.new_cr3, done.switched_root);
             if let Some(e) = self.delivery_error.take() {
                 return Some(VcpuEnd::VmmFailure(e));
             }
@@ -106,9 +112,8 @@ impl Vcpu {
             .unwrap_or_else(|e| Some(VcpuEnd::VmmFailure(e.to_string())))
     }
 
-    /// Delivers `fx.remote` and performs `fx.host_resync`; true if a host resync after the
-    /// batch covered the caller's own flush.
-    fn coherence(&mut self, fx: &Effects) -> bool {
+    /// Delivers `fx.remote` and performs `fx.host_resync`.
+    fn coherence(&mut self, fx: &Effects) -> Coherence {
         let index = self.index;
         self.stats.smp.remote_requested += u64::from(fx.remote.len());
         self.stats.smp.remote_avoided += u64::from(fx.remote_avoided);
@@ -124,6 +129,7 @@ impl Vcpu {
             stats: &mut applied,
             err: &mut self.delivery_error,
             taken: None,
+            switched_root: false,
         };
         let resync_needed = fx.host_resync && pool.is_some();
         let t = Instant::now();
@@ -174,9 +180,43 @@ impl Vcpu {
             }
             ((d, wait), false)
         };
+        let switched_root = apply.switched_root;
         drop(apply);
         stats.merge(&applied);
         record_delivery(stats, &delivered.0, delivered.1);
-        resync
+        Coherence {
+            covered: resync,
+            switched_root,
+        }
+    }
+}
+
+/// What [`Vcpu::coherence`] did besides delivering.
+struct Coherence {
+    /// A host resync after the batch dropped every translation (the caller's flush is done).
+    covered: bool,
+    /// While it waited, the caller applied a root switch another vCPU's later batch left
+    /// for it (a `DETACH` of the root its own batch loaded).
+    switched_root: bool,
+}
+
+/// The CR3 the caller loads after its deliveries: its batch's own root, unless a root
+/// switch taken while it waited superseded it. The engine took the batch's root at the end
+/// of the batch, so a switch found in the caller's mailbox afterwards is the newer one;
+/// loading the batch's root after it would run on a root the engine may have freed.
+fn own_root(batch_root: Option<u64>, switched_meanwhile: bool) -> Option<u64> {
+    batch_root.filter(|_| !switched_meanwhile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_root;
+
+    #[test]
+    fn a_root_switch_taken_while_waiting_supersedes_the_batch_root() {
+        assert_eq!(own_root(Some(0x5000), false), Some(0x5000));
+        assert_eq!(own_root(Some(0x5000), true), None);
+        assert_eq!(own_root(None, true), None);
+        assert_eq!(own_root(None, false), None);
     }
 }
