@@ -22,8 +22,8 @@
 #                                       strategies, UP, exit floor in the same run) at that
 #                                       size; its output directory comes out on the console
 #                                       as a BED-FILE block (a base64 tar.gz, see emit_dir)
-#        benchsmp:<pages>x<repeat>:<transport> the same with the SMP and remote-flush cost
-#                                       rows (2 and 4 vCPUs: boot it on QEMU's 2 CPUs)
+#        benchcost:<pages>x<repeat>:<transport> the same with the remote-flush cost rows
+#                                       (1, 2 and 4 vCPUs: boot it on QEMU's 2 CPUs)
 # A step may end in @tag (suite:pv:vmcall@npt0) to tell repeated steps apart.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -218,7 +218,7 @@ EOF
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
     bench) bench "$s" "$mode" "$transport" off ;;
-    benchsmp) bench "$s" "$mode" "$transport" on ;;
+    benchcost) bench "$s" "$mode" "$transport" cost ;;
     *) say "BED-BEGIN $s" && say "unknown step" && say "BED-END $s rc=127 secs=0" ;;
     esac
 done

@@ -87,5 +87,7 @@ bench 0 30 0 vmcall 3 2 | judge bench:16x1:vmcall FAIL "bench: an output block c
 bench 0 30 0 vmcall 3 3 | grep -v '^BED-FILE-END' | judge bench:16x1:vmcall FAIL "bench: an output block without its end fails"
 bench 0 30 0 vmcall 3 3 | grep -v '^wrote' | judge bench:16x1:vmcall FAIL "bench: a run without the summary line fails"
 bench 0 30 0 vmcall 3 3 | grep -v '^BED-FILE' | grep -v '^H4s' | judge bench:16x1:vmcall FAIL "bench: no output block fails"
+bench 0 30 0 vmcall 3 3 | sed 's/bench:16x1/benchcost:16x1/' | judge benchcost:16x1:vmcall PASS "benchcost: judged as a bench step"
+bench 1 30 0 vmcall 3 3 | sed 's/bench:16x1/benchcost:16x1/' | judge benchcost:16x1:vmcall FAIL "benchcost: a non-zero bench-matrix status fails"
 
 [ "$fails" = 0 ] && echo "judge-test: all passed" || { echo "judge-test: $fails failed"; exit 1; }

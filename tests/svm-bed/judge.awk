@@ -97,7 +97,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base, want)
     if (kind == "suite" || kind == "smp" || kind == "smp4") why = judge_suite(transport)
     else if (kind == "smpbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
-    else if (kind == "bench" || kind == "benchsmp") why = judge_bench(transport)
+    else if (kind == "bench" || kind == "benchcost") why = judge_bench(transport)
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
     if (kind == "smp" || kind == "smp4") {

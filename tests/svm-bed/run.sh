@@ -139,7 +139,7 @@ build_initramfs() {
     install -m 755 "$HERE/linux-init.sh" "$l/init"
     copy_with_libs "$r" "$PVMM" /bed/pvmm
     install -m 644 "$GUEST" "$r/bed/pvmm-guest"
-    case ";$BOOTS," in *[=,]bench:* | *[=,]benchsmp:*)
+    case ";$BOOTS," in *[=,]bench:* | *[=,]benchcost:*)
         [ -x "$BENCH_MATRIX" ] || { log "$BENCH_MATRIX not found: cargo build --release -p pvmm-e2e"; exit 1; }
         copy_with_libs "$r" "$BENCH_MATRIX" /bed/bench-matrix
         ;;

@@ -6,6 +6,7 @@
 //! its exit floor, pv-lazy ÷ native).
 
 use crate::report::{phases_header, phases_row, resync_verdict};
+use crate::smp_cost::{self, CostPoint};
 use crate::{strategies::FIVE, Point, WORKLOADS};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -19,6 +20,9 @@ struct Bed {
     pages: u64,
     repeat: u64,
     errors: usize,
+    /// The remote-flush cost rows (a `benchcost:` step) and the bed's load meanwhile.
+    cost: Vec<CostPoint>,
+    cost_load: smp_cost::Load,
 }
 
 /// Reads `dir/results.json`; the error says why there is none. `dir/SKIPPED` holds the
@@ -43,6 +47,8 @@ fn load(dir: &Path) -> Result<Bed, String> {
         pages: v["pages"].as_u64().unwrap_or(0),
         repeat: v["repeat"].as_u64().unwrap_or(0),
         errors: v["errors"].as_array().map_or(0, Vec::len),
+        cost: serde_json::from_value(v["smp_cost"].clone()).unwrap_or_default(),
+        cost_load: serde_json::from_value(v["smp_cost_load"].clone()).unwrap_or_default(),
     })
 }
 
@@ -263,6 +269,21 @@ pub fn section(o: &mut String, here: &[Point], floor: &Value, host: &Value, dir:
     ops_table(o, here, &bed);
     ratio_table(o, here, &bed);
     phases_table(o, here, &bed);
+    cost_rows(o, &bed);
+}
+
+/// The bed's remote-flush cost rows, where its run had them: there the kick is the
+/// delivery (nested paging, no resync), so they are the figures the goal is about.
+fn cost_rows(o: &mut String, bed: &Bed) {
+    if bed.cost.is_empty() {
+        let _ = writeln!(o, "\nThe bed's run had no remote-flush cost rows (a `bench:` step; `benchcost:` has them).");
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\n### Remote-flush cost per target vCPU in the SVM bed, in its exit floors\n"
+    );
+    smp_cost::table(o, &bed.cost, &bed.cost_load, floor_ns(&bed.floor));
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //!
 //! Flags: `--pages=N` (256), `--repeat=N` (3), `--out=DIR` (`bench`), `--modes=five` (only
 //! native, pv, pv-lazy/1024, emulate and wrpt), `--smp=off` (no SMP rows), `--smp=only`
-//! (the SMP rows and cost rows only: no UP matrix, no plots),
+//! (the SMP rows and cost rows only: no UP matrix, no plots), `--smp=cost` (the UP matrix
+//! and the remote-flush cost rows, not the SMP rows: what the SVM bed runs in its time),
 //! `--hypercall=pio|vmcall|auto` (pio; the UP runs), `--floor-iterations=N` (20000, of the
 //! exit floor), `--host-note=TEXT` (said about the host in the report), `--bed=DIR` (render
 //! the SVM bed's matrix, `DIR/results.json`, beside this host's; `bed`).
@@ -264,6 +265,9 @@ pub struct Args {
     pub smp: bool,
     /// `--smp=only`: the SMP rows and cost rows only (no UP matrix, no plots).
     pub smp_only: bool,
+    /// Not `--smp=cost`: the SMP rows run with the cost rows (`--smp=cost`: only the cost
+    /// rows).
+    pub smp_rows: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -290,6 +294,7 @@ fn args() -> Result<Args, String> {
         host_note: text("--host-note=").map(Into::into),
         smp: !args.iter().any(|x| x == "--smp=off"),
         smp_only: args.iter().any(|x| x == "--smp=only"),
+        smp_rows: !args.iter().any(|x| x == "--smp=cost"),
     })
 }
 
@@ -358,7 +363,8 @@ struct SmpMeasured {
 /// The UP matrix (unless `--smp=only`), then the SMP and cost rows (unless `--smp=off`).
 fn measure_all(a: &Args, hz: f64, floor_ns: f64) -> (Measured, SmpMeasured) {
     let up_runs = (modes().len() * (WORKLOADS.len() + 1)) as u64 * u64::from(a.repeat);
-    let smp_runs = smp::runs(a.repeat) + smp_cost::runs(a.repeat);
+    let smp_rows = if a.smp_rows { smp::runs(a.repeat) } else { 0 };
+    let smp_runs = smp_rows + smp_cost::runs(a.repeat);
     let total = if a.smp_only { 0 } else { up_runs } + if a.smp { smp_runs } else { 0 };
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -380,7 +386,11 @@ fn measure_all(a: &Args, hz: f64, floor_ns: f64) -> (Measured, SmpMeasured) {
     };
     let mut out = SmpMeasured::default();
     if a.smp {
-        let (points, e) = smp::measure(a.repeat, hz, &tick);
+        let (points, e) = if a.smp_rows {
+            smp::measure(a.repeat, hz, &tick)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         m.errors.extend(e);
         let (cost, load, e) = smp_cost::measure(a.repeat, floor_ns, &tick);
         m.errors.extend(e);
@@ -398,9 +408,13 @@ fn write_outputs(a: &Args, m: &Measured, smp: &SmpMeasured, results: &Value) -> 
         bed::section(&mut md, &m.points, floor, host, dir);
     }
     let floor_ns = floor["floor_ns"].as_f64().unwrap_or(0.0);
-    smp::section(&mut md, &smp.points, floor_ns);
-    strategies::smp_note(&mut md, &smp.points);
-    smp_cost::section(&mut md, &smp.cost, &smp.load, floor_ns);
+    if !smp.points.is_empty() {
+        smp::section(&mut md, &smp.points, floor_ns);
+        strategies::smp_note(&mut md, &smp.points);
+    }
+    if !smp.cost.is_empty() {
+        smp_cost::section(&mut md, &smp.cost, &smp.load, floor_ns);
+    }
     let json = serde_json::to_string_pretty(results).unwrap_or_default();
     let mut ok = true;
     for (file, text) in [("results.json", json), ("report.md", md)] {
@@ -440,7 +454,7 @@ fn main() {
     println!("bench-matrix: host {}", report::host_line(&host));
     let results = serde_json::json!({"pages": a.pages, "repeat": a.repeat, "tsc_hz": hz,
         "host": host, "exit_floor": floor, "points": m.points, "smp": smp.points,
-        "smp_cost": smp.cost, "errors": m.errors});
+        "smp_cost": smp.cost, "smp_cost_load": smp.load, "errors": m.errors});
     let ok = write_outputs(&a, &m, &smp, &results);
     println!(
         "wrote {}/results.json, report.md, exits_per_op.svg, us_per_op.svg ({} points, {} errors)",

@@ -17,7 +17,7 @@
 use crate::smp::{effect_ns, run_with, smp_counter};
 use crate::{stat, Stat};
 use pvmm_e2e::Tap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Workloads measured (one round = one remote flush per other vCPU holding the page).
@@ -30,7 +30,7 @@ const MMU: &str = "pv-lazy";
 const GOAL_FLOORS: f64 = 2.0;
 
 /// One (workload, vCPUs, delivery) cell.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CostPoint {
     /// Workload.
     pub workload: String,
@@ -233,6 +233,12 @@ pub fn section(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64)
         o,
         "\n## SMP: remote-flush cost per target vCPU, in exit floors\n"
     );
+    table(o, points, load, floor_ns);
+}
+
+/// The cost table with its legend (this host's section, or the SVM bed's).
+pub fn table(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64) {
+    use std::fmt::Write;
     let _ = writeln!(o, "Exit floor of this run: {:.1} µs (bare port write). `{MMU}`. Per target: (issuer's delivery wait + world-stop park) ÷ remote flushes sent, median (min–max) over the samples; goal ≤ {GOAL_FLOORS} floors per target. `auto`: the host's resync verdict (where the host needs the resync, every delivery rides a stopped world: kicks = 0, the stop's own kicks are not delivery kicks). `never`: kick delivery forced — **a cost row only where the host needs the resync: the workload is not correct there** (guest verdict shown). Kick round trip and its parts (kick → target out of KVM_RUN → flush acknowledged → issuer awake) are p50 of the workload run. Host: {} cores, load average {} before, {} after.\n", floor_ns / 1000.0, load.2, load.0, load.1);
     let _ = writeln!(o, "| workload | vCPUs | --pool-resync | guest ok | sent/run | kicks/run | world stops/run | per target ÷ floor | kick RTT p50 ÷ floor | exit / apply / wake p50 ÷ floor | world stop ÷ floor per stop | ≤ {GOAL_FLOORS} floors |");
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
