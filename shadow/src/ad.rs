@@ -178,6 +178,9 @@ impl ShadowMmu {
                 gt.set(l.idx, new);
             }
             if s & clear != 0 {
+                if let Some(sidx) = l.shadow {
+                    self.mark_stale(sidx);
+                }
                 self.need_flush(l.table, g & G != 0, FlushReason::AdCleared);
             }
         }

@@ -88,4 +88,17 @@ impl ShadowMmu {
     pub fn debug_fast_path_hits(&self) -> u64 {
         self.fast_hits
     }
+
+    /// Never marks a host-resync chunk stale: the resync's targeting switched off, for the
+    /// model test that must catch it.
+    #[doc(hidden)]
+    pub fn set_debug_skip_resync_marks(&mut self, on: bool) {
+        self.pool.skip_stale_marks = on;
+    }
+
+    /// Whether pool frame `idx` holds a shadow now (not free or freed).
+    #[doc(hidden)]
+    pub fn debug_pool_frame_used(&self, idx: u32) -> bool {
+        self.pool.meta(idx).is_some()
+    }
 }

@@ -280,17 +280,47 @@ impl ShadowMmu {
             .collect()
     }
 
-    /// True (once) if pool frames freed since the last [`ShadowMmu::host_resynced`] were
-    /// reused. Some hypervisors (software KVM) cache translations from the pool's tables and
-    /// do not see the VMM's writes to them; the VMM must then make the hypervisor drop them
-    /// (e.g. re-register the pool memslot) before resuming any vCPU.
-    pub fn take_host_resync_needed(&mut self) -> bool {
-        self.pool.take_resync_needed()
+    /// Splits the pool into host-resync chunks of `frames` frames (the unit the VMM can
+    /// make the hypervisor forget, e.g. one memslot each); by default one chunk. Call it
+    /// before the first batch.
+    pub fn set_resync_granule(&mut self, frames: u32) {
+        self.pool.set_granule(frames);
     }
 
-    /// The VMM made the hypervisor drop every translation cached from the pool.
+    /// Frames per host-resync chunk.
+    pub fn resync_granule(&self) -> u32 {
+        self.pool.granule()
+    }
+
+    /// Whether a chunk is stale: some hypervisors (software KVM) cache translations from
+    /// the pool's tables and do not see the VMM's writes to them, and the VMM changed an
+    /// entry such a translation may have been made from (one with A=1), or reused a freed
+    /// frame. The VMM must make the hypervisor drop what it cached from
+    /// [`ShadowMmu::stale_chunks`] (e.g. re-register their memslots) before resuming any
+    /// vCPU, then call [`ShadowMmu::host_resynced_chunks`].
+    pub fn host_resync_needed(&self) -> bool {
+        self.pool.resync_needed()
+    }
+
+    /// The stale chunks (see [`ShadowMmu::host_resync_needed`]), in order.
+    pub fn stale_chunks(&self) -> Vec<u32> {
+        self.pool.stale_chunks()
+    }
+
+    /// The hypervisor dropped what it cached from the frames of `chunks`.
+    pub fn host_resynced_chunks(&mut self, chunks: &[u32]) {
+        self.pool.resynced_chunks(chunks);
+    }
+
+    /// The VMM made the hypervisor drop every translation it cached from the pool.
     pub fn host_resynced(&mut self) {
         self.pool.resynced();
+    }
+
+    /// Pool frame `sidx` holds (or held) an entry the hypervisor may have cached.
+    #[inline]
+    pub(crate) fn mark_stale(&mut self, sidx: u32) {
+        self.pool.mark_stale(sidx);
     }
 
     /// The address space `vcpu` has loaded.
@@ -395,11 +425,14 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// A removed or changed shadow entry `old` of guest table `table` (a leaf if `leaf`):
-    /// flush the vCPUs that may hold it if the CPU used it.
+    /// A removed or changed shadow entry `old`, held by pool frame `sidx`, of guest table
+    /// `table` (a leaf if `leaf`): flush the vCPUs that may hold it if the CPU used it, and
+    /// have the host resync that frame (a hypervisor that caches translations from the
+    /// pool may hold one made from `old`; it made none from an entry with A=0).
     #[inline]
-    pub(crate) fn retire(&mut self, table: u64, leaf: bool, old: u64, r: FlushReason) {
+    pub(crate) fn retire(&mut self, sidx: u32, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
+            self.mark_stale(sidx);
             self.need_flush(table, !leaf || old & G != 0, r);
         } else {
             self.avoid(AvoidReason::NeverAccessed);
@@ -566,7 +599,7 @@ impl ShadowMmu {
                 };
                 if old & RW != 0 {
                     let t = self.table_of_slot(slot).unwrap_or(pfn);
-                    self.retire(t, true, old, FlushReason::TypeDowngrade);
+                    self.retire(slot / 512, t, true, old, FlushReason::TypeDowngrade);
                 }
             }
         }
@@ -586,14 +619,14 @@ impl ShadowMmu {
                     st.set_bits(i, was & AD);
                     if pte::present(was) {
                         let t = self.table_of_slot(slot).unwrap_or(pfn);
-                        self.retire(t, true, was, FlushReason::RightsRestored);
+                        self.retire(slot / 512, t, true, was, FlushReason::RightsRestored);
                     }
                     continue;
                 }
                 let old = st.set_bits(i, RW);
                 if old & RW == 0 && pte::present(old) {
                     let t = self.table_of_slot(slot).unwrap_or(pfn);
-                    self.retire(t, true, old, FlushReason::RightsRestored);
+                    self.retire(slot / 512, t, true, old, FlushReason::RightsRestored);
                 }
             }
         }
@@ -673,7 +706,7 @@ impl ShadowMmu {
                         FlushReason::LeafRemoved
                     };
                     if pte::present(was) {
-                        self.retire(tpfn, true, was, r);
+                        self.retire(sidx, tpfn, true, was, r);
                     }
                 }
                 Kind::Leaf2m { .. } => {
@@ -682,13 +715,13 @@ impl ShadowMmu {
                         if let Some(split) = self.pool.index_of(was & ADDR) {
                             harvested = self.free_split(mem, split);
                         }
-                        self.retire(tpfn, false, was, FlushReason::LeafRemoved);
+                        self.retire(sidx, tpfn, false, was, FlushReason::LeafRemoved);
                     }
                 }
                 Kind::Table { .. } | Kind::NotPresent => {
                     let was = st.swap(i, new_s);
                     if pte::present(was) {
-                        self.retire(tpfn, false, was, FlushReason::NonLeafChanged);
+                        self.retire(sidx, tpfn, false, was, FlushReason::NonLeafChanged);
                     }
                 }
             }

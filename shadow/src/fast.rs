@@ -71,7 +71,8 @@ impl ShadowMmu {
             0
         };
         let same_frame = old_present && new_present && pte::pfn_of(old) == new_pfn;
-        let harvested = self.replace_l1_shadow(&st, tpfn, i, old_present, same_frame, new_s);
+        let harvested =
+            self.replace_l1_shadow((sidx, &st), tpfn, i, old_present, same_frame, new_s);
         let slot = sidx * 512 + i as u32;
         self.pool.rmap_remove(slot);
         if new_present && val & RW != 0 {
@@ -89,13 +90,13 @@ impl ShadowMmu {
         true
     }
 
-    /// Stores `new_s` in entry `i` of L1 shadow `st` (of guest table `tpfn`) in place of a
-    /// 4 KiB leaf (`old_leaf`) or a not-present guest entry, with the general path's flush
-    /// decision; returns the A/D harvested from the replaced shadow entry.
+    /// Stores `new_s` in entry `i` of L1 shadow `st` (pool frame `sidx`, of guest table
+    /// `tpfn`) in place of a 4 KiB leaf (`old_leaf`) or a not-present guest entry, with the
+    /// general path's flush decision; returns the A/D harvested from the replaced entry.
     #[inline(always)]
     fn replace_l1_shadow(
         &mut self,
-        st: &crate::mem::Table<'_>,
+        (sidx, st): (u32, &crate::mem::Table<'_>),
         tpfn: u64,
         i: usize,
         old_leaf: bool,
@@ -105,7 +106,7 @@ impl ShadowMmu {
         if !old_leaf {
             let was = st.swap(i, new_s);
             if pte::present(was) {
-                self.retire(tpfn, false, was, FlushReason::NonLeafChanged);
+                self.retire(sidx, tpfn, false, was, FlushReason::NonLeafChanged);
             }
             return 0;
         }
@@ -124,7 +125,7 @@ impl ShadowMmu {
             } else {
                 FlushReason::LeafRemoved
             };
-            self.retire(tpfn, true, was, r);
+            self.retire(sidx, tpfn, true, was, r);
         }
         was & AD
     }

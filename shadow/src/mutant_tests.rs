@@ -67,24 +67,19 @@ fn engine_getters_and_host_resync() {
     assert_eq!(v.mmu.layout().pool_frames, 6);
     assert_eq!(v.mmu.layout().pool_base, crate::tests::POOL);
     v.load();
-    assert!(
-        !v.mmu.take_host_resync_needed(),
-        "only never-used frames so far"
-    );
+    assert!(!v.mmu.host_resync_needed(), "only never-used frames so far");
     // Unlink and relink the L1: its shadow is freed, then rebuilt from a dirty frame.
     v.upd(L2 + 8, 0).unwrap();
     v.w(0x30_000, 0x10_0000 | P);
     v.upd(L2 + 8, 0x30_000 | T).unwrap(); // the one clean frame
     v.upd(L2 + 24, 0x13_000 | T).unwrap(); // needs a freed (dirty) frame
-    assert!(v.mmu.take_host_resync_needed());
-    assert!(!v.mmu.take_host_resync_needed(), "reported once");
+    assert!(v.mmu.host_resync_needed());
+    assert_eq!(v.mmu.stale_chunks(), [0], "one chunk: the whole pool");
     v.upd(L2 + 24, 0).unwrap(); // freed: dirty until the next resync
-    v.mmu.host_resynced();
+    v.mmu.host_resynced_chunks(&[0]);
+    assert!(!v.mmu.host_resync_needed());
     v.upd(L2 + 24, 0x13_000 | T).unwrap();
-    assert!(
-        !v.mmu.take_host_resync_needed(),
-        "clean again after a resync"
-    );
+    assert!(!v.mmu.host_resync_needed(), "clean again after a resync");
     v.check();
 }
 

@@ -54,11 +54,17 @@ pub(crate) struct Pool {
     pub base: u64,
     /// Frames no translation cache can hold (never used, or freed before the last resync).
     free: Vec<u32>,
-    /// Frames freed since the last host resync: a hypervisor that caches translations from
-    /// pool tables may still hold them, so they are reused only when `free` runs dry, and
-    /// then [`Pool::take_resync_needed`] says so.
+    /// Frames freed since the last host resync of their chunk: a hypervisor that caches
+    /// translations from pool tables may still hold them, so they are reused only when
+    /// `free` runs dry, and their chunk then becomes stale.
     dirty: Vec<u32>,
-    resync_needed: bool,
+    /// Frames per resync chunk (the unit the host re-registers; the whole pool by default).
+    granule: u32,
+    /// Per chunk: the host may cache a translation from one of its frames that the VMM
+    /// has since changed (or a frame was reused): resync before any vCPU runs again.
+    stale: Vec<bool>,
+    /// Debug: no chunk is ever marked stale (the model test's switched-off mechanism).
+    pub(crate) skip_stale_marks: bool,
     meta: Vec<Option<Meta>>,
     used: u64,
     high_water: u64,
@@ -89,7 +95,9 @@ impl Pool {
             base,
             free: (0..frames as u32).rev().collect(),
             dirty: Vec::new(),
-            resync_needed: false,
+            granule: (frames as u32).max(1),
+            stale: vec![false],
+            skip_stale_marks: false,
             meta: vec![None; frames as usize],
             used: 0,
             high_water: 0,
@@ -148,7 +156,7 @@ impl Pool {
             Some(i) => i,
             None => {
                 let i = self.dirty.pop()?;
-                self.resync_needed = true;
+                self.mark_stale(i);
                 i
             }
         };
@@ -177,16 +185,66 @@ impl Pool {
         }
     }
 
-    /// True (once) if a frame freed since the last resync was reused: the hypervisor must
-    /// drop what it cached from the pool before the guest runs again.
-    pub fn take_resync_needed(&mut self) -> bool {
-        std::mem::take(&mut self.resync_needed)
+    /// Splits the pool into resync chunks of `frames` frames (at least 1; the last may be
+    /// shorter). Every chunk starts clean.
+    pub fn set_granule(&mut self, frames: u32) {
+        self.granule = frames.max(1);
+        let chunks = (self.total() as usize)
+            .div_ceil(self.granule as usize)
+            .max(1);
+        self.stale = vec![false; chunks];
     }
 
-    /// The hypervisor dropped its pool translations: every freed frame is clean again.
+    /// Frames per resync chunk.
+    pub fn granule(&self) -> u32 {
+        self.granule
+    }
+
+    /// The host may cache a translation from pool frame `idx` that no longer holds: its
+    /// chunk must be resynced before any vCPU runs again.
+    #[inline]
+    pub fn mark_stale(&mut self, idx: u32) {
+        if self.skip_stale_marks {
+            return;
+        }
+        if let Some(s) = self.stale.get_mut((idx / self.granule) as usize) {
+            *s = true;
+        }
+    }
+
+    /// Whether any chunk is stale.
+    pub fn resync_needed(&self) -> bool {
+        self.stale.contains(&true)
+    }
+
+    /// The stale chunks, in order.
+    pub fn stale_chunks(&self) -> Vec<u32> {
+        (0u32..)
+            .zip(&self.stale)
+            .filter(|(_, &s)| s)
+            .map(|(c, _)| c)
+            .collect()
+    }
+
+    /// The hypervisor dropped what it cached from the frames of `chunks`: they are clean,
+    /// and so are the freed frames in them.
+    pub fn resynced_chunks(&mut self, chunks: &[u32]) {
+        for &c in chunks {
+            if let Some(s) = self.stale.get_mut(c as usize) {
+                *s = false;
+            }
+        }
+        let g = self.granule;
+        let (clean, dirty): (Vec<u32>, Vec<u32>) =
+            self.dirty.iter().partition(|&&i| chunks.contains(&(i / g)));
+        self.dirty = dirty;
+        self.free.extend(clean);
+    }
+
+    /// The hypervisor dropped every translation it cached from the pool.
     pub fn resynced(&mut self) {
         self.free.append(&mut self.dirty);
-        self.resync_needed = false;
+        self.stale.iter_mut().for_each(|s| *s = false);
     }
 
     /// Owner record of pool frame `idx`.
@@ -312,16 +370,40 @@ mod tests {
         let a = p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).unwrap();
         let b = p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).unwrap();
         p.free(a);
-        assert!(!p.take_resync_needed(), "freeing alone needs no resync");
+        assert!(!p.resync_needed(), "freeing alone needs no resync");
         // Only dirty frames left: reusing one needs a resync.
         assert_eq!(p.alloc(Owner::Table { pfn: 1, level: 1 }, 0), Some(a));
-        assert!(p.take_resync_needed());
-        assert!(!p.take_resync_needed(), "reported once");
+        assert!(p.resync_needed());
+        assert!(p.resync_needed(), "until resynced");
         p.free(a);
         p.free(b);
         p.resynced();
         assert!(p.alloc(Owner::Table { pfn: 1, level: 1 }, 0).is_some());
-        assert!(!p.take_resync_needed(), "clean after a resync");
+        assert!(!p.resync_needed(), "clean after a resync");
+    }
+
+    #[test]
+    fn only_resynced_chunks_come_clean() {
+        let t = Owner::Table { pfn: 1, level: 1 };
+        let mut p = Pool::new(0x1000_0000, 4, 16);
+        p.set_granule(2);
+        let f: Vec<u32> = (0..4).map(|_| p.alloc(t, 0).unwrap()).collect();
+        assert_eq!(f, [0, 1, 2, 3]);
+        p.mark_stale(3);
+        assert_eq!(p.stale_chunks(), [1]);
+        p.free(0);
+        p.free(2);
+        p.resynced_chunks(&[1]);
+        assert!(!p.resync_needed());
+        // Frame 2 (chunk 1) is clean; frame 0 (chunk 0, never resynced) is still dirty.
+        assert_eq!(p.alloc(t, 0), Some(2));
+        assert!(!p.resync_needed());
+        assert_eq!(p.alloc(t, 0), Some(0));
+        assert_eq!(
+            p.stale_chunks(),
+            [0],
+            "reusing a dirty frame makes its chunk stale"
+        );
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl ShadowMmu {
             None => {
                 let was = st.swap(j, 0);
                 if pte::present(was) {
-                    self.retire(l2, false, was, FlushReason::NonLeafChanged);
+                    self.retire(s, l2, false, was, FlushReason::NonLeafChanged);
                 }
             }
             Some(_) => {

@@ -41,6 +41,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const RAM_END: u64 = 0x80_0000;
 const POOL: u64 = 0x100_0000;
+/// Pool frames per host-resync chunk (small, so resyncs are partial and mistargeting shows).
+const RESYNC_GRANULE: u32 = 2;
 const RESERVED: u64 = 0x9f;
 /// Kernel half: L4 index 256, shared by every address space.
 const KVA: u64 = 0xffff_8000_0000_0000;
@@ -322,6 +324,10 @@ struct World {
     /// Differential runs: a second engine with the straight-line `PT_UPDATE` path off, on
     /// its own copy of memory, fed the same entries and the same CPU and guest stores.
     twin: Option<Box<Twin>>,
+    /// The host's cache of the pool (a software-shadowing KVM): every shadow entry a walk
+    /// used (address → value with A), until its chunk is resynced. It must never hold one
+    /// the VMM has since reduced in a live shadow outside the stale chunks.
+    host_seen: HashMap<u64, u64>,
 }
 
 /// The general-path engine of a differential run and its memory.
@@ -364,9 +370,11 @@ enum Cov {
     RemoteAvoided,
     /// A guest flush named another vCPU.
     GuestRemoteFlush,
+    /// A host resync covered some chunks of the pool but not all.
+    PartialResync,
 }
 
-const COV_N: usize = Cov::GuestRemoteFlush as usize + 1;
+const COV_N: usize = Cov::PartialResync as usize + 1;
 static COV: [std::sync::atomic::AtomicU64; COV_N] =
     [const { std::sync::atomic::AtomicU64::new(0) }; COV_N];
 
@@ -441,9 +449,11 @@ impl World {
             let b = 0x30 + 4 * r as u64;
             [b, b + 1, b + 2]
         });
+        let mut mmu = ShadowMmu::new(layout, vcpus).unwrap();
+        mmu.set_resync_granule(RESYNC_GRANULE);
         let w = World {
             mem,
-            mmu: ShadowMmu::new(layout, vcpus).unwrap(),
+            mmu,
             vcpus,
             roots,
             l1s: L1S,
@@ -463,6 +473,7 @@ impl World {
             flush_asked: 0,
             drop_remote: false,
             twin: None,
+            host_seen: HashMap::new(),
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -511,6 +522,7 @@ impl World {
         mem.write_slice(&buf, GuestAddress(0)).unwrap();
         let mut mmu = ShadowMmu::new(self.mmu.layout().clone(), vcpus).unwrap();
         mmu.set_fast_path(false);
+        mmu.set_resync_granule(self.mmu.resync_granule());
         self.twin = Some(Box::new(Twin {
             mem,
             mmu,
@@ -731,6 +743,7 @@ impl World {
                     cov(Cov::NonLeafASet);
                 }
                 self.wr(slot, e | A);
+                self.host_seen.insert(slot, e | A);
                 t = (e & ADDR) >> 12;
                 continue;
             }
@@ -739,6 +752,7 @@ impl World {
             }
             let e = e | A | if write { D } else { 0 };
             self.wr(slot, e);
+            self.host_seen.insert(slot, e);
             let pfn = (e & ADDR) >> 12;
             let g = e & G != 0;
             let dirty = e & D != 0;
@@ -759,6 +773,43 @@ impl World {
             return Ok(Some(t));
         }
         Ok(None)
+    }
+
+    /// The host's cache after a batch: an entry a walk used, in a live shadow frame outside
+    /// the `stale` chunks (the ones about to be resynced), still grants at least as much
+    /// on the same frame (A/D included: a cleared bit the host keeps is lost tracking).
+    /// The resynced chunks' entries are then forgotten.
+    fn check_host_cache(&mut self, stale: &[u32]) -> Res {
+        let granule = u64::from(self.mmu.resync_granule());
+        let chunk = |slot: u64| ((slot - POOL) >> 12) / granule;
+        for (&slot, &was) in &self.host_seen {
+            let idx = ((slot - POOL) >> 12) as u32;
+            if stale.contains(&(chunk(slot) as u32)) || !self.mmu.debug_pool_frame_used(idx) {
+                continue;
+            }
+            let now = self.rd(slot);
+            let kept = |bit: u64| was & bit == 0 || now & bit != 0;
+            let ok = now & P != 0
+                && now & ADDR == was & ADDR
+                && kept(RW)
+                && kept(US)
+                && kept(G)
+                && kept(A)
+                && kept(D)
+                && (now & NX == 0 || was & NX != 0);
+            if !ok {
+                return Err(format!(
+                    "host cache: pool entry {slot:#x} went {was:#x} -> {now:#x} outside the stale chunks {stale:?}"
+                ));
+            }
+        }
+        let chunks = self.mmu.counters().pool_frames_total.div_ceil(granule);
+        if !stale.is_empty() && (stale.len() as u64) < chunks {
+            cov(Cov::PartialResync);
+        }
+        self.host_seen
+            .retain(|&slot, _| !stale.contains(&(chunk(slot) as u32)));
+        Ok(())
     }
 
     /// Translation `t` is no more permissive than guest translation `g`.
@@ -933,17 +984,14 @@ impl World {
                 out.remote
             ));
         }
-        let resync = self.mmu.take_host_resync_needed();
-        if resync {
-            self.mmu.host_resynced();
-        }
+        let stale = self.mmu.stale_chunks();
+        self.check_host_cache(&stale)?;
+        self.mmu.host_resynced_chunks(&stale);
         if let Some(t) = self.twin.as_deref_mut() {
-            if t.mmu.take_host_resync_needed() != resync {
-                return Err("fast path: host resync verdicts differ".into());
+            if t.mmu.stale_chunks() != stale {
+                return Err("fast path: host resync chunks differ".into());
             }
-            if resync {
-                t.mmu.host_resynced();
-            }
+            t.mmu.host_resynced_chunks(&stale);
         }
         self.compare_twin()?;
         let loaded: Vec<u64> = self.vroot.iter().flatten().copied().collect();
@@ -1868,5 +1916,26 @@ fn never_accessed_unmaps_name_no_vcpu() {
     );
     for v in out.remote.iter() {
         w.mmu.take_delivery(v);
+    }
+}
+
+/// The host resync's targeting switched off (no chunk is ever marked stale): the model's
+/// host cache keeps a translation the engine reduced, and the model says so.
+#[test]
+fn unmarked_resync_chunks_are_caught() {
+    use proptest::test_runner::{Config, TestError, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let r = runner.run(&case(), |(vcpus, pool, steps)| {
+        let mut w = World::new(vcpus, pool);
+        w.mmu.set_debug_skip_resync_marks(true);
+        run_world(w, vcpus, &steps).map(|_| ())
+    });
+    match r {
+        Err(TestError::Fail(why, _)) => assert!(why.message().contains("host cache"), "{why}"),
+        other => panic!("the model did not catch unmarked chunks: {other:?}"),
     }
 }

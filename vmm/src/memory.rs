@@ -60,45 +60,158 @@ pub fn prefault_pool(mem: &GuestMemoryMmap, layout: &Layout) {
     }
 }
 
-/// Registers every region of `mem` as a memslot; returns the last one (the shadow pool).
-pub fn register(vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Option<PoolSlot>, SetupError> {
-    let mut last = None;
+/// Most memslots the shadow pool is split into (each a unit of the host resync).
+pub const POOL_CHUNKS_MAX: u64 = 64;
+
+/// `KVM_CAP_DISABLE_QUIRKS2` (not in kvm-bindings' x86 constants).
+const KVM_CAP_DISABLE_QUIRKS2: u32 = 213;
+/// `KVM_X86_QUIRK_SLOT_ZAP_ALL`: deleting any memslot zaps every shadow page of the VM.
+/// Disabled, KVM zaps only what the deleted slot backs (the shadow pages of page tables
+/// in it, its leaf mappings), so re-registering one pool chunk costs one chunk.
+const KVM_X86_QUIRK_SLOT_ZAP_ALL: u64 = 1 << 7;
+
+/// Turns KVM's zap-everything-on-memslot-delete quirk off where it can be; false where
+/// the quirk stays (a delete then zaps the whole VM's shadow pages, whatever the slot).
+fn disable_slot_zap_all(vm: &VmFd) -> bool {
+    let supported = vm.check_extension_raw(u64::from(KVM_CAP_DISABLE_QUIRKS2));
+    if supported <= 0 || supported as u64 & KVM_X86_QUIRK_SLOT_ZAP_ALL == 0 {
+        return false;
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_DISABLE_QUIRKS2,
+        args: [KVM_X86_QUIRK_SLOT_ZAP_ALL, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| log::debug!("KVM_X86_QUIRK_SLOT_ZAP_ALL stays: {e}"))
+        .is_ok()
+}
+
+/// Pool frames per memslot chunk for a pool of `frames` frames: [`POOL_CHUNKS_MAX`]
+/// chunks where KVM can delete one slot without zapping every other (`targeted`), else
+/// one chunk (re-registering any slot then costs the whole VM's shadow pages anyway).
+pub fn pool_chunk_frames(frames: u64, targeted: bool) -> u64 {
+    if targeted {
+        frames.div_ceil(POOL_CHUNKS_MAX).max(1)
+    } else {
+        frames.max(1)
+    }
+}
+
+/// Registers every RAM region of `mem` as a memslot and the shadow pool (its last region)
+/// as chunks of memslots; returns the pool's slots and the first memslot number left free.
+pub fn register(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+) -> Result<(Option<PoolSlot>, u32), SetupError> {
     let phys = mem
         .physical_memory()
         .ok_or_else(|| SetupError::other("guest memory", "no physical memory"))?;
-    for (slot, r) in phys.iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping belongs to `mem`, which lives as long as the VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| SetupError::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        last = Some(region);
+    let regions: Vec<_> = phys.iter().collect();
+    let Some((pool, ram)) = regions.split_last() else {
+        return Ok((None, 0));
+    };
+    let mut slot = 0u32;
+    for r in ram {
+        add_slot(vm, slot, r.start_addr().0, r.len(), r.as_ptr() as u64)?;
+        slot += 1;
     }
-    Ok(last.map(|region| PoolSlot {
+    let targeted = disable_slot_zap_all(vm);
+    let chunk = pool_chunk_frames(pool.len() / 4096, targeted) * 4096;
+    let mut chunks = Vec::new();
+    let mut off = 0;
+    while off < pool.len() {
+        let len = chunk.min(pool.len() - off);
+        let host = pool.as_ptr() as u64 + off;
+        chunks.push(add_slot(vm, slot, pool.start_addr().0 + off, len, host)?);
+        slot += 1;
+        off += len;
+    }
+    log::debug!(
+        "shadow pool: {} memslot(s) of {chunk:#x} bytes, resync {}",
+        chunks.len(),
+        if targeted {
+            "per chunk"
+        } else {
+            "zaps every shadow page (KVM quirk)"
+        }
+    );
+    let pool = PoolSlot {
         vm: vm.clone(),
-        region,
-    }))
+        chunks,
+        chunk_frames: (chunk / 4096) as u32,
+        targeted,
+    };
+    Ok((Some(pool), slot))
 }
 
-/// The shadow pool's memslot. Re-registering it makes KVM drop every translation it cached
-/// from pool page tables: on hosts that shadow guest page tables in software, writes the VMM
-/// makes to the pool from userspace are otherwise invisible to KVM.
+/// Registers one memslot.
+fn add_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    len: u64,
+    host: u64,
+) -> Result<kvm_userspace_memory_region, SetupError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: gpa,
+        memory_size: len,
+        userspace_addr: host,
+        flags: 0,
+    };
+    // SAFETY: the mapping belongs to guest memory, which lives as long as the VM.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| SetupError::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    Ok(region)
+}
+
+/// The shadow pool's memslots (chunks). Re-registering one makes KVM drop every
+/// translation it cached from the pool page tables in it: on hosts that shadow guest page
+/// tables in software, writes the VMM makes to the pool from userspace are otherwise
+/// invisible to KVM.
 pub struct PoolSlot {
     vm: Arc<VmFd>,
-    region: kvm_userspace_memory_region,
+    chunks: Vec<kvm_userspace_memory_region>,
+    chunk_frames: u32,
+    /// Deleting one chunk zaps only its own shadow pages (KVM's zap-all quirk is off).
+    targeted: bool,
 }
 
 impl PoolSlot {
-    /// Deletes and re-adds the pool memslot.
-    pub fn resync(&self) -> Result<(), MemoryError> {
+    /// Pool frames per chunk (the engine's resync granule).
+    pub fn chunk_frames(&self) -> u32 {
+        self.chunk_frames
+    }
+
+    /// Chunks in all.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Makes KVM forget what it cached from the pool frames of `stale` (chunk indices);
+    /// returns the chunks now clean: `stale` itself, or every chunk where deleting any
+    /// slot zaps the whole VM (then one re-registration does).
+    pub fn resync(&self, stale: &[u32]) -> Result<Vec<u32>, MemoryError> {
+        if !self.targeted {
+            if let Some(first) = self.chunks.first() {
+                self.reregister(first)?;
+            }
+            return Ok((0..self.chunks.len() as u32).collect());
+        }
+        for &c in stale {
+            if let Some(r) = self.chunks.get(c as usize) {
+                self.reregister(r)?;
+            }
+        }
+        Ok(stale.to_vec())
+    }
+
+    /// Deletes and re-adds one chunk's memslot.
+    fn reregister(&self, region: &kvm_userspace_memory_region) -> Result<(), MemoryError> {
         let gone = kvm_userspace_memory_region {
             memory_size: 0,
-            ..self.region
+            ..*region
         };
         // SAFETY: same slot and backing as registered at setup; the mapping outlives the VM.
         unsafe { self.vm.set_user_memory_region(gone) }.map_err(|source| MemoryError::Slot {
@@ -106,9 +219,26 @@ impl PoolSlot {
             source,
         })?;
         // SAFETY: as above.
-        unsafe { self.vm.set_user_memory_region(self.region) }.map_err(|source| MemoryError::Slot {
+        unsafe { self.vm.set_user_memory_region(*region) }.map_err(|source| MemoryError::Slot {
             what: "re-adding",
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_chunks_are_at_most_the_maximum_and_cover_the_pool() {
+        assert_eq!(pool_chunk_frames(8192, true), 128);
+        assert_eq!(pool_chunk_frames(8192, false), 8192);
+        assert_eq!(pool_chunk_frames(100, true), 2);
+        assert_eq!(pool_chunk_frames(1, true), 1);
+        for frames in [1, 63, 64, 65, 8192, 1 << 24] {
+            let c = pool_chunk_frames(frames, true);
+            assert!(frames.div_ceil(c) <= POOL_CHUNKS_MAX, "{frames}");
+        }
     }
 }

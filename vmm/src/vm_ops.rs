@@ -4,7 +4,7 @@
 
 use crate::devices::trigger::FlagTrigger;
 use crate::devices::Bus;
-use crate::hcall::{Dispatcher, Effects, Outcome};
+use crate::hcall::{Dispatcher, Effects, Outcome, ResyncFn};
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
@@ -30,9 +30,9 @@ pub trait VmOps: Send + Sync {
     fn take_delivery(&self, _vcpu: usize) -> Effects {
         Effects::default()
     }
-    /// Runs the host `resync` under the MMU engine's lock unless one completed after
-    /// generation `after`; true if it ran.
-    fn host_resync(&self, _after: u64, _resync: &mut dyn FnMut() -> bool) -> bool {
+    /// Runs the host `resync` on the stale pool chunks under the MMU engine's lock (see
+    /// [`crate::hcall::OpHandler::host_resync`]); true if it covered every chunk.
+    fn host_resync(&self, _resync: &mut ResyncFn<'_>) -> bool {
         false
     }
     /// Guest memory, for diagnostics (reading the code at RIP after an emulation failure).
@@ -80,8 +80,8 @@ impl VmOps for VmBuses {
     fn take_delivery(&self, vcpu: usize) -> Effects {
         self.hcalls.take_delivery(vcpu)
     }
-    fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
-        self.hcalls.host_resync(after, resync)
+    fn host_resync(&self, resync: &mut ResyncFn<'_>) -> bool {
+        self.hcalls.host_resync(resync)
     }
     fn guest_memory(&self) -> Option<&GuestMemoryMmap> {
         Some(&self.mem)

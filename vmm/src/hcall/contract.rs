@@ -6,6 +6,10 @@ use crate::guest_ram::GuestRam;
 use hypercall::{HcError, Request, Response};
 use std::time::Instant;
 
+/// A host resync: given the stale pool chunks, makes the host forget what it cached from
+/// them and returns the chunks now clean (`None`: it failed).
+pub type ResyncFn<'a> = dyn FnMut(&[u32]) -> Option<Vec<u32>> + 'a;
+
 /// What the vCPU loop must do after a hypercall, besides resuming the guest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -18,9 +22,6 @@ pub struct Effects {
     /// Make KVM drop what it cached from the shadow pool (re-register its memslot, with
     /// every other vCPU parked outside `KVM_RUN`).
     pub host_resync: bool,
-    /// The MMU handler's resync generation when the batch ended: a resync that completes a
-    /// later generation covers this batch's changes too.
-    pub resync_gen: u64,
     /// Other vCPUs that must take and apply their delivery (a flush, a root switch) before
     /// the call returns ([`OpHandler::take_delivery`]).
     pub remote: shadow::VcpuSet,
@@ -149,10 +150,14 @@ pub trait OpHandler: Send + Sync {
         Effects::default()
     }
     /// Runs `resync` (the host resync, with every other vCPU parked) under this handler's
-    /// lock unless a resync completed after generation `after` already; on success the
-    /// pool frames freed before it become clean. Returns whether the batch is covered (the
-    /// resync ran and succeeded, or a later one had).
-    fn host_resync(&self, _after: u64, _resync: &mut dyn FnMut() -> bool) -> bool {
+    /// lock on the pool chunks still stale (not at all if none is: a later resync covered
+    /// them); `resync` returns the chunks it made clean (`None`: it failed), whose frames
+    /// then count as clean. Returns whether every chunk was resynced (every translation
+    /// the host cached from the pool dropped, the caller's own flush included).
+    fn host_resync(&self, _resync: &mut ResyncFn<'_>) -> bool {
         false
     }
+    /// Splits the shadow pool into host-resync chunks of `frames` frames (one memslot
+    /// each).
+    fn set_resync_granule(&mut self, _frames: u32) {}
 }

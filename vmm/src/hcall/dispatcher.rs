@@ -1,7 +1,7 @@
 //! Copies a request out of guest memory once, validates it, routes it by op to its handler,
 //! and writes the response back.
 
-use super::contract::{CallCtx, Effects, OpHandler, Outcome};
+use super::contract::{CallCtx, Effects, OpHandler, Outcome, ResyncFn};
 use super::ops;
 use crate::guest_ram::GuestRam;
 use hypercall::{
@@ -136,10 +136,10 @@ impl Dispatcher {
     }
 
     /// The MMU handler's host resync (see [`OpHandler::host_resync`]).
-    pub fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+    pub fn host_resync(&self, resync: &mut ResyncFn<'_>) -> bool {
         self.handlers
             .get(&op::MMU_BATCH)
-            .is_some_and(|h| h.host_resync(after, resync))
+            .is_some_and(|h| h.host_resync(resync))
     }
 
     /// Writes a response through the MMU handler's guard when there is one (it refuses a

@@ -2,7 +2,7 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
-use super::contract::{CallCtx, Effects, MmuPhases, OpHandler};
+use super::contract::{CallCtx, Effects, MmuPhases, OpHandler, ResyncFn};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
 use crate::ptwrite::Alias;
@@ -10,7 +10,6 @@ use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, R
 use serde_json::{json, Map, Value};
 use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -38,8 +37,6 @@ pub struct MmuBatch {
     options: MmuOptions,
     /// The read-only RAM alias when the page-table write modes are offered.
     alias: Option<Alias>,
-    /// Host resyncs completed (changed under the engine lock).
-    resync_gen: AtomicU64,
 }
 
 thread_local! {
@@ -70,7 +67,6 @@ pub fn factory_with(
             engine: Mutex::new(engine),
             options,
             alias: None,
-            resync_gen: AtomicU64::new(0),
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -165,14 +161,13 @@ impl MmuBatch {
         let out = engine.end_batch(ctx.vcpu);
         ctx.effects.new_cr3 = out.new_cr3;
         // A software-shadowing KVM caches translations from the pool's tables and cannot see
-        // the VMM's writes to them: a changed cached entry (a needed flush, here or on
-        // another vCPU) or a reused pool frame means KVM must drop them (the vCPU loop
-        // re-registers the pool memslot with the world stopped, or, where the probe found
-        // that unnecessary, only marks the freed frames clean once every flush is
-        // delivered). Frames become clean in `host_resync`, after that.
-        let flushed = out.flush.is_some() || !out.remote.is_empty();
-        ctx.effects.host_resync = engine.take_host_resync_needed() || flushed;
-        ctx.effects.resync_gen = self.resync_gen.load(Ordering::Acquire);
+        // the VMM's writes to them: a changed entry it may have cached (one with A=1) or a
+        // reused pool frame makes that frame's chunk stale, and KVM must drop what it
+        // cached from the stale chunks (the vCPU loop re-registers their memslots with the
+        // world stopped, or, where the probe found that unnecessary, only marks them clean
+        // once every flush is delivered). A guest flush alone changes no pool entry and
+        // needs none. Frames become clean in `host_resync`, after that.
+        ctx.effects.host_resync = engine.host_resync_needed();
         ctx.effects.flush = out.flush.is_some();
         ctx.effects.remote = if self.options.drop_remote_flushes {
             // The debug switch: no delivery (no kick) for a remote flush; a root switch is
@@ -303,20 +298,30 @@ impl OpHandler for MmuBatch {
         }
     }
 
-    fn host_resync(&self, after: u64, resync: &mut dyn FnMut() -> bool) -> bool {
+    fn host_resync(&self, resync: &mut ResyncFn<'_>) -> bool {
         let Ok(mut e) = self.engine.lock() else {
             return false;
         };
-        if self.resync_gen.load(Ordering::Acquire) > after {
-            // A resync that started after this batch ended covered it.
-            return true;
-        }
-        if !resync() {
+        let stale = e.stale_chunks();
+        if stale.is_empty() {
+            // A resync after this batch ended covered its chunks.
             return false;
         }
-        e.host_resynced();
-        self.resync_gen.fetch_add(1, Ordering::AcqRel);
-        true
+        let Some(clean) = resync(&stale) else {
+            return false;
+        };
+        e.host_resynced_chunks(&clean);
+        let chunks = e
+            .layout()
+            .pool_frames
+            .div_ceil(u64::from(e.resync_granule()));
+        clean.len() as u64 >= chunks
+    }
+
+    fn set_resync_granule(&mut self, frames: u32) {
+        if let Ok(e) = self.engine.get_mut() {
+            e.set_resync_granule(frames);
+        }
     }
 
     fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {

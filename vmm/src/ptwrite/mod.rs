@@ -10,7 +10,7 @@ pub use alias::{Alias, TrappedStore};
 
 use crate::error::SetupError;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Whether to offer the trap modes (`--pt-trap`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +31,7 @@ pub fn setup(
     mem: &GuestMemoryMmap,
     layout: &crate::layout::Layout,
     mode: PtTrapMode,
+    first_slot: u32,
 ) -> Result<Option<Alias>, SetupError> {
     if mode == PtTrapMode::Off {
         return Ok(None);
@@ -40,8 +41,7 @@ pub fn setup(
         return Ok(None);
     }
     let alias = Alias::for_layout(layout);
-    let slots = mem.physical_memory().map_or(0, |p| p.iter().count()) as u32;
-    alias.register(vm, mem, slots)?;
+    alias.register(vm, mem, first_slot)?;
     log::debug!("page-table write trap: alias at {:#x}", alias.base);
     Ok(Some(alias))
 }

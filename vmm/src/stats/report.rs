@@ -202,6 +202,8 @@ pub struct SmpReport {
     pub world_stop: Dist,
     /// Host resyncs skipped because a later one covered the batch.
     pub resyncs_merged: u64,
+    /// Pool chunks (memslots) the host resyncs re-registered.
+    pub resync_chunks: u64,
 }
 
 /// A named distribution.
@@ -313,6 +315,7 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             world_stop_kicks: s.smp.world_stop_kicks,
             world_stop: Dist::from(&s.smp.world_stop),
             resyncs_merged: s.smp.resyncs_merged,
+            resync_chunks: s.smp.resync_chunks,
         },
     }
 }
@@ -543,7 +546,7 @@ mod tests {
             keys(&v["vm"]["pool_resync"]),
             ["choice", "needed", "probe_cached", "probe_ns"]
         );
-        assert_eq!(keys(&v["merged"]["smp"]).len(), 13);
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 14);
     }
 
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys

@@ -35,6 +35,8 @@ pub struct SmpStats {
     pub world_stop: Latency,
     /// Host resyncs skipped because one that started later covered the batch.
     pub resyncs_merged: u64,
+    /// Pool chunks (memslots) those resyncs re-registered.
+    pub resync_chunks: u64,
 }
 
 impl SmpStats {
@@ -53,6 +55,7 @@ impl SmpStats {
         self.world_stop_kicks += o.world_stop_kicks;
         self.world_stop.merge(&o.world_stop);
         self.resyncs_merged += o.resyncs_merged;
+        self.resync_chunks += o.resync_chunks;
     }
 
     /// What happened after `e` (a snapshot of the same vCPU).
@@ -71,6 +74,7 @@ impl SmpStats {
             world_stop_kicks: self.world_stop_kicks.saturating_sub(e.world_stop_kicks),
             world_stop: self.world_stop.since(&e.world_stop),
             resyncs_merged: self.resyncs_merged.saturating_sub(e.resyncs_merged),
+            resync_chunks: self.resync_chunks.saturating_sub(e.resync_chunks),
         }
     }
 }

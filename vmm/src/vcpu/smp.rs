@@ -136,6 +136,7 @@ impl Vcpu {
         let (delivered, resync) = if resync_needed {
             let mut resync_ns = 0;
             let mut ran = false;
+            let mut chunks = 0;
             // Posted before the stop and not kicked: the stop kicks every vCPU inside
             // KVM_RUN, and each applies its request on its way to parking.
             let posted = sync.post(index, fx.remote, false);
@@ -143,16 +144,17 @@ impl Vcpu {
                 let t = Instant::now();
                 let d = sync.wait_acks(index, posted, &stop, apply);
                 let wait = t.elapsed().as_nanos() as u64;
-                let covered = vm.host_resync(fx.resync_gen, &mut || {
+                let covered = vm.host_resync(&mut |stale| {
                     let t = Instant::now();
                     ran = true;
-                    let ok = pool.as_ref().is_some_and(|p| {
-                        p.resync()
+                    let clean = pool.as_ref().and_then(|p| {
+                        p.resync(stale)
                             .map_err(|e| log::error!("host resync: {e}"))
-                            .is_ok()
+                            .ok()
                     });
                     resync_ns = t.elapsed().as_nanos() as u64;
-                    ok
+                    chunks = clean.as_ref().map_or(0, Vec::len);
+                    clean
                 });
                 (d, wait, covered)
             });
@@ -162,6 +164,7 @@ impl Vcpu {
             stats.effect("world_stop_park", cost.park_ns);
             if ran {
                 stats.effect("host_resync", resync_ns);
+                stats.smp.resync_chunks += chunks as u64;
             } else {
                 stats.smp.resyncs_merged += 1;
             }
@@ -176,7 +179,7 @@ impl Vcpu {
                 // Nothing to re-register here: the freed frames are clean once every vCPU
                 // that could hold them has acknowledged (each finishes its flush before it
                 // runs guest code again).
-                vm.host_resync(fx.resync_gen, &mut || true);
+                vm.host_resync(&mut |stale| Some(stale.to_vec()));
             }
             ((d, wait), false)
         };

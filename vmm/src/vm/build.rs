@@ -100,7 +100,8 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let mem = memory::allocate(&layout)?;
     memory::prefault_pool(&mem, &layout);
     let vm = create_vm(&kvm, transport.transport)?;
-    let pool_slot = memory::register(&vm, &mem)?.map(Arc::new);
+    let (pool_slot, free_slot) = memory::register(&vm, &mem)?;
+    let pool_slot = pool_slot.map(Arc::new);
     log::debug!(
         "memory: RAM {:?}, shadow pool {:#x}+{:#x}",
         layout.ram_regions,
@@ -111,9 +112,12 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let ram = GuestRam::new(mem.clone(), layout.usable().collect());
     let vcpus = usize::from(args.vcpus);
     let mut handler = mmu(&ram, &layout, vcpus);
+    if let (Some(h), Some(p)) = (handler.as_mut(), pool_slot.as_ref()) {
+        h.set_resync_granule(p.chunk_frames());
+    }
     if let (Some(h), Some(alias)) = (
         handler.as_mut(),
-        crate::ptwrite::setup(&kvm, &vm, &mem, &layout, args.pt_trap)?,
+        crate::ptwrite::setup(&kvm, &vm, &mem, &layout, args.pt_trap, free_slot)?,
     ) {
         h.enable_pt_trap(alias);
     }
