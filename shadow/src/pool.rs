@@ -58,8 +58,9 @@ pub(crate) struct Pool {
     /// translations from pool tables may still hold them, so they are reused only when
     /// `free` runs dry, and their chunk then becomes stale.
     dirty: Vec<u32>,
-    /// Frames per resync chunk (the unit the host re-registers; the whole pool by default).
-    granule: u32,
+    /// log2 of the frames per resync chunk (the unit the host re-registers; by default the
+    /// whole pool): a shift, as marking is on the update path.
+    granule_shift: u32,
     /// Per chunk: the host may cache a translation from one of its frames that the VMM
     /// has since changed (or a frame was reused): resync before any vCPU runs again.
     stale: Vec<bool>,
@@ -95,7 +96,7 @@ impl Pool {
             base,
             free: (0..frames as u32).rev().collect(),
             dirty: Vec::new(),
-            granule: (frames as u32).max(1),
+            granule_shift: (frames.max(1) as u32).next_power_of_two().trailing_zeros(),
             stale: vec![false],
             skip_stale_marks: false,
             meta: vec![None; frames as usize],
@@ -185,19 +186,17 @@ impl Pool {
         }
     }
 
-    /// Splits the pool into resync chunks of `frames` frames (at least 1; the last may be
-    /// shorter). Every chunk starts clean.
+    /// Splits the pool into resync chunks of `frames` frames rounded up to a power of two
+    /// (at least 1; the last chunk may be shorter). Every chunk starts clean.
     pub fn set_granule(&mut self, frames: u32) {
-        self.granule = frames.max(1);
-        let chunks = (self.total() as usize)
-            .div_ceil(self.granule as usize)
-            .max(1);
-        self.stale = vec![false; chunks];
+        self.granule_shift = frames.max(1).next_power_of_two().trailing_zeros();
+        let chunks = (self.total() >> self.granule_shift) + 1;
+        self.stale = vec![false; chunks as usize];
     }
 
-    /// Frames per resync chunk.
+    /// Frames per resync chunk (a power of two).
     pub fn granule(&self) -> u32 {
-        self.granule
+        1 << self.granule_shift
     }
 
     /// The host may cache a translation from pool frame `idx` that no longer holds: its
@@ -207,7 +206,7 @@ impl Pool {
         if self.skip_stale_marks {
             return;
         }
-        if let Some(s) = self.stale.get_mut((idx / self.granule) as usize) {
+        if let Some(s) = self.stale.get_mut((idx >> self.granule_shift) as usize) {
             *s = true;
         }
     }
@@ -234,9 +233,11 @@ impl Pool {
                 *s = false;
             }
         }
-        let g = self.granule;
-        let (clean, dirty): (Vec<u32>, Vec<u32>) =
-            self.dirty.iter().partition(|&&i| chunks.contains(&(i / g)));
+        let g = self.granule_shift;
+        let (clean, dirty): (Vec<u32>, Vec<u32>) = self
+            .dirty
+            .iter()
+            .partition(|&&i| chunks.contains(&(i >> g)));
         self.dirty = dirty;
         self.free.extend(clean);
     }

@@ -87,15 +87,17 @@ fn disable_slot_zap_all(vm: &VmFd) -> bool {
         .is_ok()
 }
 
-/// Pool frames per memslot chunk for a pool of `frames` frames: [`POOL_CHUNKS_MAX`]
-/// chunks where KVM can delete one slot without zapping every other (`targeted`), else
-/// one chunk (re-registering any slot then costs the whole VM's shadow pages anyway).
+/// Pool frames per memslot chunk for a pool of `frames` frames: a power of two (the
+/// engine's chunk of a frame is a shift), at most [`POOL_CHUNKS_MAX`] chunks where KVM can
+/// delete one slot without zapping every other (`targeted`), else one chunk covering the
+/// pool (re-registering any slot then costs the whole VM's shadow pages anyway).
 pub fn pool_chunk_frames(frames: u64, targeted: bool) -> u64 {
-    if targeted {
-        frames.div_ceil(POOL_CHUNKS_MAX).max(1)
+    let per = if targeted {
+        frames.div_ceil(POOL_CHUNKS_MAX)
     } else {
-        frames.max(1)
-    }
+        frames
+    };
+    per.max(1).next_power_of_two()
 }
 
 /// Registers every RAM region of `mem` as a memslot and the shadow pool (its last region)
@@ -234,11 +236,17 @@ mod tests {
     fn pool_chunks_are_at_most_the_maximum_and_cover_the_pool() {
         assert_eq!(pool_chunk_frames(8192, true), 128);
         assert_eq!(pool_chunk_frames(8192, false), 8192);
+        assert_eq!(
+            pool_chunk_frames(3000, false),
+            4096,
+            "one chunk, a power of two"
+        );
         assert_eq!(pool_chunk_frames(100, true), 2);
         assert_eq!(pool_chunk_frames(1, true), 1);
         for frames in [1, 63, 64, 65, 8192, 1 << 24] {
             let c = pool_chunk_frames(frames, true);
             assert!(frames.div_ceil(c) <= POOL_CHUNKS_MAX, "{frames}");
+            assert!(c.is_power_of_two(), "{frames}");
         }
     }
 }
