@@ -142,8 +142,9 @@ npt0() {
 # channel, so a hang shows whether L1, pvmm or the guest stopped.
 heartbeat() {
     while sleep 30; do
-        line="BED-HEARTBEAT up=$(cut -d' ' -f1 /proc/uptime)"
-        for t in /proc/$(pidof pvmm)/task/*; do
+        pid=$(pidof pvmm | cut -d' ' -f1)
+        line="BED-HEARTBEAT up=$(cut -d' ' -f1 /proc/uptime) pvmm=[$(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | sed 's/.*--cmdline //' | cut -c1-120)]"
+        for t in /proc/$pid/task/*; do
             [ -r "$t/stat" ] || continue
             line="$line $(cat "$t/comm"):$(cut -d' ' -f3 "$t/stat"):$(cat "$t/wchan" 2>/dev/null)"
         done
@@ -188,10 +189,15 @@ bench() { # step name, <pages>x<repeat>, transport, --smp= value
     t0=$(now_cs)
     rm -rf /tmp/bench
     if [ -x /bed/bench-matrix ]; then
+        # A run that hangs shows which one and each pvmm thread's state (the matrix's own
+        # output comes only at its end).
+        heartbeat &
+        hb=$!
         PVMM_BIN=$PVMM PVMM_GUEST=$GUEST /bed/bench-matrix --modes=five --smp="$4" \
             --pages="${2%x*}" --repeat="${2#*x}" --hypercall="$3" --floor-iterations=5000 \
             --out=/tmp/bench --host-note="$BENCH_NOTE" </dev/null 2>/tmp/bench-stderr
         rc=$?
+        kill "$hb"
         # stderr is a file, so that no progress bar is drawn; its errors follow the summary.
         sed 's/^/bench-matrix stderr: /' /tmp/bench-stderr | tail -n 20
     else
@@ -199,7 +205,12 @@ bench() { # step name, <pages>x<repeat>, transport, --smp= value
         rc=127
     fi
     secs=$(secs_since "$t0")
-    [ -d /tmp/bench ] && emit_dir /tmp/bench
+    # Numbered: two bench steps in one boot must not emit blocks of the same name.
+    BENCH_N=$((${BENCH_N:-0} + 1))
+    if [ -d /tmp/bench ]; then
+        rm -rf "/tmp/bench-$BENCH_N"
+        mv /tmp/bench "/tmp/bench-$BENCH_N" && emit_dir "/tmp/bench-$BENCH_N"
+    fi
     say "BED-END $1 rc=$rc secs=$secs"
 }
 

@@ -13,6 +13,9 @@
 #   SVM_BED_DIR        cache and logs (default target/svm-bed)
 #   SVM_BED_BOOTS      the plan: boots separated by ';', each `<qemu cpus>=<step>,<step>...`
 #   SVM_BED_TIMEOUT    seconds per QEMU boot (default 1200; a full boot 1 takes 3-4 minutes)
+#   SVM_BED_STALL      seconds without console output after which a boot counts as wedged
+#                      (default 420): QEMU is killed and the boot's unfinished steps run once
+#                      more in a fresh boot (SVM_BED_RETRIES, default 1)
 #   SVM_BED_VERBOSE=1  stream the whole serial console (default: step progress only)
 #   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
 #   BENCH_MATRIX_BIN   the bench matrix for `bench:` steps (default target/release/bench-matrix)
@@ -29,6 +32,8 @@ PVMM=${PVMM_BIN:-$ROOT/target/release/pvmm}
 GUEST=${PVMM_GUEST:-$ROOT/guest-images/target/x86_64-unknown-linux-gnu/release/pvmm-guest}
 BENCH_MATRIX=${BENCH_MATRIX_BIN:-$ROOT/target/release/bench-matrix}
 TIMEOUT=${SVM_BED_TIMEOUT:-1200}
+STALL=${SVM_BED_STALL:-420}
+RETRIES=${SVM_BED_RETRIES:-1}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
 DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
 # Not in the default plan: linux:2 (a stock Linux with --vcpus 2 under -smp 2) passed 7 of 8
@@ -167,18 +172,51 @@ build_initramfs() {
     cpio_gz "$r" "$BED/initrd.gz"
 }
 
+# Kills the QEMU of run `tag` once its log `out` has not grown for STALL seconds (an L1
+# wedged under TCG: seen with 2 CPUs, where even init's heartbeat stops), leaving
+# `out.wedged`; returns when that QEMU is gone.
+watchdog() { # tag, log
+    local size=-1 quiet=0 now
+    rm -f "$2.wedged"
+    while sleep 15; do
+        pgrep -f "bed.run=$1 " >/dev/null || return 0
+        now=$(stat -c %s "$2" 2>/dev/null || echo 0)
+        if [ "$now" = "$size" ]; then quiet=$((quiet + 15)); else quiet=0; size=$now; fi
+        if [ "$quiet" -ge "$STALL" ]; then
+            echo "no console output for $quiet s" >"$2.wedged"
+            pkill -f "bed.run=$1 "
+            return 0
+        fi
+    done
+}
+
 # One QEMU boot: cpus, comma-separated steps, log file. Returns QEMU's (or timeout's) status.
 boot() {
-    local cpus=$1 steps=$2 out=$3 accel=tcg
+    local cpus=$1 steps=$2 out=$3 accel=tcg tag="$$-$RANDOM" wd
     [ "$cpus" -gt 1 ] && accel=tcg,thread=multi
     log "boot: QEMU TCG, $cpus CPU(s), steps $steps"
+    : >"$out"
+    watchdog "$tag" "$out" &
+    wd=$!
     timeout -k 10 "$TIMEOUT" "$QEMU" -accel "$accel" -cpu qemu64,+svm,+npt -m 2G \
         -smp "$cpus" -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$BED/initrd.gz" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=3 bed.steps=$steps bed.token=$TOKEN" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 bed.steps=$steps bed.run=$tag bed.token=$TOKEN" \
         -display none -serial stdio -monitor none -no-reboot </dev/null 2>"$out.qemu-stderr" |
         tee "$out" | if [ "${SVM_BED_VERBOSE:-0}" = 1 ]; then cat; else
             grep --line-buffered -E '^(BED-BEGIN|BED-END|BED-KVM|BED-DONE|Kernel panic)'; fi
-    return "${PIPESTATUS[0]}"
+    local rc=${PIPESTATUS[0]}
+    kill "$wd" 2>/dev/null
+    wait "$wd" 2>/dev/null
+    return "$rc"
+}
+
+# The steps of `steps` (comma-separated) that log `out` has no BED-END for.
+unfinished() { # steps, log
+    local s left=""
+    for s in $(echo "$1" | tr ',' ' '); do
+        tr -d '\r' <"$2" | grep -q "^BED-END $s " || left="$left${left:+,}$s"
+    done
+    echo "$left"
 }
 
 # Unpacks every BED-FILE block of log $1 into $BED/files/<name without .tar.gz>/ after
@@ -206,7 +244,9 @@ extract_files() {
 # What a boot that did not reach BED-DONE left: its status, the last console lines (the
 # step it was in, the guest's last output) and QEMU's stderr.
 cut_off_report() { # boot number, QEMU status, seconds, log
-    echo "svm-bed: boot $1 did not reach BED-DONE (QEMU status $2 after $3 s); last console lines and QEMU's stderr:"
+    local why="QEMU status $2 after $3 s"
+    [ -f "$4.wedged" ] && why="$why, killed as wedged: $(cat "$4.wedged")"
+    echo "svm-bed: boot $1 did not reach BED-DONE ($why); last console lines and QEMU's stderr:"
     grep -a '^BED-BEGIN' "$4" | tail -n 1 | sed 's/^/    last step: /'
     tail -n 15 "$4" | tr -d '\r' | sed 's/^/    /'
     sed 's/^/    qemu: /' "$4.qemu-stderr"
@@ -224,22 +264,32 @@ main() {
     TOKEN="bed-token-$(date +%s)"
     local started=$SECONDS all_steps="" i=0 spec cpus steps qrc logs=() cut_off=()
     IFS=';' read -ra specs <<<"$BOOTS"
+    local retries=$RETRIES todo
     for spec in "${specs[@]}"; do
         cpus=${spec%%=*}
         steps=${spec#*=}
-        i=$((i + 1))
-        local out="$BED/boot-$i.log"
-        local t0=$SECONDS
-        boot "$cpus" "$steps" "$out"
-        qrc=$?
-        log "boot $i ended (status $qrc) after $((SECONDS - t0)) s; log: $out"
-        [ "$qrc" = 124 ] && log "boot $i hit the ${TIMEOUT}s timeout"
-        if ! grep -q '^BED-DONE' "$out"; then
+        all_steps="$all_steps${all_steps:+,}$steps"
+        todo=$steps
+        while [ -n "$todo" ]; do
+            i=$((i + 1))
+            local out="$BED/boot-$i.log"
+            local t0=$SECONDS
+            boot "$cpus" "$todo" "$out"
+            qrc=$?
+            log "boot $i ended (status $qrc) after $((SECONDS - t0)) s; log: $out"
+            [ "$qrc" = 124 ] && log "boot $i hit the ${TIMEOUT}s timeout"
+            logs+=("$out")
+            grep -q '^BED-DONE' "$out" && break
             cut_off+=("$(cut_off_report "$i" "$qrc" "$((SECONDS - t0))" "$out")")
             printf '%s\n' "${cut_off[-1]}"
-        fi
-        all_steps="$all_steps${all_steps:+,}$steps"
-        logs+=("$out")
+            [ -f "$out.wedged" ] && [ "$retries" -gt 0 ] || break
+            retries=$((retries - 1))
+            todo=$(unfinished "$todo" "$out")
+            # Steps tagged @npt0 run after the kvm_amd reload: a fresh boot needs it again.
+            case ",$todo," in *@npt0,*) case ",$todo," in *,npt0,*) ;; *) todo="npt0,$todo" ;; esac ;; esac
+            cut_off+=("svm-bed: boot $i wedged ($(cat "$out.wedged")); its unfinished steps run again in a fresh boot: $todo")
+            printf '%s\n' "${cut_off[-1]}"
+        done
     done
     local table rc files_ok=1
     LAST_BENCH_DIR=""
