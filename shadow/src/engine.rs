@@ -734,13 +734,8 @@ impl ShadowMmu {
         }
         let same_frame = matches!((old_kind, new_kind),
             (Kind::Leaf4k { pfn: a }, Kind::Leaf4k { pfn: b }) | (Kind::Leaf2m { pfn: a }, Kind::Leaf2m { pfn: b }) if a == b);
-        let base = if preserve_ad { val | (old & AD) } else { val };
-        let v = if preserve_ad || same_frame {
-            base | harvested
-        } else {
-            base
-        };
-        self.count_propagated(v & !base & AD);
+        let (v, added) = pte::updated_guest_entry(val, old, preserve_ad, same_frame, harvested);
+        self.count_propagated(added);
         gt.set(i, v);
         if let Kind::Table { pfn: c } = old_kind {
             self.put_type(mem, c, ptr);

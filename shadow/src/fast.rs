@@ -78,13 +78,8 @@ impl ShadowMmu {
         if new_present && val & RW != 0 {
             self.pool.rmap_add(slot, new_pfn);
         }
-        let base = if preserve_ad { val | (old & AD) } else { val };
-        let v = if preserve_ad || same_frame {
-            base | harvested
-        } else {
-            base
-        };
-        self.count_propagated(v & !base & AD);
+        let (v, added) = pte::updated_guest_entry(val, old, preserve_ad, same_frame, harvested);
+        self.count_propagated(added);
         gt.set(i, v);
         self.fast_hits += 1;
         true

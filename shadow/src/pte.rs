@@ -120,6 +120,26 @@ pub const fn is_upgrade(old: u64, new: u64) -> bool {
         && (new & NX == 0 || old & NX != 0)
 }
 
+/// The guest entry a `PT_UPDATE` of `val` over `old` leaves, and the A/D bits it adds to
+/// `val` (propagated): `preserve_ad` keeps `old`'s A/D; the `harvested` shadow A/D go in
+/// too when the frame stays (`same_frame`) or with `preserve_ad` (a remap takes none).
+#[inline(always)]
+pub const fn updated_guest_entry(
+    val: u64,
+    old: u64,
+    preserve_ad: bool,
+    same_frame: bool,
+    harvested: u64,
+) -> (u64, u64) {
+    let base = if preserve_ad { val | (old & AD) } else { val };
+    let v = if preserve_ad || same_frame {
+        base | harvested
+    } else {
+        base
+    };
+    (v, v & !base & AD)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
