@@ -228,18 +228,20 @@ impl Pool {
     /// The hypervisor dropped what it cached from the frames of `chunks`: they are clean,
     /// and so are the freed frames in them.
     pub fn resynced_chunks(&mut self, chunks: &[u32]) {
+        let mut clean = vec![false; self.stale.len()];
         for &c in chunks {
-            if let Some(s) = self.stale.get_mut(c as usize) {
+            if let (Some(s), Some(k)) = (self.stale.get_mut(c as usize), clean.get_mut(c as usize))
+            {
                 *s = false;
+                *k = true;
             }
         }
         let g = self.granule_shift;
-        let (clean, dirty): (Vec<u32>, Vec<u32>) = self
-            .dirty
-            .iter()
-            .partition(|&&i| chunks.contains(&(i >> g)));
+        let in_clean = |i: u32| clean.get((i >> g) as usize).copied().unwrap_or(false);
+        let (now_free, dirty): (Vec<u32>, Vec<u32>) =
+            self.dirty.iter().partition(|&&i| in_clean(i));
         self.dirty = dirty;
-        self.free.extend(clean);
+        self.free.extend(now_free);
     }
 
     /// The hypervisor dropped every translation it cached from the pool.
