@@ -34,6 +34,27 @@ struct Applier<'a> {
     switched_root: bool,
 }
 
+impl<'a> Applier<'a> {
+    /// An applier for vCPU `index` that has taken nothing yet.
+    fn new(
+        fd: &'a VcpuFd,
+        vm: &'a dyn VmOps,
+        index: usize,
+        stats: &'a mut VcpuStats,
+        err: &'a mut Option<String>,
+    ) -> Applier<'a> {
+        Applier {
+            fd,
+            vm,
+            index,
+            stats,
+            err,
+            taken: None,
+            switched_root: false,
+        }
+    }
+}
+
 impl Apply for Applier<'_> {
     fn take(&mut self) {
         let fx = self.vm.take_delivery(self.index);
@@ -82,15 +103,13 @@ impl Vcpu {
     pub(super) fn service(&mut self) {
         let t = Instant::now();
         let index = self.index;
-        let mut apply = Applier {
-            fd: &self.fd,
-            vm: &*self.vm,
+        let mut apply = Applier::new(
+            &self.fd,
+            &*self.vm,
             index,
-            stats: &mut self.stats,
-            err: &mut self.delivery_error,
-            taken: None,
-            switched_root: false,
-        };
+            &mut self.stats,
+            &mut self.delivery_error,
+        );
         self.sync.service(index, &mut apply);
         self.stats.vmm_ns += t.elapsed().as_nanos() as u64;
     }
@@ -122,15 +141,7 @@ impl Vcpu {
         let pool = self.pool_slot.clone().filter(|_| self.pool_resync);
         let (vm, stats) = (&*self.vm, &mut self.stats);
         let mut applied = VcpuStats::default();
-        let mut apply = Applier {
-            fd: &self.fd,
-            vm,
-            index,
-            stats: &mut applied,
-            err: &mut self.delivery_error,
-            taken: None,
-            switched_root: false,
-        };
+        let mut apply = Applier::new(&self.fd, vm, index, &mut applied, &mut self.delivery_error);
         let resync_needed = fx.host_resync && pool.is_some();
         let t = Instant::now();
         let (delivered, resync) = if resync_needed {
