@@ -1657,6 +1657,31 @@ fn run_world(mut w: World, vcpus: usize, steps: &[Step]) -> Result<(u64, u64, u6
     Ok((w.ops, w.accesses, w.mmu.debug_fast_path_hits()))
 }
 
+/// A proptest runner of `cases` cases, persisting no failures; without `shrink` a failure
+/// reports its case (with the last entries applied) as found.
+fn runner(cases: u32, shrink: bool) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, TestRunner};
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: if shrink {
+            Config::default().max_shrink_iters
+        } else {
+            0
+        },
+        ..Config::default()
+    })
+}
+
+/// The long runs' cases: 2 or 4 vCPUs, small to medium pools, 250-300 steps.
+fn long_case() -> impl Strategy<Value = (usize, u64, Vec<Step>)> {
+    (
+        prop::sample::select(vec![2usize, 4]),
+        prop::sample::select(vec![11u64, 16, 64]),
+        prop::collection::vec(step_strategy(), 250..300),
+    )
+}
+
 fn case() -> impl Strategy<Value = (usize, u64, Vec<Step>)> {
     (
         prop::sample::select(vec![2usize, 4]),
@@ -1669,12 +1694,7 @@ fn case() -> impl Strategy<Value = (usize, u64, Vec<Step>)> {
 /// cover item must have happened at least once.
 #[test]
 fn tlb_model_matches() {
-    use proptest::test_runner::{Config, TestRunner};
-    let mut runner = TestRunner::new(Config {
-        cases: 48,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(48, true);
     runner
         .run(&case(), |(vcpus, pool, steps)| {
             run(vcpus, pool, &steps).map(|_| ())
@@ -1692,13 +1712,8 @@ fn tlb_model_matches() {
 /// counters, batch outcomes, deliveries, roots and pending flushes after every batch.
 #[test]
 fn fast_path_matches_general_path() {
-    use proptest::test_runner::{Config, TestRunner};
     let hits = std::cell::Cell::new(0u64);
-    let mut runner = TestRunner::new(Config {
-        cases: 48,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(48, true);
     runner
         .run(&case(), |(vcpus, pool, steps)| {
             let (_, _, h) = run_twin(vcpus, pool, &steps)?;
@@ -1716,19 +1731,9 @@ fn fast_path_matches_general_path() {
 #[test]
 #[ignore]
 fn fast_path_matches_general_path_long() {
-    use proptest::test_runner::{Config, TestRunner};
     let (ops, hits) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
-    let mut runner = TestRunner::new(Config {
-        cases: 250,
-        failure_persistence: None,
-        max_shrink_iters: 0,
-        ..Config::default()
-    });
-    let long = (
-        prop::sample::select(vec![2usize, 4]),
-        prop::sample::select(vec![11u64, 16, 64]),
-        prop::collection::vec(step_strategy(), 250..300),
-    );
+    let mut runner = runner(250, false);
+    let long = long_case();
     runner
         .run(&long, |(vcpus, pool, steps)| {
             let (o, _, h) = run_twin(vcpus, pool, &steps)?;
@@ -1751,21 +1756,10 @@ fn fast_path_matches_general_path_long() {
 #[test]
 #[ignore]
 fn tlb_model_1m_ops() {
-    use proptest::test_runner::{Config, TestRunner};
     let start = std::time::Instant::now();
     let (ops, acc) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
-    let mut runner = TestRunner::new(Config {
-        cases: 2700,
-        failure_persistence: None,
-        // A failure reports its case (with the last entries applied) without shrinking.
-        max_shrink_iters: 0,
-        ..Config::default()
-    });
-    let long = (
-        prop::sample::select(vec![2usize, 4]),
-        prop::sample::select(vec![11u64, 16, 64]),
-        prop::collection::vec(step_strategy(), 250..300),
-    );
+    let mut runner = runner(2700, false);
+    let long = long_case();
     runner
         .run(&long, |(vcpus, pool, steps)| {
             let (o, a) = run(vcpus, pool, &steps)?;
@@ -1923,12 +1917,8 @@ fn never_accessed_unmaps_name_no_vcpu() {
 /// host cache keeps a translation the engine reduced, and the model says so.
 #[test]
 fn unmarked_resync_chunks_are_caught() {
-    use proptest::test_runner::{Config, TestError, TestRunner};
-    let mut runner = TestRunner::new(Config {
-        cases: 64,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    use proptest::test_runner::TestError;
+    let mut runner = runner(64, true);
     let r = runner.run(&case(), |(vcpus, pool, steps)| {
         let mut w = World::new(vcpus, pool);
         w.mmu.set_debug_skip_resync_marks(true);
