@@ -292,6 +292,11 @@ impl ShadowMmu {
         self.pool.granule()
     }
 
+    /// Host-resync chunks in all.
+    pub fn resync_chunk_count(&self) -> usize {
+        self.pool.chunk_count()
+    }
+
     /// Whether a chunk is stale: some hypervisors (software KVM) cache translations from
     /// the pool's tables and do not see the VMM's writes to them, and the VMM changed an
     /// entry such a translation may have been made from (one with A=1), or reused a freed

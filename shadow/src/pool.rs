@@ -190,7 +190,7 @@ impl Pool {
     /// (at least 1; the last chunk may be shorter). Every chunk starts clean.
     pub fn set_granule(&mut self, frames: u32) {
         self.granule_shift = frames.max(1).next_power_of_two().trailing_zeros();
-        let chunks = (self.total() >> self.granule_shift) + 1;
+        let chunks = self.total().div_ceil(1 << self.granule_shift).max(1);
         self.stale = vec![false; chunks as usize];
     }
 
@@ -209,6 +209,11 @@ impl Pool {
         if let Some(s) = self.stale.get_mut((idx >> self.granule_shift) as usize) {
             *s = true;
         }
+    }
+
+    /// Resync chunks in all.
+    pub fn chunk_count(&self) -> usize {
+        self.stale.len()
     }
 
     /// Whether any chunk is stale.

@@ -311,11 +311,7 @@ impl OpHandler for MmuBatch {
             return false;
         };
         e.host_resynced_chunks(&clean);
-        let chunks = e
-            .layout()
-            .pool_frames
-            .div_ceil(u64::from(e.resync_granule()));
-        clean.len() as u64 >= chunks
+        clean.len() >= e.resync_chunk_count()
     }
 
     fn set_resync_granule(&mut self, frames: u32) {
