@@ -96,6 +96,22 @@ impl ShadowMmu {
         self.pool.skip_stale_marks = on;
     }
 
+    /// A freed shadow the CPU used is not marked stale when it is freed (only when its
+    /// frame is reused): the kernel flush's cover of dropped shadows switched off, for the
+    /// model test that must catch it.
+    #[doc(hidden)]
+    pub fn set_debug_skip_drop_marks(&mut self, on: bool) {
+        self.pool.stale_on_drop = !on;
+    }
+
+    /// A guest's own remote `INVLPG` / `FLUSH_TLB` counts as naming a pool frame: the
+    /// kernel flush may then take it with a zap of unrelated frames. The frameless check
+    /// switched off, for the model test that must catch it.
+    #[doc(hidden)]
+    pub fn set_debug_guest_flush_framed(&mut self, on: bool) {
+        self.pending.debug_all_framed = on;
+    }
+
     /// Whether pool frame `idx` holds a shadow now (not free or freed).
     #[doc(hidden)]
     pub fn debug_pool_frame_used(&self, idx: u32) -> bool {

@@ -43,6 +43,9 @@ pub struct BatchOutcome {
     /// `end_batch` only: other vCPUs a flush-needing change of this batch did *not* target
     /// (a "flush every vCPU" policy would have interrupted them).
     pub remote_avoided: u32,
+    /// Some reason merged into `flush` names no pool frame ([`FlushReason::frame_derived`]):
+    /// a kernel flush of the stale frames does not stand in for it.
+    pub flush_frameless: bool,
 }
 
 /// The shadow page-table engine of one VM.
@@ -243,6 +246,7 @@ impl ShadowMmu {
     /// own thread, for every vCPU a batch names in [`BatchOutcome::remote`].
     pub fn take_delivery(&mut self, vcpu: usize) -> BatchOutcome {
         BatchOutcome {
+            flush_frameless: self.pending.frameless(vcpu),
             flush: self.take_flush(vcpu),
             new_cr3: self.new_cr3.get_mut(vcpu).and_then(Option::take),
             ..BatchOutcome::default()
@@ -259,6 +263,56 @@ impl ShadowMmu {
             self.flushed_fully(vcpu);
         }
         f
+    }
+
+    /// Turns on what the kernel flush needs: every flush that names a pool frame leaves
+    /// that frame stale (a dropped shadow the CPU used included), one frame per chunk.
+    /// The VMM then flushes other vCPUs by having the host zap its own mappings of the
+    /// stale frames (a zap makes KVM flush every vCPU's TLB, and a translation made
+    /// through a stale frame needed the host to map it). Call it before the first batch,
+    /// where the pool needs no host resync.
+    pub fn enable_kernel_flush(&mut self) {
+        self.pool.set_granule(1);
+        self.pool.stale_on_drop = true;
+    }
+
+    /// The vCPUs of `remote` whose pending flush a kernel flush of the stale frames
+    /// performs: each has a flush pending whose every reason names a pool frame
+    /// ([`FlushReason::frame_derived`]), and no root switch waiting (that needs its own
+    /// thread). Empty when no frame is stale.
+    pub fn kernel_flushable(&self, remote: VcpuSet) -> VcpuSet {
+        if !self.pool.resync_needed() {
+            return VcpuSet::EMPTY;
+        }
+        remote
+            .iter()
+            .filter(|&v| {
+                self.pending.peek(v).is_some()
+                    && !self.pending.frameless(v)
+                    && !self.root_switch_pending(v)
+            })
+            .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v))
+    }
+
+    /// The host zapped its mappings of every stale frame (`stale_chunks`, one frame each
+    /// after [`ShadowMmu::enable_kernel_flush`]), flushing every vCPU: the pending flushes
+    /// of `flushed` (from [`ShadowMmu::kernel_flushable`]) are performed and the frames
+    /// are clean.
+    /// The frames become clean only while no vCPU has a root switch waiting: such a vCPU
+    /// may still run on a root a batch freed, whose frame must not be reused before it
+    /// switched (the VMM cleans them after its acknowledgement, in its host resync).
+    pub fn kernel_flushed(&mut self, flushed: VcpuSet, frames: &[u32]) {
+        for v in flushed.iter() {
+            self.take_flush(v);
+        }
+        if !self.root_switch_outstanding() {
+            self.pool.resynced_chunks(frames);
+        }
+    }
+
+    /// Whether any vCPU has a root switch waiting (it may run on a freed root until then).
+    pub fn root_switch_outstanding(&self) -> bool {
+        self.new_cr3.iter().any(Option::is_some)
     }
 
     /// Whether a root switch (`DETACH`) waits for `vcpu` in [`ShadowMmu::take_delivery`].

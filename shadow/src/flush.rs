@@ -52,6 +52,17 @@ reasons! {
     }
 }
 
+impl FlushReason {
+    /// Whether the flush stems from a pool entry the CPU used (A=1) that changed or was
+    /// dropped, whose pool frame is then marked stale: zapping the host's mapping of the
+    /// stale frames flushes every translation made through it (see
+    /// [`crate::ShadowMmu::kernel_flushable`]). Only a guest's own `INVLPG` / `FLUSH_TLB`
+    /// names no frame.
+    pub const fn frame_derived(self) -> bool {
+        !matches!(self, FlushReason::GuestInvlpg | FlushReason::GuestFlushTlb)
+    }
+}
+
 reasons! {
     /// Why a change did not need a flush of its own.
     AvoidReason {
@@ -71,6 +82,11 @@ reasons! {
 #[derive(Clone, Debug)]
 pub(crate) struct Pending {
     per_vcpu: Vec<Option<FlushReason>>,
+    /// Some reason merged into the vCPU's pending flush names no pool frame
+    /// ([`FlushReason::frame_derived`] is false).
+    frameless: Vec<bool>,
+    /// Debug: every reason counts as naming a frame (see `set_debug_guest_flush_framed`).
+    pub debug_all_framed: bool,
 }
 
 impl Pending {
@@ -78,6 +94,8 @@ impl Pending {
     pub fn new(vcpus: usize) -> Pending {
         Pending {
             per_vcpu: vec![None; vcpus],
+            frameless: vec![false; vcpus],
+            debug_all_framed: false,
         }
     }
 
@@ -85,13 +103,23 @@ impl Pending {
     /// (merged).
     pub fn mark_set(&mut self, set: VcpuSet, r: FlushReason) -> bool {
         let mut fresh = false;
-        for (v, p) in self.per_vcpu.iter_mut().enumerate() {
-            if set.contains(v) && p.is_none() {
+        let vcpus = self.per_vcpu.iter_mut().zip(self.frameless.iter_mut());
+        for (v, (p, frameless)) in vcpus.enumerate() {
+            if !set.contains(v) {
+                continue;
+            }
+            *frameless |= !r.frame_derived() && !self.debug_all_framed;
+            if p.is_none() {
                 *p = Some(r);
                 fresh = true;
             }
         }
         fresh
+    }
+
+    /// Whether a reason merged into `vcpu`'s pending flush names no pool frame.
+    pub fn frameless(&self, vcpu: usize) -> bool {
+        self.frameless.get(vcpu).copied().unwrap_or(false)
     }
 
     /// The pending flush of `vcpu`, left pending.
@@ -101,6 +129,9 @@ impl Pending {
 
     /// Takes the pending flush of `vcpu`.
     pub fn take(&mut self, vcpu: usize) -> Option<FlushReason> {
+        if let Some(f) = self.frameless.get_mut(vcpu) {
+            *f = false;
+        }
         self.per_vcpu.get_mut(vcpu).and_then(Option::take)
     }
 }
@@ -110,6 +141,19 @@ use crate::vcpuset::VcpuSet;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_flush_merged_into_a_pending_one_makes_it_frameless() {
+        let mut p = Pending::new(2);
+        p.mark_set(VcpuSet::one(0), FlushReason::LeafRemoved);
+        assert!(!p.frameless(0));
+        p.mark_set(VcpuSet::first(2), FlushReason::GuestFlushTlb);
+        assert!(p.frameless(0), "merged into vCPU 0's pending flush");
+        assert!(p.frameless(1));
+        assert_eq!(p.take(0), Some(FlushReason::LeafRemoved));
+        assert!(!p.frameless(0), "taken with the flush");
+        assert!(!p.frameless(7), "no such vCPU");
+    }
 
     #[test]
     fn merged_only_when_every_target_was_pending() {

@@ -67,6 +67,8 @@ mod fast_tests;
 #[cfg(test)]
 mod integrity_tests;
 #[cfg(test)]
+mod kernel_flush_tests;
+#[cfg(test)]
 mod mutant_tests;
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,10 @@ pub(crate) struct Pool {
     stale: Vec<bool>,
     /// Debug: no chunk is ever marked stale (the model test's switched-off mechanism).
     pub(crate) skip_stale_marks: bool,
+    /// A freed frame that held an entry the CPU used is marked stale when it is freed, not
+    /// only when it is reused (the kernel flush zaps the stale frames: a translation made
+    /// through a dropped shadow is flushed with it).
+    pub(crate) stale_on_drop: bool,
     meta: Vec<Option<Meta>>,
     used: u64,
     high_water: u64,
@@ -99,6 +103,7 @@ impl Pool {
             granule_shift: (frames.max(1) as u32).next_power_of_two().trailing_zeros(),
             stale: vec![false],
             skip_stale_marks: false,
+            stale_on_drop: false,
             meta: vec![None; frames as usize],
             used: 0,
             high_water: 0,

@@ -167,6 +167,9 @@ impl ShadowMmu {
             }
             Owner::Table { level, .. } => self.drop_upper_entries(mem, sidx, level),
         };
+        if used && self.pool.stale_on_drop {
+            self.mark_stale(sidx);
+        }
         self.pool.free(sidx);
         used
     }

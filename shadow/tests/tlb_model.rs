@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 use hypercall::{FlushTarget, HcError, MmuOp};
 use proptest::prelude::*;
 use shadow::pte::{A, AD, ADDR, ADDR_2M, D, G, NX, P, PS, RW, US};
-use shadow::{Layout, ShadowMmu};
+use shadow::{Layout, ShadowMmu, VcpuSet};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const RAM_END: u64 = 0x80_0000;
@@ -328,6 +328,34 @@ struct World {
     /// used (address → value with A), until its chunk is resynced. It must never hold one
     /// the VMM has since reduced in a live shadow outside the stale chunks.
     host_seen: HashMap<u64, u64>,
+    /// The kernel flush (a host with nested paging, `ShadowMmu::enable_kernel_flush`).
+    kernel: Option<KernelHost>,
+}
+
+/// What a kernel-flush run switches off (the model must catch each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelMutant {
+    /// Nothing: the real mechanism.
+    None,
+    /// Targets counted flushed, nothing zapped.
+    SkipZap,
+    /// A guest's own remote flush counts as naming a frame.
+    GuestFlushFramed,
+}
+
+/// The host of the kernel flush: which pool frames its nested page tables map (the walker
+/// read through them since the last zap of each); zapping a mapped one flushes every
+/// vCPU's TLB.
+#[derive(Default)]
+struct KernelHost {
+    mapped: std::collections::HashSet<u32>,
+    /// The mechanism switched off (the model must catch it): targets are counted flushed
+    /// but nothing is zapped.
+    skip_zap: bool,
+    /// Zaps that hit a mapped frame (each flushed every vCPU).
+    flushes: u64,
+    /// Remote targets flushed this way.
+    targets: u64,
 }
 
 /// The general-path engine of a differential run and its memory.
@@ -474,6 +502,7 @@ impl World {
             drop_remote: false,
             twin: None,
             host_seen: HashMap::new(),
+            kernel: None,
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -485,6 +514,49 @@ impl World {
             }
         }
         w
+    }
+
+    /// Switches the world to the kernel flush: every frame is its own chunk, and remote
+    /// flushes the engine can leave to a zap are zapped.
+    fn kernel_host(mut self, mutant: KernelMutant) -> World {
+        self.mmu.enable_kernel_flush();
+        self.mmu
+            .set_debug_guest_flush_framed(mutant == KernelMutant::GuestFlushFramed);
+        self.kernel = Some(KernelHost {
+            skip_zap: mutant == KernelMutant::SkipZap,
+            ..KernelHost::default()
+        });
+        self
+    }
+
+    /// The kernel flush at the end of a batch (like the VMM, before any delivery): the
+    /// targets a zap of the stale frames can flush are flushed that way and leave `remote`.
+    /// Returns the targets left and whether a zap was made.
+    fn kernel_flush(&mut self, remote: VcpuSet) -> Result<(VcpuSet, bool), String> {
+        let Some(k) = self.kernel.as_mut() else {
+            return Ok((remote, false));
+        };
+        let flushed = self.mmu.kernel_flushable(remote);
+        if flushed.is_empty() {
+            return Ok((remote, false));
+        }
+        let frames = self.mmu.stale_chunks();
+        let zapped = !k.skip_zap;
+        k.targets += u64::from(flushed.len());
+        if !k.skip_zap {
+            let hit = frames.iter().any(|f| k.mapped.contains(f));
+            for f in &frames {
+                k.mapped.remove(f);
+            }
+            if hit {
+                k.flushes += 1;
+                self.tlb.iter_mut().for_each(HashMap::clear);
+            }
+        }
+        // The zap is this host's resync of those frames.
+        self.check_host_cache(&frames)?;
+        self.mmu.kernel_flushed(flushed, &frames);
+        Ok((VcpuSet(remote.0 & !flushed.0), zapped))
     }
 
     /// Builds and pins the address spaces and loads one on each vCPU.
@@ -728,6 +800,9 @@ impl World {
                 ));
             }
             let slot = (t << 12) + 8 * ((va >> (12 + 9 * (u32::from(level) - 1))) & 511);
+            if let Some(k) = self.kernel.as_mut() {
+                k.mapped.insert((t - (POOL >> 12)) as u32);
+            }
             let e = self.rd(slot);
             if e & P == 0 {
                 return Ok(None);
@@ -940,12 +1015,15 @@ impl World {
                 cov(Cov::GlobalKeptOverCr3Load);
             }
         }
-        if out.flush.is_some() {
+        // Like the VMM: only the vCPUs the batch names get a delivery (a root switch of
+        // DETACH, a flush), each applied before the batch returns; with the kernel flush,
+        // only those a zap did not flush, and the zap stands in for the caller's own
+        // flush unless that one names no frame.
+        let (remote, zapped) = self.kernel_flush(out.remote)?;
+        if out.flush.is_some() && !(zapped && !out.flush_frameless) {
             self.tlb[v].clear();
         }
-        // Like the VMM: only the vCPUs the batch names get a delivery (a root switch of
-        // DETACH, a flush), each applied before the batch returns.
-        for w in out.remote.iter() {
+        for w in remote.iter() {
             let d = self.mmu.take_delivery(w);
             if let Some(t) = self.twin.as_deref_mut() {
                 let d2 = t.mmu.take_delivery(w);
@@ -1635,6 +1713,24 @@ fn run_twin(vcpus: usize, pool: u64, steps: &[Step]) -> Result<(u64, u64, u64), 
     run_world(w, vcpus, steps)
 }
 
+/// A run on the kernel flush's host: returns (zaps that flushed, targets flushed by zaps).
+fn run_kernel(
+    vcpus: usize,
+    pool: u64,
+    steps: &[Step],
+    mutant: KernelMutant,
+) -> Result<(u64, u64), TestCaseError> {
+    let mut w = World::new(vcpus, pool).kernel_host(mutant);
+    w.boot()
+        .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
+    for (i, s) in steps.iter().enumerate() {
+        w.step(s)
+            .map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
+    }
+    let k = w.kernel.unwrap_or_default();
+    Ok((k.flushes, k.targets))
+}
+
 fn run_world(mut w: World, vcpus: usize, steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
     w.boot()
         .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
@@ -1703,6 +1799,52 @@ fn tlb_model_matches() {
     eprintln!("coverage: {:?}", coverage());
     for (c, n) in coverage() {
         assert!(n > 0, "never exercised: {c:?} ({:?})", coverage());
+    }
+}
+
+/// The kernel flush: remote flushes the engine leaves to a zap of the stale pool frames
+/// (on a host whose nested page tables map a frame once the walker read through it, and
+/// which flushes every vCPU when it unmaps a mapped one) leave no vCPU a translation more
+/// permissive than the guest's tables; and the zaps did flush.
+#[test]
+fn kernel_flush_keeps_every_tlb_coherent() {
+    let (flushes, targets) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let mut runner = runner(48, true);
+    runner
+        .run(&case(), |(vcpus, pool, steps)| {
+            let (f, t) = run_kernel(vcpus, pool, &steps, KernelMutant::None)?;
+            flushes.set(flushes.get() + f);
+            targets.set(targets.get() + t);
+            Ok(())
+        })
+        .unwrap();
+    eprintln!(
+        "kernel flush: {} zaps flushed, {} targets",
+        flushes.get(),
+        targets.get()
+    );
+    assert!(
+        flushes.get() > 0 && targets.get() > 0,
+        "no kernel flush ran"
+    );
+}
+
+/// Each part of the kernel flush switched off: the model must find a vCPU left with a
+/// stale translation. (The mark of a dropped shadow at its free, the third part, is
+/// covered by the parent entry's mark in every case these runs make; the engine's
+/// `a_dropped_shadow_the_cpu_used_is_stale_at_once` checks it directly.)
+#[test]
+fn a_kernel_flush_missing_a_part_is_caught() {
+    for mutant in [KernelMutant::SkipZap, KernelMutant::GuestFlushFramed] {
+        let mut runner = runner(64, false);
+        let r = runner.run(&long_case(), |(vcpus, pool, steps)| {
+            run_kernel(vcpus, pool, &steps, mutant).map(|_| ())
+        });
+        let e = r.expect_err(&format!("the model missed {mutant:?}"));
+        eprintln!(
+            "{mutant:?} caught: {}",
+            e.to_string().lines().next().unwrap_or("")
+        );
     }
 }
 

@@ -16,6 +16,10 @@
 #        smpbreak:<mmu mode>:<transport> SMP tests with --vcpus 2 and remote flushes off
 #                                       (native: the guest's break=no_shootdown; PV: pvmm's
 #                                       --debug-drop-remote-flushes): they must fail
+#        smpkick:<mmu mode>:<transport> the suite with --vcpus 2 and --remote-flush kick
+#        kzapbreak:<mmu mode>:<transport> SMP tests with --vcpus 2, --remote-flush kernel and
+#                                       --debug-kernel-flush-no-zap (targets counted flushed,
+#                                       nothing zapped): they must fail
 #        npt0                           reload kvm_amd with npt=0 (later steps run on it)
 #        linux[:<vcpus>]                a stock Linux bzImage under pvmm (see linux-init.sh)
 #        bench:<pages>x<repeat>:<transport> the bench matrix (/bed/bench-matrix: the five
@@ -93,9 +97,11 @@ run_pvmm() { # step name, then pvmm arguments; stdin from the caller
     rm -f /tmp/stats.txt
 }
 
-suite() { # name mode transport vcpus
-    run_pvmm "$1" --kernel "$GUEST" --cmdline "$SUITE_CMDLINE mmu=$2" \
-        --hypercall "$3" --vcpus "$4" --mem 256M </dev/null
+suite() { # name mode transport vcpus [pvmm flags]
+    name=$1 mode=$2 transport=$3 vcpus=$4
+    shift 4
+    run_pvmm "$name" --kernel "$GUEST" --cmdline "$SUITE_CMDLINE mmu=$mode" \
+        --hypercall "$transport" --vcpus "$vcpus" --mem 256M "$@" </dev/null
 }
 
 # A stale translation lives only until the target vCPU's next exit to the bed's KVM (QEMU
@@ -104,9 +110,9 @@ suite() { # name mode transport vcpus
 # fails is the one judged (the last if none does). Where the mechanism were not needed, no
 # attempt would fail and the judge fails the step.
 BREAK_ATTEMPTS=${BREAK_ATTEMPTS:-4}
-smpbreak() { # name mode transport
+smpbreak() { # name mode transport [pvmm flags that break the PV flush]
     drop=""
-    [ "$2" != native ] && drop=--debug-drop-remote-flushes
+    [ "$2" != native ] && drop=${4:---debug-drop-remote-flushes}
     n=1
     while :; do
         RUN_TIMEOUT=$BREAK_TIMEOUT
@@ -226,6 +232,8 @@ EOF
     smp) suite "$s" "$mode" "$transport" 2 ;;
     smp4) suite "$s" "$mode" "$transport" 4 ;;
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
+    smpkick) suite "$s" "$mode" "$transport" 2 --remote-flush kick ;;
+    kzapbreak) smpbreak "$s" "$mode" "$transport" "--remote-flush kernel --debug-kernel-flush-no-zap" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;
     bench) bench "$s" "$mode" "$transport" off ;;

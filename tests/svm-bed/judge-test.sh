@@ -12,9 +12,10 @@ judge() {
     if [ "$got" = "$2" ]; then echo "ok - $3"; else echo "not ok - $3 (verdict '$got', want '$2')"; fails=$((fails + 1)); fi
 }
 
-suite() { # $1: TAP body, $2: rc, $3: via
+suite() { # $1: TAP body, $2: rc, $3: via, $4: remote flushes (default kernel)
     printf 'BED-BEGIN suite:pv:vmcall\r\r\nnoise\r\r\nTAP version 13\r\r\n%b' "$1"
-    printf '\nBED-STATS-BEGIN\nend: guest-exit (exit code 0)   wall: 1 ms   hypercalls via: %s\ntotal 10\nBED-STATS-END\n' "$3"
+    printf '\nBED-STATS-BEGIN\nend: guest-exit (exit code 0)   wall: 1 ms   hypercalls via: %s\n' "$3"
+    printf 'pool resync: not needed (auto); remote flushes: %s\ntotal 10\nBED-STATS-END\n' "${4:-kernel}"
     printf 'BED-END suite:pv:vmcall rc=%s secs=1.00\n' "$2"
 }
 
@@ -40,12 +41,24 @@ suite '# mmu=pv cpus=2\n1..2\nok 1 a\nok 2 smp_unmap # SKIP x\n' 0 'vmcall (forc
     judge smp:pv:vmcall FAIL "an SMP step whose smp_* tests all skipped fails"
 suite '# mmu=pv cpus=2\n1..2\nok 1 a\nnot ok 2 smp_unmap\n' 1 'vmcall (forced)' | smp |
     judge smp:pv:vmcall FAIL "a failing smp_* test fails the SMP step"
+suite "$smp_good" 0 'vmcall (forced)' kick | smp |
+    judge smp:pv:vmcall FAIL "a PV SMP step whose remote flushes fell back to kicks fails"
+kick() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpkick:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpkick:pv:vmcall/'; }
+suite "$smp_good" 0 'vmcall (forced)' kick | kick |
+    judge smpkick:pv:vmcall PASS "an SMP suite with kicks passes the kick step"
+suite "$smp_good" 0 'vmcall (forced)' | kick |
+    judge smpkick:pv:vmcall FAIL "a kick step whose flushes went through the kernel fails"
 smp4() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp4:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp4:pv:vmcall/'; }
 suite '# mmu=pv cpus=4\n1..2\nok 1 a\nok 2 smp_unmap\n' 0 'vmcall (forced)' | smp4 |
     judge smp4:pv:vmcall PASS "an SMP suite on 4 CPUs passes the 4-vCPU step"
 suite "$smp_good" 0 'vmcall (forced)' | smp4 |
     judge smp4:pv:vmcall FAIL "a 4-vCPU step whose guest saw 2 CPUs fails"
 
+kzap() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN kzapbreak:pv-lazy:vmcall/; s/BED-END suite:pv:vmcall/BED-END kzapbreak:pv-lazy:vmcall/'; }
+suite '# mmu=pv-lazy cpus=2\n1..2\nnot ok 1 smp_unmap # x\nok 2 smp_dirty\n' 1 'vmcall (forced)' | kzap |
+    judge kzapbreak:pv-lazy:vmcall PASS "kzapbreak: a failing shootdown test passes the step"
+suite '# mmu=pv-lazy cpus=2\n1..2\nok 1 smp_unmap\nok 2 smp_dirty\n' 0 'vmcall (forced)' | kzap |
+    judge kzapbreak:pv-lazy:vmcall FAIL "kzapbreak: TLB tests that pass without the zap fail the step"
 brk() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smpbreak:native:vmcall/; s/BED-END suite:pv:vmcall/BED-END smpbreak:native:vmcall/'; }
 suite '# mmu=native cpus=2\n1..2\nok 1 smp_unmap\nnot ok 2 smp_dirty # x\n' 1 'vmcall (forced)' | brk |
     judge smpbreak:native:vmcall PASS "smpbreak: a failing dirty-race test passes the step"

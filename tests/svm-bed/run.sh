@@ -23,6 +23,7 @@
 #                      plots) is unpacked there (`make bench`); a bed that skips writes its
 #                      reason to DIR/SKIPPED instead
 #   SVM_BED_QEMU       the QEMU binary (default qemu-system-x86_64)
+#   SVM_BED_CPU        the QEMU -cpu model (default qemu64,+svm,+npt,+xsave,+xsaveopt,+pku)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,7 +36,7 @@ TIMEOUT=${SVM_BED_TIMEOUT:-1200}
 STALL=${SVM_BED_STALL:-420}
 RETRIES=${SVM_BED_RETRIES:-1}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto,smpkick:pv-lazy:auto,kzapbreak:pv-lazy:auto"
 # Not in the default plan: linux:2 (a stock Linux with --vcpus 2 under -smp 2) passed 7 of 8
 # runs; one produced no output for 20 minutes from the L2 kernel's boot on (pvmm's own
 # --timeout never answered either) until QEMU was killed. Run it with SVM_BED_BOOTS="2=linux:2";
@@ -45,6 +46,10 @@ DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,li
 BOOTS=${SVM_BED_BOOTS:-$DEFAULT_BOOTS}
 PACKAGES="qemu-system-x86 busybox-static cpio"
 QEMU=${SVM_BED_QEMU:-qemu-system-x86_64}
+# SVM with nested paging; XSAVE and protection keys, so that L1 offers pkey_mprotect (the
+# kernel flush of remote TLBs, docs/pv-abi.md §6.5). XSAVEOPT too: without it the Debian
+# kernel hangs in its FPU set-up under TCG.
+BED_CPU=${SVM_BED_CPU:-qemu64,+svm,+npt,+xsave,+xsaveopt,+pku}
 
 log() { echo "svm-bed: $*"; }
 
@@ -180,7 +185,14 @@ watchdog() { # tag, log
     rm -f "$2.wedged"
     while sleep 15; do
         pgrep -f "bed.run=$1 " >/dev/null || return 0
-        now=$(stat -c %s "$2" 2>/dev/null || echo 0)
+        # The wedged L1 kernel still prints its soft-lockup reports: they are no progress,
+        # and one of a minute or more means it is stuck for good.
+        if grep -qE "$LOCKUP" "$2" 2>/dev/null; then
+            echo "L1 soft lockup: $(grep -E "$LOCKUP" "$2" | tail -1)" >"$2.wedged"
+            pkill -f "bed.run=$1 "
+            return 0
+        fi
+        now=$(grep -cvE 'soft lockup|rcu: ' "$2" 2>/dev/null || echo 0)
         if [ "$now" = "$size" ]; then quiet=$((quiet + 15)); else quiet=0; size=$now; fi
         if [ "$quiet" -ge "$STALL" ]; then
             echo "no console output for $quiet s" >"$2.wedged"
@@ -190,6 +202,9 @@ watchdog() { # tag, log
     done
 }
 
+# An L1 soft-lockup report of 60 s or more (the watchdog's sign of a wedged L1).
+LOCKUP='soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[0-9]{3,})s'
+
 # One QEMU boot: cpus, comma-separated steps, log file. Returns QEMU's (or timeout's) status.
 boot() {
     local cpus=$1 steps=$2 out=$3 accel=tcg tag="$$-$RANDOM" wd
@@ -198,7 +213,7 @@ boot() {
     : >"$out"
     watchdog "$tag" "$out" &
     wd=$!
-    timeout -k 10 "$TIMEOUT" "$QEMU" -accel "$accel" -cpu qemu64,+svm,+npt -m 2G \
+    timeout -k 10 "$TIMEOUT" "$QEMU" -accel "$accel" -cpu "$BED_CPU" -m 2G \
         -smp "$cpus" -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$BED/initrd.gz" \
         -append "console=ttyS0 panic=-1 quiet loglevel=3 bed.steps=$steps bed.run=$tag bed.token=$TOKEN" \
         -display none -serial stdio -monitor none -no-reboot </dev/null 2>"$out.qemu-stderr" |

@@ -156,6 +156,8 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         debug_unguarded_response: false,
         debug_drop_remote_flushes: false,
         pool_resync: crate::cli::PoolResync::Auto,
+        remote_flush: crate::cli::RemoteFlush::Auto,
+        debug_kernel_flush_no_zap: false,
         // This thread runs one VM after another: only the VM's own threads are filtered.
         seccomp_supervisor: false,
     };

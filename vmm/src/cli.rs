@@ -98,6 +98,19 @@ pub enum PoolResync {
     Never,
 }
 
+/// How remote TLB flushes reach other vCPUs (docs/pv-abi.md §6.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RemoteFlush {
+    /// The kernel flush where the host needs no pool resync and has protection keys,
+    /// else kicks.
+    Auto,
+    /// Kick each target out of `KVM_RUN`; it flushes on its own thread.
+    Kick,
+    /// Zap the host's mappings of the changed pool frames: KVM flushes every vCPU in the
+    /// host kernel (needs protection keys and a host that needs no pool resync).
+    Kernel,
+}
+
 /// Arguments of `pvmm run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -188,6 +201,13 @@ pub struct RunArgs {
     /// Host resync of the shadow pool: auto (probe), always, never.
     #[arg(long, value_enum, default_value = "auto")]
     pub pool_resync: PoolResync,
+    /// Remote TLB flushes: auto, kick (signal the target), kernel (a host-kernel flush).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub remote_flush: RemoteFlush,
+    /// Test only: the kernel flush counts its targets flushed without zapping anything
+    /// (the SMP TLB selftests must then fail).
+    #[arg(long, hide_short_help = true)]
+    pub debug_kernel_flush_no_zap: bool,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]

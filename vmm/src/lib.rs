@@ -22,6 +22,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pool_probe;
+pub mod pool_zap;
 pub mod privilege;
 pub mod ptwrite;
 pub mod rendezvous;

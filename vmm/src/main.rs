@@ -153,6 +153,7 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
         unguarded_response: args.debug_unguarded_response,
         trap_debug: args.trap_debug(),
         drop_remote_flushes: args.debug_drop_remote_flushes,
+        kernel_flush_no_zap: args.debug_kernel_flush_no_zap,
     };
     let mmu = move |ram: &vmm::guest_ram::GuestRam, layout: &vmm::layout::Layout, vcpus| {
         vmm::hcall::mmu_batch::factory_with(ram, layout, vcpus, options)

@@ -28,6 +28,9 @@ pub struct ResyncChoice {
     pub probe_ns: u64,
     /// The verdict came from the per-host cache.
     pub cached: bool,
+    /// How remote flushes are delivered: "kick" or "kernel" (`--remote-flush`, set when
+    /// the VM is built).
+    pub remote_flush: &'static str,
 }
 
 /// How long the probe may run before it counts as "resync needed" (it takes 1.5-7 ms on
@@ -64,6 +67,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         how: "forced",
         probe_ns: 0,
         cached: false,
+        remote_flush: "kick",
     };
     match mode {
         PoolResync::Always => return forced(true),
@@ -77,6 +81,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
             how: "auto",
             probe_ns: 0,
             cached: true,
+            remote_flush: "kick",
         };
     }
     let t = Instant::now();
@@ -93,6 +98,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         how: "auto",
         probe_ns: t.elapsed().as_nanos() as u64,
         cached: false,
+        remote_flush: "kick",
     }
 }
 

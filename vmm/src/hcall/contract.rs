@@ -27,6 +27,11 @@ pub struct Effects {
     pub remote: shadow::VcpuSet,
     /// Other vCPUs a flush-needing change of the batch did not have to interrupt.
     pub remote_avoided: u32,
+    /// Other vCPUs the batch flushed in the host kernel (a zap of the stale pool frames,
+    /// before the batch ended; they are not in `remote`).
+    pub kernel_flushed: u32,
+    /// Time that zap took, ns.
+    pub kernel_flush_ns: u64,
     /// `--check-shadow` found this engine invariant violated: end the VM.
     pub violation: Option<String>,
 }
@@ -160,4 +165,14 @@ pub trait OpHandler: Send + Sync {
     /// Splits the shadow pool into host-resync chunks of `frames` frames (one memslot
     /// each).
     fn set_resync_granule(&mut self, _frames: u32) {}
+    /// Delivers remote flushes through `zap` where it can (the MMU handler; before the
+    /// first call, on a host that needs no pool resync): see docs/pv-abi.md §6.5.
+    fn enable_kernel_flush(&mut self, _zap: Box<dyn PoolZap>) {}
+}
+
+/// Makes the host kernel forget its mappings of shadow-pool frames, which makes KVM flush
+/// every vCPU's TLB before any of them runs guest code again (the kernel flush).
+pub trait PoolZap: Send + Sync {
+    /// Zaps the host's mappings of pool frames `frames` (pool frame indices, ascending).
+    fn zap(&self, frames: &[u32]) -> std::io::Result<()>;
 }

@@ -2,7 +2,7 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
-use super::contract::{CallCtx, Effects, MmuPhases, OpHandler, ResyncFn};
+use super::contract::{CallCtx, Effects, MmuPhases, OpHandler, PoolZap, ResyncFn};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
 use crate::ptwrite::Alias;
@@ -29,6 +29,10 @@ pub struct MmuOptions {
     /// them only with its own next batch), root switches still are
     /// (`--debug-drop-remote-flushes`; the SVM bed expects the SMP TLB selftests to fail).
     pub drop_remote_flushes: bool,
+    /// Test-only: the kernel flush counts the targets as flushed without zapping the
+    /// frames (`--debug-kernel-flush-no-zap`; the SVM bed expects the SMP TLB selftests
+    /// to fail).
+    pub kernel_flush_no_zap: bool,
 }
 
 /// The MMU_BATCH handler of one VM.
@@ -37,6 +41,8 @@ pub struct MmuBatch {
     options: MmuOptions,
     /// The read-only RAM alias when the page-table write modes are offered.
     alias: Option<Alias>,
+    /// Remote flushes go through the host kernel (docs/pv-abi.md §6.5).
+    kernel_flush: Option<Box<dyn PoolZap>>,
 }
 
 thread_local! {
@@ -67,6 +73,7 @@ pub fn factory_with(
             engine: Mutex::new(engine),
             options,
             alias: None,
+            kernel_flush: None,
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -178,6 +185,7 @@ impl MmuBatch {
             out.remote
         };
         ctx.effects.remote_avoided = out.remote_avoided;
+        self.kernel_flush(engine, ctx, out.flush_frameless);
         if self.options.check_shadow {
             if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
                 log::error!("shadow invariant violated: {v}");
@@ -188,6 +196,38 @@ impl MmuBatch {
 }
 
 impl MmuBatch {
+    /// Flushes the targets of `ctx.effects.remote` that a zap of the stale pool frames
+    /// can flush, still under the engine lock of the batch that marked the frames (so no
+    /// other batch can count the targets flushed before they are): the host then flushes
+    /// every vCPU's TLB itself, with no exit to this process. What is left in `remote`
+    /// (root switches, guest-requested flushes, or all of them if the zap fails) is
+    /// delivered as before. The zap flushes the caller too (before its next entry): it
+    /// stands in for the caller's own flush unless that one names no frame
+    /// (`own_frameless`).
+    fn kernel_flush(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>, own_frameless: bool) {
+        let Some(zap) = &self.kernel_flush else {
+            return;
+        };
+        let flushed = engine.kernel_flushable(ctx.effects.remote);
+        if flushed.is_empty() {
+            return;
+        }
+        let frames = engine.stale_chunks();
+        let t = Instant::now();
+        if !self.options.kernel_flush_no_zap {
+            if let Err(e) = zap.zap(&frames) {
+                log::warn!("kernel flush failed, kicking instead: {e}");
+                return;
+            }
+            ctx.effects.flush &= own_frameless;
+        }
+        engine.kernel_flushed(flushed, &frames);
+        ctx.effects.kernel_flush_ns = elapsed_ns(t);
+        ctx.effects.kernel_flushed = flushed.len();
+        ctx.effects.remote = VcpuSet(ctx.effects.remote.0 & !flushed.0);
+        ctx.effects.host_resync = engine.host_resync_needed();
+    }
+
     /// `PT_WRITES(mode)`: ENOSYS without the trap, else the engine's answer.
     fn pt_writes(&self, mode: u64) -> Response {
         let Some(alias) = self.alias else {
@@ -303,8 +343,10 @@ impl OpHandler for MmuBatch {
             return false;
         };
         let stale = e.stale_chunks();
-        if stale.is_empty() {
-            // A resync after this batch ended covered its chunks.
+        if stale.is_empty() || e.root_switch_outstanding() {
+            // A resync after this batch ended covered its chunks; or a vCPU may still run
+            // on a root some batch freed (its switch is not taken yet): the freed frames
+            // stay unusable until a resync after it.
             return false;
         }
         let Some(clean) = resync(&stale) else {
@@ -317,6 +359,13 @@ impl OpHandler for MmuBatch {
     fn set_resync_granule(&mut self, frames: u32) {
         if let Ok(e) = self.engine.get_mut() {
             e.set_resync_granule(frames);
+        }
+    }
+
+    fn enable_kernel_flush(&mut self, zap: Box<dyn PoolZap>) {
+        if let Ok(e) = self.engine.get_mut() {
+            e.enable_kernel_flush();
+            self.kernel_flush = Some(zap);
         }
     }
 

@@ -37,6 +37,8 @@ table![
     SYS_sched_yield,
     SYS_mremap,
     SYS_madvise,
+    SYS_pkey_mprotect,
+    SYS_pkey_free,
     SYS_dup,
     SYS_dup2,
     SYS_nanosleep,

@@ -119,6 +119,15 @@ fn common() -> Vec<Allowed> {
             "Instant::now where the vDSO falls back to the syscall",
         ),
         any(libc::SYS_exit, "thread exit"),
+        when(
+            libc::SYS_pkey_mprotect,
+            &[Arg::Without(2, PROT_EXEC)],
+            "the kernel flush's zap (vCPUs) and key 0 put back at the VM's end; never executable",
+        ),
+        any(
+            libc::SYS_pkey_free,
+            "the kernel flush's protection key, freed with the VM's last reference",
+        ),
         any(
             libc::SYS_exit_group,
             "process exit, and the SIGSYS handler ending the VM",

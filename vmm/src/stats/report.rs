@@ -49,6 +49,8 @@ pub struct PoolResyncInfo {
     pub probe_ns: u64,
     /// The verdict came from the per-host cache.
     pub probe_cached: bool,
+    /// How remote TLB flushes are delivered: "kick" or "kernel" (docs/pv-abi.md §6.5).
+    pub remote_flush: String,
 }
 
 /// One distribution, flattened for JSON.
@@ -182,6 +184,10 @@ pub struct SmpReport {
     pub remote_flushes_sent: u64,
     /// Other vCPUs a flush-needing batch did not interrupt (nothing held there).
     pub remote_flushes_avoided: u64,
+    /// Other vCPUs flushed in the host kernel instead (a zap of stale pool frames).
+    pub kernel_flushes: u64,
+    /// Zaps made for them.
+    pub kernel_zaps: u64,
     /// Kick signals sent for deliveries.
     pub kicks: u64,
     /// Kick round trips (first kick to acknowledgement).
@@ -305,6 +311,8 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
             remote_flushes_requested: s.smp.remote_requested,
             remote_flushes_sent: s.smp.remote_sent,
             remote_flushes_avoided: s.smp.remote_avoided,
+            kernel_flushes: s.smp.kernel_flushes,
+            kernel_zaps: s.smp.kernel_zaps,
             kicks: s.smp.kicks,
             kick_rtt: Dist::from(&s.smp.kick_rtt),
             kick_exit: Dist::from(&s.smp.kick_exit),

@@ -14,6 +14,11 @@ pub struct SmpStats {
     /// Other vCPUs a flush-needing batch did not have to interrupt (they held no
     /// translation through the change).
     pub remote_avoided: u64,
+    /// Other vCPUs flushed in the host kernel (a zap of stale pool frames) instead of
+    /// being sent a delivery.
+    pub kernel_flushes: u64,
+    /// Zaps made for them (one per batch that needed any).
+    pub kernel_zaps: u64,
     /// Kick signals sent to deliver (targets inside `KVM_RUN`; re-kicks included).
     pub kicks: u64,
     /// Kick round trips: from the first kick of a target to its acknowledgement, ns.
@@ -45,6 +50,8 @@ impl SmpStats {
         self.remote_requested += o.remote_requested;
         self.remote_sent += o.remote_sent;
         self.remote_avoided += o.remote_avoided;
+        self.kernel_flushes += o.kernel_flushes;
+        self.kernel_zaps += o.kernel_zaps;
         self.kicks += o.kicks;
         self.kick_rtt.merge(&o.kick_rtt);
         self.kick_exit.merge(&o.kick_exit);
@@ -64,6 +71,8 @@ impl SmpStats {
             remote_requested: self.remote_requested.saturating_sub(e.remote_requested),
             remote_sent: self.remote_sent.saturating_sub(e.remote_sent),
             remote_avoided: self.remote_avoided.saturating_sub(e.remote_avoided),
+            kernel_flushes: self.kernel_flushes.saturating_sub(e.kernel_flushes),
+            kernel_zaps: self.kernel_zaps.saturating_sub(e.kernel_zaps),
             kicks: self.kicks.saturating_sub(e.kicks),
             kick_rtt: self.kick_rtt.since(&e.kick_rtt),
             kick_exit: self.kick_exit.since(&e.kick_exit),

@@ -82,7 +82,15 @@ fn header(o: &mut String, r: &Report) {
         (how, _) => how.to_string(),
     };
     let verdict = if pr.needed { "needed" } else { "not needed" };
-    let _ = writeln!(o, "pool resync: {verdict} ({how})");
+    let _ = writeln!(
+        o,
+        "pool resync: {verdict} ({how}); remote flushes: {}",
+        if pr.remote_flush.is_empty() {
+            "kick"
+        } else {
+            &pr.remote_flush
+        }
+    );
     let cpu = m.kvm_run_ns + m.vmm_ns;
     let _ = writeln!(
         o,
@@ -350,11 +358,12 @@ fn smp(o: &mut String, r: &Report) {
     let _ = writeln!(o, "\nSMP TLB (per issuing vCPU):");
     let _ = writeln!(
         o,
-        "{:<6} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
+        "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
         "vcpu",
         "requested",
         "sent",
         "avoided",
+        "kernel",
         "kicks",
         "kick p50 µs",
         "kick p99 µs",
@@ -365,11 +374,12 @@ fn smp(o: &mut String, r: &Report) {
         let s = &v.smp;
         let _ = writeln!(
             o,
-            "{:<6} {:>10} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
+            "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>12} {:>12} {:>9} {:>14}",
             v.vcpu.unwrap_or(0),
             s.remote_flushes_requested,
             s.remote_flushes_sent,
             s.remote_flushes_avoided,
+            s.kernel_flushes,
             s.kicks,
             us(s.kick_rtt.p50_ns),
             us(s.kick_rtt.p99_ns),

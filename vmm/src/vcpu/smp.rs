@@ -118,6 +118,13 @@ impl Vcpu {
     /// then the caller's own CR3 load or flush. `Some` ends the loop.
     pub(super) fn apply_hypercall(&mut self, mut fx: Effects) -> Option<VcpuEnd> {
         let mut covered = false;
+        if fx.kernel_flushed > 0 {
+            let smp = &mut self.stats.smp;
+            smp.remote_requested += u64::from(fx.kernel_flushed);
+            smp.kernel_flushes += u64::from(fx.kernel_flushed);
+            smp.kernel_zaps += 1;
+            self.stats.effect("remote_kernel_flush", fx.kernel_flush_ns);
+        }
         if fx.violation.is_none() && fx.exit.is_none() && (fx.host_resync || !fx.remote.is_empty())
         {
             let done = self.coherence(&fx);

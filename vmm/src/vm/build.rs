@@ -96,7 +96,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     })?;
     let out = SerialOut::open(&args.serial)?;
     let transport = transport::choose(&kvm, args.hypercall, &kvm_device())?;
-    let resync = crate::pool_probe::choose(&kvm, args.pool_resync, &kvm_device());
+    let mut resync = crate::pool_probe::choose(&kvm, args.pool_resync, &kvm_device());
     let mem = memory::allocate(&layout)?;
     memory::prefault_pool(&mem, &layout);
     let vm = create_vm(&kvm, transport.transport)?;
@@ -114,6 +114,12 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     let mut handler = mmu(&ram, &layout, vcpus);
     if let (Some(h), Some(p)) = (handler.as_mut(), pool_slot.as_ref()) {
         h.set_resync_granule(p.chunk_frames());
+    }
+    // Before any vCPU thread exists: they inherit the zap's protection-key rights.
+    let zap = crate::pool_zap::choose(args.remote_flush, resync.needed, &mem, &layout)?;
+    if let (Some(h), Some(z)) = (handler.as_mut(), zap) {
+        h.enable_kernel_flush(Box::new(z));
+        resync.remote_flush = "kernel";
     }
     if let (Some(h), Some(alias)) = (
         handler.as_mut(),

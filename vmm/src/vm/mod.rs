@@ -112,6 +112,7 @@ pub fn vm_info(
             choice: resync.how.into(),
             probe_ns: resync.probe_ns,
             probe_cached: resync.cached,
+            remote_flush: resync.remote_flush.into(),
         },
         guest_status: None,
     }

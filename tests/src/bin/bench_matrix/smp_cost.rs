@@ -5,7 +5,11 @@
 //! - `world stop`: the host needs the pool resync (`--pool-resync auto` decided so), every
 //!   delivery rides a stopped world; per target = (the leader's park time + its wait for
 //!   acknowledgements) ÷ remote flushes sent.
-//! - `kick`: `--pool-resync never` forces kick delivery (signal, the target's flush on its
+//! - `kernel`: where the host needs no resync and has protection keys, `--remote-flush
+//!   auto` flushes the targets in the host kernel (a zap of the stale pool frames, no exit
+//!   to the VMM); per target = the zap's time ÷ targets it flushed. `--pool-resync never
+//!   --remote-flush kernel` forces it (a cost row only where the host needs the resync).
+//! - `kick`: `--pool-resync never --remote-flush kick` forces kick delivery (signal, the target's flush on its
 //!   own thread, acknowledgement). On a host that needs the resync this is a COST ROW ONLY:
 //!   the workloads' results are not correct there (their guest verdict is shown); only the
 //!   VMM's delivery figures are used. Per target = the issuer's delivery wait ÷ sent.
@@ -38,13 +42,19 @@ pub struct CostPoint {
     pub mmu: String,
     /// `--vcpus`.
     pub vcpus: u32,
-    /// `--pool-resync` given (`auto`: the host's verdict; `never`: forced kicks).
+    /// `--pool-resync` given (`auto`: the host's verdict; `never`: forced off).
     pub pool_resync: String,
+    /// `--remote-flush` given (`auto`, `kick`, `kernel`).
+    #[serde(default)]
+    pub remote_flush: String,
     /// Every sample's guest test passed (false is expected for `never` where the host
     /// needs the resync: a cost row only).
     pub guest_ok: bool,
-    /// Remote flushes sent per run.
+    /// Remote flushes sent per run (deliveries posted and kernel flushes).
     pub sent: Stat,
+    /// Of them, targets flushed in the host kernel per run.
+    #[serde(default)]
+    pub kernel: Stat,
     /// Delivery kicks per run.
     pub kicks: Stat,
     /// World stops per run.
@@ -64,6 +74,7 @@ pub struct CostPoint {
 #[derive(Default)]
 struct Raw {
     sent: f64,
+    kernel: f64,
     kicks: f64,
     stops: f64,
     per_target_ns: Option<f64>,
@@ -82,11 +93,16 @@ fn dist(v: &Value, key: &str, field: &str) -> f64 {
 }
 
 fn raw(v: &Value, b: &Value, ok: bool) -> Raw {
-    let sent = counter(v, b, "remote_flushes_sent");
-    let wait = ["remote_delivery_wait", "world_stop_park"]
-        .iter()
-        .map(|e| effect_ns(v, e) - effect_ns(b, e))
-        .sum::<f64>();
+    let kernel = counter(v, b, "kernel_flushes");
+    let sent = counter(v, b, "remote_flushes_sent") + kernel;
+    let wait = [
+        "remote_delivery_wait",
+        "world_stop_park",
+        "remote_kernel_flush",
+    ]
+    .iter()
+    .map(|e| effect_ns(v, e) - effect_ns(b, e))
+    .sum::<f64>();
     let stops = counter(v, b, "world_stops");
     let stop_total = dist(v, "world_stop", "total_ns") - dist(b, "world_stop", "total_ns");
     // A VMM without the parts (an older build) reports only the round trip.
@@ -94,6 +110,7 @@ fn raw(v: &Value, b: &Value, ok: bool) -> Raw {
     let parts = kicked && v["merged"]["smp"]["kick_exit"].is_object();
     Raw {
         sent,
+        kernel,
         kicks: counter(v, b, "kicks"),
         stops,
         per_target_ns: (sent > 0.0).then(|| wait / sent),
@@ -105,8 +122,8 @@ fn raw(v: &Value, b: &Value, ok: bool) -> Raw {
     }
 }
 
-fn cell(w: &str, vcpus: u32, resync: &str, repeat: u32) -> Result<Vec<Raw>, String> {
-    let flags = ["--pool-resync", resync];
+fn cell(w: &str, vcpus: u32, (resync, flush): Delivery, repeat: u32) -> Result<Vec<Raw>, String> {
+    let flags = ["--pool-resync", resync, "--remote-flush", flush];
     let (base, _, code) = run_with(
         &format!("console=ttyS0 selftest=none mmu={MMU}"),
         vcpus,
@@ -133,7 +150,7 @@ fn cell(w: &str, vcpus: u32, resync: &str, repeat: u32) -> Result<Vec<Raw>, Stri
         .collect()
 }
 
-fn point(w: &str, vcpus: u32, resync: &str, ss: &[Raw], floor_ns: f64) -> CostPoint {
+fn point(w: &str, vcpus: u32, (resync, flush): Delivery, ss: &[Raw], floor_ns: f64) -> CostPoint {
     let fl = |ns: f64| if floor_ns > 0.0 { ns / floor_ns } else { 0.0 };
     let opt = |f: &dyn Fn(&Raw) -> Option<f64>| {
         let v: Vec<f64> = ss.iter().filter_map(f).map(fl).collect();
@@ -149,8 +166,10 @@ fn point(w: &str, vcpus: u32, resync: &str, ss: &[Raw], floor_ns: f64) -> CostPo
         mmu: MMU.into(),
         vcpus,
         pool_resync: resync.into(),
+        remote_flush: flush.into(),
         guest_ok: ss.iter().all(|s| s.ok),
         sent: stat(ss.iter().map(|s| s.sent).collect()),
+        kernel: stat(ss.iter().map(|s| s.kernel).collect()),
         kicks: stat(ss.iter().map(|s| s.kicks).collect()),
         world_stops: stat(ss.iter().map(|s| s.stops).collect()),
         per_target_floors: opt(&|s| s.per_target_ns),
@@ -160,15 +179,19 @@ fn point(w: &str, vcpus: u32, resync: &str, ss: &[Raw], floor_ns: f64) -> CostPo
     }
 }
 
-/// The cells: every workload on 1, 2 and 4 vCPUs with the host's verdict, and with forced
-/// kicks on 2 and 4.
-fn cells() -> Vec<(&'static str, u32, &'static str)> {
+/// A cell's `--pool-resync` and `--remote-flush`.
+type Delivery = (&'static str, &'static str);
+
+/// The cells: every workload on 1, 2 and 4 vCPUs with the host's choices, and on 2 and 4
+/// with the resync off and each delivery forced.
+fn cells() -> Vec<(&'static str, u32, Delivery)> {
     let mut c = Vec::new();
     for w in WORKLOADS {
         for v in VCPUS {
-            c.push((w, v, "auto"));
+            c.push((w, v, ("auto", "auto")));
             if v > 1 {
-                c.push((w, v, "never"));
+                c.push((w, v, ("never", "kick")));
+                c.push((w, v, ("never", "kernel")));
             }
         }
     }
@@ -197,10 +220,13 @@ pub fn measure(
 ) -> (Vec<CostPoint>, Load, Vec<String>) {
     let before = loadavg();
     let (mut points, mut errors) = (Vec::new(), Vec::new());
-    for (w, v, resync) in cells() {
-        tick(&format!("smp cost {w} --vcpus {v} --pool-resync {resync}"));
-        match cell(w, v, resync, repeat) {
-            Ok(ss) if !ss.is_empty() => points.push(point(w, v, resync, &ss, floor_ns)),
+    for (w, v, d) in cells() {
+        tick(&format!(
+            "smp cost {w} --vcpus {v} --pool-resync {} --remote-flush {}",
+            d.0, d.1
+        ));
+        match cell(w, v, d, repeat) {
+            Ok(ss) if !ss.is_empty() => points.push(point(w, v, d, &ss, floor_ns)),
             Ok(_) => {}
             Err(e) => errors.push(e),
         }
@@ -239,9 +265,9 @@ pub fn section(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64)
 /// The cost table with its legend (this host's section, or the SVM bed's).
 pub fn table(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64) {
     use std::fmt::Write;
-    let _ = writeln!(o, "Exit floor of this run: {:.1} µs (bare port write). `{MMU}`. Per target: (issuer's delivery wait + world-stop park) ÷ remote flushes sent, median (min–max) over the samples; goal ≤ {GOAL_FLOORS} floors per target. `auto`: the host's resync verdict (where the host needs the resync, every delivery rides a stopped world: kicks = 0, the stop's own kicks are not delivery kicks). `never`: kick delivery forced — **a cost row only where the host needs the resync: the workload is not correct there** (guest verdict shown). Kick round trip and its parts (kick → target out of KVM_RUN → flush acknowledged → issuer awake) are p50 of the workload run. Host: {} cores, load average {} before, {} after.\n", floor_ns / 1000.0, load.2, load.0, load.1);
-    let _ = writeln!(o, "| workload | vCPUs | --pool-resync | guest ok | sent/run | kicks/run | world stops/run | per target ÷ floor | kick RTT p50 ÷ floor | exit / apply / wake p50 ÷ floor | world stop ÷ floor per stop | ≤ {GOAL_FLOORS} floors |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "Exit floor of this run: {:.1} µs (bare port write). `{MMU}`. Per target: (issuer's delivery wait + world-stop park + kernel-flush zap) ÷ remote flushes sent (deliveries and kernel flushes), median (min–max) over the samples; goal ≤ {GOAL_FLOORS} floors per target. `auto/auto`: the host's choices (where the host needs the resync, every delivery rides a stopped world: kicks = 0, the stop's own kicks are not delivery kicks; where it does not, remote flushes go through the host kernel if it has protection keys). `never/kick`, `never/kernel`: the resync off and that delivery forced — **a cost row only where the host needs the resync: the workload is not correct there** (guest verdict shown). Kick round trip and its parts (kick → target out of KVM_RUN → flush acknowledged → issuer awake) are p50 of the workload run. Host: {} cores, load average {} before, {} after.\n", floor_ns / 1000.0, load.2, load.0, load.1);
+    let _ = writeln!(o, "| workload | vCPUs | --pool-resync / --remote-flush | guest ok | sent/run | kernel/run | kicks/run | world stops/run | per target ÷ floor | kick RTT p50 ÷ floor | exit / apply / wake p50 ÷ floor | world stop ÷ floor per stop | ≤ {GOAL_FLOORS} floors |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in points {
         let parts = p.kick_parts_p50_floors.as_ref().map_or("-".into(), |k| {
             format!(
@@ -251,12 +277,18 @@ pub fn table(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64) {
         });
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
             p.workload,
             p.vcpus,
             p.pool_resync,
+            if p.remote_flush.is_empty() {
+                "kick"
+            } else {
+                &p.remote_flush
+            },
             if p.guest_ok { "yes" } else { "no (cost only)" },
             p.sent.median,
+            p.kernel.median,
             p.kicks.median,
             p.world_stops.median,
             med(&p.per_target_floors),
