@@ -10,10 +10,11 @@ BENCH_REPEAT ?= 3
 BENCH_SVM ?= 1
 BENCH_SVM_PAGES ?= $(BENCH_PAGES)
 BENCH_SVM_REPEAT ?= $(BENCH_REPEAT)
-# BENCH_SVM_COST=1: the bed's run adds the remote-flush cost rows (QEMU with 2 CPUs, a
-# `benchcost:` step; tens of minutes under TCG, so not the default).
+# BENCH_SVM_COST=1: the bed's run adds the remote-flush cost rows (a second boot, QEMU
+# with 2 CPUs, a `benchcostonly:` step; minutes under TCG, so not the default).
 BENCH_SVM_COST ?= 0
-BENCH_SVM_BOOT = $(if $(filter 1,$(BENCH_SVM_COST)),2=benchcost,1=bench)
+BENCH_SVM_SIZE = $(BENCH_SVM_PAGES)x$(BENCH_SVM_REPEAT):vmcall
+BENCH_SVM_PLAN = 1=bench:$(BENCH_SVM_SIZE)$(if $(filter 1,$(BENCH_SVM_COST)),;2=benchcostonly:$(BENCH_SVM_SIZE))
 BENCH_BED := bench/svm-bed
 
 export PVMM_BIN   := $(abspath $(PVMM))
@@ -77,8 +78,8 @@ bench: build
 		echo "skipped with BENCH_SVM=0" >$(BENCH_BED)/SKIPPED; \
 		echo "bench: the SVM bed's column set skipped (BENCH_SVM=0)"; \
 	else \
-		SVM_BED_BOOTS="$(BENCH_SVM_BOOT):$(BENCH_SVM_PAGES)x$(BENCH_SVM_REPEAT):vmcall" \
-		SVM_BED_TIMEOUT=$(if $(filter 1,$(BENCH_SVM_COST)),5400,1200) \
+		SVM_BED_BOOTS="$(BENCH_SVM_PLAN)" \
+		SVM_BED_TIMEOUT=1200 \
 		SVM_BED_BENCH_OUT=$(abspath $(BENCH_BED)) REQUIRE_SVM=$(REQUIRE_SVM) tests/svm-bed/run.sh; \
 	fi
 	target/release/bench-matrix --pages=$(BENCH_PAGES) --repeat=$(BENCH_REPEAT) --out=bench --bed=$(BENCH_BED)

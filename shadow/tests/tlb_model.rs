@@ -1020,7 +1020,7 @@ impl World {
         // only those a zap did not flush, and the zap stands in for the caller's own
         // flush unless that one names no frame.
         let (remote, zapped) = self.kernel_flush(out.remote)?;
-        if out.flush.is_some() && !(zapped && !out.flush_frameless) {
+        if out.flush.is_some() && (!zapped || out.flush_frameless) {
             self.tlb[v].clear();
         }
         for w in remote.iter() {

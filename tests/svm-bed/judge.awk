@@ -21,16 +21,19 @@ function reset_step() {
 }
 
 # Verdict for a bench step (see the header).
-function judge_bench(transport,    why) {
+function judge_bench(transport, cost_only,    why) {
     why = ""
     if (rc != 0) why = why "bench-matrix exit status " rc "; "
     if (bm_points == "") why = why "no 'wrote ... (N points, M errors)' line; "
     else {
-        if (num(bm_points) == 0) why = why "no points measured; "
+        # The UP points; a cost-only step measures none (its status says whether the cost
+        # rows ran).
+        if (num(bm_points) == 0 && !cost_only) why = why "no points measured; "
         if (num(bm_errors) > 0) why = why bm_errors " runs failed; "
     }
-    if (transport != "pio" && via != "vmcall") why = why "runs went via '" via "', want vmcall; "
-    if (transport == "pio" && via != "pio") why = why "runs went via '" via "', want pio; "
+    # (The cost rows run with the host's transport; the UP runs name the one asked for.)
+    if (!cost_only && transport != "pio" && via != "vmcall") why = why "runs went via '" via "', want vmcall; "
+    if (!cost_only && transport == "pio" && via != "pio") why = why "runs went via '" via "', want pio; "
     if (f_name == "") why = why "no output block; "
     else if (!f_done || f_got != f_want) why = why "output block cut off (" f_got " of " f_want " lines); "
     nok = num(bm_points); nnot = num(bm_errors)
@@ -97,7 +100,7 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base, want)
     if (kind == "suite" || kind == "smp" || kind == "smp4" || kind == "smpkick") why = judge_suite(transport)
     else if (kind == "smpbreak" || kind == "kzapbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
-    else if (kind == "bench" || kind == "benchcost") why = judge_bench(transport)
+    else if (kind == "bench" || kind == "benchcost" || kind == "benchcostonly") why = judge_bench(transport, kind == "benchcostonly")
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
     if (kind == "smp" || kind == "smp4" || kind == "smpkick") {

@@ -20,6 +20,7 @@
 #   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
 #   BENCH_MATRIX_BIN   the bench matrix for `bench:` steps (default target/release/bench-matrix)
 #   SVM_BED_BENCH_OUT  a directory: the last `bench:` step's output (results.json, report.md,
+#                      plots; a `benchcostonly:` step's output goes into its cost/)
 #                      plots) is unpacked there (`make bench`); a bed that skips writes its
 #                      reason to DIR/SKIPPED instead
 #   SVM_BED_QEMU       the QEMU binary (default qemu-system-x86_64)
@@ -149,7 +150,7 @@ build_initramfs() {
     install -m 755 "$HERE/linux-init.sh" "$l/init"
     copy_with_libs "$r" "$PVMM" /bed/pvmm
     install -m 644 "$GUEST" "$r/bed/pvmm-guest"
-    case ";$BOOTS," in *[=,]bench:* | *[=,]benchcost:*)
+    case ";$BOOTS," in *[=,]bench:* | *[=,]benchcost:* | *[=,]benchcostonly:*)
         [ -x "$BENCH_MATRIX" ] || { log "$BENCH_MATRIX not found: cargo build --release -p pvmm-e2e"; exit 1; }
         copy_with_libs "$r" "$BENCH_MATRIX" /bed/bench-matrix
         ;;
@@ -251,7 +252,12 @@ extract_files() {
         rm -rf "$dir" && mkdir -p "$dir"
         base64 -d <"$BED/files/$name.b64" | tar xzf - -C "$dir" --strip-components=1 || { log "cannot unpack $name"; bad=1; continue; }
         log "unpacked $name into $dir"
-        LAST_BENCH_DIR=$dir
+        # A cost-only matrix (benchcostonly:) has no UP points: it goes beside the other.
+        if grep -Eq '"points": ?\[\]' "$dir/results.json" 2>/dev/null; then
+            LAST_COST_DIR=$dir
+        else
+            LAST_BENCH_DIR=$dir
+        fi
     done < <(tr -d '\r' <"$log" | awk '$1 == "BED-FILE-BEGIN" { sub(/^lines=/, "", $3); sub(/^md5=/, "", $4); print $2, $3, $4 }')
     return "$bad"
 }
@@ -307,12 +313,16 @@ main() {
         done
     done
     local table rc files_ok=1
-    LAST_BENCH_DIR=""
+    LAST_BENCH_DIR="" LAST_COST_DIR=""
     mkdir -p "$BED/files"
     for out in "${logs[@]}"; do extract_files "$out" || files_ok=0; done
     if [ -n "${SVM_BED_BENCH_OUT:-}" ]; then
         mkdir -p "$SVM_BED_BENCH_OUT"
         rm -f "$SVM_BED_BENCH_OUT"/{results.json,report.md,exits_per_op.svg,us_per_op.svg,SKIPPED}
+        rm -rf "$SVM_BED_BENCH_OUT/cost"
+        if [ -n "$LAST_COST_DIR" ]; then
+            mkdir -p "$SVM_BED_BENCH_OUT/cost" && cp -r "$LAST_COST_DIR"/. "$SVM_BED_BENCH_OUT/cost"/
+        fi
         if [ -n "$LAST_BENCH_DIR" ]; then
             cp -r "$LAST_BENCH_DIR"/. "$SVM_BED_BENCH_OUT"/
             log "the bed's bench output is in $SVM_BED_BENCH_OUT"

@@ -10,6 +10,7 @@ use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, R
 use serde_json::{json, Map, Value};
 use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode};
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -43,6 +44,8 @@ pub struct MmuBatch {
     alias: Option<Alias>,
     /// Remote flushes go through the host kernel (docs/pv-abi.md §6.5).
     kernel_flush: Option<Box<dyn PoolZap>>,
+    /// A zap failed once (e.g. the host's mapping limit): kicks from then on.
+    kernel_flush_failed: AtomicBool,
 }
 
 thread_local! {
@@ -74,6 +77,7 @@ pub fn factory_with(
             options,
             alias: None,
             kernel_flush: None,
+            kernel_flush_failed: AtomicBool::new(false),
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -208,6 +212,9 @@ impl MmuBatch {
         let Some(zap) = &self.kernel_flush else {
             return;
         };
+        if self.kernel_flush_failed.load(Ordering::Relaxed) {
+            return;
+        }
         let flushed = engine.kernel_flushable(ctx.effects.remote);
         if flushed.is_empty() {
             return;
@@ -216,7 +223,8 @@ impl MmuBatch {
         let t = Instant::now();
         if !self.options.kernel_flush_no_zap {
             if let Err(e) = zap.zap(&frames) {
-                log::warn!("kernel flush failed, kicking instead: {e}");
+                log::warn!("kernel flush failed, kicking from now on: {e}");
+                self.kernel_flush_failed.store(true, Ordering::Relaxed);
                 return;
             }
             ctx.effects.flush &= own_frameless;
@@ -343,15 +351,19 @@ impl OpHandler for MmuBatch {
             return false;
         };
         let stale = e.stale_chunks();
-        if stale.is_empty() || e.root_switch_outstanding() {
-            // A resync after this batch ended covered its chunks; or a vCPU may still run
-            // on a root some batch freed (its switch is not taken yet): the freed frames
-            // stay unusable until a resync after it.
+        if stale.is_empty() {
+            // A resync after this batch ended covered its chunks.
             return false;
         }
         let Some(clean) = resync(&stale) else {
             return false;
         };
+        if e.root_switch_outstanding() {
+            // A vCPU may still run on a root some batch freed (its switch, delivered by
+            // another batch, is not taken yet): the freed frames stay unusable, and their
+            // chunks stale, until a resync after it.
+            return false;
+        }
         e.host_resynced_chunks(&clean);
         clean.len() >= e.resync_chunk_count()
     }

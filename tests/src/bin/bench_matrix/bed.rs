@@ -20,9 +20,20 @@ struct Bed {
     pages: u64,
     repeat: u64,
     errors: usize,
-    /// The remote-flush cost rows (a `benchcost:` step) and the bed's load meanwhile.
+    /// The remote-flush cost rows (a `benchcost:` step, or a `benchcostonly:` one in
+    /// `dir/cost/`), the bed's load meanwhile and the exit floor of their run.
     cost: Vec<CostPoint>,
     cost_load: smp_cost::Load,
+    cost_floor: Value,
+}
+
+/// The cost rows, their load and exit floor from a `results.json`.
+fn cost_of(v: &Value) -> (Vec<CostPoint>, smp_cost::Load, Value) {
+    (
+        serde_json::from_value(v["smp_cost"].clone()).unwrap_or_default(),
+        serde_json::from_value(v["smp_cost_load"].clone()).unwrap_or_default(),
+        v["exit_floor"].clone(),
+    )
 }
 
 /// Reads `dir/results.json`; the error says why there is none. `dir/SKIPPED` holds the
@@ -40,6 +51,11 @@ fn load(dir: &Path) -> Result<Bed, String> {
     if points.is_empty() {
         return Err(format!("{} has no points", file.display()));
     }
+    // A cost-only run of its own (`benchcost:` puts its rows in the main one).
+    let own = std::fs::read_to_string(dir.join("cost").join("results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    let (cost, cost_load, cost_floor) = cost_of(own.as_ref().unwrap_or(&v));
     Ok(Bed {
         points,
         floor: v["exit_floor"].clone(),
@@ -47,8 +63,9 @@ fn load(dir: &Path) -> Result<Bed, String> {
         pages: v["pages"].as_u64().unwrap_or(0),
         repeat: v["repeat"].as_u64().unwrap_or(0),
         errors: v["errors"].as_array().map_or(0, Vec::len),
-        cost: serde_json::from_value(v["smp_cost"].clone()).unwrap_or_default(),
-        cost_load: serde_json::from_value(v["smp_cost_load"].clone()).unwrap_or_default(),
+        cost,
+        cost_load,
+        cost_floor,
     })
 }
 
@@ -272,18 +289,19 @@ pub fn section(o: &mut String, here: &[Point], floor: &Value, host: &Value, dir:
     cost_rows(o, &bed);
 }
 
-/// The bed's remote-flush cost rows, where its run had them: there the kick is the
-/// delivery (nested paging, no resync), so they are the figures the goal is about.
+/// The bed's remote-flush cost rows, where its run had them: there the kernel flush or
+/// the kick is the delivery (nested paging, no resync), so they are the figures the goal
+/// is about.
 fn cost_rows(o: &mut String, bed: &Bed) {
     if bed.cost.is_empty() {
-        let _ = writeln!(o, "\nThe bed's run had no remote-flush cost rows (a `bench:` step; `benchcost:` has them).");
+        let _ = writeln!(o, "\nThe bed's run had no remote-flush cost rows (a `bench:` step; `make bench BENCH_SVM_COST=1` adds them).");
         return;
     }
     let _ = writeln!(
         o,
         "\n### Remote-flush cost per target vCPU in the SVM bed, in its exit floors\n"
     );
-    smp_cost::table(o, &bed.cost, &bed.cost_load, floor_ns(&bed.floor));
+    smp_cost::table(o, &bed.cost, &bed.cost_load, floor_ns(&bed.cost_floor));
 }
 
 #[cfg(test)]
