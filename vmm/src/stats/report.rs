@@ -552,9 +552,9 @@ mod tests {
         );
         assert_eq!(
             keys(&v["vm"]["pool_resync"]),
-            ["choice", "needed", "probe_cached", "probe_ns"]
+            ["choice", "needed", "probe_cached", "probe_ns", "remote_flush"]
         );
-        assert_eq!(keys(&v["merged"]["smp"]).len(), 14);
+        assert_eq!(keys(&v["merged"]["smp"]).len(), 16);
     }
 
     /// Guards schema version 2 (docs/stats-json.md): removing or renaming any of these keys
