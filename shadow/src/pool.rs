@@ -64,6 +64,9 @@ pub(crate) struct Pool {
     /// Per chunk: the host may cache a translation from one of its frames that the VMM
     /// has since changed (or a frame was reused): resync before any vCPU runs again.
     stale: Vec<bool>,
+    /// The stale chunks, unordered, each once (what `stale` marks): the checks at the end
+    /// of every batch cost the stale chunks, not the pool's size.
+    stale_list: Vec<u32>,
     /// Debug: no chunk is ever marked stale (the model test's switched-off mechanism).
     pub(crate) skip_stale_marks: bool,
     /// A freed frame that held an entry the CPU used is marked stale when it is freed, not
@@ -102,6 +105,7 @@ impl Pool {
             dirty: Vec::new(),
             granule_shift: (frames.max(1) as u32).next_power_of_two().trailing_zeros(),
             stale: vec![false],
+            stale_list: Vec::new(),
             skip_stale_marks: false,
             stale_on_drop: false,
             meta: vec![None; frames as usize],
@@ -197,6 +201,7 @@ impl Pool {
         self.granule_shift = frames.max(1).next_power_of_two().trailing_zeros();
         let chunks = self.total().div_ceil(1 << self.granule_shift).max(1);
         self.stale = vec![false; chunks as usize];
+        self.stale_list.clear();
     }
 
     /// Frames per resync chunk (a power of two).
@@ -211,8 +216,12 @@ impl Pool {
         if self.skip_stale_marks {
             return;
         }
-        if let Some(s) = self.stale.get_mut((idx >> self.granule_shift) as usize) {
-            *s = true;
+        let c = idx >> self.granule_shift;
+        if let Some(s) = self.stale.get_mut(c as usize) {
+            if !*s {
+                *s = true;
+                self.stale_list.push(c);
+            }
         }
     }
 
@@ -223,31 +232,36 @@ impl Pool {
 
     /// Whether any chunk is stale.
     pub fn resync_needed(&self) -> bool {
-        self.stale.contains(&true)
+        !self.stale_list.is_empty()
     }
 
     /// The stale chunks, in order.
     pub fn stale_chunks(&self) -> Vec<u32> {
-        (0u32..)
-            .zip(&self.stale)
-            .filter(|(_, &s)| s)
-            .map(|(c, _)| c)
-            .collect()
+        let mut v = self.stale_list.clone();
+        v.sort_unstable();
+        v
     }
 
     /// The hypervisor dropped what it cached from the frames of `chunks`: they are clean,
     /// and so are the freed frames in them.
     pub fn resynced_chunks(&mut self, chunks: &[u32]) {
-        let mut clean = vec![false; self.stale.len()];
-        for &c in chunks {
-            if let (Some(s), Some(k)) = (self.stale.get_mut(c as usize), clean.get_mut(c as usize))
-            {
+        let mut clean: Vec<u32> = chunks
+            .iter()
+            .copied()
+            .filter(|&c| (c as usize) < self.stale.len())
+            .collect();
+        clean.sort_unstable();
+        clean.dedup();
+        for &c in &clean {
+            if let Some(s) = self.stale.get_mut(c as usize) {
                 *s = false;
-                *k = true;
             }
         }
+        let stale = &self.stale;
+        self.stale_list
+            .retain(|&c| stale.get(c as usize).copied().unwrap_or(false));
         let g = self.granule_shift;
-        let in_clean = |i: u32| clean.get((i >> g) as usize).copied().unwrap_or(false);
+        let in_clean = |i: u32| clean.binary_search(&(i >> g)).is_ok();
         let (now_free, dirty): (Vec<u32>, Vec<u32>) =
             self.dirty.iter().partition(|&&i| in_clean(i));
         self.dirty = dirty;
@@ -257,7 +271,11 @@ impl Pool {
     /// The hypervisor dropped every translation it cached from the pool.
     pub fn resynced(&mut self) {
         self.free.append(&mut self.dirty);
-        self.stale.iter_mut().for_each(|s| *s = false);
+        for c in self.stale_list.drain(..) {
+            if let Some(s) = self.stale.get_mut(c as usize) {
+                *s = false;
+            }
+        }
     }
 
     /// Owner record of pool frame `idx`.
