@@ -552,7 +552,13 @@ mod tests {
         );
         assert_eq!(
             keys(&v["vm"]["pool_resync"]),
-            ["choice", "needed", "probe_cached", "probe_ns", "remote_flush"]
+            [
+                "choice",
+                "needed",
+                "probe_cached",
+                "probe_ns",
+                "remote_flush"
+            ]
         );
         assert_eq!(keys(&v["merged"]["smp"]).len(), 16);
     }
