@@ -297,21 +297,16 @@ impl ShadowMmu {
     /// The host zapped its mappings of every stale frame (`stale_chunks`, one frame each
     /// after [`ShadowMmu::enable_kernel_flush`]), flushing every vCPU: the pending flushes
     /// of `flushed` (from [`ShadowMmu::kernel_flushable`]) are performed and the frames
-    /// are clean.
-    /// The frames become clean only while no vCPU has a root switch waiting: such a vCPU
-    /// may still run on a root a batch freed, whose frame must not be reused before it
-    /// switched (the VMM cleans them after its acknowledgement, in its host resync).
+    /// are clean as after a host resync ([`ShadowMmu::host_resynced_chunks`]).
     pub fn kernel_flushed(&mut self, flushed: VcpuSet, frames: &[u32]) {
         for v in flushed.iter() {
             self.take_flush(v);
         }
-        if !self.root_switch_outstanding() {
-            self.pool.resynced_chunks(frames);
-        }
+        self.host_resynced_chunks(frames);
     }
 
     /// Whether any vCPU has a root switch waiting (it may run on a freed root until then).
-    pub fn root_switch_outstanding(&self) -> bool {
+    fn root_switch_outstanding(&self) -> bool {
         self.new_cr3.iter().any(Option::is_some)
     }
 
@@ -366,9 +361,17 @@ impl ShadowMmu {
         self.pool.stale_chunks()
     }
 
-    /// The hypervisor dropped what it cached from the frames of `chunks`.
-    pub fn host_resynced_chunks(&mut self, chunks: &[u32]) {
+    /// The hypervisor dropped what it cached from the frames of `chunks`: they become
+    /// clean (and their freed frames reusable), unless a vCPU has a root switch waiting: it
+    /// may still run on a root some batch freed, whose frame must not be reused before it
+    /// switched, so the chunks stay stale until a resync after that. Returns whether they
+    /// became clean.
+    pub fn host_resynced_chunks(&mut self, chunks: &[u32]) -> bool {
+        if self.root_switch_outstanding() {
+            return false;
+        }
         self.pool.resynced_chunks(chunks);
+        true
     }
 
     /// The VMM made the hypervisor drop every translation it cached from the pool.

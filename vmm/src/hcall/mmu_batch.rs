@@ -358,14 +358,8 @@ impl OpHandler for MmuBatch {
         let Some(clean) = resync(&stale) else {
             return false;
         };
-        if e.root_switch_outstanding() {
-            // A vCPU may still run on a root some batch freed (its switch, delivered by
-            // another batch, is not taken yet): the freed frames stay unusable, and their
-            // chunks stale, until a resync after it.
-            return false;
-        }
-        e.host_resynced_chunks(&clean);
-        clean.len() >= e.resync_chunk_count()
+        // Not clean while a vCPU may still run on a freed root (see the engine).
+        e.host_resynced_chunks(&clean) && clean.len() >= e.resync_chunk_count()
     }
 
     fn set_resync_granule(&mut self, frames: u32) {
