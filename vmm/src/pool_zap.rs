@@ -19,7 +19,7 @@
 use crate::cli::RemoteFlush;
 use crate::error::SetupError;
 use crate::hcall::PoolZap;
-use crate::layout::Layout;
+use crate::layout::{Layout, PAGE};
 use std::io;
 use std::sync::Mutex;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -46,7 +46,7 @@ pub fn choose(
     let base = mem
         .get_host_address(GuestAddress(layout.pool_base))
         .map_err(|e| SetupError::other("the shadow pool's host address", e))?;
-    let frames = u32::try_from(layout.pool_size / FRAME as u64).unwrap_or(u32::MAX);
+    let frames = u32::try_from(layout.pool_size / PAGE).unwrap_or(u32::MAX);
     match PkeyZap::new(base, frames) {
         Ok(z) => Ok(Some(z)),
         Err(e) if mode == RemoteFlush::Auto => {
@@ -60,10 +60,10 @@ pub fn choose(
     }
 }
 
-/// The page (and pool frame) size.
-const FRAME: usize = 4096;
+/// The page (and pool frame) size, for address arithmetic.
+const FRAME: usize = PAGE as usize;
 
-/// Zaps pool frames by changing their protection key there and back.
+/// Zaps pool frames by flipping their protection key between key 0 and one of its own.
 pub struct PkeyZap {
     /// The protection key allocated for the zap (full access in every thread).
     pkey: i32,
