@@ -543,7 +543,7 @@ impl World {
         let frames = self.mmu.stale_chunks();
         let zapped = !k.skip_zap;
         k.targets += u64::from(flushed.len());
-        if !k.skip_zap {
+        if zapped {
             let hit = frames.iter().any(|f| k.mapped.contains(f));
             for f in &frames {
                 k.mapped.remove(f);
@@ -1721,23 +1721,24 @@ fn run_kernel(
     mutant: KernelMutant,
 ) -> Result<(u64, u64), TestCaseError> {
     let mut w = World::new(vcpus, pool).kernel_host(mutant);
-    w.boot()
-        .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
-    for (i, s) in steps.iter().enumerate() {
-        w.step(s)
-            .map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
-    }
+    drive(&mut w, steps)?;
     let k = w.kernel.unwrap_or_default();
     Ok((k.flushes, k.targets))
 }
 
-fn run_world(mut w: World, vcpus: usize, steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
+/// Boots `w` and runs `steps` on it; the error names the step that failed.
+fn drive(w: &mut World, steps: &[Step]) -> Result<(), TestCaseError> {
     w.boot()
         .map_err(|e| TestCaseError::fail(format!("boot: {e}")))?;
     for (i, s) in steps.iter().enumerate() {
         w.step(s)
             .map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
     }
+    Ok(())
+}
+
+fn run_world(mut w: World, vcpus: usize, steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
+    drive(&mut w, steps)?;
     // A final sweep: every vCPU syncs both regions of its address space.
     for v in 0..vcpus {
         for kern in [false, true] {
