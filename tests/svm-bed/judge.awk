@@ -90,7 +90,7 @@ function judge_linux(want_cpus,    why, d) {
     return why
 }
 
-function finish(name,    kind, parts, mode, transport, why, verdict, base, want) {
+function finish(name,    kind, parts, mode, transport, why, verdict, base, want, want_flush) {
     # A step name is kind:mode:transport, optionally @tag (e.g. @npt0 after the reload).
     base = name; sub(/@.*/, "", base)
     split(base, parts, ":"); kind = parts[1]; mode = parts[2]; transport = parts[3]
@@ -106,9 +106,9 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base, want)
     if (kind == "smp" || kind == "smp4" || kind == "smpkick") {
         # The bed has nested paging and protection keys: PV steps take the kernel flush
         # unless told to kick (a silent fallback to kicks must not pass unnoticed).
-        want = (kind == "smpkick") ? "kick" : "kernel"
-        if (mode !~ /^native/ && rflush != want)
-            why = why "remote flushes went by '" rflush "', want " want "; "
+        want_flush = (kind == "smpkick") ? "kick" : "kernel"
+        if (mode !~ /^native/ && rflush != want_flush)
+            why = why "remote flushes went by '" rflush "', want " want_flush "; "
         want = (kind == "smp4") ? 4 : 2
         if (num(g_cpus) != want) why = why "the guest ran on " (g_cpus == "" ? "?" : g_cpus) " CPUs, want " want "; "
         if (smp_tests == 0) why = why "no smp_* test ran; "

@@ -20,9 +20,8 @@
 #   PVMM_BIN, PVMM_GUEST  the binaries under test (default: the release builds)
 #   BENCH_MATRIX_BIN   the bench matrix for `bench:` steps (default target/release/bench-matrix)
 #   SVM_BED_BENCH_OUT  a directory: the last `bench:` step's output (results.json, report.md,
-#                      plots; a `benchcostonly:` step's output goes into its cost/)
-#                      plots) is unpacked there (`make bench`); a bed that skips writes its
-#                      reason to DIR/SKIPPED instead
+#                      plots) is unpacked there (`make bench`), a `benchcostonly:` step's
+#                      into its cost/; a bed that skips writes its reason to DIR/SKIPPED
 #   SVM_BED_QEMU       the QEMU binary (default qemu-system-x86_64)
 #   SVM_BED_CPU        the QEMU -cpu model (default qemu64,+svm,+npt,+xsave,+xsaveopt,+pku)
 set -uo pipefail
@@ -193,7 +192,8 @@ watchdog() { # tag, log
             pkill -f "bed.run=$1 "
             return 0
         fi
-        now=$(grep -cvE 'soft lockup|rcu: ' "$2" 2>/dev/null || echo 0)
+        # (grep -c prints 0 itself when nothing matches.)
+        now=$(grep -cvE 'soft lockup|rcu: ' "$2" 2>/dev/null)
         if [ "$now" = "$size" ]; then quiet=$((quiet + 15)); else quiet=0; size=$now; fi
         if [ "$quiet" -ge "$STALL" ]; then
             echo "no console output for $quiet s" >"$2.wedged"
