@@ -171,6 +171,8 @@ impl ShadowMmu {
         for l in self.leaves_in(mem, root, va, pages) {
             let (gt, st) = self.open_leaf_tables(mem, &l, &mut gt, &mut st)?;
             let s = Self::shadow_ad(st, &l, clear);
+            // The 4 KiB shadow leaf itself (its target), for a zap of what the host cached.
+            let leaf = st.filter(|_| !l.large).map(|t| t.get(l.idx));
             let g = gt.get(l.idx);
             self.harvest(g, s, |_| 0);
             let new = (g | s) & !clear;
@@ -178,8 +180,10 @@ impl ShadowMmu {
                 gt.set(l.idx, new);
             }
             if s & clear != 0 {
-                if let Some(sidx) = l.shadow {
-                    self.mark_stale(sidx);
+                match (l.shadow, leaf) {
+                    (Some(sidx), Some(e)) => self.host_forget_leaf(sidx, e),
+                    (Some(sidx), None) => self.mark_stale(sidx),
+                    _ => {}
                 }
                 self.need_flush(l.table, g & G != 0, FlushReason::AdCleared);
             }

@@ -7,6 +7,7 @@ use crate::counters::{Counters, OpKind};
 use crate::flush::{AvoidReason, FlushReason, Pending};
 use crate::frames::{FrameInfo, Frames};
 use crate::layout::{Layout, ShadowError};
+use crate::leaf_zap::LeafZaps;
 use crate::mem::{table, Mem};
 use crate::pool::{Owner, Pool};
 use crate::pte::{self, Kind, A, AD, ADDR, D, G, RW};
@@ -80,6 +81,8 @@ pub struct ShadowMmu {
     pub(crate) fast_path: bool,
     /// `PT_UPDATE`s the straight-line path applied (tests check it ran).
     pub(crate) fast_hits: u64,
+    /// Old targets of changed leaves, zapped by the VMM instead of a resync (`leaf_zap`).
+    pub(crate) leaf_zaps: LeafZaps,
 }
 
 impl ShadowMmu {
@@ -109,6 +112,7 @@ impl ShadowMmu {
             targets_memo: TargetsMemo::default(),
             fast_path: true,
             fast_hits: 0,
+            leaf_zaps: LeafZaps::default(),
         })
     }
 
@@ -489,12 +493,17 @@ impl ShadowMmu {
 
     /// A removed or changed shadow entry `old`, held by pool frame `sidx`, of guest table
     /// `table` (a leaf if `leaf`): flush the vCPUs that may hold it if the CPU used it, and
-    /// have the host resync that frame (a hypervisor that caches translations from the
-    /// pool may hold one made from `old`; it made none from an entry with A=0).
+    /// have the host forget it (a hypervisor that caches translations from the pool may
+    /// hold one made from `old`; it made none from an entry with A=0): a resync of that
+    /// frame, or for a leaf a zap of its old target (`leaf_zap`).
     #[inline]
     pub(crate) fn retire(&mut self, sidx: u32, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
-            self.mark_stale(sidx);
+            if leaf {
+                self.host_forget_leaf(sidx, old);
+            } else {
+                self.mark_stale(sidx);
+            }
             self.need_flush(table, !leaf || old & G != 0, r);
         } else {
             self.avoid(AvoidReason::NeverAccessed);

@@ -20,6 +20,7 @@
 //! * `batch`: [`Batch`], a batch's entries applied against one memory object;
 //! * `shadow`: building, dropping and reclaiming shadow tables;
 //! * `ad`: `SYNC_AD` / `QUERY_AD`;
+//! * `leaf_zap`: the old targets of changed leaves, zapped instead of resynced;
 //! * [`flush`] — flush reasons, avoided-flush reasons, per-vCPU pending flushes;
 //! * [`trap`] — trapped page-table stores (`emulate`, `wrpt` write modes);
 //! * `wrpt`: unhooking and re-hooking L1s (writable page tables);
@@ -40,6 +41,7 @@ pub mod flush;
 mod frames;
 pub mod invariants;
 pub mod layout;
+mod leaf_zap;
 mod mem;
 mod pool;
 pub mod pte;
@@ -58,6 +60,7 @@ pub use engine::{BatchOutcome, LoadedRoot, ShadowMmu};
 pub use flush::{AvoidReason, FlushReason};
 pub use invariants::{InvariantKind, InvariantViolation};
 pub use layout::{FrameClass, Layout, ShadowError};
+pub use leaf_zap::LeafZapList;
 pub use rules::Rule;
 pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 pub use vcpuset::VcpuSet;
@@ -68,6 +71,8 @@ mod fast_tests;
 mod integrity_tests;
 #[cfg(test)]
 mod kernel_flush_tests;
+#[cfg(test)]
+mod leaf_zap_tests;
 #[cfg(test)]
 mod mutant_tests;
 #[cfg(test)]

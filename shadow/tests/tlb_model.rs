@@ -330,6 +330,21 @@ struct World {
     host_seen: HashMap<u64, u64>,
     /// The kernel flush (a host with nested paging, `ShadowMmu::enable_kernel_flush`).
     kernel: Option<KernelHost>,
+    /// Leaf zaps (a software-shadowing host that drops every translation to a frame the
+    /// VMM zaps, `ShadowMmu::enable_leaf_zap`).
+    leaf_zap: Option<LeafZapHost>,
+}
+
+/// The host of leaf zaps: zapping a RAM frame drops every cached pool leaf that maps it.
+#[derive(Default)]
+struct LeafZapHost {
+    /// The mechanism switched off (the model must catch it): the list is taken, nothing
+    /// is zapped.
+    skip_zap: bool,
+    /// Frames zapped.
+    frames: u64,
+    /// Cached leaves those zaps dropped.
+    dropped: u64,
 }
 
 /// What a kernel-flush run switches off (the model must catch each).
@@ -503,6 +518,7 @@ impl World {
             twin: None,
             host_seen: HashMap::new(),
             kernel: None,
+            leaf_zap: None,
         };
         w.wr(KERN[0] << 12, (KERN[1] << 12) | T);
         w.wr(KERN[1] << 12, (KERN[2] << 12) | T);
@@ -557,6 +573,47 @@ impl World {
         self.check_host_cache(&frames)?;
         self.mmu.kernel_flushed(flushed, &frames);
         Ok((VcpuSet(remote.0 & !flushed.0), zapped))
+    }
+
+    /// Switches the world to leaf zaps: a changed leaf's old target is zapped instead of
+    /// its pool chunk resynced.
+    fn leaf_zap_host(mut self, skip_zap: bool) -> World {
+        self.mmu.enable_leaf_zap();
+        if let Some(t) = self.twin.as_deref_mut() {
+            t.mmu.enable_leaf_zap();
+        }
+        self.leaf_zap = Some(LeafZapHost {
+            skip_zap,
+            ..LeafZapHost::default()
+        });
+        self
+    }
+
+    /// The leaf zaps at the end of a batch (like the VMM, before the resync): the host
+    /// forgets every cached pool entry that maps a zapped frame.
+    fn leaf_zaps(&mut self) -> Res {
+        let list = self.mmu.take_leaf_zaps();
+        if let Some(t) = self.twin.as_deref_mut() {
+            if t.mmu.take_leaf_zaps() != list {
+                return Err("fast path: leaf zaps differ".into());
+            }
+        }
+        let Some(h) = self.leaf_zap.as_mut() else {
+            return if list.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("leaf zaps listed without the mode: {list:?}"))
+            };
+        };
+        if h.skip_zap || list.is_empty() {
+            return Ok(());
+        }
+        h.frames += list.frames.len() as u64;
+        let before = self.host_seen.len();
+        self.host_seen
+            .retain(|_, e| list.frames.binary_search(&((*e & ADDR) >> 12)).is_err());
+        h.dropped += (before - self.host_seen.len()) as u64;
+        Ok(())
     }
 
     /// Builds and pins the address spaces and loads one on each vCPU.
@@ -1062,6 +1119,7 @@ impl World {
                 out.remote
             ));
         }
+        self.leaf_zaps()?;
         let stale = self.mmu.stale_chunks();
         self.check_host_cache(&stale)?;
         self.mmu.host_resynced_chunks(&stale);
@@ -2063,6 +2121,57 @@ fn never_accessed_unmaps_name_no_vcpu() {
     for v in out.remote.iter() {
         w.mmu.take_delivery(v);
     }
+}
+
+/// Runs `cases` cases on a leaf-zap host (with the fast path's twin); returns (frames
+/// zapped, cached leaves they dropped), summed.
+fn leaf_zap_runs(cases: u32, strategy: impl Strategy<Value = (usize, u64, Vec<Step>)>) -> (u64, u64) {
+    let (frames, dropped) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    runner(cases, cases < 100)
+        .run(&strategy, |(vcpus, pool, steps)| {
+            let mut w = World::new(vcpus, pool);
+            w.add_twin(vcpus, pool);
+            let mut w = w.leaf_zap_host(false);
+            drive(&mut w, &steps)?;
+            let h = w.leaf_zap.unwrap_or_default();
+            frames.set(frames.get() + h.frames);
+            dropped.set(dropped.get() + h.dropped);
+            Ok(())
+        })
+        .unwrap();
+    (frames.get(), dropped.get())
+}
+
+/// Leaf zaps: with the old targets of changed leaves zapped instead of their chunks
+/// resynced, the host's cache never keeps a translation the engine reduced, and every
+/// TLB stays coherent; the zaps did drop cached leaves.
+#[test]
+fn leaf_zaps_keep_the_host_cache_coherent() {
+    let (frames, dropped) = leaf_zap_runs(48, case());
+    eprintln!("leaf zaps: {frames} frames zapped, {dropped} cached leaves dropped");
+    assert!(frames > 0 && dropped > 0, "no leaf zap ran");
+}
+
+/// The long leaf-zap run (`cargo test -p shadow --release --test tlb_model -- --ignored`).
+#[test]
+#[ignore]
+fn leaf_zap_long() {
+    let (frames, dropped) = leaf_zap_runs(250, long_case());
+    eprintln!("leaf zaps, long: {frames} frames zapped, {dropped} cached leaves dropped");
+    assert!(dropped > 0, "no leaf zap ran");
+}
+
+/// Leaf zaps listed but not made: the host cache keeps a reduced leaf, and the model
+/// says so.
+#[test]
+fn a_skipped_leaf_zap_is_caught() {
+    let mut runner = runner(64, false);
+    let r = runner.run(&long_case(), |(vcpus, pool, steps)| {
+        let mut w = World::new(vcpus, pool).leaf_zap_host(true);
+        drive(&mut w, &steps)
+    });
+    let e = r.expect_err("the model missed a skipped leaf zap");
+    assert!(e.to_string().contains("host cache"), "{e}");
 }
 
 /// The host resync's targeting switched off (no chunk is ever marked stale): the model's
