@@ -33,14 +33,21 @@ fn a_changed_leaf_lists_its_old_target_instead_of_its_chunk() {
     repoint(&mut v, A);
     let list = v.mmu.take_leaf_zaps();
     assert_eq!(list.frames, [FIRST]);
-    assert!(v.mmu.stale_chunks().is_empty(), "no resync for a zapped leaf");
+    assert!(
+        v.mmu.stale_chunks().is_empty(),
+        "no resync for a zapped leaf"
+    );
     assert!(v.mmu.take_leaf_zaps().is_empty(), "taken once");
     v.check();
 
     let mut off = vm(false);
     repoint(&mut off, A);
     assert!(off.mmu.take_leaf_zaps().is_empty());
-    assert_eq!(off.mmu.stale_chunks().len(), 1, "without zaps the chunk is stale");
+    assert_eq!(
+        off.mmu.stale_chunks().len(),
+        1,
+        "without zaps the chunk is stale"
+    );
 }
 
 #[test]

@@ -2125,7 +2125,10 @@ fn never_accessed_unmaps_name_no_vcpu() {
 
 /// Runs `cases` cases on a leaf-zap host (with the fast path's twin); returns (frames
 /// zapped, cached leaves they dropped), summed.
-fn leaf_zap_runs(cases: u32, strategy: impl Strategy<Value = (usize, u64, Vec<Step>)>) -> (u64, u64) {
+fn leaf_zap_runs(
+    cases: u32,
+    strategy: impl Strategy<Value = (usize, u64, Vec<Step>)>,
+) -> (u64, u64) {
     let (frames, dropped) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner(cases, cases < 100)
         .run(&strategy, |(vcpus, pool, steps)| {

@@ -158,6 +158,8 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         pool_resync: crate::cli::PoolResync::Auto,
         remote_flush: crate::cli::RemoteFlush::Auto,
         debug_kernel_flush_no_zap: false,
+        leaf_zap: crate::cli::LeafZap::Auto,
+        debug_leaf_zap_skip: false,
         // This thread runs one VM after another: only the VM's own threads are filtered.
         seccomp_supervisor: false,
     };

@@ -111,6 +111,16 @@ pub enum RemoteFlush {
     Kernel,
 }
 
+/// Whether changed leaves are zapped rather than resynced (docs/pv-abi.md §6.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LeafZap {
+    /// Where the host needs the pool resync, has protection keys and its probe (cached per
+    /// host) finds that zapping a frame's host mapping drops KVM's translations to it.
+    Auto,
+    /// Never: every changed leaf the host may have cached is resynced with its chunk.
+    Off,
+}
+
 /// Arguments of `pvmm run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -208,6 +218,13 @@ pub struct RunArgs {
     /// (the SMP TLB selftests must then fail).
     #[arg(long, hide_short_help = true)]
     pub debug_kernel_flush_no_zap: bool,
+    /// Changed leaves on a host that needs the pool resync: auto (zap their old target
+    /// frames where the probe says it works), off (resync their chunks).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub leaf_zap: LeafZap,
+    /// Test only: leaf zaps are listed but not made (the selftests must then fail).
+    #[arg(long, hide_short_help = true)]
+    pub debug_leaf_zap_skip: bool,
     /// Filter the supervisor (calling) thread too; `bench-exits`, whose main thread runs
     /// several VMs in turn, filters only the VM's own threads.
     #[arg(skip = true)]

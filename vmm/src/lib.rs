@@ -25,6 +25,7 @@ pub mod pool_probe;
 pub mod pool_zap;
 pub mod privilege;
 pub mod ptwrite;
+pub mod ram_zap;
 pub mod rendezvous;
 pub mod seccomp;
 pub mod signals;

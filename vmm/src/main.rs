@@ -154,6 +154,7 @@ fn run(args: &RunArgs) -> anyhow::Result<i32> {
         trap_debug: args.trap_debug(),
         drop_remote_flushes: args.debug_drop_remote_flushes,
         kernel_flush_no_zap: args.debug_kernel_flush_no_zap,
+        leaf_zap_skip: args.debug_leaf_zap_skip,
     };
     let mmu = move |ram: &vmm::guest_ram::GuestRam, layout: &vmm::layout::Layout, vcpus| {
         vmm::hcall::mmu_batch::factory_with(ram, layout, vcpus, options)

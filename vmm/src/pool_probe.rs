@@ -7,10 +7,17 @@
 //! nested paging (EPT/NPT) the CPU walks the table itself and sees the new frame: no resync
 //! is needed. A KVM that shadows guest page tables in software keeps its stale translation
 //! (it never saw the write) and needs the memslot re-registered.
+//!
+//! There, a second probe asks whether a changed *leaf* can be forgotten more cheaply (the
+//! leaf zap, docs/pv-abi.md §6.6): the VMM repoints a 4 KiB leaf and zaps the old target
+//! frame's host mapping (`ram_zap`); if the guest then reads the new frame, KVM dropped its
+//! translation to the old one, and changed leaves need no resync.
 
-use crate::cli::PoolResync;
+use crate::cli::{LeafZap, PoolResync};
 use crate::cpu;
 use crate::hcall::probe_cache;
+use crate::hcall::RamZap;
+use crate::ram_zap::PkeyRamZap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use std::sync::mpsc;
@@ -31,6 +38,9 @@ pub struct ResyncChoice {
     /// How remote flushes are delivered: "kick" or "kernel" (`--remote-flush`, set when
     /// the VM is built).
     pub remote_flush: &'static str,
+    /// Changed leaves are zapped instead of resynced (`--leaf-zap`, set when the VM is
+    /// built).
+    pub leaf_zap: bool,
 }
 
 /// How long the probe may run before it counts as "resync needed" (it takes 1.5-7 ms on
@@ -59,6 +69,17 @@ const PS: u64 = 0x80;
 const PORT: u16 = 0x80;
 /// The cached verdict's name (bump the version when the probe changes meaning).
 const POOL_VERDICT: &str = "pool_resync_needed.v3";
+/// The leaf-zap probe's cached verdict.
+const LEAF_VERDICT: &str = "leaf_zap_works.v1";
+
+/// What the probe changes between its two reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rewrite {
+    /// A root entry, then a CR3 change: is the pool re-read without a resync?
+    Table,
+    /// A 4 KiB leaf, then a zap of its old target frame: is the translation dropped?
+    LeafZap,
+}
 
 /// The verdict for `mode` on `kvm` (device node `device`, for the cache key).
 pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
@@ -68,6 +89,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         probe_ns: 0,
         cached: false,
         remote_flush: "kick",
+        leaf_zap: false,
     };
     match mode {
         PoolResync::Always => return forced(true),
@@ -82,6 +104,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
             probe_ns: 0,
             cached: true,
             remote_flush: "kick",
+            leaf_zap: false,
         };
     }
     let t = Instant::now();
@@ -99,7 +122,29 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         probe_ns: t.elapsed().as_nanos() as u64,
         cached: false,
         remote_flush: "kick",
+        leaf_zap: false,
     }
+}
+
+/// Whether changed leaves are zapped on this host (`mode`; only asked where the resync is
+/// needed): the leaf-zap probe's verdict, cached per host.
+pub fn leaf_zap_works(kvm: &Kvm, mode: LeafZap, device: &str) -> bool {
+    if mode == LeafZap::Off {
+        return false;
+    }
+    let key = probe_cache::host_key(kvm.get_api_version(), device);
+    if let Some(works) = probe_cache::load_flag(&key, LEAF_VERDICT) {
+        return works;
+    }
+    let works = match probe_kind(kvm, Rewrite::LeafZap) {
+        Ok(seen) => seen,
+        Err(e) => {
+            log::info!("leaf zap probe failed ({e}); resyncing changed leaves");
+            false
+        }
+    };
+    probe_cache::store_flag(&key, LEAF_VERDICT, works);
+    works
 }
 
 type BoxError = crate::error::BoxError;
@@ -121,6 +166,11 @@ fn region(
 
 /// Runs the probe VM: true if the rewritten pool entry was seen without re-registration.
 pub fn probe(kvm: &Kvm) -> Result<bool, BoxError> {
+    probe_kind(kvm, Rewrite::Table)
+}
+
+/// Runs the probe VM for `rewrite`: true if the guest read the new frame.
+fn probe_kind(kvm: &Kvm, rewrite: Rewrite) -> Result<bool, BoxError> {
     let vm = kvm.create_vm()?;
     let mem =
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM), (GuestAddress(POOL), MEM)])?;
@@ -141,12 +191,17 @@ pub fn probe(kvm: &Kvm) -> Result<bool, BoxError> {
     w(ROOT, PDPT_0)?;
     w(PDPT_0, PD_0)?;
     w(PD_0, PS)?;
-    w(ROOT + 8, PDPT_A)?;
+    // The leaf probe starts on the B tables (VA -> OLD through L1_B) and repoints the leaf.
+    let (first_l3, first_leaf) = match rewrite {
+        Rewrite::Table => (PDPT_A, NEW),
+        Rewrite::LeafZap => (PDPT_B, OLD),
+    };
+    w(ROOT + 8, first_l3)?;
     w(PDPT_A, PD_A)?;
     w(PD_A, PS)?;
     w(PDPT_B, PD_B)?;
     w(PD_B, L1_B)?;
-    w(L1_B + 8 * (OLD >> 12), NEW)?;
+    w(L1_B + 8 * (OLD >> 12), first_leaf)?;
     mem.write_obj(0x1111_1111u32, GuestAddress(OLD))?;
     mem.write_obj(0x2222_2222u32, GuestAddress(NEW))?;
     // loop: mov rbx, VA; mov eax, [rbx]; out 0x80, eax; jmp loop
@@ -174,11 +229,16 @@ pub fn probe(kvm: &Kvm) -> Result<bool, BoxError> {
     // IOPL 3: the ring-3 `out` reports the value.
     regs.rflags |= 3 << 12;
     vcpu.set_regs(&regs)?;
+    // Before the thread: it inherits the key's rights.
+    let zap = match rewrite {
+        Rewrite::Table => None,
+        Rewrite::LeafZap => Some(PkeyRamZap::new(&mem)?),
+    };
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::Builder::new()
         .name("pvmm-probe".into())
         .spawn(move || {
-            let _ = tx.send(read_twice(vcpu, &mem));
+            let _ = tx.send(read_twice(vcpu, &mem, zap.as_ref()));
         })?;
     let r = rx.recv_timeout(PROBE_TIMEOUT);
     if r.is_err() {
@@ -198,10 +258,21 @@ pub fn probe(kvm: &Kvm) -> Result<bool, BoxError> {
     }
 }
 
-/// The word read before and after rewriting the pool entry (and flushing without a resync).
-fn read_twice(mut vcpu: VcpuFd, mem: &GuestMemoryMmap) -> Result<(u32, u32), BoxError> {
+/// The word read before and after rewriting the pool entry (and flushing without a
+/// resync); with `zap`, the leaf is rewritten and its old target zapped.
+fn read_twice(
+    mut vcpu: VcpuFd,
+    mem: &GuestMemoryMmap,
+    zap: Option<&PkeyRamZap>,
+) -> Result<(u32, u32), BoxError> {
     let first = read_once(&mut vcpu)?;
-    mem.write_obj(PDPT_B | URW, GuestAddress(ROOT + 8))?;
+    match zap {
+        None => mem.write_obj(PDPT_B | URW, GuestAddress(ROOT + 8))?,
+        Some(z) => {
+            mem.write_obj(NEW | URW, GuestAddress(L1_B + 8 * (OLD >> 12)))?;
+            z.zap(&[OLD >> 12])?;
+        }
+    }
     // The flush the VMM uses where no resync happens (vcpu::effects): a CR3 change.
     let mut s = vcpu.get_sregs()?;
     s.cr3 ^= crate::vcpu::CR3_FLUSH_TOGGLE;

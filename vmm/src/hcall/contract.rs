@@ -32,6 +32,9 @@ pub struct Effects {
     pub kernel_flushed: u32,
     /// Time that zap took, ns.
     pub kernel_flush_ns: u64,
+    /// The batch zapped the old targets of changed leaves instead of a host resync of
+    /// their pool chunks: the time it took, ns (docs/pv-abi.md §6.6).
+    pub leaf_zap_ns: Option<u64>,
     /// `--check-shadow` found this engine invariant violated: end the VM.
     pub violation: Option<String>,
 }
@@ -51,19 +54,23 @@ pub struct MmuPhases {
     /// End of batch: the engine's flush decision, the host-resync decision, and the
     /// `--check-shadow` checker when enabled.
     pub end_batch: u64,
+    /// The leaf zap: making the host forget the old targets of changed leaves (a host
+    /// resync's stand-in, docs/pv-abi.md §6.6).
+    pub host_zap: u64,
     /// Dispatcher: the guarded response write.
     pub response: u64,
 }
 
 impl MmuPhases {
     /// Each phase with its statistics name, in order.
-    pub fn named(&self) -> [(&'static str, u64); 6] {
+    pub fn named(&self) -> [(&'static str, u64); 7] {
         [
             ("request", self.request),
             ("copy_in", self.copy_in),
             ("apply", self.apply),
             ("zero_frame", self.zero_frame),
             ("end_batch", self.end_batch),
+            ("host_zap", self.host_zap),
             ("response", self.response),
         ]
     }
@@ -168,6 +175,18 @@ pub trait OpHandler: Send + Sync {
     /// Delivers remote flushes through `zap` where it can (the MMU handler; before the
     /// first call, on a host that needs no pool resync): see docs/pv-abi.md §6.5.
     fn enable_kernel_flush(&mut self, _zap: Box<dyn PoolZap>) {}
+    /// Makes the host forget changed leaves through `zap` instead of a pool resync (the
+    /// MMU handler; before the first call, on a host that needs the resync and whose
+    /// probe found leaf zaps work): see docs/pv-abi.md §6.6.
+    fn enable_leaf_zap(&mut self, _zap: Box<dyn RamZap>) {}
+}
+
+/// Makes the host kernel forget its mappings of guest RAM frames, which makes KVM drop
+/// every translation it made to them (the leaf zap).
+pub trait RamZap: Send + Sync {
+    /// Zaps the host's mappings of RAM frames `frames` (frame numbers, ascending); returns
+    /// the system calls it made.
+    fn zap(&self, frames: &[u64]) -> std::io::Result<u32>;
 }
 
 /// Makes the host kernel forget its mappings of shadow-pool frames, which makes KVM flush

@@ -2,7 +2,7 @@
 //! array out of guest memory once, applies entries strictly in order, stops at the first
 //! error, and turns the engine's batch outcome into CR3-load / flush effects.
 
-use super::contract::{CallCtx, Effects, MmuPhases, OpHandler, PoolZap, ResyncFn};
+use super::contract::{CallCtx, Effects, MmuPhases, OpHandler, PoolZap, RamZap, ResyncFn};
 use crate::guest_ram::GuestRam;
 use crate::layout::Layout;
 use crate::ptwrite::Alias;
@@ -10,7 +10,7 @@ use hypercall::{batch_bytes, batch_entries, features, HcError, MmuOp, Request, R
 use serde_json::{json, Map, Value};
 use shadow::{AvoidReason, FlushReason, OpKind, Rule, ShadowMmu, TrapCounters, VcpuSet, WriteMode};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -34,6 +34,9 @@ pub struct MmuOptions {
     /// frames (`--debug-kernel-flush-no-zap`; the SVM bed expects the SMP TLB selftests
     /// to fail).
     pub kernel_flush_no_zap: bool,
+    /// Test only: leaf zaps are taken from the engine but not made
+    /// (`--debug-leaf-zap-skip`; the e2e suite expects the selftests to fail).
+    pub leaf_zap_skip: bool,
 }
 
 /// The MMU_BATCH handler of one VM.
@@ -46,6 +49,23 @@ pub struct MmuBatch {
     kernel_flush: Option<Box<dyn PoolZap>>,
     /// A zap failed once (e.g. the host's mapping limit): kicks from then on.
     kernel_flush_failed: AtomicBool,
+    /// Changed leaves are zapped instead of resynced (docs/pv-abi.md §6.6).
+    leaf_zap: Option<Box<dyn RamZap>>,
+    /// What the leaf zaps did, for the report.
+    leaf_zap_counts: LeafZapCounts,
+}
+
+/// The leaf zaps' counters (docs/stats-json.md, `mmu.leaf_zap`).
+#[derive(Default)]
+struct LeafZapCounts {
+    /// Batches that zapped.
+    zaps: AtomicU64,
+    /// Frames zapped.
+    frames: AtomicU64,
+    /// `pkey_mprotect` calls made.
+    calls: AtomicU64,
+    /// Zaps that failed (their chunks were resynced instead).
+    failed: AtomicU64,
 }
 
 thread_local! {
@@ -78,6 +98,8 @@ pub fn factory_with(
             alias: None,
             kernel_flush: None,
             kernel_flush_failed: AtomicBool::new(false),
+            leaf_zap: None,
+            leaf_zap_counts: LeafZapCounts::default(),
         })),
         Err(e) => {
             log::warn!("shadow MMU disabled: {e}");
@@ -154,7 +176,8 @@ impl MmuBatch {
                 apply_entries(&mut engine, ctx, buf, count, &mut phases.zero_frame);
             phases.apply = ctx.lap_ns().saturating_sub(phases.zero_frame);
             self.finish_batch(&mut engine, ctx);
-            phases.end_batch = ctx.lap_ns();
+            phases.host_zap = ctx.effects.leaf_zap_ns.unwrap_or(0);
+            phases.end_batch = ctx.lap_ns().saturating_sub(phases.host_zap);
             ctx.phases = Some(phases);
             let (status, fail_index) = failure.map_or((0, u32::MAX), |(i, e)| (e.status(), i));
             Response {
@@ -190,6 +213,7 @@ impl MmuBatch {
         };
         ctx.effects.remote_avoided = out.remote_avoided;
         self.kernel_flush(engine, ctx, out.flush_frameless);
+        self.leaf_zap(engine, ctx);
         if self.options.check_shadow {
             if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
                 log::error!("shadow invariant violated: {v}");
@@ -236,6 +260,42 @@ impl MmuBatch {
         ctx.effects.host_resync = engine.host_resync_needed();
     }
 
+    /// Zaps the old target frames of the batch's changed leaves (docs/pv-abi.md §6.6),
+    /// still under the engine lock and before the batch returns: the host drops every
+    /// translation to them, on every vCPU, so their pool chunks need no resync. If the zap
+    /// fails, those chunks become stale and are resynced as before.
+    fn leaf_zap(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) {
+        let list = engine.take_leaf_zaps();
+        if list.is_empty() {
+            return;
+        }
+        let Some(zap) = &self.leaf_zap else {
+            engine.leaf_zaps_failed(&list);
+            ctx.effects.host_resync = engine.host_resync_needed();
+            return;
+        };
+        let t = Instant::now();
+        let c = &self.leaf_zap_counts;
+        if !self.options.leaf_zap_skip {
+            match zap.zap(&list.frames) {
+                Ok(calls) => {
+                    c.calls.fetch_add(u64::from(calls), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if c.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        log::warn!("leaf zap failed, resyncing those chunks: {e}");
+                    }
+                    engine.leaf_zaps_failed(&list);
+                    ctx.effects.host_resync = engine.host_resync_needed();
+                }
+            }
+        }
+        c.zaps.fetch_add(1, Ordering::Relaxed);
+        c.frames
+            .fetch_add(list.frames.len() as u64, Ordering::Relaxed);
+        ctx.effects.leaf_zap_ns = Some(elapsed_ns(t));
+    }
+
     /// `PT_WRITES(mode)`: ENOSYS without the trap, else the engine's answer.
     fn pt_writes(&self, mode: u64) -> Response {
         let Some(alias) = self.alias else {
@@ -270,6 +330,21 @@ impl MmuBatch {
 }
 
 /// The trap counters for the report.
+impl MmuBatch {
+    /// The leaf zaps' counters (all 0 where leaf zaps are off).
+    fn leaf_zap_report(&self) -> Value {
+        let c = &self.leaf_zap_counts;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "enabled": self.leaf_zap.is_some(),
+            "zaps": n(&c.zaps),
+            "frames": n(&c.frames),
+            "calls": n(&c.calls),
+            "failed": n(&c.failed),
+        })
+    }
+}
+
 fn trap_report(e: &ShadowMmu) -> Value {
     let t = e.trap_counters();
     let hist: Map<String, Value> = TrapCounters::HIST_LABELS
@@ -375,6 +450,13 @@ impl OpHandler for MmuBatch {
         }
     }
 
+    fn enable_leaf_zap(&mut self, zap: Box<dyn RamZap>) {
+        if let Ok(e) = self.engine.get_mut() {
+            e.enable_leaf_zap();
+            self.leaf_zap = Some(zap);
+        }
+    }
+
     fn handle(&self, ctx: &mut CallCtx<'_>, req: &Request) -> Response {
         match *req {
             Request::MmuBatch { entries_gpa, count } => self.run(ctx, entries_gpa, count),
@@ -464,6 +546,7 @@ impl OpHandler for MmuBatch {
             "pool_reclaims": c.reclaims,
             "reclaimed_tables": c.reclaimed_tables,
             "pt_trap": trap_report(&e),
+            "leaf_zap": self.leaf_zap_report(),
         }))
     }
 }

@@ -14,5 +14,5 @@ pub mod probe_cache;
 pub mod transport;
 pub mod vmcall;
 
-pub use contract::{CallCtx, Effects, MmuPhases, OpHandler, Outcome, PoolZap, ResyncFn};
+pub use contract::{CallCtx, Effects, MmuPhases, OpHandler, Outcome, PoolZap, RamZap, ResyncFn};
 pub use dispatcher::Dispatcher;

@@ -51,6 +51,8 @@ pub struct PoolResyncInfo {
     pub probe_cached: bool,
     /// How remote TLB flushes are delivered: "kick" or "kernel" (docs/pv-abi.md §6.5).
     pub remote_flush: String,
+    /// Changed leaves are zapped instead of resynced (docs/pv-abi.md §6.6).
+    pub leaf_zap: bool,
 }
 
 /// One distribution, flattened for JSON.
@@ -351,12 +353,13 @@ fn phase_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
 }
 
 /// The MMU_BATCH phases, in the order one batch runs them.
-pub const PHASE_ORDER: [&str; 6] = [
+pub const PHASE_ORDER: [&str; 7] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
     "end_batch",
+    "host_zap",
     "response",
 ];
 
@@ -554,6 +557,7 @@ mod tests {
             keys(&v["vm"]["pool_resync"]),
             [
                 "choice",
+                "leaf_zap",
                 "needed",
                 "probe_cached",
                 "probe_ns",

@@ -81,7 +81,11 @@ fn header(o: &mut String, r: &Report) {
         ("auto", false) => format!("auto, probe {} ms", ms(pr.probe_ns)),
         (how, _) => how.to_string(),
     };
-    let verdict = if pr.needed { "needed" } else { "not needed" };
+    let verdict = match (pr.needed, pr.leaf_zap) {
+        (false, _) => "not needed",
+        (true, false) => "needed",
+        (true, true) => "needed, changed leaves zapped",
+    };
     let _ = writeln!(
         o,
         "pool resync: {verdict} ({how}); remote flushes: {}",

@@ -121,6 +121,9 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         h.enable_kernel_flush(Box::new(z));
         resync.remote_flush = "kernel";
     }
+    if let Some(h) = handler.as_mut().filter(|_| resync.needed) {
+        resync.leaf_zap = enable_leaf_zap(&kvm, args.leaf_zap, &mem, h.as_mut());
+    }
     if let (Some(h), Some(alias)) = (
         handler.as_mut(),
         crate::ptwrite::setup(&kvm, &vm, &mem, &layout, args.pt_trap, free_slot)?,
@@ -159,6 +162,29 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         mem,
         filters,
     })
+}
+
+/// Turns on leaf zaps (docs/pv-abi.md §6.6) where `mode` and the host's probe allow;
+/// returns whether they are on. Before any vCPU thread exists (the key's rights).
+fn enable_leaf_zap(
+    kvm: &Kvm,
+    mode: crate::cli::LeafZap,
+    mem: &GuestMemoryMmap,
+    handler: &mut dyn crate::hcall::OpHandler,
+) -> bool {
+    if !crate::pool_probe::leaf_zap_works(kvm, mode, &kvm_device()) {
+        return false;
+    }
+    match crate::ram_zap::PkeyRamZap::new(mem) {
+        Ok(z) => {
+            handler.enable_leaf_zap(Box::new(z));
+            true
+        }
+        Err(e) => {
+            log::info!("no leaf zaps (protection keys: {e}); resyncing changed leaves");
+            false
+        }
+    }
 }
 
 /// The VM with its irqchip, PIT and, for the vmcall transport, hypercall exits enabled.

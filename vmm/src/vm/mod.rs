@@ -113,6 +113,7 @@ pub fn vm_info(
             probe_ns: resync.probe_ns,
             probe_cached: resync.cached,
             remote_flush: resync.remote_flush.into(),
+            leaf_zap: resync.leaf_zap,
         },
         guest_status: None,
     }

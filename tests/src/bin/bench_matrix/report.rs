@@ -253,12 +253,13 @@ pub fn phases_header(o: &mut String, columns: &[&str]) {
 }
 
 /// The MMU_BATCH phases, in report order.
-pub const PHASES: [&str; 6] = [
+pub const PHASES: [&str; 7] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
     "end_batch",
+    "host_zap",
     "response",
 ];
 

@@ -1,0 +1,92 @@
+//! Leaf zaps (docs/pv-abi.md §6.6): on a host that needs the pool resync and whose probe
+//! found that zapping a frame's host mapping drops KVM's translations to it, changed
+//! leaves are forgotten by a zap of their old target frames instead of a resync of their
+//! pool chunks. The UP selftests that reduce or remove mappings must pass with the zaps
+//! (and make them), and fail when the zaps are listed but not made
+//! (`--debug-leaf-zap-skip`). Elsewhere the test says why it checks less.
+
+use pvmm_e2e::{kvm_available, run_guest, temp, Tap};
+use serde_json::Value;
+
+/// Selftests that remove or reduce mappings the host's cache of the pool holds.
+const SEL: &str = "selftest=zap,mprotect,mremap,fork_cow,ad_young,ad_dirty pages=64";
+
+/// One pv-lazy run with `extra` flags: (TAP, stats JSON, console).
+fn run(name: &str, extra: &[&str]) -> (Tap, Value, String) {
+    let f = temp(&format!("leaf-zap-{name}.json"));
+    let cmdline = format!("console=ttyS0 mmu=pv-lazy {SEL}");
+    let path = f.to_str().unwrap_or_default();
+    let mut args = vec![
+        "--hypercall",
+        "pio",
+        "--stats",
+        "json",
+        "--stats-file",
+        path,
+        "--timeout",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_guest(&cmdline, &args);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tap = Tap::parse(&console).unwrap_or_else(|e| panic!("{name}: {e}: {console}"));
+    let stats: Value = std::fs::read_to_string(&f)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(&f);
+    (tap, stats, console)
+}
+
+fn all_pass(tap: &Tap) -> bool {
+    !tap.points.is_empty() && tap.points.iter().all(|p| p.ok)
+}
+
+fn counter(stats: &Value, key: &str) -> u64 {
+    stats["mmu"]["leaf_zap"][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn changed_leaves_are_zapped_and_a_skipped_zap_fails_the_suite() {
+    if !kvm_available("changed_leaves_are_zapped_and_a_skipped_zap_fails_the_suite") {
+        return;
+    }
+    let (tap, stats, console) = run("auto", &["--leaf-zap", "auto"]);
+    assert!(all_pass(&tap), "with leaf zaps: {console}");
+    let pr = &stats["vm"]["pool_resync"];
+    let (Some(needed), Some(on)) = (pr["needed"].as_bool(), pr["leaf_zap"].as_bool()) else {
+        panic!("no pool_resync verdict in the stats");
+    };
+    assert_eq!(
+        on,
+        stats["mmu"]["leaf_zap"]["enabled"].as_bool() == Some(true),
+        "the verdict and the handler agree"
+    );
+    let (tap, off, console) = run("off", &["--leaf-zap", "off"]);
+    assert!(all_pass(&tap), "with resyncs only: {console}");
+    assert_eq!(counter(&off, "zaps"), 0, "--leaf-zap off zaps nothing");
+    if !on {
+        eprintln!(
+            "SKIP the switched-off half: leaf zaps are off on this host (resync needed: {needed})"
+        );
+        return;
+    }
+    assert!(
+        counter(&stats, "frames") > 0 && counter(&stats, "calls") > 0,
+        "leaf zaps on, but none made: {}",
+        stats["mmu"]["leaf_zap"]
+    );
+    let chunks = |s: &Value| s["merged"]["smp"]["resync_chunks"].as_u64().unwrap_or(0);
+    assert!(
+        chunks(&stats) < chunks(&off),
+        "zaps must stand in for resyncs: {} chunks resynced with them, {} without",
+        chunks(&stats),
+        chunks(&off)
+    );
+    let (tap, _, console) = run("skip", &["--leaf-zap", "auto", "--debug-leaf-zap-skip"]);
+    let failed = tap.points.iter().filter(|p| !p.ok).count();
+    assert!(
+        failed > 0 || tap.points.len() < 5,
+        "listed but unmade leaf zaps went unnoticed: {console}"
+    );
+}
