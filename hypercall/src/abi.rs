@@ -80,6 +80,8 @@ pub mod kind {
     /// with [`super::unpin_flags::DETACH`] switches a vCPU that still has the dying root
     /// loaded to this root.
     pub const SET_KERNEL_ROOT: u16 = 15;
+    /// Copy the RAM frame at `a1` into the untyped RAM frame at `a0`.
+    pub const COPY_FRAME: u16 = 16;
 
     /// Name of an entry kind for statistics; `"unknown"` for anything else.
     pub const fn name(kind: u16) -> &'static str {
@@ -99,6 +101,7 @@ pub mod kind {
             RELOCATE_TABLE => "RELOCATE_TABLE",
             ZERO_FRAME => "ZERO_FRAME",
             SET_KERNEL_ROOT => "SET_KERNEL_ROOT",
+            COPY_FRAME => "COPY_FRAME",
             _ => "unknown",
         }
     }
@@ -334,6 +337,10 @@ impl MmuEntry {
     /// `ZERO_FRAME(frame)`.
     pub const fn zero_frame(frame: u64) -> MmuEntry {
         Self::new(kind::ZERO_FRAME, 0, frame, 0, 0)
+    }
+    /// `COPY_FRAME(dst, src)`.
+    pub const fn copy_frame(dst: u64, src: u64) -> MmuEntry {
+        Self::new(kind::COPY_FRAME, 0, dst, src, 0)
     }
 
     /// The little-endian wire bytes.

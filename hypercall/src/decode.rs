@@ -157,6 +157,13 @@ pub enum MmuOp {
         /// Page-aligned guest-physical address.
         frame: u64,
     },
+    /// Copy RAM frame `src` into the untyped RAM frame `dst`.
+    CopyFrame {
+        /// Page-aligned guest-physical address written.
+        dst: u64,
+        /// Page-aligned guest-physical address read (not `dst`).
+        src: u64,
+    },
 }
 
 fn u16_at(b: &[u8], off: usize) -> Result<u16, HcError> {
@@ -373,6 +380,14 @@ fn decode_table_op(k: u16, flags: u16, a0: u64, a1: u64, a2: u64) -> Result<MmuO
             Ok(MmuOp::ZeroFrame {
                 frame: page_aligned(a0)?,
             })
+        }
+        kind::COPY_FRAME => {
+            zero(a2)?;
+            let (dst, src) = (page_aligned(a0)?, page_aligned(a1)?);
+            if dst == src {
+                return Err(HcError::Einval);
+            }
+            Ok(MmuOp::CopyFrame { dst, src })
         }
         _ => Err(HcError::Enosys),
     }
@@ -650,6 +665,32 @@ mod tests {
         ];
         for (e, want) in cases {
             assert_eq!(decode_entry(&e.to_bytes()), Ok(want), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn decodes_copy_frames_and_refuses_bad_ones() {
+        assert_eq!(
+            decode_entry(&MmuEntry::copy_frame(0x7000, 0x8000).to_bytes()),
+            Ok(MmuOp::CopyFrame {
+                dst: 0x7000,
+                src: 0x8000
+            })
+        );
+        for e in [
+            MmuEntry::copy_frame(0x7000, 0x7000),
+            MmuEntry::copy_frame(0x7001, 0x8000),
+            MmuEntry::copy_frame(0x7000, 0x8008),
+            MmuEntry {
+                a2: 1,
+                ..MmuEntry::copy_frame(0x7000, 0x8000)
+            },
+            MmuEntry {
+                flags: 1,
+                ..MmuEntry::copy_frame(0x7000, 0x8000)
+            },
+        ] {
+            assert_eq!(decode_entry(&e.to_bytes()), Err(HcError::Einval), "{e:?}");
         }
     }
 

@@ -10,7 +10,7 @@ pub const SIGNATURE: [u8; 12] = *b"PvmmPvmmPvmm";
 /// ABI major version: a guest must handshake with exactly this major.
 pub const ABI_MAJOR: u16 = 1;
 /// ABI minor version: grows when ops or entry kinds are added compatibly.
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 /// `(major << 16) | minor`, the form used in CPUID and by `VERSION`.
 pub const ABI_VERSION: u32 = ((ABI_MAJOR as u32) << 16) | ABI_MINOR as u32;
 
@@ -32,6 +32,8 @@ pub mod features {
     /// The VMM can trap the guest's stores to its page tables: ops `PT_WRITES` and
     /// `PT_FAULT` exist (write modes `emulate` and `wrpt`).
     pub const PT_TRAP: u32 = 1 << 5;
+    /// The `COPY_FRAME` MMU entry kind is implemented.
+    pub const COPY_FRAMES: u32 = 1 << 6;
 }
 
 /// How the guest reaches the VMM. Reported in CPUID `0x4000_0001`.ECX.

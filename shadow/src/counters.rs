@@ -28,11 +28,13 @@ pub enum OpKind {
     ZeroFrame,
     /// `SET_KERNEL_ROOT`.
     SetKernelRoot,
+    /// `COPY_FRAME`.
+    CopyFrame,
 }
 
 impl OpKind {
     /// Every kind, in counter order.
-    pub const ALL: [OpKind; 11] = [
+    pub const ALL: [OpKind; 12] = [
         OpKind::PtUpdate,
         OpKind::Pin,
         OpKind::Unpin,
@@ -44,6 +46,7 @@ impl OpKind {
         OpKind::RelocateTable,
         OpKind::ZeroFrame,
         OpKind::SetKernelRoot,
+        OpKind::CopyFrame,
     ];
 
     /// The kind of a decoded op.
@@ -61,6 +64,7 @@ impl OpKind {
             O::RelocateTable { .. } => OpKind::RelocateTable,
             O::ZeroFrame { .. } => OpKind::ZeroFrame,
             O::SetKernelRoot { .. } => OpKind::SetKernelRoot,
+            O::CopyFrame { .. } => OpKind::CopyFrame,
         }
     }
 
@@ -78,6 +82,7 @@ impl OpKind {
             OpKind::RelocateTable => "RELOCATE_TABLE",
             OpKind::ZeroFrame => "ZERO_FRAME",
             OpKind::SetKernelRoot => "SET_KERNEL_ROOT",
+            OpKind::CopyFrame => "COPY_FRAME",
         }
     }
 }
@@ -96,8 +101,10 @@ pub struct Counters {
     pub relocations: u64,
     /// Frames zeroed by `ZERO_FRAME`.
     pub zeroed_frames: u64,
+    /// Frames copied by `COPY_FRAME`.
+    pub copied_frames: u64,
     /// Ops applied, successful or not, by [`OpKind`].
-    pub ops: [u64; 11],
+    pub ops: [u64; 12],
     /// Refusals by [`Rule`].
     pub rejects: Vec<u64>,
     /// Shadows of guest tables currently live (one per shadowed typed table; the split

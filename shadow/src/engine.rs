@@ -214,6 +214,10 @@ impl ShadowMmu {
                 self.zero_frame(mem, frame >> 12)?;
                 self.counters.zeroed_frames += 1;
             }
+            MmuOp::CopyFrame { dst, src } => {
+                self.copy_frame(mem, dst >> 12, src >> 12)?;
+                self.counters.copied_frames += 1;
+            }
         }
         Ok(())
     }
@@ -999,6 +1003,15 @@ impl ShadowMmu {
         // found through them.
         self.downgrade_writers(mem, new);
         self.restore_writers(mem, old);
+        Ok(())
+    }
+
+    /// `COPY_FRAME(dst, src)`: checked and copied under the engine lock (the caller's), so
+    /// `dst` cannot become a page table in between.
+    fn copy_frame<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, dst: u64, src: u64) -> R<()> {
+        rules::copy_allowed(&self.layout, dst, src, self.frames.level(dst))?;
+        let (d, s) = (table(mem, dst)?, table(mem, src)?);
+        d.copy_from(&s);
         Ok(())
     }
 

@@ -212,6 +212,17 @@ impl Table<'_> {
         out
     }
 
+    /// Copies every entry of `src` into this table (word by word: both frames are shared
+    /// with the guest).
+    pub fn copy_from(&self, src: &Table<'_>) {
+        for i in 0..512 {
+            self.at(i)
+                .store(src.at(i).load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        // What was copied is seen before anything stored after it.
+        std::sync::atomic::fence(Ordering::Release);
+    }
+
     /// Zeroes the table.
     pub fn zero(&self) {
         for i in 0..512 {

@@ -63,6 +63,10 @@ rules! {
     ZeroNotRam = "zero_not_ram" => Eperm,
     /// `ZERO_FRAME` of a typed page table.
     ZeroTyped = "zero_typed" => Ebusy,
+    /// `COPY_FRAME` from or to a frame that is not usable RAM (the pool included).
+    CopyNotRam = "copy_not_ram" => Eperm,
+    /// `COPY_FRAME` into a typed page table.
+    CopyTyped = "copy_typed" => Ebusy,
     /// `SYNC_AD` / `QUERY_AD` on a vCPU without a loaded root.
     NoRoot = "no_root" => Enoent,
     /// `QUERY_AD` bitmaps not entirely inside one RAM range.
@@ -267,6 +271,20 @@ pub fn zero_allowed(layout: &Layout, pfn: u64, ty: Option<u8>) -> Result<(), Rul
     }
 }
 
+/// `COPY_FRAME`: both frames must be usable RAM (`EPERM`, [`Rule::CopyNotRam`]: never the
+/// pool, whose shadows the guest must not read) and the destination untyped (`EBUSY`,
+/// [`Rule::CopyTyped`]: a page table changes only through validated entries). The source
+/// may be a page table: the guest reads its own tables anyway.
+pub fn copy_allowed(layout: &Layout, dst: u64, src: u64, dst_ty: Option<u8>) -> Result<(), Rule> {
+    if layout.classify(dst) != FrameClass::Ram || layout.classify(src) != FrameClass::Ram {
+        Err(Rule::CopyNotRam)
+    } else if dst_ty.is_some() {
+        Err(Rule::CopyTyped)
+    } else {
+        Ok(())
+    }
+}
+
 /// `QUERY_AD` bitmaps (`len` bytes at `gpa`) must lie inside one RAM range, outside the pool
 /// and reserved ranges (`EFAULT`, [`Rule::BitmapNotRam`]); overlapping a typed frame is
 /// checked by [`bitmap_not_in_table`].
@@ -439,6 +457,10 @@ mod tests {
         let l = lay();
         assert_eq!(zero_allowed(&l, 0x1000, None), Err(Rule::ZeroNotRam));
         assert_eq!(zero_allowed(&l, 1, Some(1)), Err(Rule::ZeroTyped));
+        assert_eq!(copy_allowed(&l, 0x1000, 1, None), Err(Rule::CopyNotRam));
+        assert_eq!(copy_allowed(&l, 1, 0x1000, None), Err(Rule::CopyNotRam));
+        assert_eq!(copy_allowed(&l, 1, 2, Some(1)), Err(Rule::CopyTyped));
+        assert_eq!(copy_allowed(&l, 1, 2, None), Ok(()));
         assert_eq!(bitmap_in_ram(&l, 0x3f_fff8, 16), Err(Rule::BitmapNotRam));
         assert_eq!(bitmap_not_in_table(true), Err(Rule::BitmapInTable));
         assert_eq!(

@@ -393,6 +393,44 @@ fn zero_frame_rules() {
 }
 
 #[test]
+fn copy_frame_rules() {
+    let mut v = vm();
+    v.load();
+    for off in (0..4096).step_by(8) {
+        v.w(0x50_000 + off, 7 + off);
+        v.w(0x52_000 + off, 1);
+    }
+    v.w(0x53_000, 9);
+    let copy = |dst, src| MmuOp::CopyFrame { dst, src };
+    v.op(copy(0x52_000, 0x50_000)).unwrap();
+    assert!((0..4096)
+        .step_by(8)
+        .all(|off| v.r(0x52_000 + off) == 7 + off));
+    assert_eq!(v.r(0x53_000), 9, "only the frame");
+    // A page table may be read, never written.
+    v.op(copy(0x52_000, L1)).unwrap();
+    assert_eq!(v.r(0x52_000), v.r(L1));
+    assert_eq!(v.op(copy(L1, 0x50_000)), Err(HcError::Ebusy));
+    assert_eq!(v.r(L1) & P, P, "the table is untouched");
+    for (dst, src) in [
+        (0x52_000, POOL),
+        (POOL, 0x50_000),
+        (0x52_000, 0x40_0000),
+        (0x9_f000, 0x50_000),
+    ] {
+        assert_eq!(
+            v.op(copy(dst, src)),
+            Err(HcError::Eperm),
+            "{dst:#x} <- {src:#x}"
+        );
+    }
+    assert_eq!(v.mmu.counters().rejected(Rule::CopyTyped), 1);
+    assert_eq!(v.mmu.counters().rejected(Rule::CopyNotRam), 4);
+    assert_eq!(v.mmu.counters().copied_frames, 2);
+    v.check();
+}
+
+#[test]
 fn typing_downgrades_writable_mappings_and_untyping_restores() {
     let mut v = vm();
     v.load();

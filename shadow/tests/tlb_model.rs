@@ -234,7 +234,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), 0..4u16, 0..32u64).prop_map(|(a, t, m)| Op::Flush(a, t, m)),
         2 => (role(), 0..512usize, hostile_val(), any::<bool>())
             .prop_map(|(table, idx, val, preserve)| Op::Hostile { table, idx, val, preserve }),
-        1 => (0..5u8, role(), role(), 1..5u8).prop_map(|(kind, a, b, level)| Op::Raw { kind, a, b, level }),
+        1 => (0..6u8, role(), role(), 1..5u8).prop_map(|(kind, a, b, level)| Op::Raw { kind, a, b, level }),
     ]
 }
 
@@ -1301,6 +1301,7 @@ impl World {
                     },
                     2 => MmuOp::RelocateTable { old: fa, new: fb },
                     3 => MmuOp::ZeroFrame { frame: fa },
+                    4 => MmuOp::CopyFrame { dst: fa, src: fb },
                     _ => return self.hostile(a, usize::from(level), fb | T, false),
                 }
             }

@@ -1,12 +1,13 @@
 //! The bundled guest's command line: bad options stop it with a TAP `Bail out!` and a
 //! non-zero status, `help` prints the reference (the same text as docs/guest.md), the
-//! whole 4095-byte command line is read, and `zero=cpu` passes the suite in the PV modes.
+//! whole 4095-byte command line is read, and `zero=cpu copy=cpu` passes the suite in the PV
+//! modes.
 
 use pvmm_e2e::*;
 use std::process::Output;
 
 /// Every option the guest documents (docs/guest.md and `help`).
-const OPTIONS: [&str; 12] = [
+const OPTIONS: [&str; 13] = [
     "help",
     "console=",
     "mmu=",
@@ -15,6 +16,7 @@ const OPTIONS: [&str; 12] = [
     "seed=",
     "lazy_batch=",
     "zero=",
+    "copy=",
     "exit=",
     "debug_faults",
     "break=",
@@ -165,7 +167,7 @@ fn the_whole_command_line_is_read_and_its_last_option_wins() {
 }
 
 fn zero_cpu_suite(mode: &str) {
-    let cmdline = format!("console=ttyS0 selftest=all mmu={mode} zero=cpu pages=64");
+    let cmdline = format!("console=ttyS0 selftest=all mmu={mode} zero=cpu copy=cpu pages=64");
     let out = boot(&cmdline);
     let text = console(&out);
     let tap = Tap::parse(&text).unwrap_or_else(|e| panic!("{mode}: bad TAP ({e}):\n{text}"));
@@ -175,14 +177,14 @@ fn zero_cpu_suite(mode: &str) {
     for p in &tap.points {
         assert!(
             p.ok && p.skip.is_none(),
-            "{mode} zero=cpu: {} {:?}",
+            "{mode} zero=cpu copy=cpu: {} {:?}",
             p.name,
             p.diag
         );
     }
     assert!(
-        text.contains("zero=cpu ram_end"),
-        "{mode}: not in zero=cpu:\n{text}"
+        text.contains("zero=cpu copy=cpu ram_end"),
+        "{mode}: not in zero=cpu copy=cpu:\n{text}"
     );
     let hostile = tap.get("hostile").expect("hostile test");
     assert!(
@@ -198,8 +200,8 @@ fn zero_cpu_suite(mode: &str) {
 }
 
 #[test]
-fn zero_cpu_passes_the_whole_suite_in_pv_and_pv_lazy() {
-    if !kvm_available("zero_cpu_passes_the_whole_suite_in_pv_and_pv_lazy") {
+fn cpu_frame_ops_pass_the_whole_suite_in_pv_and_pv_lazy() {
+    if !kvm_available("cpu_frame_ops_pass_the_whole_suite_in_pv_and_pv_lazy") {
         return;
     }
     zero_cpu_suite("pv");

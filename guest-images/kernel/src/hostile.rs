@@ -203,6 +203,34 @@ fn structure_cases(c: &Chain) -> [Case; 10] {
     ]
 }
 
+/// `COPY_FRAME` (only when the VMM offers `COPY_FRAMES`): into a page table, out of the
+/// shadow pool, onto itself.
+fn copy_cases(c: &Chain) -> [Case; 4] {
+    let pool = mem::ram_end().next_multiple_of(2 << 20);
+    [
+        (
+            "COPY_FRAME into a typed page table",
+            MmuEntry::copy_frame(c.l1, c.data),
+            HcError::Ebusy.status(),
+        ),
+        (
+            "COPY_FRAME out of the shadow pool",
+            MmuEntry::copy_frame(c.data, pool),
+            HcError::Eperm.status(),
+        ),
+        (
+            "COPY_FRAME into the shadow pool",
+            MmuEntry::copy_frame(pool, c.data),
+            HcError::Eperm.status(),
+        ),
+        (
+            "COPY_FRAME onto itself",
+            MmuEntry::copy_frame(c.data, c.data),
+            HcError::Einval.status(),
+        ),
+    ]
+}
+
 /// The ABI 1.1 SMP entries (only when the VMM offers `SMP_TLB`): bad targets and flags,
 /// a kernel root that is no pinned L4, and detaching the kernel root itself.
 fn smp_cases(c: &Chain) -> [Case; 5] {
@@ -304,8 +332,9 @@ pub fn attacks(m: &mut Mmu) -> Result<u32, &'static str> {
     let c = build_chain(m)?;
     let mut bad = 0;
     let smp = if m.smp_tlb { &smp_cases(&c)[..] } else { &[] };
+    let copy = if m.copy_vmm { &copy_cases(&c)[..] } else { &[] };
     let cases = mapping_cases(&c).into_iter().chain(structure_cases(&c));
-    for (what, entry, want) in cases.chain(smp.iter().copied()) {
+    for (what, entry, want) in cases.chain(smp.iter().copied()).chain(copy.iter().copied()) {
         let got = send(m, &[entry]);
         if !report(what, got, want) {
             bad += 1;

@@ -193,6 +193,7 @@ fn setup_mmu(opts: &Opts, pv: Option<pv::Pv>) {
         mode: opts.mode,
         batch: opts.lazy_batch,
         zero_vmm: opts.zero_vmm,
+        copy_vmm: opts.copy_vmm,
         fault_around: opts.fault_around,
     });
     let pv = select_pt_writes(opts.mode, pv);
@@ -234,14 +235,17 @@ fn select_pt_writes(mode: Mode, mut pv: Option<pv::Pv>) -> Option<pv::Pv> {
 }
 
 fn print_config(opts: &Opts, cpus: usize, boot_cycles: u64) {
-    let zero = if opts.zero_vmm && opts.mode != Mode::Native {
-        "vmm"
-    } else {
-        "cpu"
+    let by = |vmm: bool| {
+        if vmm && opts.mode != Mode::Native {
+            "vmm"
+        } else {
+            "cpu"
+        }
     };
+    let (zero, copy) = (by(opts.zero_vmm), by(opts.copy_vmm));
     let _ = writeln!(
         Console,
-        "# mmu={} lazy_batch={} zero={zero} ram_end={:#x} free_frames={} boot_cycles={boot_cycles} fault_around={} cpus={cpus} lazy_tlb={}",
+        "# mmu={} lazy_batch={} zero={zero} copy={copy} ram_end={:#x} free_frames={} boot_cycles={boot_cycles} fault_around={} cpus={cpus} lazy_tlb={}",
         opts.mode.name(),
         opts.lazy_batch,
         mem::ram_end(),

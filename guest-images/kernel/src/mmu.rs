@@ -84,6 +84,10 @@ pub struct Counters {
     pub zero_cpu: u64,
     /// Frames zeroed by the VMM (ZERO_FRAME entries).
     pub zero_vmm: u64,
+    /// Frames copied by the CPU at CPL0.
+    pub copy_cpu: u64,
+    /// Frames copied by the VMM (COPY_FRAME entries).
+    pub copy_vmm: u64,
     /// Address-space switches.
     pub switches: u64,
     /// Page faults handled.
@@ -155,6 +159,8 @@ pub struct Mmu {
     pub c: Counters,
     /// Zero new frames through ZERO_FRAME entries (PV modes).
     pub zero_vmm: bool,
+    /// Copy frames through COPY_FRAME entries (PV modes, where the VMM offers them).
+    pub copy_vmm: bool,
     /// `break=drop_update`: PT_UPDATEs to let through before dropping one (0 = off).
     pub drop_after: u64,
     /// PV: the VMM offers `SMP_TLB` (flush targets, SET_KERNEL_ROOT, UNPIN DETACH).
@@ -187,6 +193,8 @@ pub struct Settings {
     pub batch: usize,
     /// `zero=vmm`.
     pub zero_vmm: bool,
+    /// `copy=vmm`.
+    pub copy_vmm: bool,
     /// `fault_around=`.
     pub fault_around: u64,
 }
@@ -200,6 +208,10 @@ pub fn configure(m: &mut Mmu, pv: Option<Pv>) {
     m.mode = s.mode;
     m.batch = s.batch;
     m.zero_vmm = s.zero_vmm;
+    m.copy_vmm = s.copy_vmm
+        && pv
+            .as_ref()
+            .is_some_and(|p| p.features() & hypercall::features::COPY_FRAMES != 0);
     m.fault_around = s.fault_around;
     m.smp_tlb = pv
         .as_ref()
@@ -223,6 +235,8 @@ impl Mmu {
                 flushes: 0,
                 zero_cpu: 0,
                 zero_vmm: 0,
+                copy_cpu: 0,
+                copy_vmm: 0,
                 switches: 0,
                 faults: 0,
                 fault_mapped: 0,
@@ -236,6 +250,7 @@ impl Mmu {
                 ptes: 0,
             },
             zero_vmm: true,
+            copy_vmm: false,
             drop_after: 0,
             smp_tlb: false,
             shoot: 0,
@@ -578,6 +593,19 @@ impl Mmu {
         } else {
             self.c.zero_cpu += 1;
             arch::zero_page(mem::va(pa));
+        }
+    }
+
+    /// Copies frame `src` into the fresh (untyped) frame `dst`: plain loads and stores, or a
+    /// queued COPY_FRAME in PV modes (applied before any entry queued after it; the kernel
+    /// reads `dst` only after the batch is sent).
+    pub fn copy_frame(&mut self, dst: u64, src: u64) {
+        if self.is_pv() && self.copy_vmm {
+            self.c.copy_vmm += 1;
+            self.push(MmuEntry::copy_frame(dst, src));
+        } else {
+            self.c.copy_cpu += 1;
+            arch::copy_page(mem::va(dst), mem::va(src));
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Opts {
     pub lazy_batch: usize,
     /// `zero=vmm` (true) or `zero=cpu`.
     pub zero_vmm: bool,
+    /// `copy=vmm` (true) or `copy=cpu`.
+    pub copy_vmm: bool,
     /// `pages=`.
     pub pages: u64,
     /// `seed=`.
@@ -186,6 +188,16 @@ const OPTIONS: &[Opt] = &[
         set: |o, v| o.zero_vmm = choice(v) == 0,
     },
     Opt {
+        name: "copy",
+        kind: Kind::Choice(&["vmm", "cpu"]),
+        default: Some("vmm"),
+        unset: "",
+        help: "PV modes: who copies a page on a copy-on-write fault. vmm: \
+               COPY_FRAME entries in the batch (where the VMM offers them); cpu: the \
+               kernel's own loads and stores. Native mode always copies with the CPU.",
+        set: |o, v| o.copy_vmm = choice(v) == 0,
+    },
+    Opt {
         name: "fault_around",
         kind: Kind::Number {
             min: 0,
@@ -317,6 +329,7 @@ fn defaults() -> Opts {
         tests: 0,
         lazy_batch: QMAX,
         zero_vmm: true,
+        copy_vmm: true,
         pages: 0,
         seed: 0,
         exit: None,

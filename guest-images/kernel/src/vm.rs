@@ -327,7 +327,7 @@ impl Space {
                     m.invlpg_local(self.l4, va & !0xfff);
                 } else {
                     let n = mem::alloc();
-                    arch::copy_page(mem::va(n), mem::va(old));
+                    m.copy_frame(n, old);
                     m.set_pte(ptr, n | flags_of(prot));
                     mem::get(n);
                     mem::put(old);

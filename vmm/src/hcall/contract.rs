@@ -47,10 +47,13 @@ pub struct MmuPhases {
     pub request: u64,
     /// Copying the entry array out of guest memory.
     pub copy_in: u64,
-    /// Taking the engine lock, decoding and applying the entries except ZERO_FRAME.
+    /// Taking the engine lock, decoding and applying the entries except ZERO_FRAME and
+    /// COPY_FRAME.
     pub apply: u64,
     /// ZERO_FRAME entries (zeroing the frames).
     pub zero_frame: u64,
+    /// COPY_FRAME entries (copying the frames).
+    pub copy_frame: u64,
     /// End of batch: the engine's flush decision, the host-resync decision, and the
     /// `--check-shadow` checker when enabled.
     pub end_batch: u64,
@@ -63,12 +66,13 @@ pub struct MmuPhases {
 
 impl MmuPhases {
     /// Each phase with its statistics name, in order.
-    pub fn named(&self) -> [(&'static str, u64); 7] {
+    pub fn named(&self) -> [(&'static str, u64); 8] {
         [
             ("request", self.request),
             ("copy_in", self.copy_in),
             ("apply", self.apply),
             ("zero_frame", self.zero_frame),
+            ("copy_frame", self.copy_frame),
             ("end_batch", self.end_batch),
             ("host_zap", self.host_zap),
             ("response", self.response),

@@ -109,25 +109,28 @@ pub fn factory_with(
 }
 
 /// Applies `count` entries from `buf` in order; returns how many were done and the first
-/// failure (its index and error). Time spent in ZERO_FRAME entries is added to `zero_ns`.
+/// failure (its index and error). Time spent in ZERO_FRAME and COPY_FRAME entries is added
+/// to the `zero_frame` and `copy_frame` phases.
 fn apply_entries(
     engine: &mut ShadowMmu,
     ctx: &CallCtx<'_>,
     buf: &[u8],
     count: u32,
-    zero_ns: &mut u64,
+    phases: &mut MmuPhases,
 ) -> (u32, Option<(u32, HcError)>) {
     let mem = ctx.ram.memory();
     let mut engine = engine.batch(mem);
     let mut done = 0u32;
     for (i, entry) in batch_entries(buf, count).enumerate() {
         let r = entry.and_then(|op| {
-            if !matches!(op, MmuOp::ZeroFrame { .. }) {
-                return engine.apply(ctx.vcpu, &op);
-            }
+            let frame_op = match op {
+                MmuOp::ZeroFrame { .. } => &mut phases.zero_frame,
+                MmuOp::CopyFrame { .. } => &mut phases.copy_frame,
+                _ => return engine.apply(ctx.vcpu, &op),
+            };
             let t = Instant::now();
             let r = engine.apply(ctx.vcpu, &op);
-            *zero_ns += elapsed_ns(t);
+            *frame_op += elapsed_ns(t);
             r
         });
         if let Err(e) = r {
@@ -172,9 +175,9 @@ impl MmuBatch {
             };
             // wrpt: any MMU hypercall re-validates and re-hooks the unhooked L1s first.
             engine.rehook_all(ctx.ram.memory(), ctx.vcpu);
-            let (done, failure) =
-                apply_entries(&mut engine, ctx, buf, count, &mut phases.zero_frame);
-            phases.apply = ctx.lap_ns().saturating_sub(phases.zero_frame);
+            let (done, failure) = apply_entries(&mut engine, ctx, buf, count, &mut phases);
+            let frame_ops = phases.zero_frame + phases.copy_frame;
+            phases.apply = ctx.lap_ns().saturating_sub(frame_ops);
             self.finish_batch(&mut engine, ctx);
             phases.host_zap = ctx.effects.leaf_zap_ns.unwrap_or(0);
             phases.end_batch = ctx.lap_ns().saturating_sub(phases.host_zap);
@@ -381,6 +384,7 @@ fn op_kind_name(k: OpKind) -> &'static str {
         OpKind::RelocateTable => "relocate_table",
         OpKind::ZeroFrame => "zero_frame",
         OpKind::SetKernelRoot => "set_kernel_root",
+        OpKind::CopyFrame => "copy_frame",
     }
 }
 
@@ -405,6 +409,7 @@ impl OpHandler for MmuBatch {
             | features::AD_SYNC
             | features::RELOCATE
             | features::ZERO_FRAMES
+            | features::COPY_FRAMES
             | features::SMP_TLB
             | trap
     }
@@ -526,6 +531,7 @@ impl OpHandler for MmuBatch {
             "unpins": c.unpins,
             "relocations": c.relocations,
             "zeroed_frames": c.zeroed_frames,
+            "copied_frames": c.copied_frames,
             "ops": named(&OpKind::ALL, &c.ops, op_kind_name),
             "rejects": named(Rule::ALL, &c.rejects, Rule::name),
             "shadow_tables_live": c.shadow_tables_live,

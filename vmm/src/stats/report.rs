@@ -353,11 +353,12 @@ fn phase_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
 }
 
 /// The MMU_BATCH phases, in the order one batch runs them.
-pub const PHASE_ORDER: [&str; 7] = [
+pub const PHASE_ORDER: [&str; 8] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
+    "copy_frame",
     "end_batch",
     "host_zap",
     "response",

@@ -321,17 +321,18 @@ fn mmu_phases(o: &mut String, r: &Report) {
         .as_ref()
         .and_then(|v| v["pte_updates"].as_u64())
         .unwrap_or(0);
-    // Frames zeroed and the leaf zap (a host resync's stand-in) are no update's cost.
+    // Frames zeroed or copied and the leaf zap (a host resync's stand-in) are no update's
+    // cost.
     let zero: u64 = m
         .mmu_batch_phases
         .iter()
-        .filter(|p| p.name == "zero_frame" || p.name == "host_zap")
+        .filter(|p| matches!(p.name.as_str(), "zero_frame" | "copy_frame" | "host_zap"))
         .map(|p| p.value.total_ns)
         .sum();
     if updates > 0 {
         let _ = writeln!(
             o,
-            "per PTE update: {:.0} ns (MMU_BATCH time without zero_frame and host_zap, {} µs, / {} PT_UPDATEs)",
+            "per PTE update: {:.0} ns (MMU_BATCH time without zero_frame, copy_frame and host_zap, {} µs, / {} PT_UPDATEs)",
             batch_ns.saturating_sub(zero) as f64 / updates as f64,
             us(batch_ns.saturating_sub(zero)),
             updates

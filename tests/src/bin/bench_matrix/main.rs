@@ -176,9 +176,10 @@ fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
         faults_per_op: per(&|s| s.faults / n),
         guest_us_per_op: per(&|s| s.cycles / hz * 1e6 / n),
         vmm_ns_per_pte_update: per(&|s| {
-            // Frames zeroed and leaf zaps (a host resync's stand-in) are no update's cost.
-            let zero = s.phases.get("zero_frame").copied().unwrap_or(0.0)
-                + s.phases.get("host_zap").copied().unwrap_or(0.0);
+            // Frames zeroed or copied and leaf zaps (a host resync's stand-in) are no
+            // update's cost.
+            let phase = |n: &str| s.phases.get(n).copied().unwrap_or(0.0);
+            let zero = phase("zero_frame") + phase("copy_frame") + phase("host_zap");
             ratio(s.vmm_mmu_ns - zero, s.vmm_pte_updates)
         }),
         vmm_pte_updates: per(&|s| s.vmm_pte_updates),

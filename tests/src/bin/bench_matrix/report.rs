@@ -207,7 +207,7 @@ fn ratio_section(o: &mut String, points: &[Point], host: &Value) {
         o,
         "\n## Per workload: faults/op, µs/op, VMM ns/update, pv-lazy ÷ native\n"
     );
-    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its ZERO_FRAME and host_zap phases, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time, and the leaf zaps that stand in for them are left out. {}\n", if host["pool_resync_needed"].as_bool() == Some(false) {
+    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its zero_frame, copy_frame and host_zap phases, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time, and the leaf zaps that stand in for them are left out. {}\n", if host["pool_resync_needed"].as_bool() == Some(false) {
         "Ratios divide guest µs/op; this host needs no resync, so there are none in them."
     } else if host["leaf_zap"].as_bool() == Some(true) {
         "Ratios divide guest µs/op; on this host changed leaves are zapped (tens of µs each) rather than resynced, and guest kernel code, emulated at about 1 µs per instruction, dominates them."
@@ -251,24 +251,25 @@ pub fn phases_header(o: &mut String, columns: &[&str]) {
     }
     let _ = writeln!(
         o,
-        " total without zero_frame and host_zap |\n|{}---|",
+        " total without zero_frame, copy_frame and host_zap |\n|{}---|",
         "---|".repeat(columns.len() + PHASES.len())
     );
 }
 
 /// The MMU_BATCH phases, in report order.
-pub const PHASES: [&str; 7] = [
+pub const PHASES: [&str; 8] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
+    "copy_frame",
     "end_batch",
     "host_zap",
     "response",
 ];
 
 /// The PT_UPDATEs of mode `m` summed over the workloads, each phase's ns per PT_UPDATE (in
-/// `PHASES` order) and their total without zero_frame and host_zap; None if the mode applied none.
+/// `PHASES` order) and their total without zero_frame, copy_frame and host_zap; None if the mode applied none.
 pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f64)> {
     let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
     let updates: f64 = ps.iter().map(|p| p.vmm_pte_updates.median).sum();
@@ -287,7 +288,7 @@ pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f6
     let total = PHASES
         .iter()
         .zip(&per)
-        .filter(|(n, _)| **n != "zero_frame" && **n != "host_zap")
+        .filter(|(n, _)| !matches!(**n, "zero_frame" | "copy_frame" | "host_zap"))
         .map(|(_, v)| v)
         .sum();
     Some((updates, per, total))
@@ -295,7 +296,7 @@ pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f6
 
 fn phases_section(o: &mut String, points: &[Point]) {
     let _ = writeln!(o, "\n## MMU_BATCH phases\n");
-    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME; `zero_frame`; `end_batch`: flush/resync decision; `host_zap`: the leaf zaps that stand in for host resyncs (docs/pv-abi.md §6.6); `response`: the guarded response write.\n");
+    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME and COPY_FRAME; `zero_frame`; `copy_frame`; `end_batch`: flush/resync decision; `host_zap`: the leaf zaps that stand in for host resyncs (docs/pv-abi.md §6.6); `response`: the guarded response write.\n");
     phases_header(o, &["mode", "PT_UPDATEs"]);
     for m in [
         "pv",
