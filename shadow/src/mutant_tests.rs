@@ -905,6 +905,10 @@ fn every_op_kind_is_counted_under_its_own_name() {
         },
         MmuOp::ZeroFrame { frame: 0x70_000 },
         MmuOp::SetKernelRoot { frame: None },
+        MmuOp::CopyFrame {
+            dst: 0x70_000,
+            src: 0x71_000,
+        },
     ];
     let names = [
         "PT_UPDATE",
@@ -918,6 +922,7 @@ fn every_op_kind_is_counted_under_its_own_name() {
         "RELOCATE_TABLE",
         "ZERO_FRAME",
         "SET_KERNEL_ROOT",
+        "COPY_FRAME",
     ];
     assert_eq!(OpKind::ALL.len(), ops.len());
     for (n, op) in ops.iter().enumerate() {
