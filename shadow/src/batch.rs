@@ -29,7 +29,21 @@ impl ShadowMmu {
 
 impl<M: GuestMemory> Batch<'_, '_, M> {
     /// Applies one decoded entry for `vcpu`: [`ShadowMmu::apply`].
+    #[inline]
     pub fn apply(&mut self, vcpu: usize, op: &MmuOp) -> Result<(), HcError> {
+        if let MmuOp::PtUpdate {
+            ptr,
+            val,
+            preserve_ad,
+        } = *op
+        {
+            if self
+                .mmu
+                .pt_update_fast_op(&self.mem, vcpu, ptr, val, preserve_ad)
+            {
+                return Ok(());
+            }
+        }
         self.mmu.apply_in(&self.mem, vcpu, op)
     }
 

@@ -68,6 +68,12 @@ impl OpKind {
         }
     }
 
+    /// Position of this kind in [`OpKind::ALL`] (the enum lists them in that order).
+    #[inline(always)]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// Name for statistics (the ABI's entry kind name).
     pub const fn name(self) -> &'static str {
         match self {
@@ -190,11 +196,15 @@ impl Counters {
 
     /// Ops counted for `kind`.
     pub fn op_count(&self, kind: OpKind) -> u64 {
-        let i = OpKind::ALL
-            .iter()
-            .position(|r| *r == kind)
-            .unwrap_or(usize::MAX);
-        self.ops.get(i).copied().unwrap_or(0)
+        self.ops.get(kind.index()).copied().unwrap_or(0)
+    }
+
+    /// Counts one applied op of `kind`.
+    #[inline(always)]
+    pub(crate) fn count_op(&mut self, kind: OpKind) {
+        if let Some(c) = self.ops.get_mut(kind.index()) {
+            *c += 1;
+        }
     }
 
     pub(crate) fn bump<T: PartialEq + Copy>(v: &mut [u64], all: &[T], key: T) {

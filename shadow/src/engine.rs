@@ -83,6 +83,9 @@ pub struct ShadowMmu {
     pub(crate) fast_hits: u64,
     /// Old targets of changed leaves, zapped by the VMM instead of a resync (`leaf_zap`).
     pub(crate) leaf_zaps: LeafZaps,
+    /// More than one vCPU: while a batch runs, another vCPU's walk may set A/D in a shadow
+    /// entry, so entries are replaced with a locked exchange (`Table::replace`).
+    pub(crate) shared_walks: bool,
 }
 
 impl ShadowMmu {
@@ -113,6 +116,7 @@ impl ShadowMmu {
             fast_path: true,
             fast_hits: 0,
             leaf_zaps: LeafZaps::default(),
+            shared_walks: vcpus > 1,
         })
     }
 
@@ -135,7 +139,7 @@ impl ShadowMmu {
         op: &MmuOp,
     ) -> Result<(), HcError> {
         self.epoch += 1;
-        Counters::bump(&mut self.counters.ops, &OpKind::ALL, OpKind::of(op));
+        self.counters.count_op(OpKind::of(op));
         let r =
             rules::vcpu_valid(vcpu, self.roots.len()).and_then(|()| self.dispatch(mem, vcpu, op));
         self.update_pool_counters();
@@ -470,7 +474,9 @@ impl ShadowMmu {
     /// A change that needed no flush.
     #[inline]
     pub(crate) fn avoid(&mut self, r: AvoidReason) {
-        Counters::bump(&mut self.counters.flushes_avoided, AvoidReason::ALL, r);
+        if let Some(c) = self.counters.flushes_avoided.get_mut(r.index()) {
+            *c += 1;
+        }
     }
 
     /// A guest `INVLPG` / `FLUSH_TLB` for `target`.
@@ -500,7 +506,7 @@ impl ShadowMmu {
     /// have the host forget it (a hypervisor that caches translations from the pool may
     /// hold one made from `old`; it made none from an entry with A=0): a resync of that
     /// frame, or for a leaf a zap of its old target (`leaf_zap`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn retire(&mut self, sidx: u32, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
             if leaf {

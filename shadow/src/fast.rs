@@ -11,6 +11,7 @@
 
 use vm_memory::GuestMemory;
 
+use crate::counters::OpKind;
 use crate::engine::ShadowMmu;
 use crate::flush::{AvoidReason, FlushReason};
 use crate::mem::{table, Mem};
@@ -24,6 +25,32 @@ fn plain_l1(e: u64) -> bool {
 }
 
 impl ShadowMmu {
+    /// The whole op `PT_UPDATE(ptr, val)` of `vcpu` if it is the fast case, counted as
+    /// `apply` counts it; false, having changed nothing, otherwise (the caller then takes
+    /// `apply`). The fast case allocates and frees no pool frame, so the pool counters
+    /// `apply` refreshes after every op stay as they are.
+    #[inline(always)]
+    pub(crate) fn pt_update_fast_op<M: GuestMemory>(
+        &mut self,
+        mem: &Mem<'_, M>,
+        vcpu: usize,
+        ptr: u64,
+        val: u64,
+        preserve_ad: bool,
+    ) -> bool {
+        if vcpu >= self.roots.len() {
+            return false;
+        }
+        self.epoch += 1;
+        if !self.pt_update_fast(mem, ptr, val, preserve_ad) {
+            self.epoch -= 1;
+            return false;
+        }
+        self.counters.count_op(OpKind::PtUpdate);
+        self.counters.updates += 1;
+        true
+    }
+
     /// Applies `PT_UPDATE(ptr, val)` if it is the fast case (see the module); returns false,
     /// having changed nothing, otherwise.
     #[inline(always)]
@@ -113,7 +140,7 @@ impl ShadowMmu {
             self.avoid(AvoidReason::UpgradeOnly);
             return 0;
         }
-        let was = st.swap(i, new_s);
+        let was = st.replace(i, new_s, self.shared_walks);
         if pte::present(was) {
             let r = if same_frame {
                 FlushReason::LeafDowngraded

@@ -20,6 +20,9 @@ macro_rules! reasons {
             pub const COUNT: usize = $ty::ALL.len();
             /// Name for statistics.
             pub const fn name(self) -> &'static str { match self { $($ty::$v => $name,)* } }
+            /// Position in [`Self::ALL`] (the enum lists the reasons in that order).
+            #[inline(always)]
+            pub const fn index(self) -> usize { self as usize }
         }
     };
 }

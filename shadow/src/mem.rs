@@ -83,20 +83,21 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
         self.mem
     }
 
-    /// A host range holding all of `gpa..gpa + 4096`: a remembered region, or what
-    /// [`Self::resolve`] finds; without remembering, just that frame ([`Self::frame`]).
+    /// The host address of the frame at `gpa`, the whole frame inside one host range: from
+    /// a remembered region, or what [`Self::resolve`] finds; without remembering, from
+    /// [`Self::frame`]. Returned as one pointer (in a register, not a record on the stack).
     #[inline(always)]
-    fn region(&self, gpa: u64) -> Option<Region> {
-        if !self.remember {
-            return self.frame(gpa);
-        }
-        for c in &self.regions {
-            let r = c.get();
-            if r.holds(gpa) {
-                return Some(r);
+    fn frame_ptr(&self, gpa: u64) -> Option<*const u8> {
+        let r = if self.remember {
+            match self.regions.iter().map(Cell::get).find(|r| r.holds(gpa)) {
+                Some(r) => r,
+                None => self.resolve(gpa)?,
             }
-        }
-        self.resolve(gpa)
+        } else {
+            self.frame(gpa)?
+        };
+        // `r.start <= gpa <= r.last`: the frame is inside the range.
+        Some(r.base.wrapping_add((gpa - r.start) as usize))
     }
 
     /// The host mapping of the frame at `gpa` alone, from the memory object.
@@ -148,10 +149,7 @@ impl<'m, M: GuestMemory> Mem<'m, M> {
 #[inline(always)]
 pub(crate) fn table<'m, M: GuestMemory>(mem: &Mem<'m, M>, pfn: u64) -> Result<Table<'m>, Rule> {
     let gpa = pfn.checked_mul(4096).ok_or(Rule::Unbacked)?;
-    let r = mem.region(gpa).ok_or(Rule::Unbacked)?;
-    // `r.start <= gpa <= r.last` (checked in `region`): the frame is inside the range.
-    let off = usize::try_from(gpa - r.start).map_err(|_| Rule::Unbacked)?;
-    let base = r.base.wrapping_add(off) as *const AtomicU64;
+    let base = mem.frame_ptr(gpa).ok_or(Rule::Unbacked)? as *const AtomicU64;
     if !base.is_aligned() {
         return Err(Rule::Unbacked);
     }
@@ -189,6 +187,19 @@ impl Table<'_> {
     #[inline]
     pub fn swap(&self, i: usize, v: u64) -> u64 {
         self.at(i).swap(v, Ordering::AcqRel)
+    }
+
+    /// Replaces entry `i`, returning the old value: a locked exchange where another vCPU's
+    /// walk may set A/D in it meanwhile (`shared`), else a plain load and store (no CPU
+    /// walks the pool while the only vCPU is in the VMM).
+    #[inline(always)]
+    pub fn replace(&self, i: usize, v: u64, shared: bool) -> u64 {
+        if shared {
+            return self.swap(i, v);
+        }
+        let was = self.get(i);
+        self.set(i, v);
+        was
     }
 
     /// Atomically clears `bits` in entry `i`, returning the old value.

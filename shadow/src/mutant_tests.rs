@@ -925,6 +925,12 @@ fn every_op_kind_is_counted_under_its_own_name() {
         "COPY_FRAME",
     ];
     assert_eq!(OpKind::ALL.len(), ops.len());
+    for (n, k) in OpKind::ALL.iter().enumerate() {
+        assert_eq!(k.index(), n, "{k:?} is counted in its own slot");
+    }
+    for (n, k) in crate::AvoidReason::ALL.iter().enumerate() {
+        assert_eq!(k.index(), n, "{k:?} is counted in its own slot");
+    }
     for (n, op) in ops.iter().enumerate() {
         assert_eq!(OpKind::of(op), OpKind::ALL[n]);
         assert_eq!(OpKind::ALL[n].name(), names[n]);

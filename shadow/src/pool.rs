@@ -307,7 +307,7 @@ impl Pool {
     }
 
     /// Links `slot` into the reverse map of guest frame `pfn`.
-    #[inline]
+    #[inline(always)]
     pub fn rmap_add(&mut self, slot: Slot, pfn: u64) {
         let Some(head) = usize::try_from(pfn)
             .ok()
@@ -335,7 +335,7 @@ impl Pool {
     }
 
     /// Unlinks `slot` from the reverse map, if linked.
-    #[inline]
+    #[inline(always)]
     pub fn rmap_remove(&mut self, slot: Slot) {
         let Some(link) = self.links.get_mut(slot as usize).filter(|l| l.target != 0) else {
             return;

@@ -66,7 +66,12 @@ fn a_tiny_bench_matrix_writes_every_output() {
             "no VMM SMP counters: {p}"
         );
         if p["workload"] == "smp_flush_avoid" {
-            assert_eq!(p["kicks_per_op"]["median"], 0.0, "{p}");
+            // Never-touched pages need no remote flush, so none is requested or sent and no
+            // kick can be for them. (Kicks themselves are not compared with the baseline: a
+            // delivery kicks its target only if it is inside KVM_RUN at that moment, which
+            // differs between the two runs for the same deliveries.)
+            assert_eq!(p["remote_requested_per_op"]["median"], 0.0, "{p}");
+            assert_eq!(p["remote_sent_per_op"]["median"], 0.0, "{p}");
         } else {
             assert!(
                 p["remote_sent_per_op"]["median"].as_f64() > Some(0.0),
