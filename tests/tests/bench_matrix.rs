@@ -56,8 +56,30 @@ fn a_tiny_bench_matrix_writes_every_output() {
     let fault = &populate["ops"]["fault (demand-zero)"];
     assert_eq!(fault["faults_per_page"]["median"], 1.0 / 16.0, "{populate}");
     assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
-    // The SMP rows: 4 workloads x 5 modes x 2 and 4 vCPUs, with the VMM's remote-flush
-    // counters in the PV modes; no remote flush at all for never-touched pages.
+    check_smp_rows(&results);
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    for section in [
+        "Host:",
+        "Resync:",
+        "## Headline: PTE updates per exit, per operation",
+        "## The fault path",
+        "pv-lazy ÷ native",
+        "## MMU_BATCH phases",
+        "## Every cell",
+        "## SMP: remote flushes per operation",
+    ] {
+        assert!(md.contains(section), "report.md lacks '{section}':\n{md}");
+    }
+    for svg in ["exits_per_op.svg", "us_per_op.svg"] {
+        let s = std::fs::read_to_string(dir.join(svg)).expect(svg);
+        assert!(s.contains("<svg") && s.contains("</svg>"), "{svg}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The SMP rows: 4 workloads x 5 modes x 2 and 4 vCPUs, with the VMM's remote-flush
+/// counters in the PV modes; no remote flush at all for never-touched pages.
+fn check_smp_rows(results: &Value) {
     let smp = results["smp"].as_array().expect("smp rows");
     assert_eq!(smp.len(), 4 * 5 * 2, "every SMP cell measured: {results}");
     for p in smp.iter().filter(|p| p["mmu"] != "native") {
@@ -79,22 +101,4 @@ fn a_tiny_bench_matrix_writes_every_output() {
             );
         }
     }
-    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
-    for section in [
-        "Host:",
-        "Resync:",
-        "## Headline: PTE updates per exit, per operation",
-        "## The fault path",
-        "pv-lazy ÷ native",
-        "## MMU_BATCH phases",
-        "## Every cell",
-        "## SMP: remote flushes per operation",
-    ] {
-        assert!(md.contains(section), "report.md lacks '{section}':\n{md}");
-    }
-    for svg in ["exits_per_op.svg", "us_per_op.svg"] {
-        let s = std::fs::read_to_string(dir.join(svg)).expect(svg);
-        assert!(s.contains("<svg") && s.contains("</svg>"), "{svg}");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
 }
