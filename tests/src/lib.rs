@@ -77,6 +77,32 @@ pub fn run_guest(cmdline: &str, extra: &[&str]) -> Output {
     run(&args)
 }
 
+/// Runs the bundled guest over the pio transport with `extra` flags, its statistics going
+/// to a temp file named after `name` (`--stats json`, `--timeout 120`): the output and the
+/// statistics (`Null` when none were written).
+pub fn run_guest_stats(name: &str, cmdline: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let f = temp(&format!("{name}.json"));
+    let path = f.to_str().unwrap_or_default().to_string();
+    let mut args = vec![
+        "--hypercall",
+        "pio",
+        "--stats",
+        "json",
+        "--stats-file",
+        &path,
+        "--timeout",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_guest(cmdline, &args);
+    let stats = std::fs::read_to_string(&f)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&f);
+    (out, stats)
+}
+
 /// A temp file path unique to this process and `name`.
 pub fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("pvmm-e2e-{}-{name}", std::process::id()))

@@ -7,34 +7,16 @@
 //! its flushes. Whether it keeps the TLBs coherent is checked where it can be: the SVM bed
 //! (nested paging) runs the SMP suite on it and `kzapbreak:` breaks it on purpose.
 
-use pvmm_e2e::{kvm_available, run_guest, temp};
+use pvmm_e2e::{kvm_available, run_guest_stats};
 use serde_json::Value;
 
 const SEL: &str = "console=ttyS0 mmu=pv-lazy selftest=smp_unmap,smp_mprotect";
 
 /// One run with `flags` on 2 vCPUs: (exit status, stats JSON, stderr).
 fn run(name: &str, flags: &[&str]) -> (Option<i32>, Value, String) {
-    let f = temp(&format!("kernel-flush-{name}.json"));
-    let path = f.to_str().unwrap_or_default().to_string();
-    let mut args = vec![
-        "--vcpus",
-        "2",
-        "--hypercall",
-        "pio",
-        "--stats",
-        "json",
-        "--stats-file",
-        &path,
-        "--timeout",
-        "120",
-    ];
+    let mut args = vec!["--vcpus", "2"];
     args.extend_from_slice(flags);
-    let out = run_guest(SEL, &args);
-    let stats = std::fs::read_to_string(&f)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
-    let _ = std::fs::remove_file(&f);
+    let (out, stats) = run_guest_stats(&format!("kernel-flush-{name}"), SEL, &args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.code(), stats, stderr)
 }

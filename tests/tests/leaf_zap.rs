@@ -5,7 +5,7 @@
 //! (and make them), and fail when the zaps are listed but not made
 //! (`--debug-leaf-zap-skip`). Elsewhere the test says why it checks less.
 
-use pvmm_e2e::{kvm_available, run_guest, temp, Tap};
+use pvmm_e2e::{kvm_available, run_guest_stats, Tap};
 use serde_json::Value;
 
 /// Selftests that remove or reduce mappings the host's cache of the pool holds.
@@ -13,28 +13,10 @@ const SEL: &str = "selftest=zap,mprotect,mremap,fork_cow,ad_young,ad_dirty pages
 
 /// One pv-lazy run with `extra` flags: (TAP, stats JSON, console).
 fn run(name: &str, extra: &[&str]) -> (Tap, Value, String) {
-    let f = temp(&format!("leaf-zap-{name}.json"));
     let cmdline = format!("console=ttyS0 mmu=pv-lazy {SEL}");
-    let path = f.to_str().unwrap_or_default();
-    let mut args = vec![
-        "--hypercall",
-        "pio",
-        "--stats",
-        "json",
-        "--stats-file",
-        path,
-        "--timeout",
-        "120",
-    ];
-    args.extend_from_slice(extra);
-    let out = run_guest(&cmdline, &args);
+    let (out, stats) = run_guest_stats(&format!("leaf-zap-{name}"), &cmdline, extra);
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
     let tap = Tap::parse(&console).unwrap_or_else(|e| panic!("{name}: {e}: {console}"));
-    let stats: Value = std::fs::read_to_string(&f)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
-    let _ = std::fs::remove_file(&f);
     (tap, stats, console)
 }
 

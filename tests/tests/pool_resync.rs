@@ -5,8 +5,7 @@
 //! pool that a changed entry made stale. On a host that needs no resync there is nothing
 //! to switch off: the test says so and checks only that both runs pass.
 
-use pvmm_e2e::{kvm_available, run_guest, temp, Tap};
-use serde_json::Value;
+use pvmm_e2e::{kvm_available, run_guest_stats, Tap};
 
 /// Selftests that remove or reduce mappings a TLB (or the host's cache of the pool) holds.
 const SEL: &str = "selftest=zap,mprotect,mremap,fork_cow,exit_teardown pages=64";
@@ -14,31 +13,11 @@ const SEL: &str = "selftest=zap,mprotect,mremap,fork_cow,exit_teardown pages=64"
 /// One pv-lazy run with `--pool-resync <resync>`: (TAP, the stats' `pool_resync.needed`,
 /// console).
 fn run(resync: &str) -> (Tap, Option<bool>, String) {
-    let f = temp(&format!("pool-resync-{resync}.json"));
     let cmdline = format!("console=ttyS0 mmu=pv-lazy {SEL}");
-    let path = f.to_str().unwrap_or_default();
-    let out = run_guest(
-        &cmdline,
-        &[
-            "--pool-resync",
-            resync,
-            "--hypercall",
-            "pio",
-            "--stats",
-            "json",
-            "--stats-file",
-            path,
-            "--timeout",
-            "120",
-        ],
-    );
+    let name = format!("pool-resync-{resync}");
+    let (out, stats) = run_guest_stats(&name, &cmdline, &["--pool-resync", resync]);
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
     let tap = Tap::parse(&console).unwrap_or_else(|e| panic!("{resync}: {e}: {console}"));
-    let stats: Value = std::fs::read_to_string(&f)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
-    let _ = std::fs::remove_file(&f);
     let needed = stats["vm"]["pool_resync"]["needed"].as_bool();
     (tap, needed, console)
 }
