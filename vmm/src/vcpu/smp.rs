@@ -118,9 +118,6 @@ impl Vcpu {
     /// then the caller's own CR3 load or flush. `Some` ends the loop.
     pub(super) fn apply_hypercall(&mut self, mut fx: Effects) -> Option<VcpuEnd> {
         let mut covered = false;
-        if let Some(ns) = fx.leaf_zap_ns {
-            self.stats.effect("leaf_zap", ns);
-        }
         if fx.kernel_flushed > 0 {
             let smp = &mut self.stats.smp;
             smp.remote_requested += u64::from(fx.kernel_flushed);
