@@ -53,14 +53,16 @@ impl Latency {
             return self.clone();
         }
         let empty = hist.is_empty();
+        let max = if empty { 0 } else { hist.max().min(self.max) };
         Latency {
             total: self.total.saturating_sub(earlier.total),
+            // The histogram holds a 0 as 1: never above the max (an interval of zeros).
             min: if empty {
                 u64::MAX
             } else {
-                hist.min().max(self.min)
+                hist.min().max(self.min).min(max)
             },
-            max: if empty { 0 } else { hist.max().min(self.max) },
+            max,
             hist,
         }
     }
@@ -94,6 +96,27 @@ impl Latency {
         if self.count() == 0 {
             return 0;
         }
-        self.hist.value_at_quantile(q).clamp(self.min(), self.max)
+        let max = self.max;
+        self.hist
+            .value_at_quantile(q)
+            .clamp(self.min().min(max), max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_of_zeros_has_a_minimum_not_above_its_maximum() {
+        let mut l = Latency::default();
+        l.record(0);
+        let earlier = l.clone();
+        l.record(0);
+        l.record(0);
+        let d = l.since(&earlier);
+        assert_eq!((d.count(), d.min(), d.max()), (2, 0, 0));
+        assert_eq!(d.quantile(0.5), 0);
+        assert_eq!(d.quantile(0.99), 0);
     }
 }
