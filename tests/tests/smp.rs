@@ -159,8 +159,11 @@ fn untouched_unmaps_send_no_remote_flush_on_4_vcpus() {
         return;
     }
     // The same program with 4 x 32 and 4 x 512 never-touched pages mapped and unmapped
-    // while threads keep the space loaded on every vCPU: the VMM's remote flushes and
-    // kicks must not grow with the pages, and every extra page is an avoided flush.
+    // while threads keep the space loaded on every vCPU: the VMM's remote flushes must not
+    // grow with the pages (so no kick is for them), and every extra page is an avoided
+    // flush. The kicks themselves are not compared: how many a delivery takes depends on
+    // whether its target is inside KVM_RUN when it is posted (and again while the issuer
+    // waits), which differs between two runs of the same deliveries.
     let run = |pages: u64| {
         let (out, tap, stats, _) = run_smp(
             "pv-lazy",
@@ -182,7 +185,7 @@ fn untouched_unmaps_send_no_remote_flush_on_4_vcpus() {
         big.get("vcpus").and_then(Value::as_array).map(Vec::len) == Some(4),
         "{console}"
     );
-    for key in ["remote_flushes_requested", "remote_flushes_sent", "kicks"] {
+    for key in ["remote_flushes_requested", "remote_flushes_sent"] {
         let get = |v: &Value| {
             smp_counter(v, key).unwrap_or_else(|| {
                 panic!("the VMM's stats have no SMP counter {key} (issue 13): {v}")
