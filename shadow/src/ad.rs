@@ -180,12 +180,17 @@ impl ShadowMmu {
                 gt.set(l.idx, new);
             }
             if s & clear != 0 {
-                match (l.shadow, leaf) {
+                let zapped = match (l.shadow, leaf) {
                     (Some(sidx), Some(e)) => self.host_forget_leaf(sidx, e),
-                    (Some(sidx), None) => self.mark_stale(sidx),
-                    _ => {}
-                }
+                    (Some(sidx), None) => {
+                        self.mark_stale(sidx);
+                        false
+                    }
+                    _ => false,
+                };
+                self.pending.covering = zapped;
                 self.need_flush(l.table, g & G != 0, FlushReason::AdCleared);
+                self.pending.covering = false;
             }
         }
         Ok(())

@@ -312,9 +312,19 @@ impl ShadowMmu {
     /// are clean as after a host resync ([`ShadowMmu::host_resynced_chunks`]).
     pub fn kernel_flushed(&mut self, flushed: VcpuSet, frames: &[u32]) {
         for v in flushed.iter() {
-            self.take_flush(v);
+            self.take_flush_by_zap(v);
         }
         self.host_resynced_chunks(frames);
+    }
+
+    /// Takes the pending flush of `vcpu` as performed by a host zap. Unlike
+    /// [`ShadowMmu::take_flush`] the roots `vcpu` holds lazily are kept: a zap flushes
+    /// every TLB only if it unmapped something, so translations that did not go through
+    /// the zapped frames may survive it.
+    pub(crate) fn take_flush_by_zap(&mut self, vcpu: usize) {
+        if let Some(r) = self.pending.take(vcpu) {
+            Counters::bump(&mut self.counters.flushes, FlushReason::ALL, r);
+        }
     }
 
     /// Whether any vCPU has a root switch waiting (it may run on a freed root until then).
@@ -509,12 +519,14 @@ impl ShadowMmu {
     #[inline(always)]
     pub(crate) fn retire(&mut self, sidx: u32, table: u64, leaf: bool, old: u64, r: FlushReason) {
         if old & A != 0 {
-            if leaf {
-                self.host_forget_leaf(sidx, old);
-            } else {
+            // A leaf whose old target is zapped: the zap flushes the vCPUs that may hold it.
+            let zapped = leaf && self.host_forget_leaf(sidx, old);
+            if !leaf {
                 self.mark_stale(sidx);
             }
+            self.pending.covering = zapped;
             self.need_flush(table, !leaf || old & G != 0, r);
+            self.pending.covering = false;
         } else {
             self.avoid(AvoidReason::NeverAccessed);
         }

@@ -88,8 +88,16 @@ pub(crate) struct Pending {
     /// Some reason merged into the vCPU's pending flush names no pool frame
     /// ([`FlushReason::frame_derived`] is false).
     frameless: Vec<bool>,
+    /// Some reason merged into the vCPU's pending flush is not covered by a leaf zap (see
+    /// `covering`).
+    unzapped: Vec<bool>,
+    /// Set by the engine while it marks a flush whose reason is a leaf the host is about
+    /// to forget by a zap of its old target (`leaf_zap`): that zap flushes the vCPUs too.
+    pub covering: bool,
     /// Debug: every reason counts as naming a frame (see `set_debug_guest_flush_framed`).
     pub debug_all_framed: bool,
+    /// Debug: every reason counts as covered by a leaf zap (`set_debug_zap_covers_all`).
+    pub debug_all_covered: bool,
 }
 
 impl Pending {
@@ -98,7 +106,10 @@ impl Pending {
         Pending {
             per_vcpu: vec![None; vcpus],
             frameless: vec![false; vcpus],
+            unzapped: vec![false; vcpus],
+            covering: false,
             debug_all_framed: false,
+            debug_all_covered: false,
         }
     }
 
@@ -106,12 +117,14 @@ impl Pending {
     /// (merged).
     pub fn mark_set(&mut self, set: VcpuSet, r: FlushReason) -> bool {
         let mut fresh = false;
-        let vcpus = self.per_vcpu.iter_mut().zip(self.frameless.iter_mut());
-        for (v, (p, frameless)) in vcpus.enumerate() {
+        let flags = self.frameless.iter_mut().zip(self.unzapped.iter_mut());
+        let vcpus = self.per_vcpu.iter_mut().zip(flags);
+        for (v, (p, (frameless, unzapped))) in vcpus.enumerate() {
             if !set.contains(v) {
                 continue;
             }
             *frameless |= !r.frame_derived() && !self.debug_all_framed;
+            *unzapped |= !self.covering && !self.debug_all_covered;
             if p.is_none() {
                 *p = Some(r);
                 fresh = true;
@@ -125,6 +138,16 @@ impl Pending {
         self.frameless.get(vcpu).copied().unwrap_or(false)
     }
 
+    /// Whether a reason merged into `vcpu`'s pending flush is not covered by a leaf zap.
+    pub fn unzapped(&self, vcpu: usize) -> bool {
+        self.unzapped.get(vcpu).copied().unwrap_or(true)
+    }
+
+    /// No pending flush is covered by a leaf zap any more (the zap failed).
+    pub fn uncover_all(&mut self) {
+        self.unzapped.iter_mut().for_each(|u| *u = true);
+    }
+
     /// The pending flush of `vcpu`, left pending.
     pub fn peek(&self, vcpu: usize) -> Option<FlushReason> {
         self.per_vcpu.get(vcpu).copied().flatten()
@@ -134,6 +157,9 @@ impl Pending {
     pub fn take(&mut self, vcpu: usize) -> Option<FlushReason> {
         if let Some(f) = self.frameless.get_mut(vcpu) {
             *f = false;
+        }
+        if let Some(u) = self.unzapped.get_mut(vcpu) {
+            *u = false;
         }
         self.per_vcpu.get_mut(vcpu).and_then(Option::take)
     }

@@ -11,6 +11,7 @@
 
 use crate::layout::FrameClass;
 use crate::pte::{self};
+use crate::vcpuset::VcpuSet;
 
 /// The frames a batch's changed leaves targeted, for the VMM to zap.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,26 +81,61 @@ impl crate::ShadowMmu {
         self.leaf_zaps.take()
     }
 
-    /// The zap of `list` failed: its leaves' pool frames become stale (a resync then).
+    /// The zap of `list` failed: its leaves' pool frames become stale (a resync then), and
+    /// no pending flush counts as done by a zap.
     pub fn leaf_zaps_failed(&mut self, list: &LeafZapList) {
         for &s in &list.pool_frames {
             self.mark_stale(s);
+        }
+        self.pending.uncover_all();
+    }
+
+    /// The vCPUs of `remote` whose pending flush the batch's leaf zap performed: every
+    /// reason merged into it is a leaf whose old target was listed for a zap (the host
+    /// then drops every translation to that frame and flushes every vCPU that could hold
+    /// one), and no root switch waits for it (that needs its own thread). Call it after
+    /// the zap of [`ShadowMmu::take_leaf_zaps`] succeeded, under the same lock.
+    ///
+    /// [`ShadowMmu::take_leaf_zaps`]: crate::ShadowMmu::take_leaf_zaps
+    pub fn leaf_zap_flushable(&self, remote: VcpuSet) -> VcpuSet {
+        if !self.leaf_zaps.enabled {
+            return VcpuSet::EMPTY;
+        }
+        remote
+            .iter()
+            .filter(|&v| {
+                self.pending.peek(v).is_some()
+                    && !self.pending.unzapped(v)
+                    && !self.root_switch_pending(v)
+            })
+            .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v))
+    }
+
+    /// The pending flushes of `flushed` (from [`ShadowMmu::leaf_zap_flushable`]) were
+    /// performed by the zap.
+    ///
+    /// [`ShadowMmu::leaf_zap_flushable`]: crate::ShadowMmu::leaf_zap_flushable
+    pub fn leaf_zap_flushed(&mut self, flushed: VcpuSet) {
+        for v in flushed.iter() {
+            self.take_flush_by_zap(v);
         }
     }
 
     /// The host may hold a translation made from shadow leaf `old`, held by pool frame
     /// `sidx`: list its target frame for a zap, or (a non-RAM target, or no leaf zaps)
     /// make the frame's chunk stale.
+    /// Returns whether it was listed.
     #[inline]
-    pub(crate) fn host_forget_leaf(&mut self, sidx: u32, old: u64) {
+    pub(crate) fn host_forget_leaf(&mut self, sidx: u32, old: u64) -> bool {
         if self.leaf_zaps.enabled {
             let to = pte::pfn_of(old);
             let ram = self.unalias_pfn(to).unwrap_or(to);
             if self.layout.classify(ram) == FrameClass::Ram {
                 self.leaf_zaps.push(sidx, ram);
-                return;
+                return true;
             }
         }
         self.mark_stale(sidx);
+        false
     }
 }

@@ -345,6 +345,8 @@ struct LeafZapHost {
     frames: u64,
     /// Cached leaves those zaps dropped.
     dropped: u64,
+    /// Remote targets whose flush a zap performed (no delivery).
+    flushed: u64,
 }
 
 /// What a kernel-flush run switches off (the model must catch each).
@@ -589,9 +591,11 @@ impl World {
         self
     }
 
-    /// The leaf zaps at the end of a batch (like the VMM, before the resync): the host
-    /// forgets every cached pool entry that maps a zapped frame.
-    fn leaf_zaps(&mut self) -> Res {
+    /// The leaf zaps at the end of a batch (like the VMM, before any delivery and the
+    /// resync): the host forgets every cached pool entry that maps a zapped frame and drops
+    /// every vCPU's translations to it (a weaker host than KVM, which then flushes whole
+    /// TLBs); the remote targets whose flush the zap performed leave `remote`.
+    fn leaf_zaps(&mut self, remote: VcpuSet) -> Result<VcpuSet, String> {
         let list = self.mmu.take_leaf_zaps();
         if let Some(t) = self.twin.as_deref_mut() {
             if t.mmu.take_leaf_zaps() != list {
@@ -600,20 +604,36 @@ impl World {
         }
         let Some(h) = self.leaf_zap.as_mut() else {
             return if list.is_empty() {
-                Ok(())
+                Ok(remote)
             } else {
                 Err(format!("leaf zaps listed without the mode: {list:?}"))
             };
         };
-        if h.skip_zap || list.is_empty() {
-            return Ok(());
+        if list.is_empty() {
+            return Ok(remote);
         }
-        h.frames += list.frames.len() as u64;
-        let before = self.host_seen.len();
-        self.host_seen
-            .retain(|_, e| list.frames.binary_search(&((*e & ADDR) >> 12)).is_err());
-        h.dropped += (before - self.host_seen.len()) as u64;
-        Ok(())
+        if !h.skip_zap {
+            h.frames += list.frames.len() as u64;
+            let zapped = |pfn: u64| list.frames.binary_search(&pfn).is_ok();
+            let before = self.host_seen.len();
+            self.host_seen.retain(|_, e| !zapped((*e & ADDR) >> 12));
+            h.dropped += (before - self.host_seen.len()) as u64;
+            for t in &mut self.tlb {
+                t.retain(|_, e| !zapped(e.pfn));
+            }
+        }
+        let flushed = self.mmu.leaf_zap_flushable(remote);
+        self.mmu.leaf_zap_flushed(flushed);
+        if let Some(t) = self.twin.as_deref_mut() {
+            if t.mmu.leaf_zap_flushable(remote) != flushed {
+                return Err("fast path: leaf-zap flushes differ".into());
+            }
+            t.mmu.leaf_zap_flushed(flushed);
+        }
+        if let Some(h) = self.leaf_zap.as_mut() {
+            h.flushed += u64::from(flushed.len());
+        }
+        Ok(VcpuSet(remote.0 & !flushed.0))
     }
 
     /// Builds and pins the address spaces and loads one on each vCPU.
@@ -1077,6 +1097,7 @@ impl World {
         // only those a zap did not flush, and the zap stands in for the caller's own
         // flush unless that one names no frame.
         let (remote, zapped) = self.kernel_flush(out.remote)?;
+        let remote = self.leaf_zaps(remote)?;
         if out.flush.is_some() && (!zapped || out.flush_frameless) {
             self.tlb[v].clear();
         }
@@ -1119,7 +1140,6 @@ impl World {
                 out.remote
             ));
         }
-        self.leaf_zaps()?;
         let stale = self.mmu.stale_chunks();
         self.check_host_cache(&stale)?;
         self.mmu.host_resynced_chunks(&stale);
@@ -2129,8 +2149,9 @@ fn never_accessed_unmaps_name_no_vcpu() {
 fn leaf_zap_runs(
     cases: u32,
     strategy: impl Strategy<Value = (usize, u64, Vec<Step>)>,
-) -> (u64, u64) {
+) -> (u64, u64, u64) {
     let (frames, dropped) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let flushed = std::cell::Cell::new(0u64);
     runner(cases, cases < 100)
         .run(&strategy, |(vcpus, pool, steps)| {
             let mut w = World::new(vcpus, pool);
@@ -2140,10 +2161,11 @@ fn leaf_zap_runs(
             let h = w.leaf_zap.unwrap_or_default();
             frames.set(frames.get() + h.frames);
             dropped.set(dropped.get() + h.dropped);
+            flushed.set(flushed.get() + h.flushed);
             Ok(())
         })
         .unwrap();
-    (frames.get(), dropped.get())
+    (frames.get(), dropped.get(), flushed.get())
 }
 
 /// Leaf zaps: with the old targets of changed leaves zapped instead of their chunks
@@ -2151,17 +2173,22 @@ fn leaf_zap_runs(
 /// TLB stays coherent; the zaps did drop cached leaves.
 #[test]
 fn leaf_zaps_keep_the_host_cache_coherent() {
-    let (frames, dropped) = leaf_zap_runs(48, case());
-    eprintln!("leaf zaps: {frames} frames zapped, {dropped} cached leaves dropped");
+    let (frames, dropped, flushed) = leaf_zap_runs(48, case());
+    eprintln!(
+        "leaf zaps: {frames} frames zapped, {dropped} cached leaves dropped, {flushed} remote flushes done"
+    );
     assert!(frames > 0 && dropped > 0, "no leaf zap ran");
+    assert!(flushed > 0, "no remote flush was left to a leaf zap");
 }
 
 /// The long leaf-zap run (`cargo test -p shadow --release --test tlb_model -- --ignored`).
 #[test]
 #[ignore]
 fn leaf_zap_long() {
-    let (frames, dropped) = leaf_zap_runs(250, long_case());
-    eprintln!("leaf zaps, long: {frames} frames zapped, {dropped} cached leaves dropped");
+    let (frames, dropped, flushed) = leaf_zap_runs(250, long_case());
+    eprintln!(
+        "leaf zaps, long: {frames} frames zapped, {dropped} cached leaves dropped, {flushed} remote flushes done"
+    );
     assert!(dropped > 0, "no leaf zap ran");
 }
 
@@ -2176,6 +2203,20 @@ fn a_skipped_leaf_zap_is_caught() {
     });
     let e = r.expect_err("the model missed a skipped leaf zap");
     assert!(e.to_string().contains("host cache"), "{e}");
+}
+
+/// Leaf zaps that also take remote flushes no zap covered (a guest flush, a changed
+/// non-leaf entry): some vCPU keeps a stale translation, and the model says so.
+#[test]
+fn a_leaf_zap_taking_an_uncovered_flush_is_caught() {
+    let mut runner = runner(64, false);
+    let r = runner.run(&long_case(), |(vcpus, pool, steps)| {
+        let mut w = World::new(vcpus, pool).leaf_zap_host(false);
+        w.mmu.set_debug_zap_covers_all(true);
+        drive(&mut w, &steps)
+    });
+    let e = r.expect_err("the model missed remote flushes taken by a zap that covered none");
+    eprintln!("caught: {}", e.to_string().lines().next().unwrap_or(""));
 }
 
 /// The host resync's targeting switched off (no chunk is ever marked stale): the model's

@@ -272,31 +272,40 @@ impl MmuBatch {
         if list.is_empty() {
             return;
         }
-        let Some(zap) = &self.leaf_zap else {
-            engine.leaf_zaps_failed(&list);
-            ctx.effects.host_resync = engine.host_resync_needed();
-            return;
-        };
         let t = Instant::now();
         let c = &self.leaf_zap_counts;
-        if !self.options.leaf_zap_skip {
-            match zap.zap(&list.frames) {
-                Ok(calls) => {
-                    c.calls.fetch_add(u64::from(calls), Ordering::Relaxed);
+        let made = match (&self.leaf_zap, self.options.leaf_zap_skip) {
+            (_, true) => Ok(0),
+            (Some(zap), false) => zap.zap(&list.frames),
+            (None, false) => Err(std::io::Error::other("no leaf zap")),
+        };
+        match made {
+            Ok(calls) => {
+                c.calls.fetch_add(u64::from(calls), Ordering::Relaxed);
+            }
+            Err(e) => {
+                if c.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!("leaf zap failed, resyncing those chunks: {e}");
                 }
-                Err(e) => {
-                    if c.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("leaf zap failed, resyncing those chunks: {e}");
-                    }
-                    engine.leaf_zaps_failed(&list);
-                    ctx.effects.host_resync = engine.host_resync_needed();
-                }
+                engine.leaf_zaps_failed(&list);
+                ctx.effects.host_resync = engine.host_resync_needed();
+                return;
             }
         }
         c.zaps.fetch_add(1, Ordering::Relaxed);
         c.frames
             .fetch_add(list.frames.len() as u64, Ordering::Relaxed);
-        ctx.effects.leaf_zap_ns = Some(elapsed_ns(t));
+        let ns = elapsed_ns(t);
+        ctx.effects.leaf_zap_ns = Some(ns);
+        // The zap flushed every vCPU that could hold a translation to those frames: remote
+        // targets whose flush stems only from such leaves need no delivery.
+        let flushed = engine.leaf_zap_flushable(ctx.effects.remote);
+        if !flushed.is_empty() {
+            engine.leaf_zap_flushed(flushed);
+            ctx.effects.remote = VcpuSet(ctx.effects.remote.0 & !flushed.0);
+            ctx.effects.kernel_flushed += flushed.len();
+            ctx.effects.kernel_flush_ns += ns;
+        }
     }
 
     /// `PT_WRITES(mode)`: ENOSYS without the trap, else the engine's answer.
