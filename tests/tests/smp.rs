@@ -235,15 +235,17 @@ fn dropped_remote_flushes_fail_the_shootdown_and_dirty_tests() {
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(tap.points.iter().all(|p| p.ok), "{mode}: {console}");
         // ... and fail without it, where nothing else flushes the other vCPU: on a host
-        // that needs the pool resync (a software-shadowing KVM), the world-stopped resync
-        // drops every vCPU's translations, so delivery is not what keeps them coherent
-        // there; the SVM bed's PV smpbreak step (nested paging, no resync) checks the switch.
+        // that needs the pool resync (a software-shadowing KVM), the leaf zaps and the
+        // world-stopped resync drop every vCPU's translations of what changed, so delivery
+        // is not what keeps them coherent there (tests/leaf_zap.rs switches the zaps off);
+        // the SVM bed's PV smpbreak step (nested paging, no resync) checks the switch.
         let (out, tap, stats, _) = run_smp(mode, 2, sel, &[switch]);
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         if stats["vm"]["pool_resync"]["needed"] == Value::Bool(true) {
             eprintln!(
-                "SKIP {mode} {switch}: this host resyncs the pool with the world stopped, \
-                 which flushes every vCPU (tests/svm-bed smpbreak:pv checks the switch)"
+                "SKIP {mode} {switch}: this host forgets changed pool entries by leaf zaps \
+                 and world-stopped resyncs, which flush every vCPU (tests/svm-bed \
+                 smpbreak:pv checks the switch)"
             );
             continue;
         }
