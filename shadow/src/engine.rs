@@ -296,11 +296,21 @@ impl ShadowMmu {
         if !self.pool.resync_needed() {
             return VcpuSet::EMPTY;
         }
+        self.zap_flushable(remote, |p, v| !p.frameless(v))
+    }
+
+    /// The vCPUs of `remote` with a flush pending that `covered` accepts and no root switch
+    /// waiting (that needs its own thread): what a host zap can flush for them.
+    pub(crate) fn zap_flushable(
+        &self,
+        remote: VcpuSet,
+        covered: impl Fn(&Pending, usize) -> bool,
+    ) -> VcpuSet {
         remote
             .iter()
             .filter(|&v| {
                 self.pending.peek(v).is_some()
-                    && !self.pending.frameless(v)
+                    && covered(&self.pending, v)
                     && !self.root_switch_pending(v)
             })
             .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v))

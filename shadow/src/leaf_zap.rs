@@ -101,14 +101,7 @@ impl crate::ShadowMmu {
         if !self.leaf_zaps.enabled {
             return VcpuSet::EMPTY;
         }
-        remote
-            .iter()
-            .filter(|&v| {
-                self.pending.peek(v).is_some()
-                    && !self.pending.unzapped(v)
-                    && !self.root_switch_pending(v)
-            })
-            .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v))
+        self.zap_flushable(remote, |p, v| !p.unzapped(v))
     }
 
     /// The pending flushes of `flushed` (from [`ShadowMmu::leaf_zap_flushable`]) were

@@ -80,14 +80,8 @@ impl PkeyZap {
     /// Call it before any vCPU thread starts: threads inherit the key's access rights.
     /// Fails where the CPU or kernel has no protection keys.
     pub fn new(base: *mut u8, frames: u32) -> io::Result<PkeyZap> {
-        // SAFETY: pkey_alloc takes two integers and touches no memory of ours; access
-        // rights 0 leave reads and writes allowed.
-        let pkey = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0, 0) };
-        if pkey < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(PkeyZap {
-            pkey: pkey as i32,
+            pkey: alloc_pkey()?,
             base: base as usize,
             frames,
             keyed: Mutex::new(vec![false; frames as usize]),
@@ -109,18 +103,40 @@ impl PkeyZap {
 
     /// Sets the key of frames `first .. first + count` to `pkey`, keeping read and write.
     fn set_key(&self, first: u32, count: u32, pkey: i32) -> io::Result<()> {
-        let addr = self.base + first as usize * FRAME;
-        let len = count as usize * FRAME;
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: the range lies inside the pool's mapping (checked by the caller against
-        // `frames`), which lives as long as the VM; the protection stays read-write and the
-        // key grants every thread full access, so no access of ours or the guest's changes.
-        let r = unsafe { libc::syscall(libc::SYS_pkey_mprotect, addr, len, prot, pkey) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // The range lies inside the pool's mapping (checked by the caller against `frames`).
+        set_pkey(
+            self.base + first as usize * FRAME,
+            count as usize * FRAME,
+            pkey,
+        )
     }
+}
+
+/// A protection key with full access rights for the calling thread (and the threads it
+/// creates afterwards). Fails where the CPU or kernel has no protection keys.
+pub(crate) fn alloc_pkey() -> io::Result<i32> {
+    // SAFETY: pkey_alloc takes two integers and touches no memory of ours; access rights
+    // 0 leave reads and writes allowed.
+    let pkey = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0, 0) };
+    if pkey < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pkey as i32)
+}
+
+/// Sets the protection key of the `len` bytes of guest memory at host address `addr` to
+/// `pkey`, keeping read and write. The caller passes a range inside a mapping of guest
+/// memory (pool or RAM), which lives as long as the VM.
+pub(crate) fn set_pkey(addr: usize, len: usize, pkey: i32) -> io::Result<()> {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: the range lies inside a mapping of guest memory (the caller's contract); the
+    // protection stays read-write and the key grants every thread full access, so no access
+    // of ours or the guest's changes, and no memory is unmapped.
+    let r = unsafe { libc::syscall(libc::SYS_pkey_mprotect, addr, len, prot, pkey) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl PoolZap for PkeyZap {

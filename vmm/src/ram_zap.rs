@@ -13,6 +13,7 @@
 
 use crate::hcall::RamZap;
 use crate::layout::PAGE;
+use crate::pool_zap::{alloc_pkey, set_pkey};
 use std::io;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -48,14 +49,8 @@ impl PkeyRamZap {
                 host: host as usize,
             });
         }
-        // SAFETY: pkey_alloc takes two integers and touches no memory of ours; access
-        // rights 0 leave reads and writes allowed.
-        let pkey = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0, 0) };
-        if pkey < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(PkeyRamZap {
-            pkey: pkey as i32,
+            pkey: alloc_pkey()?,
             regions,
         })
     }
@@ -72,19 +67,6 @@ impl PkeyRamZap {
         let r = self.regions.get(self.region(pfn)?)?;
         let off = pfn - r.first;
         Some((r.host + (off * PAGE) as usize, r.frames - off))
-    }
-
-    /// Sets the key of `len` bytes at host address `addr` to `pkey`, keeping read and write.
-    fn set_key(&self, addr: usize, len: usize, pkey: i32) -> io::Result<()> {
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: the range lies inside one RAM region's mapping (checked by `locate`),
-        // which lives as long as the VM; the protection stays read-write and the key grants
-        // every thread full access, so no access of ours or the guest's changes.
-        let r = unsafe { libc::syscall(libc::SYS_pkey_mprotect, addr, len, prot, pkey) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 
@@ -126,8 +108,9 @@ impl RamZap for PkeyRamZap {
                 };
                 let n = room.min(count - done);
                 let len = (n * PAGE) as usize;
-                self.set_key(addr, len, self.pkey)?;
-                self.set_key(addr, len, 0)?;
+                // Inside one RAM region's mapping (`locate`).
+                set_pkey(addr, len, self.pkey)?;
+                set_pkey(addr, len, 0)?;
                 calls += 2;
                 done += n;
             }

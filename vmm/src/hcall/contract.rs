@@ -32,10 +32,6 @@ pub struct Effects {
     pub kernel_flushed: u32,
     /// Time that zap took, ns.
     pub kernel_flush_ns: u64,
-    /// The batch zapped the old targets of changed leaves instead of a host resync of
-    /// their pool chunks: the time it took, ns (docs/pv-abi.md §6.6). It is part of the
-    /// call's own time (the MMU_BATCH phase `host_zap`), nothing the vCPU loop applies.
-    pub leaf_zap_ns: Option<u64>,
     /// `--check-shadow` found this engine invariant violated: end the VM.
     pub violation: Option<String>,
 }

@@ -178,8 +178,7 @@ impl MmuBatch {
             let (done, failure) = apply_entries(&mut engine, ctx, buf, count, &mut phases);
             let frame_ops = phases.zero_frame + phases.copy_frame;
             phases.apply = ctx.lap_ns().saturating_sub(frame_ops);
-            self.finish_batch(&mut engine, ctx);
-            phases.host_zap = ctx.effects.leaf_zap_ns.unwrap_or(0);
+            phases.host_zap = self.finish_batch(&mut engine, ctx);
             phases.end_batch = ctx.lap_ns().saturating_sub(phases.host_zap);
             ctx.phases = Some(phases);
             let (status, fail_index) = failure.map_or((0, u32::MAX), |(i, e)| (e.status(), i));
@@ -193,8 +192,9 @@ impl MmuBatch {
     }
 
     /// Turns the batch outcome into effects (CR3 load, flush, host resync) and, with
-    /// `--check-shadow`, checks the engine's invariants.
-    fn finish_batch(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) {
+    /// `--check-shadow`, checks the engine's invariants. Returns the time the leaf zap took
+    /// (the MMU_BATCH phase `host_zap`), ns.
+    fn finish_batch(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) -> u64 {
         let out = engine.end_batch(ctx.vcpu);
         ctx.effects.new_cr3 = out.new_cr3;
         // A software-shadowing KVM caches translations from the pool's tables and cannot see
@@ -216,13 +216,14 @@ impl MmuBatch {
         };
         ctx.effects.remote_avoided = out.remote_avoided;
         self.kernel_flush(engine, ctx, out.flush_frameless);
-        self.leaf_zap(engine, ctx);
+        let zap_ns = self.leaf_zap(engine, ctx);
         if self.options.check_shadow {
             if let Err(v) = engine.check_invariants(ctx.ram.memory()) {
                 log::error!("shadow invariant violated: {v}");
                 ctx.effects.violation = Some(v.to_string());
             }
         }
+        zap_ns
     }
 }
 
@@ -266,11 +267,12 @@ impl MmuBatch {
     /// Zaps the old target frames of the batch's changed leaves (docs/pv-abi.md §6.6),
     /// still under the engine lock and before the batch returns: the host drops every
     /// translation to them, on every vCPU, so their pool chunks need no resync. If the zap
-    /// fails, those chunks become stale and are resynced as before.
-    fn leaf_zap(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) {
+    /// fails, those chunks become stale and are resynced as before. Returns the time it
+    /// took, ns (0 without a zap).
+    fn leaf_zap(&self, engine: &mut ShadowMmu, ctx: &mut CallCtx<'_>) -> u64 {
         let list = engine.take_leaf_zaps();
         if list.is_empty() {
-            return;
+            return 0;
         }
         let t = Instant::now();
         let c = &self.leaf_zap_counts;
@@ -289,14 +291,13 @@ impl MmuBatch {
                 }
                 engine.leaf_zaps_failed(&list);
                 ctx.effects.host_resync = engine.host_resync_needed();
-                return;
+                return elapsed_ns(t);
             }
         }
         c.zaps.fetch_add(1, Ordering::Relaxed);
         c.frames
             .fetch_add(list.frames.len() as u64, Ordering::Relaxed);
         let ns = elapsed_ns(t);
-        ctx.effects.leaf_zap_ns = Some(ns);
         // The zap flushed every vCPU that could hold a translation to those frames: remote
         // targets whose flush stems only from such leaves need no delivery.
         let flushed = engine.leaf_zap_flushable(ctx.effects.remote);
@@ -306,6 +307,7 @@ impl MmuBatch {
             ctx.effects.kernel_flushed += flushed.len();
             ctx.effects.kernel_flush_ns += ns;
         }
+        ns
     }
 
     /// `PT_WRITES(mode)`: ENOSYS without the trap, else the engine's answer.
