@@ -56,6 +56,13 @@ fn a_tiny_bench_matrix_writes_every_output() {
     let fault = &populate["ops"]["fault (demand-zero)"];
     assert_eq!(fault["faults_per_page"]["median"], 1.0 / 16.0, "{populate}");
     assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
+    // The boot's pin is a table op, charged to no update; the demand faults are batches of
+    // one fault-around window (16 updates).
+    assert!(populate["phases_ns"]["table_ops"]["median"].is_number(), "{populate}");
+    assert!(
+        populate["batch_sizes"]["16.pt_updates"]["median"].as_f64() >= Some(16.0),
+        "{populate}"
+    );
     check_smp_rows(&results);
     let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
     for section in [
@@ -65,6 +72,7 @@ fn a_tiny_bench_matrix_writes_every_output() {
         "## The fault path",
         "pv-lazy ÷ native",
         "## MMU_BATCH phases",
+        "## VMM cost by batch size",
         "## Every cell",
         "## SMP: remote flushes per operation",
     ] {

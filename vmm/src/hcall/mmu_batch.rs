@@ -68,6 +68,9 @@ struct LeafZapCounts {
     failed: AtomicU64,
 }
 
+/// The largest entry array a batch may have, bytes.
+const MAX_BATCH_BYTES: usize = hypercall::MAX_BATCH_ENTRIES as usize * hypercall::ENTRY_LEN;
+
 thread_local! {
     /// Per-vCPU-thread copy buffer for entry arrays (no allocation per call).
     static ENTRY_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -109,8 +112,9 @@ pub fn factory_with(
 }
 
 /// Applies `count` entries from `buf` in order; returns how many were done and the first
-/// failure (its index and error). Time spent in ZERO_FRAME and COPY_FRAME entries is added
-/// to the `zero_frame` and `copy_frame` phases.
+/// failure (its index and error). Time spent in ZERO_FRAME, COPY_FRAME, table and A/D
+/// entries is added to their own phases (`zero_frame`, `copy_frame`, `table_ops`,
+/// `ad_ops`); PT_UPDATE and the flushes are not timed one by one.
 fn apply_entries(
     engine: &mut ShadowMmu,
     ctx: &CallCtx<'_>,
@@ -123,14 +127,15 @@ fn apply_entries(
     let mut done = 0u32;
     for (i, entry) in batch_entries(buf, count).enumerate() {
         let r = entry.and_then(|op| {
-            let frame_op = match op {
-                MmuOp::ZeroFrame { .. } => &mut phases.zero_frame,
-                MmuOp::CopyFrame { .. } => &mut phases.copy_frame,
-                _ => return engine.apply(ctx.vcpu, &op),
+            let Some(phase) = own_phase(phases, &op) else {
+                let update = u64::from(matches!(op, MmuOp::PtUpdate { .. }));
+                engine.apply(ctx.vcpu, &op)?;
+                phases.pt_updates += update;
+                return Ok(());
             };
             let t = Instant::now();
             let r = engine.apply(ctx.vcpu, &op);
-            *frame_op += elapsed_ns(t);
+            *phase += elapsed_ns(t);
             r
         });
         if let Err(e) = r {
@@ -139,6 +144,22 @@ fn apply_entries(
         done += 1;
     }
     (done, None)
+}
+
+/// The phase an entry's time goes to when it is timed on its own: frame copies and zeroing,
+/// whole-table and A/D operations. None for PT_UPDATE and the flushes (part of `apply`).
+fn own_phase<'a>(phases: &'a mut MmuPhases, op: &MmuOp) -> Option<&'a mut u64> {
+    match op {
+        MmuOp::ZeroFrame { .. } => Some(&mut phases.zero_frame),
+        MmuOp::CopyFrame { .. } => Some(&mut phases.copy_frame),
+        MmuOp::Pin { .. }
+        | MmuOp::Unpin { .. }
+        | MmuOp::NewBaseptr { .. }
+        | MmuOp::SetKernelRoot { .. }
+        | MmuOp::RelocateTable { .. } => Some(&mut phases.table_ops),
+        MmuOp::SyncAd { .. } | MmuOp::QueryAd { .. } => Some(&mut phases.ad_ops),
+        MmuOp::PtUpdate { .. } | MmuOp::Invlpg { .. } | MmuOp::FlushTlb { .. } => None,
+    }
 }
 
 /// Nanoseconds since `t`.
@@ -154,9 +175,11 @@ impl MmuBatch {
         };
         ENTRY_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            // The buffer only grows (to the largest batch seen): no zeroing per call.
+            // The first batch (the boot's) sizes the buffer for the largest batch at once:
+            // no later batch pays for growing it (its page faults cost tens of µs here), and
+            // there is no zeroing per call.
             if buf.len() < len {
-                buf.resize(len, 0);
+                buf.resize(len.max(MAX_BATCH_BYTES), 0);
             }
             let Some(buf) = buf.get_mut(..len) else {
                 return Response::err(HcError::Einval);
@@ -176,8 +199,8 @@ impl MmuBatch {
             // wrpt: any MMU hypercall re-validates and re-hooks the unhooked L1s first.
             engine.rehook_all(ctx.ram.memory(), ctx.vcpu);
             let (done, failure) = apply_entries(&mut engine, ctx, buf, count, &mut phases);
-            let frame_ops = phases.zero_frame + phases.copy_frame;
-            phases.apply = ctx.lap_ns().saturating_sub(frame_ops);
+            let timed = phases.zero_frame + phases.copy_frame + phases.table_ops + phases.ad_ops;
+            phases.apply = ctx.lap_ns().saturating_sub(timed);
             phases.host_zap = self.finish_batch(&mut engine, ctx);
             phases.end_batch = ctx.lap_ns().saturating_sub(phases.host_zap);
             ctx.phases = Some(phases);
@@ -765,6 +788,46 @@ mod tests {
             "without the guard the response lands in the table"
         );
         assert!(violation.is_some(), "and --check-shadow catches it");
+    }
+
+    /// Runs `entries` as one batch; the batch's phases.
+    fn phases_of(d: &Dispatcher, ram: &GuestRam, entries: &[MmuEntry]) -> MmuPhases {
+        for (i, e) in entries.iter().enumerate() {
+            ram.write(ENTRIES + 32 * i as u64, &e.to_bytes()).unwrap();
+        }
+        let header = RequestHeader::new(op::MMU_BATCH, [ENTRIES, entries.len() as u64, 0, 0]);
+        ram.write(REQ, &header.to_bytes()).unwrap();
+        d.handle(0, REQ).phases.expect("an MMU_BATCH has phases")
+    }
+
+    #[test]
+    fn table_and_frame_ops_are_timed_apart_and_only_applied_updates_counted() {
+        let (d, ram) = vm();
+        let (l1, data) = (0x20_0000u64, 0x30_0000u64);
+        let p = phases_of(
+            &d,
+            &ram,
+            &[
+                MmuEntry::pin(1, l1),
+                MmuEntry::zero_frame(data),
+                MmuEntry::pt_update(l1, data | 7),
+                MmuEntry::flush_tlb(),
+                MmuEntry::pt_update(l1 + 8, layout_pool() | 7), // refused: not counted
+            ],
+        );
+        assert_eq!(p.pt_updates, 1);
+        assert!(p.table_ops > 0 && p.zero_frame > 0, "{p:?}");
+        assert_eq!((p.copy_frame, p.ad_ops, p.host_zap), (0, 0, 0), "{p:?}");
+        let named = p.named();
+        let sum = |keep: &dyn Fn(&str) -> bool| -> u64 {
+            named.iter().filter(|(k, _)| keep(k)).map(|(_, v)| v).sum()
+        };
+        let non_update = |k: &str| crate::hcall::contract::NON_UPDATE_PHASES.contains(&k);
+        assert_eq!(p.update_ns(), sum(&|k| !non_update(k)));
+        assert!(sum(&non_update) >= p.table_ops + p.zero_frame);
+        let p = phases_of(&d, &ram, &[MmuEntry::sync_ad(0x40_0000, 1, 0)]);
+        assert!(p.ad_ops > 0 && p.table_ops == 0, "{p:?}");
+        assert_eq!(p.pt_updates, 0);
     }
 
     fn layout_pool() -> u64 {

@@ -3,6 +3,7 @@
 //! Each vCPU thread owns a [`VcpuStats`] (no locks on the exit path); at the end they are
 //! merged into a [`report`] and rendered as JSON or a [`table`].
 
+pub mod batch_size;
 pub mod interval;
 pub mod kvm_stats;
 pub mod latency;
@@ -10,6 +11,7 @@ pub mod report;
 pub mod smp;
 pub mod table;
 
+pub use batch_size::BatchSizes;
 pub use latency::Latency;
 pub use smp::SmpStats;
 use std::collections::BTreeMap;
@@ -57,9 +59,11 @@ pub struct VcpuStats {
     pub hypercalls: BTreeMap<&'static str, OpStats>,
     /// Work the VMM did on the vCPU after a hypercall (CR3 load, TLB flush, host resync).
     pub effects: BTreeMap<&'static str, Latency>,
-    /// Where MMU_BATCH handling time went, by phase (`request`, `copy_in`, `apply`,
-    /// `zero_frame`, `end_batch`, `response`): one sample per batch and phase.
+    /// Where MMU_BATCH handling time went, by phase (`request`, `copy_in`, `apply`, ...,
+    /// `response`): one sample per batch and phase.
     pub mmu_phases: BTreeMap<&'static str, Latency>,
+    /// MMU_BATCH update cost by PT_UPDATEs per batch.
+    pub mmu_batch_sizes: BatchSizes,
     /// Time spent inside `KVM_RUN` (guest + in-kernel exits), ns.
     pub kvm_run_ns: u64,
     /// Time spent in the VMM between `KVM_RUN`s, ns.
@@ -122,6 +126,12 @@ impl VcpuStats {
         }
     }
 
+    /// Records an MMU_BATCH of `pt_updates` PT_UPDATEs whose update cost (its time without
+    /// the phases no update is charged with) was `ns`.
+    pub fn mmu_batch_size(&mut self, pt_updates: u64, ns: u64) {
+        self.mmu_batch_sizes.record(pt_updates, ns);
+    }
+
     /// Total userspace exits.
     pub fn total_exits(&self) -> u64 {
         self.exits.values().map(|l| l.count()).sum()
@@ -148,6 +158,7 @@ impl VcpuStats {
         for (k, v) in &other.mmu_phases {
             self.mmu_phases.entry(k).or_default().merge(v);
         }
+        self.mmu_batch_sizes.merge(&other.mmu_batch_sizes);
         for (k, v) in &other.hypercalls {
             let s = self.hypercalls.entry(k).or_default();
             s.latency.merge(&v.latency);
@@ -219,6 +230,7 @@ impl VcpuStats {
             hypercalls,
             effects: diff(&self.effects, &earlier.effects),
             mmu_phases: diff(&self.mmu_phases, &earlier.mmu_phases),
+            mmu_batch_sizes: self.mmu_batch_sizes.since(&earlier.mmu_batch_sizes),
             kvm_run_ns: self.kvm_run_ns.saturating_sub(earlier.kvm_run_ns),
             vmm_ns: self.vmm_ns.saturating_sub(earlier.vmm_ns),
             kvm_start,

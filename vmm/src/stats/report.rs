@@ -3,6 +3,7 @@
 //! any breaking change: removing or renaming a field, changing a unit). The table is in
 //! [`super::table`].
 
+use super::batch_size::BatchSizeRow;
 use super::{Latency, VcpuStats};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -171,6 +172,8 @@ pub struct VcpuReport {
     /// Where MMU_BATCH handling time went, by phase in the order they run (one sample per
     /// batch and phase; the phases add up to the MMU_BATCH time less a few clock reads).
     pub mmu_batch_phases: Vec<Named<Dist>>,
+    /// MMU_BATCH update cost by PT_UPDATEs per batch (size classes that saw a batch).
+    pub mmu_batch_sizes: Vec<BatchSizeRow>,
     /// KVM in-kernel counters (`KVM_GET_STATS_FD`).
     pub kvm: BTreeMap<String, KvmCounter>,
     /// Remote TLB flush delivery and world stops this vCPU caused.
@@ -293,6 +296,7 @@ pub fn vcpu_report(vcpu: Option<usize>, s: &VcpuStats) -> VcpuReport {
         vmm_breakdown: breakdown(s),
         effects: named(&s.effects),
         mmu_batch_phases: phase_rows(s),
+        mmu_batch_sizes: s.mmu_batch_sizes.rows(),
         exits_total: s.total_exits(),
         kvm_run_ns: s.kvm_run_ns,
         vmm_ns: s.vmm_ns,
@@ -353,12 +357,14 @@ fn phase_rows(s: &VcpuStats) -> Vec<Named<Dist>> {
 }
 
 /// The MMU_BATCH phases, in the order one batch runs them.
-pub const PHASE_ORDER: [&str; 8] = [
+pub const PHASE_ORDER: [&str; 10] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
     "copy_frame",
+    "table_ops",
+    "ad_ops",
     "end_batch",
     "host_zap",
     "response",
@@ -613,6 +619,7 @@ mod tests {
                 "kvm_run_ns",
                 "mmio",
                 "mmu_batch_phases",
+                "mmu_batch_sizes",
                 "pio",
                 "smp",
                 "vcpu",
@@ -665,6 +672,43 @@ mod tests {
         assert_eq!(
             (rows[1]["count"].as_u64(), rows[1]["total_ns"].as_u64()),
             (Some(2), Some(8))
+        );
+    }
+
+    #[test]
+    fn mmu_batch_sizes_are_serialised_by_class_and_tabled() {
+        let mut s = VcpuStats::default();
+        s.mmu_batch_size(1, 9_000);
+        s.mmu_batch_size(1, 11_000);
+        s.mmu_batch_size(512, 102_400);
+        let r = build(info(), &[s], None);
+        let v: serde_json::Value = serde_json::from_str(&to_json(&r)).unwrap();
+        let rows = v["merged"]["mmu_batch_sizes"].as_array().unwrap().clone();
+        assert_eq!(rows.len(), 2, "only the classes that saw a batch: {rows:?}");
+        assert_eq!(
+            keys(&rows[0]),
+            [
+                "batches",
+                "max_updates",
+                "min_updates",
+                "pt_updates",
+                "update_ns"
+            ]
+        );
+        assert_eq!(
+            (
+                rows[0]["min_updates"].as_u64(),
+                rows[0]["max_updates"].as_u64()
+            ),
+            (Some(1), Some(1))
+        );
+        assert_eq!(rows[0]["batches"], 2);
+        assert_eq!(rows[1]["min_updates"], 256);
+        assert!(rows[1]["max_updates"].is_null());
+        assert_eq!(rows[1]["update_ns"], 102_400);
+        assert_eq!(
+            v["vcpus"][0]["mmu_batch_sizes"],
+            v["merged"]["mmu_batch_sizes"]
         );
     }
 

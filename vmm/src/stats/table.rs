@@ -2,7 +2,9 @@
 //! VMM time summed over vCPUs, and the breakdown section adds up to it; per-vCPU and summed
 //! figures are labelled as such.
 
+use super::batch_size::BatchSizeRow;
 use super::report::{Dist, Report, VcpuReport};
+use crate::hcall::contract::NON_UPDATE_PHASES;
 use std::fmt::Write as _;
 
 /// KVM counters shown in the table (all are in the JSON).
@@ -321,21 +323,57 @@ fn mmu_phases(o: &mut String, r: &Report) {
         .as_ref()
         .and_then(|v| v["pte_updates"].as_u64())
         .unwrap_or(0);
-    // Frames zeroed or copied and the leaf zap (a host resync's stand-in) are no update's
-    // cost.
     let zero: u64 = m
         .mmu_batch_phases
         .iter()
-        .filter(|p| matches!(p.name.as_str(), "zero_frame" | "copy_frame" | "host_zap"))
+        .filter(|p| NON_UPDATE_PHASES.contains(&p.name.as_str()))
         .map(|p| p.value.total_ns)
         .sum();
     if updates > 0 {
         let _ = writeln!(
             o,
-            "per PTE update: {:.0} ns (MMU_BATCH time without zero_frame, copy_frame and host_zap, {} µs, / {} PT_UPDATEs)",
+            "per PTE update: {:.0} ns (MMU_BATCH time without {}, {} µs, / {} PT_UPDATEs)",
             batch_ns.saturating_sub(zero) as f64 / updates as f64,
+            NON_UPDATE_PHASES.join(", "),
             us(batch_ns.saturating_sub(zero)),
             updates
+        );
+    }
+    batch_sizes(o, &m.mmu_batch_sizes);
+}
+
+/// The update cost by batch size: what a batch costs whatever its size, and what each
+/// update adds.
+fn batch_sizes(o: &mut String, rows: &[BatchSizeRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "by PT_UPDATEs per batch (the same time, split):");
+    let _ = writeln!(
+        o,
+        "{:<12} {:>10} {:>12} {:>12} {:>14} {:>14}",
+        "updates", "batches", "PT_UPDATEs", "time(µs)", "µs/batch", "ns/PT_UPDATE"
+    );
+    for r in rows {
+        let class = match r.max_updates {
+            Some(max) if max == r.min_updates => format!("{max}"),
+            Some(max) => format!("{}-{max}", r.min_updates),
+            None => format!("{}+", r.min_updates),
+        };
+        let per_update = if r.pt_updates > 0 {
+            format!("{:.0}", r.update_ns as f64 / r.pt_updates as f64)
+        } else {
+            "-".to_string()
+        };
+        let _ = writeln!(
+            o,
+            "{:<12} {:>10} {:>12} {:>12} {:>14.2} {:>14}",
+            class,
+            r.batches,
+            r.pt_updates,
+            us(r.update_ns),
+            r.update_ns as f64 / 1000.0 / r.batches.max(1) as f64,
+            per_update
         );
     }
 }
@@ -558,6 +596,36 @@ mod tests {
         assert!(rows[2].starts_with("zero_frame"), "{t}");
         // (4000 - 500) ns / 35 updates.
         assert!(sec.contains("per PTE update: 100 ns"), "{t}");
+    }
+
+    #[test]
+    fn the_update_cost_is_split_by_batch_size() {
+        let mut s = vcpu();
+        s.mmu_batch_size(0, 2_000);
+        s.mmu_batch_size(20, 8_000);
+        s.mmu_batch_size(300, 60_000);
+        let mmu = serde_json::json!({"pte_updates": 320});
+        let t = to_table(&build(info(1), &[s], Some(mmu)));
+        let sec = t.split("by PT_UPDATEs per batch").nth(1).unwrap_or("");
+        let row = |class: &str| {
+            sec.lines()
+                .find(|l| l.split_whitespace().next() == Some(class))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        // class, batches, PT_UPDATEs, time (µs), µs/batch, ns/PT_UPDATE.
+        assert_eq!(row("0"), ["0", "1", "0", "2.00", "2.00", "-"], "{t}");
+        assert_eq!(
+            row("16-255"),
+            ["16-255", "1", "20", "8.00", "8.00", "400"],
+            "{t}"
+        );
+        assert_eq!(
+            row("256+"),
+            ["256+", "1", "300", "60.00", "60.00", "200"],
+            "{t}"
+        );
+        assert!(row("1").is_empty(), "no batch of one update: {t}");
     }
 
     #[test]

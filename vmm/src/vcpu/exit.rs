@@ -125,6 +125,7 @@ fn hypercall(vm: &dyn VmOps, stats: &mut VcpuStats, vcpu: usize, gpa: u64) -> Ou
     stats.hypercall(o.op, elapsed(t), err, o.entries);
     if let Some(p) = &o.phases {
         stats.mmu_phases(&p.named());
+        stats.mmu_batch_size(p.pt_updates, p.update_ns());
     }
     log::debug!(
         "vCPU {vcpu}: {} at {gpa:#x}: status {} ({} entries) {:?}",

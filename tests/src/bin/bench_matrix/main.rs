@@ -32,6 +32,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmm::hcall::contract::NON_UPDATE_PHASES;
 
 /// The workloads (selftests) measured.
 pub const WORKLOADS: [&str; 6] = [
@@ -109,6 +110,10 @@ pub struct Point {
     pub vmm_pte_updates: Stat,
     /// MMU_BATCH time by phase, ns per run (boot excluded).
     pub phases_ns: BTreeMap<String, Stat>,
+    /// MMU_BATCH update cost by batch size per run (boot excluded; `Sample::batch_sizes`
+    /// keys).
+    #[serde(default)]
+    pub batch_sizes: BTreeMap<String, Stat>,
     /// Host resyncs per run.
     pub host_resyncs: Stat,
     /// Flushes performed per run.
@@ -159,6 +164,17 @@ fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
         .iter()
         .map(|k| (k.clone(), per(&|s| s.phases.get(k).copied().unwrap_or(0.0))))
         .collect();
+    let size_keys: std::collections::BTreeSet<String> = ss
+        .iter()
+        .flat_map(|s| s.batch_sizes.keys().cloned())
+        .collect();
+    let batch_sizes = size_keys
+        .into_iter()
+        .map(|k| {
+            let v = per(&|s| s.batch_sizes.get(&k).copied().unwrap_or(0.0));
+            (k, v)
+        })
+        .collect();
     let ops = ss
         .iter()
         .flat_map(|s| s.ops.keys().cloned())
@@ -176,14 +192,15 @@ fn point(w: &str, m: &Mode, pages: u32, hz: f64, ss: &[Sample]) -> Point {
         faults_per_op: per(&|s| s.faults / n),
         guest_us_per_op: per(&|s| s.cycles / hz * 1e6 / n),
         vmm_ns_per_pte_update: per(&|s| {
-            // Frames zeroed or copied and leaf zaps (a host resync's stand-in) are no
-            // update's cost.
+            // Frames zeroed or copied, whole-table and A/D operations and leaf zaps (a
+            // host resync's stand-in) are no update's cost.
             let phase = |n: &str| s.phases.get(n).copied().unwrap_or(0.0);
-            let zero = phase("zero_frame") + phase("copy_frame") + phase("host_zap");
-            ratio(s.vmm_mmu_ns - zero, s.vmm_pte_updates)
+            let other: f64 = NON_UPDATE_PHASES.iter().map(|n| phase(n)).sum();
+            ratio(s.vmm_mmu_ns - other, s.vmm_pte_updates)
         }),
         vmm_pte_updates: per(&|s| s.vmm_pte_updates),
         phases_ns,
+        batch_sizes,
         host_resyncs: per(&|s| s.host_resyncs),
         flushes_performed: per(&|s| s.flushes_performed),
         flushes_avoided: per(&|s| s.flushes_avoided),
@@ -273,8 +290,28 @@ pub struct Args {
     pub smp_rows: bool,
 }
 
+/// Whether `a` is one of the options [`args`] reads.
+fn known_arg(a: &str) -> bool {
+    const VALUED: [&str; 7] = [
+        "--pages=",
+        "--repeat=",
+        "--out=",
+        "--hypercall=",
+        "--floor-iterations=",
+        "--bed=",
+        "--host-note=",
+    ];
+    const FLAGS: [&str; 4] = ["--smp=off", "--smp=only", "--smp=cost", "--modes=five"];
+    VALUED.iter().any(|p| a.starts_with(p)) || FLAGS.contains(&a)
+}
+
 fn args() -> Result<Args, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(bad) = args.iter().find(|a| !known_arg(a)) {
+        return Err(format!(
+            "{bad}: unknown option (want --pages=N --repeat=N --out=DIR --hypercall=pio|vmcall|auto --floor-iterations=N --bed=DIR --host-note=TEXT --smp=off|only|cost --modes=five)"
+        ));
+    }
     let text = |k: &str| args.iter().find_map(|a| a.strip_prefix(k));
     let get = |k: &str, d: u32| match text(k) {
         None => Ok(d),

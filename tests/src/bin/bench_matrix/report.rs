@@ -6,6 +6,7 @@ use crate::run::FA_DEFAULT;
 use crate::{Point, WORKLOADS};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
+use vmm::hcall::contract::NON_UPDATE_PHASES;
 
 /// The nested-paging switches of the loaded KVM module (`kvm_amd npt=Y`), or "".
 fn kvm_paging() -> String {
@@ -207,7 +208,7 @@ fn ratio_section(o: &mut String, points: &[Point], host: &Value) {
         o,
         "\n## Per workload: faults/op, µs/op, VMM ns/update, pv-lazy ÷ native\n"
     );
-    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its zero_frame, copy_frame and host_zap phases, divided by the PT_UPDATEs the engine applied, both less the baseline run; the boot's pin of the kernel L4 (5–12 ms in one batch, varying by milliseconds between runs) is left out of every run as its most expensive batch. Host resyncs are outside MMU_BATCH time, and the leaf zaps that stand in for them are left out. {}\n", if host["pool_resync_needed"].as_bool() == Some(false) {
+    let _ = writeln!(o, "VMM ns/update: MMU_BATCH time less its zero_frame, copy_frame, table_ops (PIN, UNPIN, NEW_BASEPTR, SET_KERNEL_ROOT, RELOCATE_TABLE: whole tables validated, torn down or shadowed, the boot's 5–12 ms pin of the kernel L4 among them), ad_ops (SYNC_AD, QUERY_AD) and host_zap phases, divided by the PT_UPDATEs the engine applied, both less the baseline run; the MMU_BATCH phases table below also has the total with the table and A/D operations. Host resyncs are outside MMU_BATCH time, and the leaf zaps that stand in for them are left out. {}\n", if host["pool_resync_needed"].as_bool() == Some(false) {
         "Ratios divide guest µs/op; this host needs no resync, so there are none in them."
     } else if host["leaf_zap"].as_bool() == Some(true) {
         "Ratios divide guest µs/op; on this host changed leaves are zapped (tens of µs each) rather than resynced, and guest kernel code, emulated at about 1 µs per instruction, dominates them."
@@ -251,25 +252,29 @@ pub fn phases_header(o: &mut String, columns: &[&str]) {
     }
     let _ = writeln!(
         o,
-        " total without zero_frame, copy_frame and host_zap |\n|{}---|",
+        " per PT_UPDATE: total without {} | with table_ops and ad_ops |\n|{}---|---|",
+        NON_UPDATE_PHASES.join(", "),
         "---|".repeat(columns.len() + PHASES.len())
     );
 }
 
 /// The MMU_BATCH phases, in report order.
-pub const PHASES: [&str; 8] = [
+pub const PHASES: [&str; 10] = [
     "request",
     "copy_in",
     "apply",
     "zero_frame",
     "copy_frame",
+    "table_ops",
+    "ad_ops",
     "end_batch",
     "host_zap",
     "response",
 ];
 
 /// The PT_UPDATEs of mode `m` summed over the workloads, each phase's ns per PT_UPDATE (in
-/// `PHASES` order) and their total without zero_frame, copy_frame and host_zap; None if the mode applied none.
+/// `PHASES` order) and their total without the [`NON_UPDATE_PHASES`]; None if the mode
+/// applied none.
 pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f64)> {
     let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
     let updates: f64 = ps.iter().map(|p| p.vmm_pte_updates.median).sum();
@@ -288,7 +293,7 @@ pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f6
     let total = PHASES
         .iter()
         .zip(&per)
-        .filter(|(n, _)| !matches!(**n, "zero_frame" | "copy_frame" | "host_zap"))
+        .filter(|(n, _)| !NON_UPDATE_PHASES.contains(n))
         .map(|(_, v)| v)
         .sum();
     Some((updates, per, total))
@@ -296,7 +301,7 @@ pub fn phases_per_update(points: &[Point], m: &str) -> Option<(f64, Vec<f64>, f6
 
 fn phases_section(o: &mut String, points: &[Point]) {
     let _ = writeln!(o, "\n## MMU_BATCH phases\n");
-    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline and boot pin subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply except ZERO_FRAME and COPY_FRAME; `zero_frame`; `copy_frame`; `end_batch`: flush/resync decision; `host_zap`: the leaf zaps that stand in for host resyncs (docs/pv-abi.md §6.6); `response`: the guarded response write.\n");
+    let _ = writeln!(o, "Where the VMM's MMU_BATCH time went (`mmu_batch_phases` in the stats JSON), summed over the six workloads (medians per workload, baseline subtracted as above), in ns per PT_UPDATE applied. `request`: block checks and decoding in the dispatcher; `copy_in`: the one copy of the entries; `apply`: engine lock, decode and apply of PT_UPDATE, INVLPG and FLUSH_TLB entries; `zero_frame`; `copy_frame`; `table_ops`: PIN, UNPIN, NEW_BASEPTR, SET_KERNEL_ROOT and RELOCATE_TABLE (whole tables validated, torn down or shadowed; the boot's pin of the kernel L4 is one); `ad_ops`: SYNC_AD and QUERY_AD; `end_batch`: flush/resync decision; `host_zap`: the leaf zaps that stand in for host resyncs (docs/pv-abi.md §6.6); `response`: the guarded response write.\n");
     phases_header(o, &["mode", "PT_UPDATEs"]);
     for m in [
         "pv",
@@ -309,6 +314,66 @@ fn phases_section(o: &mut String, points: &[Point]) {
     }
 }
 
+/// The size classes of `mmu_batch_sizes` (docs/stats-json.md): their smallest and largest
+/// PT_UPDATEs per batch, and their label.
+const SIZE_CLASSES: [(u64, &str); 5] = [
+    (0, "0"),
+    (1, "1"),
+    (2, "2–15"),
+    (16, "16–255"),
+    (256, "256+"),
+];
+
+/// The update cost of mode `m` by batch size, summed over the workloads (medians per
+/// workload, baseline subtracted): per class, (label, batches, PT_UPDATEs, ns).
+pub fn batch_size_sums(points: &[Point], m: &str) -> Vec<(&'static str, f64, f64, f64)> {
+    let ps: Vec<&Point> = points.iter().filter(|p| p.mode == m).collect();
+    let sum = |k: &str| -> f64 {
+        ps.iter()
+            .filter_map(|p| p.batch_sizes.get(k))
+            .map(|s| s.median)
+            .sum::<f64>()
+            + 0.0
+    };
+    SIZE_CLASSES
+        .iter()
+        .map(|&(min, label)| {
+            let f = |field: &str| sum(&format!("{min}.{field}"));
+            (label, f("batches"), f("pt_updates"), f("update_ns"))
+        })
+        .filter(|&(_, batches, ..)| batches > 0.5)
+        .collect()
+}
+
+fn batch_size_section(o: &mut String, points: &[Point]) {
+    let _ = writeln!(
+        o,
+        "
+## VMM cost by batch size
+"
+    );
+    let _ = writeln!(o, "The update cost of the phases table (MMU_BATCH time without {}) split by the PT_UPDATEs each batch applied (`mmu_batch_sizes` in the stats JSON), summed over the six workloads (medians per workload, baseline subtracted). A batch costs a fixed amount whatever its size (dispatcher, engine lock, end of batch, response; class 0 holds batches of table, flush and frame entries only) and an amount per update: µs/batch of the small classes is the fixed cost, ns/PT_UPDATE of the largest class what an update adds. Run-wide ns/update (the tables above) mixes the two in the proportions of the workload.\n", NON_UPDATE_PHASES.join(", "));
+    let _ = writeln!(
+        o,
+        "| mode | PT_UPDATEs per batch | batches | PT_UPDATEs | µs/batch | ns/PT_UPDATE |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
+    for m in ["pv", "pv-lazy/1024", "pv-lazy/1024 fa=0", "pv-lazy/16"] {
+        for (label, batches, updates, ns) in batch_size_sums(points, m) {
+            let per_update = if updates > 0.5 {
+                format!("{:.0}", ns / updates)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                o,
+                "| {m} | {label} | {batches:.0} | {updates:.0} | {:.2} | {per_update} |",
+                ns / 1000.0 / batches
+            );
+        }
+    }
+}
+
 /// One row of a phases table for mode `m` of `points`, led by `lead` (`| a | b` without the
 /// closing bar); nothing where the mode has no PT_UPDATEs.
 pub fn phases_row(o: &mut String, lead: &str, m: &str, points: &[Point]) {
@@ -316,10 +381,14 @@ pub fn phases_row(o: &mut String, lead: &str, m: &str, points: &[Point]) {
         return;
     };
     let _ = write!(o, "{lead} | {updates:.0} |");
-    for v in per {
+    let mut tables = 0.0;
+    for (n, v) in PHASES.iter().zip(per) {
         let _ = write!(o, " {v:.0} |");
+        if matches!(*n, "table_ops" | "ad_ops") {
+            tables += v;
+        }
     }
-    let _ = writeln!(o, " {total:.0} |");
+    let _ = writeln!(o, " {total:.0} | {:.0} |", total + tables);
 }
 
 fn all_section(o: &mut String, points: &[Point], floor: &Value) {
@@ -356,6 +425,7 @@ pub fn report(points: &[Point], floor: &Value, host: &Value, pages: u32, repeat:
     fault_section(&mut o, points);
     ratio_section(&mut o, points, host);
     phases_section(&mut o, points);
+    batch_size_section(&mut o, points);
     all_section(&mut o, points, floor);
     let _ = writeln!(
         o,
