@@ -58,7 +58,10 @@ fn a_tiny_bench_matrix_writes_every_output() {
     assert!(populate["phases_ns"]["apply"]["median"].as_f64() > Some(0.0));
     // The boot's pin is a table op, charged to no update; the demand faults are batches of
     // one fault-around window (16 updates).
-    assert!(populate["phases_ns"]["table_ops"]["median"].is_number(), "{populate}");
+    assert!(
+        populate["phases_ns"]["table_ops"]["median"].is_number(),
+        "{populate}"
+    );
     assert!(
         populate["batch_sizes"]["16.pt_updates"]["median"].as_f64() >= Some(16.0),
         "{populate}"
