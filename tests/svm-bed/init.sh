@@ -17,6 +17,8 @@
 #                                       (native: the guest's break=no_shootdown; PV: pvmm's
 #                                       --debug-drop-remote-flushes): they must fail
 #        smpkick:<mmu mode>:<transport> the suite with --vcpus 2 and --remote-flush kick
+#        smppkey:<mmu mode>:<transport> the suite with --vcpus 2 and the kernel flush's
+#            protection-key trigger (--kernel-flush-trigger pkey)
 #        kzapbreak:<mmu mode>:<transport> SMP tests with --vcpus 2, --remote-flush kernel and
 #                                       --debug-kernel-flush-no-zap (targets counted flushed,
 #                                       nothing zapped): they must fail
@@ -237,6 +239,7 @@ EOF
     smp4) suite "$s" "$mode" "$transport" 4 ;;
     smpbreak) smpbreak "$s" "$mode" "$transport" ;;
     smpkick) suite "$s" "$mode" "$transport" 2 --remote-flush kick ;;
+    smppkey) suite "$s" "$mode" "$transport" 2 --kernel-flush-trigger pkey ;;
     kzapbreak) smpbreak "$s" "$mode" "$transport" "--remote-flush kernel --debug-kernel-flush-no-zap" ;;
     npt0) npt0 ;;
     linux) linux "$s" "${mode:-1}" ;;

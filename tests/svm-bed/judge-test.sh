@@ -12,10 +12,10 @@ judge() {
     if [ "$got" = "$2" ]; then echo "ok - $3"; else echo "not ok - $3 (verdict '$got', want '$2')"; fails=$((fails + 1)); fi
 }
 
-suite() { # $1: TAP body, $2: rc, $3: via, $4: remote flushes (default kernel)
+suite() { # $1: TAP body, $2: rc, $3: via, $4: remote flushes (default the dirty-log kernel flush)
     printf 'BED-BEGIN suite:pv:vmcall\r\r\nnoise\r\r\nTAP version 13\r\r\n%b' "$1"
     printf '\nBED-STATS-BEGIN\nend: guest-exit (exit code 0)   wall: 1 ms   hypercalls via: %s\n' "$3"
-    printf 'pool resync: not needed (auto); remote flushes: %s\ntotal 10\nBED-STATS-END\n' "${4:-kernel}"
+    printf 'pool resync: not needed (auto); remote flushes: %s\ntotal 10\nBED-STATS-END\n' "${4:-kernel (dirty_log)}"
     printf 'BED-END suite:pv:vmcall rc=%s secs=1.00\n' "$2"
 }
 
@@ -48,6 +48,13 @@ suite "$smp_good" 0 'vmcall (forced)' kick | kick |
     judge smpkick:pv:vmcall PASS "an SMP suite with kicks passes the kick step"
 suite "$smp_good" 0 'vmcall (forced)' | kick |
     judge smpkick:pv:vmcall FAIL "a kick step whose flushes went through the kernel fails"
+suite "$smp_good" 0 'vmcall (forced)' 'kernel (pkey)' | smp |
+    judge smp:pv:vmcall FAIL "a PV SMP step whose kernel flush fell back to protection keys fails"
+pkey() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smppkey:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smppkey:pv:vmcall/'; }
+suite "$smp_good" 0 'vmcall (forced)' 'kernel (pkey)' | pkey |
+    judge smppkey:pv:vmcall PASS "an SMP suite on the protection-key trigger passes the pkey step"
+suite "$smp_good" 0 'vmcall (forced)' | pkey |
+    judge smppkey:pv:vmcall FAIL "a pkey step whose flushes took the dirty log fails"
 smp4() { sed 's/BED-BEGIN suite:pv:vmcall/BED-BEGIN smp4:pv:vmcall/; s/BED-END suite:pv:vmcall/BED-END smp4:pv:vmcall/'; }
 suite '# mmu=pv cpus=4\n1..2\nok 1 a\nok 2 smp_unmap\n' 0 'vmcall (forced)' | smp4 |
     judge smp4:pv:vmcall PASS "an SMP suite on 4 CPUs passes the 4-vCPU step"

@@ -97,16 +97,17 @@ function finish(name,    kind, parts, mode, transport, why, verdict, base, want,
     if (mode == "") mode = "-"
     if (transport == "") transport = "-"
     if (name ~ /@/) mode = mode substr(name, index(name, "@"))
-    if (kind == "suite" || kind == "smp" || kind == "smp4" || kind == "smpkick") why = judge_suite(transport)
+    if (kind == "suite" || kind == "smp" || kind == "smp4" || kind == "smpkick" || kind == "smppkey") why = judge_suite(transport)
     else if (kind == "smpbreak" || kind == "kzapbreak") why = judge_break()
     else if (kind == "linux") why = judge_linux(num(parts[2]))
     else if (kind == "bench" || kind == "benchcost" || kind == "benchcostonly") why = judge_bench(transport, kind == "benchcostonly")
     else if (kind == "npt0") why = (rc != 0 || kvm_line !~ /npt=(0|N)$/) ? "kvm_amd npt=0 reload failed (" kvm_line "); " : ""
     else why = "unknown step; "
-    if (kind == "smp" || kind == "smp4" || kind == "smpkick") {
+    if (kind == "smp" || kind == "smp4" || kind == "smpkick" || kind == "smppkey") {
         # The bed has nested paging and protection keys: PV steps take the kernel flush
-        # unless told to kick (a silent fallback to kicks must not pass unnoticed).
-        want_flush = (kind == "smpkick") ? "kick" : "kernel"
+        # with the dirty-log trigger unless told to kick or to use protection keys (a
+        # silent fallback must not pass unnoticed).
+        want_flush = (kind == "smpkick") ? "kick" : (kind == "smppkey") ? "kernel (pkey)" : "kernel (dirty_log)"
         if (mode !~ /^native/ && rflush != want_flush)
             why = why "remote flushes went by '" rflush "', want " want_flush "; "
         want = (kind == "smp4") ? 4 : 2
@@ -166,7 +167,7 @@ in_file { f_got++; next }
 in_stats {
     if (match($0, /hypercalls via: [a-z]+ \([^)]*\)/))
         { via = substr($0, RSTART + 16, RLENGTH - 16); sub(/,[^)]*/, "", via) }
-    if (match($0, /remote flushes: [a-z]+/)) rflush = substr($0, RSTART + 16, RLENGTH - 16)
+    if (match($0, /remote flushes: [a-z]+( \([a-z_]+\))?/)) rflush = substr($0, RSTART + 16, RLENGTH - 16)
     if ($1 == "total" && exits == "-" && $2 ~ /^[0-9]+$/) exits = $2
     if ($1 == "op" && $2 == "calls") { in_hc = 1; next }
     if (in_hc && NF == 0) in_hc = 0

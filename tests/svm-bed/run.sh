@@ -36,7 +36,7 @@ TIMEOUT=${SVM_BED_TIMEOUT:-1200}
 STALL=${SVM_BED_STALL:-420}
 RETRIES=${SVM_BED_RETRIES:-1}
 SUITES="suite:native:vmcall,suite:pv:vmcall,suite:pv-lazy:vmcall,suite:native:auto,suite:pv:auto,suite:pv-lazy:auto"
-DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto,smpkick:pv-lazy:auto,kzapbreak:pv-lazy:auto"
+DEFAULT_BOOTS="1=$SUITES,suite:emulate:auto,suite:wrpt:auto,bench:16x1:vmcall,linux,npt0,suite:pv:vmcall@npt0,suite:pv-lazy:auto@npt0;2=smp:pv-lazy:auto,smp:pv:auto,smp:native:auto,smp4:pv-lazy:auto,smp:wrpt:auto,smpbreak:native:auto,smpbreak:pv-lazy:auto,smpkick:pv-lazy:auto,smppkey:pv-lazy:auto,kzapbreak:pv-lazy:auto"
 # Not in the default plan: linux:2 (a stock Linux with --vcpus 2 under -smp 2) passed 7 of 8
 # runs; one produced no output for 20 minutes from the L2 kernel's boot on (pvmm's own
 # --timeout never answered either) until QEMU was killed. Run it with SVM_BED_BOOTS="2=linux:2";

@@ -157,6 +157,7 @@ pub fn run_once(n: u32, seccomp: SeccompMode) -> Result<ExitBench, SetupError> {
         debug_drop_remote_flushes: false,
         pool_resync: crate::cli::PoolResync::Auto,
         remote_flush: crate::cli::RemoteFlush::Auto,
+        kernel_flush_trigger: crate::cli::KernelFlushTrigger::Auto,
         debug_kernel_flush_no_zap: false,
         leaf_zap: crate::cli::LeafZap::Auto,
         debug_leaf_zap_skip: false,

@@ -98,6 +98,17 @@ pub enum PoolResync {
     Never,
 }
 
+/// What makes KVM flush every vCPU in a kernel flush (docs/pv-abi.md §6.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelFlushTrigger {
+    /// The dirty-log trigger where its start-up probe passes, else the protection-key zap.
+    Auto,
+    /// A dirty-log fetch of a page of pvmm's own that KVM itself dirtied (two ioctls).
+    DirtyLog,
+    /// A protection-key flip of the changed pool frames' host mappings.
+    Pkey,
+}
+
 /// How remote TLB flushes reach other vCPUs (docs/pv-abi.md §6.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RemoteFlush {
@@ -214,6 +225,10 @@ pub struct RunArgs {
     /// Remote TLB flushes: auto, kick (signal the target), kernel (a host-kernel flush).
     #[arg(long, value_enum, default_value = "auto")]
     pub remote_flush: RemoteFlush,
+    /// What the kernel flush makes KVM flush with: auto (dirty-log where it works, else
+    /// pkey), dirty-log, pkey.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernel_flush_trigger: KernelFlushTrigger,
     /// Test only: the kernel flush counts its targets flushed without zapping anything
     /// (the SMP TLB selftests must then fail).
     #[arg(long, hide_short_help = true)]

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod console;
 pub mod cpu;
 pub mod devices;
+pub mod dirty_flush;
 pub mod error;
 pub mod guest_ram;
 pub mod hcall;

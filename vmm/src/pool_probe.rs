@@ -38,6 +38,9 @@ pub struct ResyncChoice {
     /// How remote flushes are delivered: "kick" or "kernel" (`--remote-flush`, set when
     /// the VM is built).
     pub remote_flush: &'static str,
+    /// What the kernel flush triggers KVM's flush with: "dirty_log" or "pkey" ("" for
+    /// kicks; set when the VM is built).
+    pub kernel_flush: &'static str,
     /// Changed leaves are zapped instead of resynced (`--leaf-zap`, set when the VM is
     /// built).
     pub leaf_zap: bool,
@@ -89,6 +92,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         probe_ns: 0,
         cached: false,
         remote_flush: "kick",
+        kernel_flush: "",
         leaf_zap: false,
     };
     match mode {
@@ -104,6 +108,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
             probe_ns: 0,
             cached: true,
             remote_flush: "kick",
+            kernel_flush: "",
             leaf_zap: false,
         };
     }
@@ -122,6 +127,7 @@ pub fn choose(kvm: &Kvm, mode: PoolResync, device: &str) -> ResyncChoice {
         probe_ns: t.elapsed().as_nanos() as u64,
         cached: false,
         remote_flush: "kick",
+        kernel_flush: "",
         leaf_zap: false,
     }
 }

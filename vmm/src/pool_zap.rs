@@ -24,25 +24,15 @@ use std::io;
 use std::sync::Mutex;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The zap for `--remote-flush mode`, or `None` for kicks: `kernel` needs protection keys
-/// and a host that needs no pool resync (`resync_needed` false: on a host that shadows the
-/// pool in software, a zap does not make KVM re-read the pool, only the resync does).
+/// The protection-key zap of the pool in `mem`, for `--remote-flush mode` (`kernel` or
+/// `auto`, on a host that needs no pool resync: [`crate::vm::kernel_flush::choose`]
+/// decides that): `None` for `auto` where the host has no protection keys, an error for
+/// `kernel`.
 pub fn choose(
     mode: RemoteFlush,
-    resync_needed: bool,
     mem: &GuestMemoryMmap,
     layout: &Layout,
 ) -> Result<Option<PkeyZap>, SetupError> {
-    if mode == RemoteFlush::Kick || (mode == RemoteFlush::Auto && resync_needed) {
-        return Ok(None);
-    }
-    if resync_needed {
-        return Err(SetupError::other(
-            "--remote-flush kernel",
-            "this host needs the pool resync (it shadows the pool in software), \
-             which a kernel flush does not replace",
-        ));
-    }
     let base = mem
         .get_host_address(GuestAddress(layout.pool_base))
         .map_err(|e| SetupError::other("the shadow pool's host address", e))?;
@@ -140,7 +130,11 @@ pub(crate) fn set_pkey(addr: usize, len: usize, pkey: i32) -> io::Result<()> {
 }
 
 impl PoolZap for PkeyZap {
-    fn zap(&self, frames: &[u32]) -> io::Result<()> {
+    fn name(&self) -> &'static str {
+        "pkey"
+    }
+
+    fn zap(&self, _vcpu: usize, frames: &[u32]) -> io::Result<()> {
         if frames.iter().any(|&f| f >= self.frames) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -229,8 +223,8 @@ mod tests {
         };
         // SAFETY: inside the mapping.
         unsafe { base.add(2 * FRAME).write(7) };
-        zap.zap(&[1, 2, 3, 6]).unwrap();
-        zap.zap(&[2, 3, 4]).unwrap();
+        zap.zap(0, &[1, 2, 3, 6]).unwrap();
+        zap.zap(0, &[2, 3, 4]).unwrap();
         assert_eq!(
             *zap.keyed.lock().unwrap(),
             [false, true, false, false, true, false, true, false],
@@ -242,7 +236,7 @@ mod tests {
             base.add(6 * FRAME).write(9);
             assert_eq!(base.add(6 * FRAME).read(), 9);
         }
-        assert!(zap.zap(&[8]).is_err(), "outside the pool");
+        assert!(zap.zap(0, &[8]).is_err(), "outside the pool");
         drop(zap);
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(base.cast(), len) };

@@ -216,11 +216,15 @@ pub trait RamZap: Send + Sync {
     fn zap(&self, frames: &[u64]) -> std::io::Result<u32>;
 }
 
-/// Makes the host kernel forget its mappings of shadow-pool frames, which makes KVM flush
-/// every vCPU's TLB before any of them runs guest code again (the kernel flush).
+/// Makes KVM flush every vCPU's TLB before any of them runs guest code again, through the
+/// host kernel (the kernel flush, docs/pv-abi.md §6.5): by zapping the host's mappings of
+/// the changed pool frames, or by a dirty-log fetch that flushes whatever it finds.
 pub trait PoolZap: Send + Sync {
-    /// Zaps the host's mappings of pool frames `frames` (pool frame indices, ascending).
-    fn zap(&self, frames: &[u32]) -> std::io::Result<()>;
+    /// Flushes for calling vCPU `vcpu` (out of `KVM_RUN` on its own thread); `frames` are
+    /// the changed pool frames (pool frame indices, ascending), which a zap unmaps.
+    fn zap(&self, vcpu: usize, frames: &[u32]) -> std::io::Result<()>;
+    /// The trigger's name in the statistics (`vm.pool_resync.kernel_flush`).
+    fn name(&self) -> &'static str;
 }
 
 #[cfg(test)]

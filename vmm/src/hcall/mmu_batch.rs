@@ -273,7 +273,7 @@ impl MmuBatch {
         let frames = engine.stale_chunks();
         let t = Instant::now();
         if !self.options.kernel_flush_no_zap {
-            if let Err(e) = zap.zap(&frames) {
+            if let Err(e) = zap.zap(ctx.vcpu, &frames) {
                 log::warn!("kernel flush failed, kicking from now on: {e}");
                 self.kernel_flush_failed.store(true, Ordering::Relaxed);
                 return;

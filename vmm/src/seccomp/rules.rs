@@ -173,6 +173,14 @@ fn vcpu(ctx: &Context) -> Vec<Allowed> {
             ioctls::KVM_SET_USER_MEMORY_REGION(),
             "host resync: re-register the pool memslot",
         ),
+        ioctl(
+            ioctls::KVM_SET_MSRS(),
+            "kernel flush (dirty-log trigger): the wall-clock MSR dirties the trigger page",
+        ),
+        ioctl(
+            ioctls::KVM_GET_DIRTY_LOG(),
+            "kernel flush (dirty-log trigger): fetching the trigger page's log flushes every vCPU",
+        ),
         any(
             libc::SYS_pread64,
             "KVM binary stats fd at the end and for interval snapshots",

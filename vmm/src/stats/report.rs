@@ -52,6 +52,9 @@ pub struct PoolResyncInfo {
     pub probe_cached: bool,
     /// How remote TLB flushes are delivered: "kick" or "kernel" (docs/pv-abi.md §6.5).
     pub remote_flush: String,
+    /// What the kernel flush triggers KVM's flush with: "dirty_log" or "pkey" (empty for
+    /// kicks; docs/pv-abi.md §6.5).
+    pub kernel_flush: String,
     /// Changed leaves are zapped instead of resynced (docs/pv-abi.md §6.6).
     pub leaf_zap: bool,
 }
@@ -570,6 +573,7 @@ mod tests {
             keys(&v["vm"]["pool_resync"]),
             [
                 "choice",
+                "kernel_flush",
                 "leaf_zap",
                 "needed",
                 "probe_cached",

@@ -88,14 +88,14 @@ fn header(o: &mut String, r: &Report) {
         (true, false) => "needed",
         (true, true) => "needed, changed leaves zapped",
     };
+    let remote = match (pr.remote_flush.as_str(), pr.kernel_flush.as_str()) {
+        ("", _) => "kick".to_string(),
+        (mode, "") => mode.to_string(),
+        (mode, trigger) => format!("{mode} ({trigger})"),
+    };
     let _ = writeln!(
         o,
-        "pool resync: {verdict} ({how}); remote flushes: {}",
-        if pr.remote_flush.is_empty() {
-            "kick"
-        } else {
-            &pr.remote_flush
-        }
+        "pool resync: {verdict} ({how}); remote flushes: {remote}"
     );
     let cpu = m.kvm_run_ns + m.vmm_ns;
     let _ = writeln!(
@@ -596,6 +596,24 @@ mod tests {
         assert!(rows[2].starts_with("zero_frame"), "{t}");
         // (4000 - 500) ns / 35 updates.
         assert!(sec.contains("per PTE update: 100 ns"), "{t}");
+    }
+
+    #[test]
+    fn the_header_names_the_remote_flush_delivery_and_its_trigger() {
+        let header = |remote: &str, trigger: &str| {
+            let mut i = info(2);
+            i.pool_resync.remote_flush = remote.into();
+            i.pool_resync.kernel_flush = trigger.into();
+            let t = to_table(&build(i, &[vcpu()], None));
+            t.lines()
+                .find(|l| l.starts_with("pool resync:"))
+                .map(|l| l.split("remote flushes: ").nth(1).unwrap_or("").to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(header("kernel", "dirty_log"), "kernel (dirty_log)");
+        assert_eq!(header("kernel", "pkey"), "kernel (pkey)");
+        assert_eq!(header("kick", ""), "kick");
+        assert_eq!(header("", ""), "kick");
     }
 
     #[test]

@@ -116,11 +116,7 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         h.set_resync_granule(p.chunk_frames());
     }
     // Before any vCPU thread exists: they inherit the zap's protection-key rights.
-    let zap = crate::pool_zap::choose(args.remote_flush, resync.needed, &mem, &layout)?;
-    if let (Some(h), Some(z)) = (handler.as_mut(), zap) {
-        h.enable_kernel_flush(Box::new(z));
-        resync.remote_flush = "kernel";
-    }
+    let dirty_log = enable_kernel_flush(args, &mut resync, &kvm, &vm, &mem, &layout, &mut handler)?;
     if let Some(h) = handler.as_mut().filter(|_| resync.needed) {
         resync.leaf_zap = enable_leaf_zap(&kvm, args.leaf_zap, &mem, h.as_mut());
     }
@@ -150,6 +146,10 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
     };
     let leaves = CpuidLeaves::new(dispatcher.features(), transport.transport, DOORBELL_PORT);
     let vcpus = create_vcpus(&kvm, &vm, vcpus, entry, &leaves, &shared)?;
+    if let Some(d) = &dirty_log {
+        let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| &v.fd).collect();
+        super::kernel_flush::attach(d, &fds)?;
+    }
     Ok(BuiltVm {
         vcpus,
         serial,
@@ -162,6 +162,39 @@ pub fn build(args: &RunArgs, mmu: &MmuFactory, extra: ExtraDevices) -> Result<Bu
         mem,
         filters,
     })
+}
+
+/// Gives the MMU handler the kernel flush (docs/pv-abi.md §6.5) that `args` and the host
+/// allow, noting it in `resync`; returns the dirty-log trigger, which needs the vCPU fds
+/// once they exist.
+fn enable_kernel_flush(
+    args: &RunArgs,
+    resync: &mut crate::pool_probe::ResyncChoice,
+    kvm: &Kvm,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    handler: &mut Option<Box<dyn crate::hcall::OpHandler>>,
+) -> Result<Option<Arc<crate::dirty_flush::DirtyLogFlush>>, SetupError> {
+    let Some(h) = handler.as_mut() else {
+        return Ok(None);
+    };
+    let chosen = super::kernel_flush::choose(
+        args.remote_flush,
+        args.kernel_flush_trigger,
+        resync.needed,
+        kvm,
+        vm,
+        mem,
+        layout,
+    )?;
+    let Some(k) = chosen else {
+        return Ok(None);
+    };
+    resync.remote_flush = "kernel";
+    resync.kernel_flush = k.zap.name();
+    h.enable_kernel_flush(k.zap);
+    Ok(k.dirty_log)
 }
 
 /// Turns on leaf zaps (docs/pv-abi.md §6.6) where `mode` and the host's probe allow;

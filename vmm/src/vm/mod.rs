@@ -3,6 +3,7 @@
 //! into an exit code, a message and the statistics report.
 
 pub mod build;
+pub mod kernel_flush;
 pub mod supervisor;
 
 use crate::cli::RunArgs;
@@ -113,6 +114,7 @@ pub fn vm_info(
             probe_ns: resync.probe_ns,
             probe_cached: resync.cached,
             remote_flush: resync.remote_flush.into(),
+            kernel_flush: resync.kernel_flush.into(),
             leaf_zap: resync.leaf_zap,
         },
         guest_status: None,
