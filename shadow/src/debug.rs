@@ -119,6 +119,14 @@ impl ShadowMmu {
         self.pending.debug_all_covered = on;
     }
 
+    /// A detached root's shadow is freed like any other, cleared and reusable, although a
+    /// vCPU still runs on it until its root switch (the mechanism switched off, for the
+    /// tests that must catch it).
+    #[doc(hidden)]
+    pub fn set_debug_clear_detached(&mut self, on: bool) {
+        self.debug_clear_detached = on;
+    }
+
     /// Whether pool frame `idx` holds a shadow now (not free or freed).
     #[doc(hidden)]
     pub fn debug_pool_frame_used(&self, idx: u32) -> bool {

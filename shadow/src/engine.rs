@@ -86,6 +86,13 @@ pub struct ShadowMmu {
     /// More than one vCPU: while a batch runs, another vCPU's walk may set A/D in a shadow
     /// entry, so entries are replaced with a locked exchange (`Table::replace`).
     pub(crate) shared_walks: bool,
+    /// Shadow roots a `DETACH` moved vCPUs off while they still run on them, until their
+    /// root switches are delivered: freed, such a root keeps its kernel half and its frame
+    /// is held from reuse (`free_shadow_table`), so those vCPUs can run kernel code until
+    /// they switch.
+    pub(crate) detached_shadows: Vec<u32>,
+    /// Test only: a detached root's shadow is freed like any other (cleared, reusable).
+    pub(crate) debug_clear_detached: bool,
 }
 
 impl ShadowMmu {
@@ -117,6 +124,8 @@ impl ShadowMmu {
             fast_hits: 0,
             leaf_zaps: LeafZaps::default(),
             shared_walks: vcpus > 1,
+            detached_shadows: Vec::new(),
+            debug_clear_detached: false,
         })
     }
 
@@ -257,12 +266,16 @@ impl ShadowMmu {
     /// VMM calls it for the caller at the end of a batch (through `end_batch`) and, on its
     /// own thread, for every vCPU a batch names in [`BatchOutcome::remote`].
     pub fn take_delivery(&mut self, vcpu: usize) -> BatchOutcome {
-        BatchOutcome {
+        let out = BatchOutcome {
             flush_frameless: self.pending.frameless(vcpu),
             flush: self.take_flush(vcpu),
             new_cr3: self.new_cr3.get_mut(vcpu).and_then(Option::take),
             ..BatchOutcome::default()
+        };
+        if out.new_cr3.is_some() {
+            self.release_detached();
         }
+        out
     }
 
     /// Takes the flush pending for `vcpu` (counted as performed): the VMM must flush
@@ -338,8 +351,24 @@ impl ShadowMmu {
     }
 
     /// Whether any vCPU has a root switch waiting (it may run on a freed root until then).
-    fn root_switch_outstanding(&self) -> bool {
+    pub(crate) fn root_switch_outstanding(&self) -> bool {
         self.new_cr3.iter().any(Option::is_some)
+    }
+
+    /// Once no root switch waits, the detached roots' frames may be reused.
+    fn release_detached(&mut self) {
+        if !self.root_switch_outstanding() {
+            self.detached_shadows.clear();
+            self.pool.release_held();
+        }
+    }
+
+    /// Whether shadow `sidx` is a root some vCPU may still run on (see
+    /// `detached_shadows`).
+    pub(crate) fn still_run_on(&self, sidx: u32) -> bool {
+        !self.debug_clear_detached
+            && self.detached_shadows.contains(&sidx)
+            && self.root_switch_outstanding()
     }
 
     /// Whether a root switch (`DETACH`) waits for `vcpu` in [`ShadowMmu::take_delivery`].
@@ -928,6 +957,7 @@ impl ShadowMmu {
         let refs = self.frames.info(pfn).map_or(0, |i| i.parents.len());
         rules::unpin_allowed(pinned, false, refs)?;
         rules::not_a_kernel_root(self.kernel_root.contains(&Some(pfn)))?;
+        self.release_detached();
         let mut plan = Vec::new();
         for (v, r) in self.roots.iter().enumerate() {
             if *r == Some(pfn) {
@@ -938,6 +968,9 @@ impl ShadowMmu {
         let mut shadows = Vec::with_capacity(plan.len());
         for &(_, k) in &plan {
             shadows.push(self.ensure_shadow(mem, k)?);
+        }
+        if let (false, Some(s)) = (plan.is_empty(), self.frames.shadow(pfn)) {
+            self.detached_shadows.push(s);
         }
         self.roots_changed();
         for (&(v, k), s) in plan.iter().zip(shadows) {

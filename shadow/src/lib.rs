@@ -66,6 +66,8 @@ pub use trap::{TrapCounters, TrapDebug, TrapResult, WriteMode};
 pub use vcpuset::VcpuSet;
 
 #[cfg(test)]
+mod detach_tests;
+#[cfg(test)]
 mod fast_tests;
 #[cfg(test)]
 mod integrity_tests;

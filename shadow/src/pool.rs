@@ -58,6 +58,9 @@ pub(crate) struct Pool {
     /// translations from pool tables may still hold them, so they are reused only when
     /// `free` runs dry, and their chunk then becomes stale.
     dirty: Vec<u32>,
+    /// Freed frames no one may reuse yet: the shadow roots a vCPU still runs on until its
+    /// root switch (`DETACH`) is delivered. They join `dirty` on `release_held`.
+    held: Vec<u32>,
     /// log2 of the frames per resync chunk (the unit the host re-registers; by default the
     /// whole pool): a shift, as marking is on the update path.
     granule_shift: u32,
@@ -103,6 +106,7 @@ impl Pool {
             base,
             free: (0..frames as u32).rev().collect(),
             dirty: Vec::new(),
+            held: Vec::new(),
             granule_shift: (frames.max(1) as u32).next_power_of_two().trailing_zeros(),
             stale: vec![false],
             stale_list: Vec::new(),
@@ -184,15 +188,40 @@ impl Pool {
 
     /// Returns a frame (its slots must already be unlinked from the reverse map).
     pub fn free(&mut self, idx: u32) {
-        if let Some(m) = self.meta.get_mut(idx as usize) {
-            if let Some(old) = m.take() {
-                self.used -= 1;
-                if matches!(old.owner, Owner::Table { .. }) {
-                    self.tables -= 1;
-                }
-                self.dirty.push(idx);
-            }
+        if self.unaccount(idx) {
+            self.dirty.push(idx);
         }
+    }
+
+    /// Returns a frame that must not be reused before [`Pool::release_held`] (a shadow
+    /// root a vCPU still runs on).
+    pub fn free_held(&mut self, idx: u32) {
+        if self.unaccount(idx) {
+            self.held.push(idx);
+        }
+    }
+
+    /// How many frames are held from reuse (tests).
+    #[cfg(test)]
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The held frames may be reused (as dirty frames: a translation cache may hold them).
+    pub fn release_held(&mut self) {
+        self.dirty.append(&mut self.held);
+    }
+
+    /// Takes frame `idx` out of use; whether it was in use.
+    fn unaccount(&mut self, idx: u32) -> bool {
+        let Some(old) = self.meta.get_mut(idx as usize).and_then(Option::take) else {
+            return false;
+        };
+        self.used -= 1;
+        if matches!(old.owner, Owner::Table { .. }) {
+            self.tables -= 1;
+        }
+        true
     }
 
     /// Splits the pool into resync chunks of `frames` frames rounded up to a power of two

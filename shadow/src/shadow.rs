@@ -10,6 +10,9 @@ use crate::pool::Owner;
 use crate::pte::{self, Kind, A, AD, ADDR, P, RW, US};
 use crate::rules::{self, Rule};
 
+/// The first L4 index of the kernel half (the upper half of the canonical address space).
+const KERNEL_HALF: usize = 256;
+
 impl ShadowMmu {
     /// A zeroed pool frame for `owner`; reclaims unreachable shadows if the pool is full.
     fn alloc_shadow<M: GuestMemory>(&mut self, mem: &Mem<'_, M>, owner: Owner) -> R<u32> {
@@ -170,7 +173,11 @@ impl ShadowMmu {
         if used && self.pool.stale_on_drop {
             self.mark_stale(sidx);
         }
-        self.pool.free(sidx);
+        if self.still_run_on(sidx) {
+            self.pool.free_held(sidx);
+        } else {
+            self.pool.free(sidx);
+        }
         used
     }
 
@@ -228,8 +235,16 @@ impl ShadowMmu {
         let Ok(st) = table(mem, self.pool.pfn(sidx)) else {
             return false;
         };
+        // A root a vCPU still runs on until its root switch keeps its kernel half (the
+        // upper 256 entries, shared by every address space): that vCPU runs kernel code
+        // until it switches, and its walks must still find it.
+        let end = if level == 4 && self.still_run_on(sidx) {
+            KERNEL_HALF
+        } else {
+            512
+        };
         let mut used = false;
-        for i in 0..512 {
+        for i in 0..end {
             let s = st.swap(i, 0);
             if !pte::present(s) {
                 continue;

@@ -417,9 +417,11 @@ enum Cov {
     GuestRemoteFlush,
     /// A host resync covered some chunks of the pool but not all.
     PartialResync,
+    /// A target with a root switch waiting ran kernel code on its old root first.
+    KernelBeforeSwitch,
 }
 
-const COV_N: usize = Cov::PartialResync as usize + 1;
+const COV_N: usize = Cov::KernelBeforeSwitch as usize + 1;
 static COV: [std::sync::atomic::AtomicU64; COV_N] =
     [const { std::sync::atomic::AtomicU64::new(0) }; COV_N];
 
@@ -866,6 +868,35 @@ impl World {
         Ok(())
     }
 
+    /// Until its root switch is delivered, a target runs kernel code on its old CR3, after
+    /// the batch that switched it (a `DETACH` that freed that root, say) changed the pool:
+    /// a kernel translation the guest has, in the root it moves to, must still be found
+    /// through the old one.
+    fn runs_kernel_before_switch(&mut self, w: usize) -> Res {
+        let Some(root) = self.mmu.loaded_root(w).map(|r| r.guest_l4 >> 12) else {
+            return Ok(());
+        };
+        if self.cr3[w].is_none() || self.guest_walk(root, KVA).is_none() {
+            return Ok(());
+        }
+        let vroot = self.vroot[w].replace(root);
+        let found = self.walk(w, KVA, false, false);
+        self.vroot[w] = vroot;
+        match found? {
+            Some(t) => {
+                // A read, as by the CPU: the walk set A in the guest's leaf record too.
+                let r = self.rec(t.slot)?;
+                r.must |= A;
+                r.may |= A;
+                cov(Cov::KernelBeforeSwitch);
+                Ok(())
+            }
+            None => Err(format!(
+                "vcpu {w}: kernel VA {KVA:#x} unmapped on its old root before its root switch"
+            )),
+        }
+    }
+
     /// A hardware page walk through the shadow of `vcpu`, setting A (and D) as it goes.
     fn walk(&mut self, v: usize, va: u64, write: bool, user: bool) -> Result<Option<Tlb>, String> {
         let mut t = self.cr3[v].unwrap_or(0) >> 12;
@@ -1113,6 +1144,7 @@ impl World {
                 continue;
             }
             if let Some(c) = d.new_cr3 {
+                self.runs_kernel_before_switch(w)?;
                 self.cr3[w] = Some(c);
                 self.vroot[w] = self.mmu.loaded_root(w).map(|r| r.guest_l4 >> 12);
                 self.tlb[w].retain(|_, t| t.g);
@@ -2234,4 +2266,36 @@ fn unmarked_resync_chunks_are_caught() {
         Err(TestError::Fail(why, _)) => assert!(why.message().contains("host cache"), "{why}"),
         other => panic!("the model did not catch unmarked chunks: {other:?}"),
     }
+}
+
+/// Targets of a `DETACH` run kernel code on their old root until their switch arrives:
+/// with the engine keeping a detached root's kernel half, every such walk finds it.
+#[test]
+fn detached_roots_keep_the_kernel_until_the_switch() {
+    let before = COV[Cov::KernelBeforeSwitch as usize].load(std::sync::atomic::Ordering::Relaxed);
+    let mut runner = runner(64, false);
+    let r = runner.run(&long_case(), |(vcpus, pool, steps)| {
+        let mut w = World::new(vcpus, pool);
+        drive(&mut w, &steps)
+    });
+    r.expect("a target lost the kernel before its root switch");
+    let after = COV[Cov::KernelBeforeSwitch as usize].load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        after > before,
+        "no target ran on its old root before a switch"
+    );
+}
+
+/// A detached root's shadow cleared and reusable while a vCPU still runs on it: that vCPU
+/// loses the kernel before its root switch arrives, and the model says so.
+#[test]
+fn a_detached_root_cleared_under_a_running_vcpu_is_caught() {
+    let mut runner = runner(64, false);
+    let r = runner.run(&long_case(), |(vcpus, pool, steps)| {
+        let mut w = World::new(vcpus, pool);
+        w.mmu.set_debug_clear_detached(true);
+        drive(&mut w, &steps)
+    });
+    let e = r.expect_err("the model missed a detached root cleared under its vCPU");
+    assert!(e.to_string().contains("before its root switch"), "{e}");
 }

@@ -3,8 +3,10 @@
 //! Where the host needs the pool resync (a software-shadowing KVM), a zap does not make KVM
 //! re-read the pool: `--remote-flush kernel` is refused before the VM starts, and `auto`
 //! kicks. With the resync forced off (a cost-only configuration there), the kernel flush
-//! runs: the VM ends normally (no seccomp refusal of `pkey_mprotect`) and the stats count
-//! its flushes. Whether it keeps the TLBs coherent is checked where it can be: the SVM bed
+//! runs with each trigger (the dirty log, the default where its probe passes, and
+//! protection keys): the VM ends normally (no seccomp refusal of `KVM_SET_MSRS`,
+//! `KVM_GET_DIRTY_LOG` or `pkey_mprotect`) and the stats name the trigger and count its
+//! flushes. Whether it keeps the TLBs coherent is checked where it can be: the SVM bed
 //! (nested paging) runs the SMP suite on it and `kzapbreak:` breaks it on purpose.
 
 use pvmm_e2e::{kvm_available, run_guest_stats};
@@ -55,23 +57,46 @@ fn the_kernel_flush_is_chosen_only_where_it_works_and_runs_when_forced() {
         Some(false) => eprintln!("this host needs no resync: remote flushes went by {how}"),
         None => panic!("no pool_resync verdict in the stats: {stderr}"),
     }
-    let forced = ["--pool-resync", "never", "--remote-flush", "kernel"];
-    let (code, stats, stderr) = run("forced", &forced);
-    if stderr.contains("protection keys") {
-        eprintln!("SKIP the forced run: no protection keys on this host ({stderr})");
+    for (trigger, name) in [
+        ("auto", "dirty_log"),
+        ("dirty-log", "dirty_log"),
+        ("pkey", "pkey"),
+    ] {
+        forced_run(trigger, name);
+    }
+}
+
+/// The kernel flush forced on with `--kernel-flush-trigger trigger`, which the stats must
+/// name `name`.
+fn forced_run(trigger: &str, name: &str) {
+    let forced = [
+        "--pool-resync",
+        "never",
+        "--remote-flush",
+        "kernel",
+        "--kernel-flush-trigger",
+        trigger,
+    ];
+    let (code, stats, stderr) = run(&format!("forced-{trigger}"), &forced);
+    if trigger == "pkey" && stderr.contains("protection keys") {
+        eprintln!("SKIP the pkey run: no protection keys on this host ({stderr})");
         return;
     }
     // The guest's own status (its tests may fail where the resync is needed): below 128,
     // not one of the VMM's failure codes.
     assert!(
         code.is_some_and(|c| c < 128),
-        "the forced kernel flush must end like a guest run (status {code:?}): {stderr}"
+        "{trigger}: the forced kernel flush must end like a guest run (status {code:?}): {stderr}"
     );
-    assert!(!stderr.contains("seccomp"), "{stderr}");
+    assert!(!stderr.contains("seccomp"), "{trigger}: {stderr}");
     assert_eq!(stats["vm"]["pool_resync"]["remote_flush"], "kernel");
+    assert_eq!(
+        stats["vm"]["pool_resync"]["kernel_flush"], name,
+        "{trigger}"
+    );
     assert!(
         smp(&stats, "kernel_flushes") > 0 && smp(&stats, "kernel_zaps") > 0,
-        "no kernel flush ran: {}",
+        "{trigger}: no kernel flush ran: {}",
         stats["merged"]["smp"]
     );
 }
