@@ -238,9 +238,11 @@ unfinished() { # steps, log
 # Unpacks every BED-FILE block of log $1 into $BED/files/<name without .tar.gz>/ after
 # checking its line count and md5; returns 1 if a block is damaged.
 extract_files() {
-    local log=$1 name lines md5 got dir bad=0
+    local log=$1 name lines md5 got dir bad=0 boot
+    # Every boot numbers its files from 1: the boot's name keeps them apart.
+    boot=$(basename "$log" .log)
     while read -r name lines md5; do
-        dir="$BED/files/${name%.tar.gz}"
+        dir="$BED/files/$boot-${name%.tar.gz}"
         awk -v n="$name" '{ sub(/\r+$/, "") } $0 == "BED-FILE-END " n { on = 0 } on { print } $1 == "BED-FILE-BEGIN" && $2 == n { on = 1 }' \
             "$log" >"$BED/files/$name.b64"
         got=$(md5sum <"$BED/files/$name.b64" | cut -d' ' -f1)

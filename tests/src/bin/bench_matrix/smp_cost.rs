@@ -5,9 +5,9 @@
 //! - `world stop`: the host needs the pool resync (`--pool-resync auto` decided so), every
 //!   delivery rides a stopped world; per target = (the leader's park time + its wait for
 //!   acknowledgements) ÷ remote flushes sent.
-//! - `kernel`: where the host needs no resync and has protection keys, `--remote-flush
-//!   auto` flushes the targets in the host kernel (a zap of the stale pool frames, no exit
-//!   to the VMM); per target = the zap's time ÷ targets it flushed. `--pool-resync never
+//! - `kernel`: where the host needs no resync, `--remote-flush auto` flushes the targets
+//!   in the host kernel (the dirty-log trigger, or a protection-key zap of the stale pool
+//!   frames; no exit to the VMM); per target = the trigger's time ÷ targets it flushed. `--pool-resync never
 //!   --remote-flush kernel` forces it (a cost row only where the host needs the resync).
 //! - `kick`: `--pool-resync never --remote-flush kick` forces kick delivery (signal, the target's flush on its
 //!   own thread, acknowledgement). On a host that needs the resync this is a COST ROW ONLY:
@@ -265,7 +265,7 @@ pub fn section(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64)
 /// The cost table with its legend (this host's section, or the SVM bed's).
 pub fn table(o: &mut String, points: &[CostPoint], load: &Load, floor_ns: f64) {
     use std::fmt::Write;
-    let _ = writeln!(o, "Exit floor of this run: {:.1} µs (bare port write). `{MMU}`. Per target: (issuer's delivery wait + world-stop park + kernel-flush zap) ÷ remote flushes sent (deliveries and kernel flushes), median (min–max) over the samples; goal ≤ {GOAL_FLOORS} floors per target. `auto/auto`: the host's choices (where the host needs the resync, with leaf zaps the remote flushes that stem only from changed leaves are done by the zap that makes the host forget them, counted as kernel flushes with the zap's whole time, the rest are kicks or ride a stopped world whose own kicks are not delivery kicks; where it needs no resync, remote flushes go through the host kernel if it has protection keys). `never/kick`, `never/kernel`: the resync off and that delivery forced — **a cost row only where the host needs the resync: the workload is not correct there** (guest verdict shown). Kick round trip and its parts (kick → target out of KVM_RUN → flush acknowledged → issuer awake) are p50 of the workload run. Host: {} cores, load average {} before, {} after.\n", floor_ns / 1000.0, load.2, load.0, load.1);
+    let _ = writeln!(o, "Exit floor of this run: {:.1} µs (bare port write). `{MMU}`. Per target: (issuer's delivery wait + world-stop park + kernel flush) ÷ remote flushes sent (deliveries and kernel flushes), median (min–max) over the samples; goal ≤ {GOAL_FLOORS} floors per target. `auto/auto`: the host's choices (where the host needs the resync, with leaf zaps the remote flushes that stem only from changed leaves are done by the zap that makes the host forget them, counted as kernel flushes with the zap's whole time, the rest are kicks or ride a stopped world whose own kicks are not delivery kicks; where it needs no resync, remote flushes go through the host kernel, by the dirty-log trigger where its probe passes, else by protection keys, else by kicks; a root switch of `DETACH` is always a kick, on the target's own thread). `never/kick`, `never/kernel`: the resync off and that delivery forced — **a cost row only where the host needs the resync: the workload is not correct there** (guest verdict shown). Kick round trip and its parts (kick → target out of KVM_RUN → flush acknowledged → issuer awake) are p50 of the workload run. Host: {} cores, load average {} before, {} after.\n", floor_ns / 1000.0, load.2, load.0, load.1);
     let _ = writeln!(o, "| workload | vCPUs | --pool-resync / --remote-flush | guest ok | sent/run | kernel/run | kicks/run | world stops/run | per target ÷ floor | kick RTT p50 ÷ floor | exit / apply / wake p50 ÷ floor | world stop ÷ floor per stop | ≤ {GOAL_FLOORS} floors |");
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in points {
