@@ -66,6 +66,7 @@ fn a_detached_root_keeps_its_kernel_half_until_the_switch() {
     let old = v.mmu.frames.shadow(L4 >> 12);
     assert_eq!(old, None, "the user root has no shadow any more");
     assert!(v.mmu.detached_shadows.len() == 1 && v.mmu.pool.held_len() == 1);
+    v.check();
     // The switch delivered, the frame may be reused.
     let d = v.mmu.take_delivery(1);
     assert!(d.new_cr3.is_some());
