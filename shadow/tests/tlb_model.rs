@@ -873,16 +873,15 @@ impl World {
     /// a kernel translation the guest has, in the root it moves to, must still be found
     /// through the old one.
     fn runs_kernel_before_switch(&mut self, w: usize) -> Res {
-        let Some(root) = self.mmu.loaded_root(w).map(|r| r.guest_l4 >> 12) else {
+        // The op that switched it (a DETACH, the only remote root switch) already moved
+        // the model's guest root; the CPU is still on the old CR3.
+        let Some(root) = self.vroot[w] else {
             return Ok(());
         };
         if self.cr3[w].is_none() || self.guest_walk(root, KVA).is_none() {
             return Ok(());
         }
-        let vroot = self.vroot[w].replace(root);
-        let found = self.walk(w, KVA, false, false);
-        self.vroot[w] = vroot;
-        match found? {
+        match self.walk(w, KVA, false, false)? {
             Some(t) => {
                 // A read, as by the CPU: the walk set A in the guest's leaf record too.
                 let r = self.rec(t.slot)?;

@@ -21,6 +21,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
+use vm_memory::MmapRegion;
 
 /// KVM's wall-clock MSR (`MSR_KVM_WALL_CLOCK_NEW`): a write makes KVM store the wall clock
 /// at the guest-physical address written, at once.
@@ -33,9 +34,11 @@ const PAGE: usize = 4096;
 pub struct DirtyLogFlush {
     vm: Arc<VmFd>,
     slot: u32,
-    gpa: u64,
-    /// The page's host mapping (unmapped on drop).
-    host: usize,
+    /// The page's host mapping, held only so that it lives as long as the memslot's use
+    /// (vm-memory unmaps it on drop).
+    _page: MmapRegion,
+    /// `MSR_KVM_WALL_CLOCK_NEW` set to the page, built once: every flush sends it.
+    msrs: Msrs,
     /// A duplicate of each vCPU's fd, set once the vCPUs exist: the MSR write goes to the
     /// calling vCPU, which is then out of `KVM_RUN` on its own thread.
     vcpus: OnceLock<Vec<OwnedFd>>,
@@ -44,34 +47,26 @@ pub struct DirtyLogFlush {
 impl DirtyLogFlush {
     /// Maps a page and registers it as memslot `slot` at `gpa`, logging dirty pages.
     pub fn new(vm: Arc<VmFd>, slot: u32, gpa: u64) -> io::Result<DirtyLogFlush> {
-        // SAFETY: an anonymous private mapping of one page at an address of the kernel's
-        // choosing; nothing else refers to it.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        let page = MmapRegion::new(PAGE).map_err(io::Error::other)?;
+        let entry = kvm_msr_entry {
+            index: MSR_KVM_WALL_CLOCK_NEW,
+            data: gpa,
+            ..Default::default()
         };
-        if host == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let flush = DirtyLogFlush {
-            vm,
-            slot,
-            gpa,
-            host: host as usize,
-            vcpus: OnceLock::new(),
-        };
+        let msrs = Msrs::from_entries(&[entry]).map_err(|e| io::Error::other(format!("{e:?}")))?;
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
             memory_size: PAGE as u64,
-            userspace_addr: flush.host as u64,
+            userspace_addr: page.as_ptr() as u64,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
+        };
+        let flush = DirtyLogFlush {
+            vm,
+            slot,
+            _page: page,
+            msrs,
+            vcpus: OnceLock::new(),
         };
         // SAFETY: the page stays mapped as long as this object, which owns the memslot's
         // lifetime in the VM: the slot is the VM's until the VM fd closes, and the object
@@ -120,19 +115,13 @@ impl DirtyLogFlush {
 
     /// Makes KVM write the wall clock into the page through vCPU `fd`.
     fn dirty_page(&self, fd: &OwnedFd) -> io::Result<()> {
-        let entry = kvm_msr_entry {
-            index: MSR_KVM_WALL_CLOCK_NEW,
-            data: self.gpa,
-            ..Default::default()
-        };
-        let msrs = Msrs::from_entries(&[entry]).map_err(|e| io::Error::other(format!("{e:?}")))?;
-        // SAFETY: KVM_SET_MSRS reads a `kvm_msrs` header and its one entry, which `msrs`
-        // holds for the duration of the call; `fd` is an open vCPU fd.
+        // SAFETY: KVM_SET_MSRS reads a `kvm_msrs` header and its one entry, which
+        // `self.msrs` holds for the duration of the call; `fd` is an open vCPU fd.
         let n = unsafe {
             vmm_sys_util::ioctl::ioctl_with_ref(
                 &fd.as_raw_fd(),
                 crate::seccomp::ioctls::KVM_SET_MSRS(),
-                msrs.as_fam_struct_ref(),
+                self.msrs.as_fam_struct_ref(),
             )
         };
         match n {
@@ -140,14 +129,6 @@ impl DirtyLogFlush {
             n if n < 0 => Err(io::Error::last_os_error()),
             _ => Err(io::Error::other("KVM refused MSR_KVM_WALL_CLOCK_NEW")),
         }
-    }
-}
-
-impl Drop for DirtyLogFlush {
-    fn drop(&mut self) {
-        // SAFETY: `host` is the page mapped in `new`; the VM (and its memslot) is gone or
-        // going: the handler holding this object is dropped after every vCPU thread ended.
-        unsafe { libc::munmap(self.host as *mut libc::c_void, PAGE) };
     }
 }
 

@@ -625,20 +625,22 @@ mod tests {
         (d, ram)
     }
 
+    /// Writes `entries` and an MMU_BATCH request for them; the dispatcher's outcome.
+    fn send(d: &Dispatcher, ram: &GuestRam, entries: &[MmuEntry]) -> crate::hcall::Outcome {
+        for (i, e) in entries.iter().enumerate() {
+            ram.write(ENTRIES + 32 * i as u64, &e.to_bytes()).unwrap();
+        }
+        let header = RequestHeader::new(op::MMU_BATCH, [ENTRIES, entries.len() as u64, 0, 0]);
+        ram.write(REQ, &header.to_bytes()).unwrap();
+        d.handle(0, REQ)
+    }
+
     fn batch(
         d: &Dispatcher,
         ram: &GuestRam,
         entries: &[MmuEntry],
     ) -> (i64, u32, u32, crate::hcall::Effects) {
-        for (i, e) in entries.iter().enumerate() {
-            ram.write(ENTRIES + 32 * i as u64, &e.to_bytes()).unwrap();
-        }
-        ram.write(
-            REQ,
-            &RequestHeader::new(op::MMU_BATCH, [ENTRIES, entries.len() as u64, 0, 0]).to_bytes(),
-        )
-        .unwrap();
-        let o = d.handle(0, REQ);
+        let o = send(d, ram, entries);
         let mut r = [0u8; 24];
         ram.read(REQ + RESPONSE_OFFSET as u64, &mut r).unwrap();
         let status = i64::from_le_bytes(r[0..8].try_into().unwrap());
@@ -792,12 +794,9 @@ mod tests {
 
     /// Runs `entries` as one batch; the batch's phases.
     fn phases_of(d: &Dispatcher, ram: &GuestRam, entries: &[MmuEntry]) -> MmuPhases {
-        for (i, e) in entries.iter().enumerate() {
-            ram.write(ENTRIES + 32 * i as u64, &e.to_bytes()).unwrap();
-        }
-        let header = RequestHeader::new(op::MMU_BATCH, [ENTRIES, entries.len() as u64, 0, 0]);
-        ram.write(REQ, &header.to_bytes()).unwrap();
-        d.handle(0, REQ).phases.expect("an MMU_BATCH has phases")
+        send(d, ram, entries)
+            .phases
+            .expect("an MMU_BATCH has phases")
     }
 
     #[test]
