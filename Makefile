@@ -71,6 +71,7 @@ test-svm: build
 # then on this host, whose report.md puts the bed's column set beside its own.
 bench: build
 	$(CARGO) bench -p shadow --bench engine -- --warm-up-time 1 --measurement-time 3
+	$(CARGO) bench -p vmm --bench dispatch -- --warm-up-time 1 --measurement-time 3
 	$(PVMM) bench-exits --iterations 20000 --repeat 5
 	$(CARGO) build --release -p pvmm-e2e --bin bench-matrix
 	@if [ "$(BENCH_SVM)" = 0 ]; then \
