@@ -154,6 +154,11 @@ pub struct Counters {
     pub detach_unpins: u64,
     /// vCPUs a `DETACH` switched from the dying root to their kernel root.
     pub detached_vcpus: u64,
+    /// Of `detached_vcpus`, those whose switch was left lazy (no delivery before the
+    /// hypercall returned; `lazy_switch`).
+    pub detached_lazily: u64,
+    /// Lazy switches a later change made eager (delivered at the end of that batch).
+    pub lazy_switches_forced: u64,
 }
 
 impl Counters {

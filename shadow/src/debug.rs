@@ -127,6 +127,14 @@ impl ShadowMmu {
         self.debug_clear_detached = on;
     }
 
+    /// Test only: no change makes a lazy root switch eager (the mechanism that keeps the
+    /// freed root a vCPU runs on equal to its kernel root switched off, for the tests that
+    /// must catch it).
+    #[doc(hidden)]
+    pub fn set_debug_lazy_unforced(&mut self, on: bool) {
+        self.debug_lazy_unforced = on;
+    }
+
     /// Whether pool frame `idx` holds a shadow now (not free or freed).
     #[doc(hidden)]
     pub fn debug_pool_frame_used(&self, idx: u32) -> bool {

@@ -65,12 +65,12 @@ fn a_detached_root_keeps_its_kernel_half_until_the_switch() {
     );
     let old = v.mmu.frames.shadow(L4 >> 12);
     assert_eq!(old, None, "the user root has no shadow any more");
-    assert!(v.mmu.detached_shadows.len() == 1 && v.mmu.pool.held_len() == 1);
+    assert!(v.mmu.detached_shadows.len() == 1 && v.mmu.pool.held_count() == 1);
     v.check();
     // The switch delivered, the frame may be reused.
     let d = v.mmu.take_delivery(1);
     assert!(d.new_cr3.is_some());
-    assert_eq!(v.mmu.pool.held_len(), 0, "released once no switch waits");
+    assert_eq!(v.mmu.pool.held_count(), 0, "released once no switch waits");
     assert!(v.mmu.detached_shadows.is_empty());
     v.check();
 }
@@ -83,7 +83,7 @@ fn without_the_mechanism_the_vcpu_loses_the_kernel() {
         kernel, 0,
         "switched off: the kernel half is cleared under vCPU 1"
     );
-    assert_eq!(v.mmu.pool.held_len(), 0);
+    assert_eq!(v.mmu.pool.held_count(), 0);
 }
 
 #[test]
@@ -102,5 +102,5 @@ fn a_detach_nobody_runs_on_holds_nothing() {
     .unwrap();
     v.mmu.end_batch(0);
     assert!(v.mmu.detached_shadows.is_empty());
-    assert_eq!(v.mmu.pool.held_len(), 0);
+    assert_eq!(v.mmu.pool.held_count(), 0);
 }

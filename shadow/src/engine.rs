@@ -93,6 +93,14 @@ pub struct ShadowMmu {
     pub(crate) detached_shadows: Vec<u32>,
     /// Test only: a detached root's shadow is freed like any other (cleared, reusable).
     pub(crate) debug_clear_detached: bool,
+    /// Per vCPU: the pool frame of the freed root it still runs on while its root switch
+    /// is lazy (`lazy_switch`), else `None`.
+    pub(crate) lazy_remnant: Vec<Option<u32>>,
+    /// Whether a `DETACH` may leave root switches lazy (turned on with the kernel flush).
+    pub(crate) lazy_detach: bool,
+    /// Test only: no change makes a lazy switch eager (the mechanism that keeps a remnant
+    /// equal to its kernel root switched off, for the tests that must catch it).
+    pub(crate) debug_lazy_unforced: bool,
 }
 
 impl ShadowMmu {
@@ -126,6 +134,9 @@ impl ShadowMmu {
             shared_walks: vcpus > 1,
             detached_shadows: Vec::new(),
             debug_clear_detached: false,
+            lazy_remnant: vec![None; vcpus],
+            lazy_detach: false,
+            debug_lazy_unforced: false,
         })
     }
 
@@ -189,7 +200,13 @@ impl ShadowMmu {
                 if detach {
                     self.detach(mem, frame >> 12)?;
                 }
-                self.unpin(mem, frame >> 12)?;
+                if let Err(e) = self.unpin(mem, frame >> 12) {
+                    if detach {
+                        // The root was not freed: no vCPU may stay on it past this batch.
+                        self.force_lazy_switches("the UNPIN of its DETACH failed");
+                    }
+                    return Err(e);
+                }
                 self.counters.unpins += 1;
             }
             MmuOp::NewBaseptr { frame } => self.new_baseptr(mem, vcpu, frame >> 12)?,
@@ -239,12 +256,9 @@ impl ShadowMmu {
     /// other vCPUs ([`BatchOutcome::remote`]) that must take and apply their delivery
     /// ([`ShadowMmu::take_delivery`]) before the hypercall returns.
     pub fn end_batch(&mut self, vcpu: usize) -> BatchOutcome {
-        let switched = self
-            .new_cr3
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_some())
-            .fold(VcpuSet::EMPTY, |s, (v, _)| s | VcpuSet::one(v));
+        let switched = (0..self.roots.len())
+            .filter(|&v| self.eager_switch_pending(v))
+            .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v));
         let remote = (self.batch_targets | switched).without(vcpu);
         let others = self.roots.len().saturating_sub(1) as u32;
         let remote_avoided = if self.batch_flushed {
@@ -273,6 +287,9 @@ impl ShadowMmu {
             ..BatchOutcome::default()
         };
         if out.new_cr3.is_some() {
+            if let Some(r) = self.lazy_remnant.get_mut(vcpu) {
+                *r = None;
+            }
             self.release_detached();
         }
         out
@@ -299,6 +316,7 @@ impl ShadowMmu {
     pub fn enable_kernel_flush(&mut self) {
         self.pool.set_granule(1);
         self.pool.stale_on_drop = true;
+        self.lazy_detach = true;
     }
 
     /// The vCPUs of `remote` whose pending flush a kernel flush of the stale frames
@@ -324,7 +342,7 @@ impl ShadowMmu {
             .filter(|&v| {
                 self.pending.peek(v).is_some()
                     && covered(&self.pending, v)
-                    && !self.root_switch_pending(v)
+                    && !self.eager_switch_pending(v)
             })
             .fold(VcpuSet::EMPTY, |s, v| s | VcpuSet::one(v))
     }
@@ -428,7 +446,7 @@ impl ShadowMmu {
     /// switched, so the chunks stay stale until a resync after that. Returns whether they
     /// became clean.
     pub fn host_resynced_chunks(&mut self, chunks: &[u32]) -> bool {
-        if self.root_switch_outstanding() {
+        if self.reuse_blocked() {
             return false;
         }
         self.pool.resynced_chunks(chunks);
@@ -781,6 +799,10 @@ impl ShadowMmu {
         let i = ((ptr & 0xfff) >> 3) as usize;
         let typed = self.frames.table(tpfn);
         let level = rules::ptr_in_table(typed.map(|(l, _)| l))?;
+        if level == 4 && i >= crate::lazy_switch::KERNEL_HALF {
+            // A kernel-half entry of a lazy vCPU's root: its remnant would part from it.
+            self.force_lazy_switches_on(tpfn);
+        }
         let sidx = typed.and_then(|(_, s)| s);
         let gt = table(mem, tpfn)?;
         let old = gt.get(i);
@@ -943,6 +965,7 @@ impl ShadowMmu {
             rules::baseptr_allowed(self.frames.level(pfn), pinned)?;
             self.ensure_shadow(mem, pfn)?;
         }
+        self.force_lazy_switches("SET_KERNEL_ROOT");
         if let Some(k) = self.kernel_root.get_mut(vcpu) {
             *k = pfn;
         }
@@ -972,15 +995,27 @@ impl ShadowMmu {
         if let (false, Some(s)) = (plan.is_empty(), self.frames.shadow(pfn)) {
             self.detached_shadows.push(s);
         }
+        let dying = self.frames.shadow(pfn);
+        if !plan.is_empty() && self.pool.held_count() >= crate::lazy_switch::HELD_MAX {
+            // Too many frames held: the switches waiting lazily are delivered now.
+            self.force_lazy_switches("too many pool frames held");
+        }
         self.roots_changed();
         for (&(v, k), s) in plan.iter().zip(shadows) {
             let cr3 = self.pool.pfn(s) << 12;
-            if let (Some(r), Some(c)) = (self.roots.get_mut(v), self.new_cr3.get_mut(v)) {
+            let lazy = dying.filter(|&d| self.lazy_switch_allowed(mem, d, s));
+            if let (Some(r), Some(c), Some(l)) = (
+                self.roots.get_mut(v),
+                self.new_cr3.get_mut(v),
+                self.lazy_remnant.get_mut(v),
+            ) {
                 *r = Some(k);
                 *c = Some(cr3);
+                *l = lazy;
             }
             self.hold(v, k);
             self.counters.detached_vcpus += 1;
+            self.counters.detached_lazily += u64::from(lazy.is_some());
         }
         self.counters.detach_unpins += 1;
         Ok(())

@@ -34,6 +34,9 @@ pub enum InvariantKind {
     Pool,
     /// A vCPU's loaded root is not a pinned L4 with a shadow.
     Root,
+    /// A vCPU whose root switch is lazy runs on a freed root that translates differently
+    /// from its kernel root: a user entry left, or a kernel-half entry that differs.
+    LazyRemnant,
     /// Memory the checker had to read is not backed by the memory object.
     Unbacked,
 }
@@ -49,6 +52,7 @@ impl InvariantKind {
             InvariantKind::ShadowMismatch => "shadow_mismatch",
             InvariantKind::Pool => "pool",
             InvariantKind::Root => "root",
+            InvariantKind::LazyRemnant => "lazy_remnant",
             InvariantKind::Unbacked => "unbacked",
         }
     }
@@ -98,7 +102,9 @@ impl ShadowMmu {
     ///   child's shadow through a recorded back-reference, 2 MiB leaves at their split
     ///   ([`InvariantKind::ShadowMismatch`]);
     /// * pool owners, the reverse map and the pool counts agree ([`InvariantKind::Pool`]);
-    /// * loaded roots are pinned L4s with shadows ([`InvariantKind::Root`]).
+    /// * loaded roots are pinned L4s with shadows ([`InvariantKind::Root`]);
+    /// * a vCPU whose root switch is lazy runs on a freed root with no user entry and the
+    ///   kernel half of its kernel root's shadow ([`InvariantKind::LazyRemnant`]).
     ///
     /// `mem` must be the memory object given to [`ShadowMmu::apply`]. Call it under the same
     /// lock as the batches (between two batches); it reads, never writes.
@@ -123,7 +129,39 @@ impl ShadowMmu {
                 ),
             );
         }
-        self.check_roots()
+        self.check_roots()?;
+        self.check_lazy_remnants(mem)
+    }
+
+    /// Each remnant a vCPU runs on lazily maps what its kernel root's shadow maps and no
+    /// more: an empty user half, the same kernel half (A/D aside).
+    fn check_lazy_remnants<M: GuestMemory>(&self, mem: &Mem<'_, M>) -> Check {
+        for (v, remnant, kernel) in self.lazy_pairs() {
+            let r = open(mem, self.pool.pfn(remnant))?;
+            let Some(kernel) = kernel else {
+                return fail(
+                    InvariantKind::LazyRemnant,
+                    format!("vcpu {v}: lazy on pool frame {remnant} without a shadowed root"),
+                );
+            };
+            let k = open(mem, self.pool.pfn(kernel))?;
+            let half = crate::lazy_switch::KERNEL_HALF;
+            let differs = (0..512).find(|&i| {
+                let want = if i < half { 0 } else { k.get(i) & !AD };
+                r.get(i) & !AD != want
+            });
+            if let Some(i) = differs {
+                return fail(
+                    InvariantKind::LazyRemnant,
+                    format!(
+                        "vcpu {v}: remnant pool frame {remnant} [{i}] = {:#x}, its kernel root's shadow {:#x}",
+                        r.get(i),
+                        k.get(i)
+                    ),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Every present entry of every typed table is valid; returns, per referenced table,

@@ -41,6 +41,7 @@ pub mod flush;
 mod frames;
 pub mod invariants;
 pub mod layout;
+mod lazy_switch;
 mod leaf_zap;
 mod mem;
 mod pool;
@@ -73,6 +74,8 @@ mod fast_tests;
 mod integrity_tests;
 #[cfg(test)]
 mod kernel_flush_tests;
+#[cfg(test)]
+mod lazy_switch_tests;
 #[cfg(test)]
 mod leaf_zap_tests;
 #[cfg(test)]

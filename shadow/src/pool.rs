@@ -201,9 +201,8 @@ impl Pool {
         }
     }
 
-    /// How many frames are held from reuse (tests).
-    #[cfg(test)]
-    pub fn held_len(&self) -> usize {
+    /// How many frames are held from reuse.
+    pub fn held_count(&self) -> usize {
         self.held.len()
     }
 

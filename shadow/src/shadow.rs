@@ -11,7 +11,7 @@ use crate::pte::{self, Kind, A, AD, ADDR, P, RW, US};
 use crate::rules::{self, Rule};
 
 /// The first L4 index of the kernel half (the upper half of the canonical address space).
-const KERNEL_HALF: usize = 256;
+use crate::lazy_switch::KERNEL_HALF;
 
 impl ShadowMmu {
     /// A zeroed pool frame for `owner`; reclaims unreachable shadows if the pool is full.
@@ -158,6 +158,13 @@ impl ShadowMmu {
         let Some(meta) = self.pool.meta(sidx) else {
             return false;
         };
+        // A freed root a vCPU still runs on may point at this L3 from its kernel half: the
+        // frame is held from reuse, and the lazy switches become eager.
+        let in_remnant =
+            matches!(meta.owner, Owner::Table { level: 3, .. }) && self.in_remnant(mem, sidx);
+        if in_remnant {
+            self.force_lazy_switches("an L3 shadow its freed root links was dropped");
+        }
         let used = match meta.owner {
             Owner::Table { pfn, level: 1 } => self.drop_l1_entries(mem, sidx, pfn),
             Owner::Split { l2, idx } => {
@@ -173,7 +180,7 @@ impl ShadowMmu {
         if used && self.pool.stale_on_drop {
             self.mark_stale(sidx);
         }
-        if self.still_run_on(sidx) {
+        if self.still_run_on(sidx) || in_remnant {
             self.pool.free_held(sidx);
         } else {
             self.pool.free(sidx);

@@ -583,6 +583,8 @@ impl OpHandler for MmuBatch {
             "kernel_roots_set": c.kernel_roots_set,
             "detach_unpins": c.detach_unpins,
             "detached_vcpus": c.detached_vcpus,
+            "detached_lazily": c.detached_lazily,
+            "lazy_switches_forced": c.lazy_switches_forced,
             "pool_reclaims": c.reclaims,
             "reclaimed_tables": c.reclaimed_tables,
             "pt_trap": trap_report(&e),
