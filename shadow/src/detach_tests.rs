@@ -8,14 +8,22 @@ use crate::tests::{vm_with_pool, Vm, L4, T};
 
 /// The kernel-only root: L4 `0x20_000`, whose kernel half (entry 511) is the kernel L3
 /// `0x21_000` that the user root `L4` shares.
-const K4: u64 = 0x20_000;
-const K3: u64 = 0x21_000;
+pub(crate) const K4: u64 = 0x20_000;
+pub(crate) const K3: u64 = 0x21_000;
 
 /// vCPU 1 runs on the user root `L4` (kernel root `K4` registered); returns its CR3.
 fn vcpu1_on_user_root(v: &mut Vm) -> u64 {
+    vcpu1_on_root_with(v, None)
+}
+
+/// As [`vcpu1_on_user_root`], with `extra` (index, entry) one more entry of `L4` only.
+pub(crate) fn vcpu1_on_root_with(v: &mut Vm, extra: Option<(u64, u64)>) -> u64 {
     v.build();
     v.w(K4 + 511 * 8, K3 | T);
     v.w(L4 + 511 * 8, K3 | T);
+    if let Some((i, e)) = extra {
+        v.w(L4 + i * 8, e);
+    }
     for (level, frame) in [(4, K4), (4, L4)] {
         v.op(MmuOp::Pin { level, frame }).unwrap();
     }

@@ -4,35 +4,18 @@
 
 use hypercall::MmuOp;
 
+use crate::detach_tests::{vcpu1_on_root_with, K3, K4};
 use crate::tests::{vm_with_pool, Vm, L4, T};
 use crate::VcpuSet;
 
-/// The kernel-only root and the kernel L3 it shares with the user root `L4` (entry 511).
-const K4: u64 = 0x20_000;
-const K3: u64 = 0x21_000;
 /// A second kernel L3, for kernel halves that differ.
 const K3B: u64 = 0x22_000;
 
 /// With the kernel flush on, vCPU 1 runs on the user root `L4` (kernel root `K4`); `extra`
-/// is one more kernel-half entry of `L4` only. Returns vCPU 1's CR3.
+/// is one more entry of `L4` only. Returns vCPU 1's CR3.
 fn vcpu1_on_user_root(v: &mut Vm, extra: Option<(u64, u64)>) -> u64 {
     v.mmu.enable_kernel_flush();
-    v.build();
-    v.w(K4 + 511 * 8, K3 | T);
-    v.w(L4 + 511 * 8, K3 | T);
-    if let Some((i, e)) = extra {
-        v.w(L4 + i * 8, e);
-    }
-    for (level, frame) in [(4, K4), (4, L4)] {
-        v.op(MmuOp::Pin { level, frame }).unwrap();
-    }
-    let on1 = |v: &mut Vm, op: MmuOp| v.mmu.apply(&v.mem, 1, &op).unwrap();
-    on1(v, MmuOp::SetKernelRoot { frame: Some(K4) });
-    on1(v, MmuOp::NewBaseptr { frame: L4 });
-    v.mmu
-        .end_batch(1)
-        .new_cr3
-        .expect("vCPU 1 loads the user root")
+    vcpu1_on_root_with(v, extra)
 }
 
 /// vCPU 0 tears the user root down with `DETACH`; the batch's remote targets.

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hypercall::{op, MmuEntry, RequestHeader};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm::guest_ram::GuestRam;
 use vmm::hcall::{mmu_batch, Dispatcher};
 use vmm::layout::Layout;
+use vmm::memory;
 
 /// The request block and the entry array, in guest RAM.
 const REQ: u64 = 0x1000;
@@ -38,13 +38,7 @@ const PRW: u64 = 7;
 /// pinned and loaded.
 fn setup() -> (Dispatcher, GuestRam) {
     let layout = Layout::new(64 << 20, 4 << 20).expect("layout");
-    let mut ranges: Vec<(GuestAddress, usize)> = layout
-        .ram_regions
-        .iter()
-        .map(|&(s, l)| (GuestAddress(s), l as usize))
-        .collect();
-    ranges.push((GuestAddress(layout.pool_base), layout.pool_size as usize));
-    let mem = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
+    let mem = memory::allocate(&layout).expect("guest memory");
     let ram = GuestRam::new(mem, layout.usable().collect());
     let d = Dispatcher::new(ram.clone(), 1, mmu_batch::factory(&ram, &layout, 1));
     let version = RequestHeader::new(op::VERSION, [1, 0, 0, 0]);
