@@ -96,7 +96,8 @@ pub struct ShadowMmu {
     /// Per vCPU: the pool frame of the freed root it still runs on while its root switch
     /// is lazy (`lazy_switch`), else `None`.
     pub(crate) lazy_remnant: Vec<Option<u32>>,
-    /// Whether a `DETACH` may leave root switches lazy (turned on with the kernel flush).
+    /// Whether a `DETACH` may leave root switches lazy (turned on with the kernel flush;
+    /// not `pool.stale_on_drop`, which a debug switch turns off on its own).
     pub(crate) lazy_detach: bool,
     /// Test only: no change makes a lazy switch eager (the mechanism that keeps a remnant
     /// equal to its kernel root switched off, for the tests that must catch it).
@@ -799,7 +800,7 @@ impl ShadowMmu {
         let i = ((ptr & 0xfff) >> 3) as usize;
         let typed = self.frames.table(tpfn);
         let level = rules::ptr_in_table(typed.map(|(l, _)| l))?;
-        if level == 4 && i >= crate::lazy_switch::KERNEL_HALF {
+        if level == 4 && i >= pte::KERNEL_HALF {
             // A kernel-half entry of a lazy vCPU's root: its remnant would part from it.
             self.force_lazy_switches_on(tpfn);
         }
@@ -992,13 +993,10 @@ impl ShadowMmu {
         for &(_, k) in &plan {
             shadows.push(self.ensure_shadow(mem, k)?);
         }
-        if let (false, Some(s)) = (plan.is_empty(), self.frames.shadow(pfn)) {
-            self.detached_shadows.push(s);
-        }
         let dying = self.frames.shadow(pfn);
-        if !plan.is_empty() && self.pool.held_count() >= crate::lazy_switch::HELD_MAX {
-            // Too many frames held: the switches waiting lazily are delivered now.
-            self.force_lazy_switches("too many pool frames held");
+        if let (false, Some(s)) = (plan.is_empty(), dying) {
+            self.detached_shadows.push(s);
+            self.bound_held_frames();
         }
         self.roots_changed();
         for (&(v, k), s) in plan.iter().zip(shadows) {

@@ -145,7 +145,7 @@ impl ShadowMmu {
                 );
             };
             let k = open(mem, self.pool.pfn(kernel))?;
-            let half = crate::lazy_switch::KERNEL_HALF;
+            let half = pte::KERNEL_HALF;
             let differs = (0..512).find(|&i| {
                 let want = if i < half { 0 } else { k.get(i) & !AD };
                 r.get(i) & !AD != want

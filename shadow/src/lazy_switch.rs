@@ -20,14 +20,11 @@
 
 use crate::engine::ShadowMmu;
 use crate::mem::{table, Mem};
-use crate::pte::{pfn_of, present, AD};
+use crate::pte::{pfn_of, present, AD, KERNEL_HALF};
 use vm_memory::GuestMemory;
 
-/// The first L4 entry of the kernel half.
-pub(crate) const KERNEL_HALF: usize = 256;
-
 /// Held pool frames above which a `DETACH` makes its switches eager (and every lazy one).
-pub(crate) const HELD_MAX: usize = 64;
+const HELD_MAX: usize = 64;
 
 impl ShadowMmu {
     /// The shadow root (GPA) `vcpu` still runs on while its root switch is lazy: the freed
@@ -56,6 +53,14 @@ impl ShadowMmu {
             return false;
         };
         (KERNEL_HALF..512).all(|i| (d.get(i) ^ k.get(i)) & !AD == 0)
+    }
+
+    /// A `DETACH` that switches vCPUs while [`HELD_MAX`] frames or more are held: the
+    /// switches waiting lazily are delivered now, so their frames can be released.
+    pub(crate) fn bound_held_frames(&mut self) {
+        if self.pool.held_count() >= HELD_MAX {
+            self.force_lazy_switches("too many pool frames held");
+        }
     }
 
     /// Whether any vCPU's root switch is lazy.

@@ -4,6 +4,10 @@
 //! bit at bit 12. Bits 9-11 and 52-58 are software-available and allowed everywhere. Bits
 //! 59-62 (protection keys) are refused. Physical addresses are limited to [`MAXPHYADDR`] bits.
 
+/// The first L4 index of the kernel half (the upper half of the canonical address space,
+/// shared by every address space).
+pub const KERNEL_HALF: usize = 256;
+
 /// Present.
 pub const P: u64 = 1 << 0;
 /// Writable.

@@ -10,8 +10,7 @@ use crate::pool::Owner;
 use crate::pte::{self, Kind, A, AD, ADDR, P, RW, US};
 use crate::rules::{self, Rule};
 
-/// The first L4 index of the kernel half (the upper half of the canonical address space).
-use crate::lazy_switch::KERNEL_HALF;
+use crate::pte::KERNEL_HALF;
 
 impl ShadowMmu {
     /// A zeroed pool frame for `owner`; reclaims unreachable shadows if the pool is full.
